@@ -1,0 +1,117 @@
+//! The custom resources of API group `sluice.dev`, version `v1alpha1`.
+//!
+//! Doc comments on these types become the OpenAPI descriptions that `kubectl explain`
+//! shows, so they are written for the person writing the YAML. `sluice crds` renders the
+//! CustomResourceDefinitions from these types; the committed copies live in `crds/`.
+
+mod conditions;
+mod policy;
+mod server;
+mod user;
+
+pub use conditions::{ConditionType, Reason, set_condition};
+pub use policy::{
+    DataResidencyPolicy, DataResidencyPolicySpec, DataResidencyPolicyStatus, Enforcement,
+    GovernedServer,
+};
+pub use server::{
+    HostKeyFingerprint, Protocols, ServiceExposure, ServiceType, SftpProtocol, Storage,
+    TransferServer, TransferServerSpec, TransferServerStatus, VolumeStorage,
+};
+pub use user::{
+    Permission, SecretKeySelector, ServerReference, TransferUser, TransferUserSpec,
+    TransferUserStatus,
+};
+
+use kube::CustomResourceExt;
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+
+/// API group of every Sluice resource.
+pub const GROUP: &str = "sluice.dev";
+
+/// The node label that carries a node's region unless a policy names another.
+pub const DEFAULT_REGION_LABEL: &str = "topology.kubernetes.io/region";
+
+/// The CustomResourceDefinitions of all Sluice resources, in a stable order.
+pub fn crds() -> Vec<CustomResourceDefinition> {
+    vec![DataResidencyPolicy::crd(), TransferServer::crd(), TransferUser::crd()]
+}
+
+/// A CRD as the YAML committed under `crds/`: integral bounds written as integers.
+pub fn crd_yaml(crd: &CustomResourceDefinition) -> String {
+    let value = with_integral_bounds(crd);
+    serde_yaml::to_string(&value).expect("a CRD serialises to YAML")
+}
+
+/// schemars writes `minimum`/`maximum` as floats (`65535.0`); the API server stores them
+/// as integers, so a GitOps tool comparing the committed CRD with the live one would see
+/// drift. Rewrites every integral float in the schema as an integer (the typed
+/// `JSONSchemaProps` holds them as `f64`, so this works on the JSON value).
+fn with_integral_bounds(crd: &CustomResourceDefinition) -> serde_json::Value {
+    fn walk(value: &mut serde_json::Value) {
+        match value {
+            serde_json::Value::Number(n) if n.is_f64() => {
+                let f = n.as_f64().unwrap_or(f64::NAN);
+                if f.fract() == 0.0 && f.abs() < 9.0e15 {
+                    *value = serde_json::Value::from(f as i64);
+                }
+            }
+            serde_json::Value::Array(items) => items.iter_mut().for_each(walk),
+            serde_json::Value::Object(map) => map.values_mut().for_each(walk),
+            _ => {}
+        }
+    }
+    let mut value = serde_json::to_value(crd).expect("a CRD serialises to JSON");
+    walk(&mut value);
+    value
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rendered() -> String {
+        crds().iter().map(crd_yaml).collect()
+    }
+
+    #[test]
+    fn generated_crds_contain_no_empty_lists() {
+        assert!(!rendered().contains("[]"), "{}", rendered());
+    }
+
+    #[test]
+    fn generated_crds_write_bounds_as_integers() {
+        let yaml = rendered();
+        assert!(yaml.contains("maximum: 65535\n"), "{yaml}");
+        assert!(!yaml.contains(".0\n"), "{yaml}");
+    }
+
+    #[test]
+    fn every_schema_property_has_a_description() {
+        fn walk(path: &str, schema: &serde_json::Value, missing: &mut Vec<String>) {
+            let Some(props) = schema.get("properties").and_then(|p| p.as_object()) else {
+                return;
+            };
+            for (name, prop) in props {
+                let here = format!("{path}.{name}");
+                // metadata and Kubernetes' own Condition type are documented upstream.
+                if name == "metadata" || here.contains(".conditions") {
+                    continue;
+                }
+                if prop.get("description").is_none() {
+                    missing.push(here.clone());
+                }
+                walk(&here, prop, missing);
+                if let Some(items) = prop.get("items") {
+                    walk(&here, items, missing);
+                }
+            }
+        }
+        let mut missing = Vec::new();
+        for crd in crds() {
+            let schema = serde_json::to_value(&crd.spec.versions[0].schema).unwrap();
+            walk(&crd.spec.names.kind, &schema["openAPIV3Schema"], &mut missing);
+        }
+        assert!(missing.is_empty(), "fields without a doc comment: {missing:?}");
+    }
+}

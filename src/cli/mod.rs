@@ -1,0 +1,49 @@
+//! Command-line entry points of the `sluice` binary.
+
+mod crds;
+mod logging;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+pub use logging::{LogFormat, init_logging};
+
+/// Sluice: region-pinned SFTP gateways on Kubernetes.
+#[derive(Debug, Parser)]
+#[command(name = "sluice", version, about)]
+pub struct Cli {
+    /// Log format.
+    #[arg(long, global = true, env = "SLUICE_LOG_FORMAT", default_value = "text")]
+    pub log_format: LogFormat,
+
+    /// What to run.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the operator against the current kubeconfig or the in-cluster config.
+    Operator(crate::operator::OperatorArgs),
+    /// Print the CustomResourceDefinitions, or write them to a directory.
+    Crds(crds::CrdsArgs),
+}
+
+/// Runs a parsed command line and returns the process exit code.
+pub async fn run(cli: Cli) -> ExitCode {
+    init_logging(cli.log_format);
+    let result = match cli.command {
+        Command::Operator(args) => crate::operator::run(args).await,
+        Command::Crds(args) => crds::run(&args),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            tracing::error!(error = format!("{error:#}"), "Failed");
+            eprintln!("error: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
