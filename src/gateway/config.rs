@@ -31,9 +31,9 @@ pub struct GatewayConfig {
 pub struct ResidencyStamp {
     /// Whether the server complies with the policy that governs it.
     pub compliant: bool,
-    /// Name of the governing DataResidencyPolicy, if any matched.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub policy: Option<String>,
+    /// Names of the DataResidencyPolicies that govern the server, sorted.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub policies: Vec<String>,
     /// Regions the policy allows (empty when no policy governs the server).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub allowed_regions: Vec<String>,

@@ -1,1 +1,216 @@
-//! residency
+//! Residency evaluation: which policies govern a server and whether it complies.
+//!
+//! Pure: no I/O, no clock. The operator, the offline checker and the policy status all
+//! call [`evaluate`], so they reach the same verdict from the same inputs.
+//!
+//! Overlapping policies combine strictly: a server must satisfy every policy that
+//! governs it, a region is allowed only if all of them allow it, and a violation is
+//! enforced if any violated policy is in `Enforce` mode.
+
+mod selector;
+
+use std::collections::BTreeMap;
+
+pub use selector::{SelectorError, matches};
+
+use crate::api::{DEFAULT_REGION_LABEL, DataResidencyPolicy, Enforcement};
+
+/// The outcome of evaluating one server against every policy.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ResidencyVerdict {
+    /// Names of the policies that govern the server, sorted.
+    pub governing: Vec<String>,
+    /// The policies the server violates, sorted by policy name.
+    pub violations: Vec<Violation>,
+    /// Regions every governing policy allows, sorted (empty when none governs).
+    pub allowed_regions: Vec<String>,
+    /// Node label carrying the region, from the first governing policy by name.
+    pub region_label: String,
+}
+
+/// One policy a server violates.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Violation {
+    /// Name of the violated policy.
+    pub policy: String,
+    /// How the violated policy is applied.
+    pub enforcement: Enforcement,
+    /// Human-readable explanation naming region and policy.
+    pub message: String,
+}
+
+impl ResidencyVerdict {
+    /// Whether the server satisfies every governing policy.
+    pub fn compliant(&self) -> bool {
+        self.violations.is_empty()
+    }
+
+    /// Whether a violation blocks roll-out (some violated policy enforces).
+    pub fn blocks_rollout(&self) -> bool {
+        self.violations.iter().any(|v| v.enforcement == Enforcement::Enforce)
+    }
+
+    /// One line for conditions and Events.
+    pub fn message(&self, region: &str) -> String {
+        match (self.governing.is_empty(), self.violations.is_empty()) {
+            (true, _) => "no DataResidencyPolicy governs this server".to_string(),
+            (false, true) => format!(
+                "region {region} is allowed by {}",
+                quoted_list(&self.governing)
+            ),
+            (false, false) => {
+                let messages: Vec<_> = self.violations.iter().map(|v| v.message.as_str()).collect();
+                messages.join("; ")
+            }
+        }
+    }
+}
+
+/// Evaluates a server's region against the policies that govern it.
+///
+/// `namespace_labels` are the labels of the server's namespace. A policy whose selector
+/// cannot be evaluated (an unknown operator, say) governs nothing and is reported by
+/// the policy controller, not here.
+pub fn evaluate(
+    region: &str,
+    namespace_labels: &BTreeMap<String, String>,
+    policies: &[DataResidencyPolicy],
+) -> ResidencyVerdict {
+    let mut governing: Vec<&DataResidencyPolicy> = policies
+        .iter()
+        .filter(|p| matches(&p.spec.namespace_selector, namespace_labels).unwrap_or(false))
+        .collect();
+    governing.sort_by_key(|p| policy_name(p));
+
+    let violations = governing
+        .iter()
+        .filter(|p| !p.spec.allowed_regions.iter().any(|r| r == region))
+        .map(|p| Violation {
+            policy: policy_name(p).to_string(),
+            enforcement: p.spec.enforcement.unwrap_or_default(),
+            message: format!(
+                "region {region} is not allowed by DataResidencyPolicy {} (allowed: {})",
+                policy_name(p),
+                p.spec.allowed_regions.join(", ")
+            ),
+        })
+        .collect();
+
+    ResidencyVerdict {
+        governing: governing.iter().map(|p| policy_name(p).to_string()).collect(),
+        violations,
+        allowed_regions: intersect_regions(&governing),
+        region_label: governing
+            .first()
+            .and_then(|p| p.spec.region_label.clone())
+            .unwrap_or_else(|| DEFAULT_REGION_LABEL.to_string()),
+    }
+}
+
+fn policy_name(policy: &DataResidencyPolicy) -> &str {
+    policy.metadata.name.as_deref().unwrap_or_default()
+}
+
+fn intersect_regions(governing: &[&DataResidencyPolicy]) -> Vec<String> {
+    let Some((first, rest)) = governing.split_first() else {
+        return Vec::new();
+    };
+    let mut regions: Vec<String> = first
+        .spec
+        .allowed_regions
+        .iter()
+        .filter(|r| rest.iter().all(|p| p.spec.allowed_regions.contains(r)))
+        .cloned()
+        .collect();
+    regions.sort();
+    regions.dedup();
+    regions
+}
+
+fn quoted_list(names: &[String]) -> String {
+    let quoted: Vec<String> = names.iter().map(|n| format!("DataResidencyPolicy {n}")).collect();
+    quoted.join(", ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn policy(name: &str, selector_yaml: &str, regions: &[&str], mode: Enforcement) -> DataResidencyPolicy {
+        let mut p = DataResidencyPolicy::new(
+            name,
+            crate::api::DataResidencyPolicySpec {
+                namespace_selector: serde_yaml::from_str(selector_yaml).unwrap(),
+                allowed_regions: regions.iter().map(|r| r.to_string()).collect(),
+                enforcement: Some(mode),
+                region_label: None,
+            },
+        );
+        p.metadata.name = Some(name.to_string());
+        p
+    }
+
+    fn labels(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    }
+
+    fn cn() -> BTreeMap<String, String> {
+        labels(&[("sluice.dev/residency", "cn")])
+    }
+
+    const CN_SELECTOR: &str = "matchLabels: {sluice.dev/residency: cn}";
+
+    #[test]
+    fn allowed_region_complies() {
+        let policies = [policy("china", CN_SELECTOR, &["cn-shanghai"], Enforcement::Enforce)];
+        let verdict = evaluate("cn-shanghai", &cn(), &policies);
+        assert!(verdict.compliant());
+        assert_eq!(verdict.governing, ["china"]);
+        assert_eq!(verdict.allowed_regions, ["cn-shanghai"]);
+        assert_eq!(verdict.region_label, "topology.kubernetes.io/region");
+    }
+
+    #[test]
+    fn hong_kong_is_not_mainland_china() {
+        let policies = [policy("china", CN_SELECTOR, &["cn-shanghai", "cn-beijing"], Enforcement::Enforce)];
+        let verdict = evaluate("cn-hongkong", &cn(), &policies);
+        assert!(!verdict.compliant());
+        assert!(verdict.blocks_rollout());
+        assert_eq!(
+            verdict.message("cn-hongkong"),
+            "region cn-hongkong is not allowed by DataResidencyPolicy china \
+             (allowed: cn-shanghai, cn-beijing)"
+        );
+    }
+
+    #[test]
+    fn audit_mode_reports_without_blocking() {
+        let policies = [policy("china", CN_SELECTOR, &["cn-shanghai"], Enforcement::Audit)];
+        let verdict = evaluate("eu-central-1", &cn(), &policies);
+        assert!(!verdict.compliant());
+        assert!(!verdict.blocks_rollout());
+    }
+
+    #[test]
+    fn unselected_namespace_is_ungoverned() {
+        let policies = [policy("china", CN_SELECTOR, &["cn-shanghai"], Enforcement::Enforce)];
+        let verdict = evaluate("us-east-1", &labels(&[("team", "x")]), &policies);
+        assert!(verdict.compliant());
+        assert!(verdict.governing.is_empty());
+        assert_eq!(verdict.message("us-east-1"), "no DataResidencyPolicy governs this server");
+    }
+
+    #[test]
+    fn overlapping_policies_allow_only_the_intersection_and_strictest_wins() {
+        let policies = [
+            policy("wide", "{}", &["cn-shanghai", "cn-beijing"], Enforcement::Audit),
+            policy("narrow", CN_SELECTOR, &["cn-beijing"], Enforcement::Enforce),
+        ];
+        let verdict = evaluate("cn-shanghai", &cn(), &policies);
+        assert_eq!(verdict.governing, ["narrow", "wide"]);
+        assert_eq!(verdict.allowed_regions, ["cn-beijing"]);
+        assert_eq!(verdict.violations.len(), 1);
+        assert_eq!(verdict.violations[0].policy, "narrow");
+        assert!(verdict.blocks_rollout());
+    }
+}

@@ -1,0 +1,119 @@
+//! The main job on one machine: the operator reconciling `deploy/examples/` and a
+//! gateway serving real SFTP transfers.
+//!
+//! With a reachable cluster (the current kubeconfig answers), the CRDs and examples are
+//! applied there and the operator runs against it; the cluster's kubelets run the
+//! gateway pods from the gateway image. Without one, a local control plane (etcd,
+//! kube-apiserver, kube-controller-manager on 127.0.0.1) is started and the gateway pod
+//! is run as a local process by the same stand-in kubelet the end-to-end tests use.
+//! Prints how to connect, then runs until Ctrl-C and cleans up.
+//!
+//! Run it with `scripts/demo`.
+
+#[path = "../tests/support/mod.rs"]
+mod support;
+
+use std::path::Path;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use kube::{Api, Client, ResourceExt};
+use sluice::api::TransferServer;
+use support::cluster::{Operator, apply, eventually, install_crds, read_yaml_dir};
+use support::controlplane::ControlPlane;
+use support::kubelet::FakeKubelet;
+use support::sftp::generate_key;
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    sluice::cli::init_logging(sluice::cli::LogFormat::Text);
+    let work = Path::new(env!("CARGO_MANIFEST_DIR")).join(".demo");
+    std::fs::create_dir_all(&work)?;
+
+    match existing_cluster().await {
+        Some(client) => run_on_cluster(client, &work).await,
+        None => run_locally(&work).await,
+    }
+}
+
+async fn existing_cluster() -> Option<Client> {
+    let client = tokio::time::timeout(Duration::from_secs(5), Client::try_default()).await.ok()?.ok()?;
+    let version = tokio::time::timeout(Duration::from_secs(5), client.apiserver_version()).await.ok()?.ok()?;
+    eprintln!("demo: using the current cluster (Kubernetes {}.{})", version.major, version.minor);
+    Some(client)
+}
+
+/// Applies the CRDs and examples, with the `ops` user's key replaced by one generated
+/// into `work`, and returns the key's path.
+async fn apply_examples(client: &Client, work: &Path) -> Result<std::path::PathBuf> {
+    install_crds(client).await?;
+    let key = work.join("ops_ed25519");
+    if !key.exists() {
+        generate_key(work, "ops_ed25519")?;
+    }
+    let public = std::fs::read_to_string(key.with_extension("pub"))?;
+    let examples = read_yaml_dir(&Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/examples"))?;
+    for mut object in examples {
+        if object.name_any() == "ops" {
+            object.data["spec"]["sshPublicKeys"] = serde_json::json!([public.trim()]);
+        }
+        apply(client, &object).await?;
+    }
+    Ok(key)
+}
+
+async fn run_on_cluster(client: Client, work: &Path) -> Result<()> {
+    let key = apply_examples(&client, work).await?;
+    let operator = Operator::start(client.clone());
+    wait_ready(&client).await?;
+    println!("\nThe gateway is running in your cluster. To connect from this machine:");
+    println!("  kubectl -n telephony port-forward svc/cucm-backup 2222:22 &");
+    print_sftp_commands(2222, &key);
+    wait_for_ctrl_c().await;
+    operator.stop().await
+}
+
+async fn run_locally(work: &Path) -> Result<()> {
+    eprintln!("demo: no cluster answers; starting a local control plane (first run builds it)");
+    let control_plane = ControlPlane::start().await?;
+    let client = control_plane.client();
+    let region = [("topology.kubernetes.io/region", "cn-shanghai")];
+    let kubelet = FakeKubelet::register(client.clone(), "demo-node-cn-shanghai", &region).await?;
+    let operator = Operator::start(client.clone());
+    let key = apply_examples(&client, work).await?;
+    let pod = kubelet.run_pod("telephony", "app.kubernetes.io/instance=cucm-backup").await?;
+    wait_ready(&client).await?;
+
+    let port = pod.ports.get(&2222).context("the gateway exposes no SFTP port")?.port();
+    println!("\nSluice is running: operator, local control plane and one gateway.");
+    println!("Files land in {}", pod.volume_dir("data").display());
+    println!("Inspect the resources with:");
+    println!("  kubectl --kubeconfig {} get sluice -A", control_plane.kubeconfig_path().display());
+    print_sftp_commands(port, &key);
+    wait_for_ctrl_c().await;
+    drop(pod);
+    operator.stop().await
+}
+
+async fn wait_ready(client: &Client) -> Result<()> {
+    let servers = Api::<TransferServer>::namespaced(client.clone(), "telephony");
+    eventually("cucm-backup Ready", Duration::from_secs(120), || async {
+        let server = servers.get("cucm-backup").await?;
+        let ready = server.status.iter().flat_map(|s| &s.conditions).any(|c| c.type_ == "Ready" && c.status == "True");
+        Ok(ready.then_some(()))
+    })
+    .await
+}
+
+fn print_sftp_commands(port: u16, key: &Path) {
+    println!("Connect as the password user (password: change-me-1f8e2c, from 03-users.yaml):");
+    println!("  sftp -P {port} -o StrictHostKeyChecking=accept-new cucm@127.0.0.1");
+    println!("Connect as the key user:");
+    println!("  sftp -P {port} -i {} -o StrictHostKeyChecking=accept-new ops@127.0.0.1", key.display());
+    println!("Press Ctrl-C to stop.");
+}
+
+async fn wait_for_ctrl_c() {
+    let _ = tokio::signal::ctrl_c().await;
+    eprintln!("demo: stopping");
+}

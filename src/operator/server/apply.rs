@@ -1,0 +1,84 @@
+//! Apply: write the built objects with server-side apply under one field manager.
+
+use std::fmt::Debug;
+
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::{PersistentVolumeClaim, Secret, Service};
+use kube::api::{Patch, PatchParams, PostParams};
+use kube::{Api, Client, Resource, ResourceExt};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+use super::build::{GatewayObjects, build_host_keys};
+use super::host_keys::HostKeyMaterial;
+use crate::api::TransferServer;
+use crate::operator::{Error, FIELD_MANAGER};
+
+/// Returns the server's host-key material, generating and creating the Secret if it
+/// does not exist. An existing Secret is never overwritten with new keys: creation uses
+/// a plain create, which fails if another writer got there first, and then re-reads.
+pub async fn ensure_host_keys(
+    client: &Client,
+    server: &TransferServer,
+    existing: Option<&Secret>,
+) -> Result<HostKeyMaterial, Error> {
+    let secrets = Api::<Secret>::namespaced(client.clone(), &server.namespace().unwrap_or_default());
+    if let Some(secret) = existing {
+        return material_of(secret);
+    }
+    let material = tokio::task::spawn_blocking(HostKeyMaterial::generate)
+        .await
+        .map_err(|e| Error::HostKeys(e.into()))?
+        .map_err(Error::HostKeys)?;
+    let params = PostParams { field_manager: Some(FIELD_MANAGER.into()), ..PostParams::default() };
+    match secrets.create(&params, &build_host_keys(server, &material)).await {
+        Ok(_) => {
+            tracing::info!(secret = %super::names::host_keys(&server.name_any()), "Generated SSH host keys");
+            Ok(material)
+        }
+        Err(kube::Error::Api(status)) if status.code == 409 => {
+            let name = super::names::host_keys(&server.name_any());
+            let secret = secrets.get(&name).await.map_err(Error::kube("read host-key Secret"))?;
+            material_of(&secret)
+        }
+        Err(e) => Err(Error::kube("create host-key Secret")(e)),
+    }
+}
+
+fn material_of(secret: &Secret) -> Result<HostKeyMaterial, Error> {
+    HostKeyMaterial::from_secret(secret).ok_or_else(|| {
+        Error::HostKeys(anyhow::anyhow!(
+            "host-key Secret {} exists but is incomplete; it is never regenerated in place, \
+             delete it to generate new host keys",
+            secret.name_any()
+        ))
+    })
+}
+
+/// Applies every owned object. Unchanged objects are not written by the API server.
+pub async fn apply(client: &Client, namespace: &str, objects: GatewayObjects) -> Result<(), Error> {
+    let GatewayObjects { host_keys, config, volume_claim, deployment, service } = objects;
+    apply_one::<Secret>(client, namespace, &host_keys).await?;
+    apply_one::<Secret>(client, namespace, &config).await?;
+    apply_one::<PersistentVolumeClaim>(client, namespace, &volume_claim).await?;
+    apply_one::<Service>(client, namespace, &service).await?;
+    apply_one::<Deployment>(client, namespace, &deployment).await?;
+    Ok(())
+}
+
+async fn apply_one<K>(client: &Client, namespace: &str, object: &K) -> Result<(), Error>
+where
+    K: Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>
+        + Serialize
+        + DeserializeOwned
+        + Clone
+        + Debug,
+{
+    let api = Api::<K>::namespaced(client.clone(), namespace);
+    let name = object.name_any();
+    let params = PatchParams::apply(FIELD_MANAGER).force();
+    api.patch(&name, &params, &Patch::Apply(object))
+        .await
+        .map_err(Error::kube(format!("apply {} {name}", K::kind(&()))))?;
+    Ok(())
+}

@@ -1,0 +1,107 @@
+//! Dereference: read everything a TransferServer points at.
+//!
+//! Reads only; never writes. Missing referenced objects are not errors here: they are
+//! recorded as `None` and judged by the validate step. Only failed API calls are errors.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::{Namespace, Secret, Service};
+use kube::api::ListParams;
+use kube::{Api, Client, ResourceExt};
+
+use super::names;
+use crate::api::{DataResidencyPolicy, TransferServer, TransferUser};
+use crate::operator::Error;
+
+/// What a server's reconcile reads from the cluster.
+pub struct ServerInputs {
+    /// The server itself.
+    pub server: Arc<TransferServer>,
+    /// Labels of the server's namespace, for policy selection.
+    pub namespace_labels: BTreeMap<String, String>,
+    /// Every DataResidencyPolicy in the cluster.
+    pub policies: Vec<DataResidencyPolicy>,
+    /// The users that name this server, sorted by name, with their password material.
+    pub users: Vec<UserInputs>,
+    /// The existing host-key Secret, if any.
+    pub host_keys: Option<Secret>,
+    /// The existing gateway Deployment, for status.
+    pub deployment: Option<Deployment>,
+    /// The existing Service, for the endpoint.
+    pub service: Option<Service>,
+}
+
+/// One user and the Secret its password comes from.
+pub struct UserInputs {
+    /// The user.
+    pub user: TransferUser,
+    /// The Secret named by `passwordSecretRef`: `None` when the user names none,
+    /// `Some(None)` when it is missing.
+    pub password_secret: Option<Option<Secret>>,
+}
+
+/// Reads the inputs of `server`'s reconcile.
+pub async fn dereference(client: &Client, server: Arc<TransferServer>) -> Result<ServerInputs, Error> {
+    let namespace = server.namespace().unwrap_or_default();
+    let name = server.name_any();
+
+    let namespace_labels = Api::<Namespace>::all(client.clone())
+        .get(&namespace)
+        .await
+        .map_err(Error::kube("read Namespace"))?
+        .metadata
+        .labels
+        .unwrap_or_default();
+    let policies = Api::<DataResidencyPolicy>::all(client.clone())
+        .list(&ListParams::default())
+        .await
+        .map_err(Error::kube("list DataResidencyPolicies"))?
+        .items;
+    let users = users_of(client, &namespace, &name).await?;
+
+    let secrets = Api::<Secret>::namespaced(client.clone(), &namespace);
+    let host_keys = secrets
+        .get_opt(&names::host_keys(&name))
+        .await
+        .map_err(Error::kube("read host-key Secret"))?;
+    let deployment = Api::<Deployment>::namespaced(client.clone(), &namespace)
+        .get_opt(&names::deployment(&name))
+        .await
+        .map_err(Error::kube("read gateway Deployment"))?;
+    let service = Api::<Service>::namespaced(client.clone(), &namespace)
+        .get_opt(&names::service(&name))
+        .await
+        .map_err(Error::kube("read gateway Service"))?;
+
+    Ok(ServerInputs { server, namespace_labels, policies, users, host_keys, deployment, service })
+}
+
+async fn users_of(client: &Client, namespace: &str, server: &str) -> Result<Vec<UserInputs>, Error> {
+    let mut users: Vec<TransferUser> = Api::<TransferUser>::namespaced(client.clone(), namespace)
+        .list(&ListParams::default())
+        .await
+        .map_err(Error::kube("list TransferUsers"))?
+        .items
+        .into_iter()
+        .filter(|u| u.spec.server_ref.name == server && u.metadata.deletion_timestamp.is_none())
+        .collect();
+    users.sort_by_key(|u| u.name_any());
+
+    let secrets = Api::<Secret>::namespaced(client.clone(), namespace);
+    let mut inputs = Vec::with_capacity(users.len());
+    for user in users {
+        let password_secret = match &user.spec.password_secret_ref {
+            None => None,
+            Some(reference) => Some(
+                secrets
+                    .get_opt(&reference.name)
+                    .await
+                    .map_err(Error::kube("read password Secret"))?,
+            ),
+        };
+        inputs.push(UserInputs { user, password_secret });
+    }
+    Ok(inputs)
+}

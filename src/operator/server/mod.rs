@@ -1,0 +1,167 @@
+//! The TransferServer controller.
+//!
+//! Pipeline per reconcile: [`dereference`] → [`validate`] → host keys → [`build`] →
+//! [`apply`] → [`status`]. A server blocked by validation (for example a region its
+//! policy does not allow in `Enforce` mode) gets no workload, a Stalled status and a
+//! Warning Event, and is reconciled again when it, its namespace or a policy changes.
+
+pub mod apply;
+pub mod build;
+pub mod dereference;
+pub mod host_keys;
+pub mod names;
+pub mod status;
+pub mod validate;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::Stream;
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::{Namespace, PersistentVolumeClaim, Secret, Service};
+use k8s_openapi::jiff::Timestamp;
+use kube::runtime::controller::Action;
+use kube::runtime::reflector::ObjectRef;
+use kube::runtime::{Controller, watcher};
+use kube::{Api, ResourceExt};
+
+use self::build::BuildSettings;
+use self::status::Outcome;
+use self::validate::Blocked;
+use super::{Context, Error, error::chain};
+use crate::api::{ConditionType, DataResidencyPolicy, Reason, TransferServer, TransferUser};
+
+/// How often a converged server is reconciled anyway, to repair drift nobody announced.
+const RESYNC: Duration = Duration::from_secs(600);
+
+/// The controller's stream of reconcile results; drive it to run the controller.
+pub fn controller(
+    context: Arc<Context>,
+    shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
+) -> impl Stream<Item = ()> {
+    let client = context.client.clone();
+    let controller = Controller::new(Api::<TransferServer>::all(client.clone()), watcher::Config::default());
+    let servers = controller.store();
+    let in_namespace = servers.clone();
+    let all = servers.clone();
+    let owned = watcher::Config::default().labels("app.kubernetes.io/managed-by=sluice");
+    use futures::StreamExt;
+    controller
+        .owns(Api::<Deployment>::all(client.clone()), owned.clone())
+        .owns(Api::<Service>::all(client.clone()), owned.clone())
+        .owns(Api::<Secret>::all(client.clone()), owned.clone())
+        .owns(Api::<PersistentVolumeClaim>::all(client.clone()), owned)
+        .watches(Api::<TransferUser>::all(client.clone()), watcher::Config::default(), |user| {
+            let namespace = user.namespace().unwrap_or_default();
+            Some(ObjectRef::new(&user.spec.server_ref.name).within(&namespace))
+        })
+        .watches(Api::<Secret>::all(client.clone()), watcher::Config::default(), move |secret| {
+            // Password Secrets: any Secret change may concern a user of a server in its
+            // namespace. Reconciling every server of that namespace is cheap and avoids
+            // missing a user whose reference just changed.
+            let namespace = secret.namespace().unwrap_or_default();
+            in_namespace
+                .state()
+                .iter()
+                .filter(|s| s.namespace().as_deref() == Some(namespace.as_str()))
+                .map(|s| ObjectRef::from_obj(s.as_ref()))
+                .collect::<Vec<_>>()
+        })
+        .watches(Api::<Namespace>::all(client.clone()), watcher::Config::default(), {
+            let servers = servers.clone();
+            move |namespace| {
+                let name = namespace.name_any();
+                servers
+                    .state()
+                    .iter()
+                    .filter(|s| s.namespace().as_deref() == Some(name.as_str()))
+                    .map(|s| ObjectRef::from_obj(s.as_ref()))
+                    .collect::<Vec<_>>()
+            }
+        })
+        .watches(Api::<DataResidencyPolicy>::all(client), watcher::Config::default(), move |_| {
+            all.state().iter().map(|s| ObjectRef::from_obj(s.as_ref())).collect::<Vec<_>>()
+        })
+        .graceful_shutdown_on(shutdown)
+        .run(reconcile, error_policy, context)
+        .map(|result| {
+            if let Err(error) = result {
+                tracing::debug!(error = %chain(&error), "Server reconcile did not run");
+            }
+        })
+}
+
+async fn reconcile(server: Arc<TransferServer>, context: Arc<Context>) -> Result<Action, Error> {
+    if server.metadata.deletion_timestamp.is_some() {
+        // Owned objects are removed by the garbage collector through owner references.
+        return Ok(Action::await_change());
+    }
+    let client = &context.client;
+    let inputs = dereference::dereference(client, server.clone()).await?;
+    let valid = match validate::validate(inputs) {
+        Ok(valid) => valid,
+        Err(blocked) => return stall(&context, blocked).await,
+    };
+
+    let keys = apply::ensure_host_keys(client, &server, valid.host_keys.as_ref()).await?;
+    let settings = BuildSettings { image: &context.args.gateway_image };
+    let objects = build::build(&valid, &keys, &settings);
+    let namespace = server.namespace().unwrap_or_default();
+    apply::apply(client, &namespace, objects).await?;
+
+    let outcome = Outcome::RolledOut {
+        verdict: &valid.verdict,
+        keys: &keys,
+        deployment: valid.deployment.as_ref(),
+        service: valid.service.as_ref(),
+        users: valid.users.len(),
+    };
+    let new_status = status::compute(&server, &outcome, Timestamp::now());
+    announce(&context, &server, &new_status).await;
+    status::write(client, &server, new_status).await?;
+    context.backoff.succeed(&key(&server));
+    Ok(Action::requeue(RESYNC))
+}
+
+async fn stall(context: &Context, blocked: Blocked) -> Result<Action, Error> {
+    let Blocked { server, verdict, reason, message } = blocked;
+    let outcome = Outcome::Blocked { verdict: verdict.as_ref(), reason, message: &message };
+    let new_status = status::compute(&server, &outcome, Timestamp::now());
+    announce(context, &server, &new_status).await;
+    status::write(&context.client, &server, new_status).await?;
+    context.backoff.succeed(&key(&server));
+    tracing::info!(reason = reason.as_str(), "Server not rolled out");
+    Ok(Action::await_change())
+}
+
+/// Publishes an Event for every condition whose status changes in this reconcile.
+async fn announce(context: &Context, server: &TransferServer, new: &crate::api::TransferServerStatus) {
+    let old = server.status.as_ref().map(|s| s.conditions.as_slice()).unwrap_or_default();
+    let changed = |type_: ConditionType| {
+        let new = new.conditions.iter().find(|c| c.type_ == type_.as_str())?;
+        let was = old.iter().find(|c| c.type_ == type_.as_str());
+        (was.map(|c| &c.status) != Some(&new.status)).then_some(new)
+    };
+    if let Some(c) = changed(ConditionType::ResidencyCompliant).filter(|c| c.status == "False") {
+        let reason = if c.reason == Reason::AuditOnly.as_str() { Reason::AuditOnly } else { Reason::RegionNotAllowed };
+        context.events.warning(server, reason, c.message.clone()).await;
+    }
+    if let Some(c) = changed(ConditionType::Stalled).filter(|c| c.status == "True") {
+        if c.reason != Reason::RegionNotAllowed.as_str() {
+            context.events.warning(server, Reason::InvalidSpec, c.message.clone()).await;
+        }
+    }
+    if changed(ConditionType::Ready).is_some_and(|c| c.status == "True") {
+        context.events.normal(server, Reason::RolledOut, "gateway is available".into()).await;
+    }
+}
+
+fn key(server: &TransferServer) -> String {
+    format!("TransferServer/{}/{}", server.namespace().unwrap_or_default(), server.name_any())
+}
+
+fn error_policy(server: Arc<TransferServer>, error: &Error, context: Arc<Context>) -> Action {
+    let delay = context.backoff.fail(&key(&server));
+    tracing::warn!(error = %chain(error), retry_in_s = delay.as_secs(), "Reconcile failed");
+    Action::requeue(delay)
+}

@@ -1,0 +1,315 @@
+//! Validate: decide what of a TransferServer and its users can be rolled out.
+//!
+//! Pure: needs no client. A server problem (an invalid name, a region its policy does
+//! not allow) blocks the whole server; a user problem (missing Secret, unparseable key,
+//! escaping home) drops only that user, so the server's other users are not disturbed.
+
+use std::sync::Arc;
+
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::{Secret, Service};
+use kube::ResourceExt;
+use zeroize::Zeroizing;
+
+use super::dereference::{ServerInputs, UserInputs};
+use super::names::MAX_SERVER_NAME;
+use crate::api::{Permission, Reason, TransferServer, TransferUser};
+use crate::residency::{self, ResidencyVerdict};
+
+/// A server that passed validation, with the users that did.
+pub struct ValidServer {
+    /// The server.
+    pub server: Arc<TransferServer>,
+    /// The residency verdict (compliant, or non-compliant under `Audit` only).
+    pub verdict: ResidencyVerdict,
+    /// Users that can be rolled out, sorted by name.
+    pub users: Vec<ValidUser>,
+    /// Users that cannot, with why.
+    pub rejected_users: Vec<(String, UserProblem)>,
+    /// The existing host-key Secret, if any.
+    pub host_keys: Option<Secret>,
+    /// The existing Deployment, for status.
+    pub deployment: Option<Deployment>,
+    /// The existing Service, for status.
+    pub service: Option<Service>,
+}
+
+/// Why a server cannot be rolled out.
+#[derive(Debug)]
+pub struct Blocked {
+    /// The server.
+    pub server: Arc<TransferServer>,
+    /// The residency verdict, when one was reached.
+    pub verdict: Option<ResidencyVerdict>,
+    /// Condition reason.
+    pub reason: Reason,
+    /// Human-readable explanation.
+    pub message: String,
+}
+
+/// A user ready to be written into the gateway configuration.
+pub struct ValidUser {
+    /// Login name.
+    pub name: String,
+    /// Kubernetes UID of the TransferUser, used to derive its password salt.
+    pub uid: String,
+    /// The password, if the user has one. Wiped from memory when dropped.
+    pub password: Option<Zeroizing<Vec<u8>>>,
+    /// Public keys, normalised to `type base64 [comment]`.
+    pub public_keys: Vec<String>,
+    /// Normalised home directory.
+    pub home: String,
+    /// Permissions, sorted and without duplicates.
+    pub permissions: Vec<Permission>,
+}
+
+/// Why a user cannot be rolled out. Messages never contain secret values.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum UserProblem {
+    /// The referenced TransferServer does not exist.
+    #[error("TransferServer {0} does not exist in this namespace")]
+    ServerNotFound(String),
+    /// The password Secret does not exist.
+    #[error("password Secret {0} does not exist")]
+    SecretNotFound(String),
+    /// The password Secret lacks the key, or it is empty.
+    #[error("password Secret {secret} has no non-empty key {key}")]
+    SecretKeyMissing {
+        /// Secret name.
+        secret: String,
+        /// Key looked for.
+        key: String,
+    },
+    /// A public key does not parse.
+    #[error("sshPublicKeys[{index}] is not a valid OpenSSH public key")]
+    InvalidPublicKey {
+        /// Position in `sshPublicKeys`.
+        index: usize,
+    },
+    /// The home directory is not an absolute path without `..`.
+    #[error("homeDirectory {0:?} must start with / and must not contain .. or NUL")]
+    InvalidHomeDirectory(String),
+    /// Neither a password nor a key.
+    #[error("the user has neither passwordSecretRef nor sshPublicKeys")]
+    NoCredentials,
+}
+
+impl UserProblem {
+    /// Condition and Event reason.
+    pub fn reason(&self) -> Reason {
+        match self {
+            Self::ServerNotFound(_) => Reason::ServerNotFound,
+            Self::SecretNotFound(_) => Reason::SecretNotFound,
+            Self::SecretKeyMissing { .. } => Reason::SecretKeyMissing,
+            Self::InvalidPublicKey { .. } => Reason::InvalidPublicKey,
+            Self::InvalidHomeDirectory(_) => Reason::InvalidHomeDirectory,
+            Self::NoCredentials => Reason::NoCredentials,
+        }
+    }
+}
+
+/// Validates a server and its users.
+pub fn validate(inputs: ServerInputs) -> Result<ValidServer, Blocked> {
+    let ServerInputs { server, namespace_labels, policies, users, host_keys, deployment, service } =
+        inputs;
+    let name = server.name_any();
+    if !is_dns_label(&name) || name.len() > MAX_SERVER_NAME {
+        let message = format!(
+            "the name must be a DNS label of at most {MAX_SERVER_NAME} characters, \
+             because the Service and Secrets are named after it"
+        );
+        return Err(Blocked { server, verdict: None, reason: Reason::InvalidSpec, message });
+    }
+
+    let verdict = residency::evaluate(&server.spec.region, &namespace_labels, &policies);
+    if verdict.blocks_rollout() {
+        let message = verdict.message(&server.spec.region);
+        let reason = Reason::RegionNotAllowed;
+        return Err(Blocked { server, verdict: Some(verdict), reason, message });
+    }
+
+    let (valid, rejected_users) = partition_users(users);
+    Ok(ValidServer {
+        server,
+        verdict,
+        users: valid,
+        rejected_users,
+        host_keys,
+        deployment,
+        service,
+    })
+}
+
+fn partition_users(users: Vec<UserInputs>) -> (Vec<ValidUser>, Vec<(String, UserProblem)>) {
+    let mut valid = Vec::new();
+    let mut rejected = Vec::new();
+    for UserInputs { user, password_secret } in users {
+        match validate_user(&user, password_secret.as_ref().map(Option::as_ref)) {
+            Ok(v) => valid.push(v),
+            Err(problem) => rejected.push((user.name_any(), problem)),
+        }
+    }
+    (valid, rejected)
+}
+
+/// Validates one user. `password_secret` is `None` when the user names no Secret and
+/// `Some(None)` when the named Secret is missing.
+pub fn validate_user(
+    user: &TransferUser,
+    password_secret: Option<Option<&Secret>>,
+) -> Result<ValidUser, UserProblem> {
+    let spec = &user.spec;
+    let home = normalise_home(&spec.home_directory)
+        .ok_or_else(|| UserProblem::InvalidHomeDirectory(spec.home_directory.clone()))?;
+    let public_keys = spec
+        .ssh_public_keys
+        .iter()
+        .enumerate()
+        .map(|(index, line)| normalise_public_key(line).ok_or(UserProblem::InvalidPublicKey { index }))
+        .collect::<Result<Vec<_>, _>>()?;
+    let password = match (&spec.password_secret_ref, password_secret) {
+        (Some(reference), Some(secret)) => {
+            let secret = secret.ok_or_else(|| UserProblem::SecretNotFound(reference.name.clone()))?;
+            let key = reference.key.clone().unwrap_or_else(|| "password".to_string());
+            Some(password_from(secret, &reference.name, &key)?)
+        }
+        _ => None,
+    };
+    if password.is_none() && public_keys.is_empty() {
+        return Err(UserProblem::NoCredentials);
+    }
+    let mut permissions = spec.permissions.clone();
+    permissions.sort();
+    permissions.dedup();
+    Ok(ValidUser {
+        name: user.name_any(),
+        uid: user.uid().unwrap_or_default(),
+        password,
+        public_keys,
+        home,
+        permissions,
+    })
+}
+
+fn password_from(secret: &Secret, name: &str, key: &str) -> Result<Zeroizing<Vec<u8>>, UserProblem> {
+    let from_data = secret.data.as_ref().and_then(|d| d.get(key)).map(|b| b.0.clone());
+    let from_string = || secret.string_data.as_ref().and_then(|d| d.get(key)).map(|s| s.clone().into_bytes());
+    match from_data.or_else(from_string) {
+        Some(bytes) if !bytes.is_empty() => Ok(Zeroizing::new(bytes)),
+        _ => Err(UserProblem::SecretKeyMissing { secret: name.to_string(), key: key.to_string() }),
+    }
+}
+
+/// Normalises a home directory: absolute, no `..`, no empty or `.` segments.
+/// Returns `None` when it would escape or is malformed.
+pub fn normalise_home(home: &str) -> Option<String> {
+    if !home.starts_with('/') || home.contains('\0') || home.contains('\\') {
+        return None;
+    }
+    let mut segments = Vec::new();
+    for segment in home.split('/') {
+        match segment {
+            "" | "." => {}
+            ".." => return None,
+            other => segments.push(other),
+        }
+    }
+    Some(format!("/{}", segments.join("/")))
+}
+
+/// Parses one `authorized_keys`-style line and re-renders it canonically.
+fn normalise_public_key(line: &str) -> Option<String> {
+    let key = russh::keys::PublicKey::from_openssh(line.trim()).ok()?;
+    key.to_openssh().ok()
+}
+
+fn is_dns_label(name: &str) -> bool {
+    let bytes = name.as_bytes();
+    !bytes.is_empty()
+        && bytes.len() <= 63
+        && bytes[0].is_ascii_lowercase()
+        && bytes.last().is_some_and(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
+        && bytes.iter().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || *b == b'-')
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use k8s_openapi::ByteString;
+
+    use super::*;
+
+    fn user(yaml: &str) -> TransferUser {
+        let mut user: TransferUser = serde_yaml::from_str(&format!(
+            "apiVersion: sluice.dev/v1alpha1\nkind: TransferUser\nmetadata: {{name: alice, namespace: ns, uid: u1}}\nspec:\n{yaml}"
+        ))
+        .unwrap();
+        user.metadata.uid = Some("u1".into());
+        user
+    }
+
+    fn secret(key: &str, value: &[u8]) -> Secret {
+        Secret {
+            data: Some(BTreeMap::from([(key.to_string(), ByteString(value.to_vec()))])),
+            ..Secret::default()
+        }
+    }
+
+    const KEY: &str = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOMqqnkVzrm0SdG6UOoqKLsabgH5C9okWi0dh2l9GKJl ops@example";
+
+    #[test]
+    fn homes_are_normalised_and_escapes_refused() {
+        assert_eq!(normalise_home("/cucm").as_deref(), Some("/cucm"));
+        assert_eq!(normalise_home("//a/./b/").as_deref(), Some("/a/b"));
+        assert_eq!(normalise_home("/").as_deref(), Some("/"));
+        assert_eq!(normalise_home("/a/../../etc"), None);
+        assert_eq!(normalise_home("relative"), None);
+        assert_eq!(normalise_home("/a\0b"), None);
+    }
+
+    #[test]
+    fn password_user_takes_the_secret_key() {
+        let u = user("  serverRef: {name: s}\n  passwordSecretRef: {name: pw}\n  homeDirectory: /a\n  permissions: [write, list, list]");
+        let s = secret("password", b"hunter2");
+        let valid = validate_user(&u, Some(Some(&s))).unwrap();
+        assert_eq!(valid.password.as_deref().map(Vec::as_slice), Some(&b"hunter2"[..]));
+        assert_eq!(valid.permissions, [Permission::List, Permission::Write]);
+    }
+
+    #[test]
+    fn missing_secret_and_missing_key_are_named_without_values() {
+        let u = user("  serverRef: {name: s}\n  passwordSecretRef: {name: pw, key: pass}\n  homeDirectory: /a\n  permissions: [read]");
+        assert_eq!(validate_user(&u, Some(None)).err(), Some(UserProblem::SecretNotFound("pw".into())));
+        let wrong = secret("password", b"hunter2");
+        let problem = validate_user(&u, Some(Some(&wrong))).err().unwrap();
+        assert_eq!(problem.to_string(), "password Secret pw has no non-empty key pass");
+    }
+
+    #[test]
+    fn unparseable_key_is_reported_by_position() {
+        let yaml = format!("  serverRef: {{name: s}}\n  sshPublicKeys: [\"{KEY}\", \"ssh-ed25519 AAAAnotakey\"]\n  homeDirectory: /a\n  permissions: [read]");
+        let problem = validate_user(&user(&yaml), None).err().unwrap();
+        assert_eq!(problem, UserProblem::InvalidPublicKey { index: 1 });
+    }
+
+    #[test]
+    fn key_user_is_valid_and_home_escape_is_not() {
+        let yaml = format!("  serverRef: {{name: s}}\n  sshPublicKeys: [\"{KEY}\"]\n  homeDirectory: /k\n  permissions: [read]");
+        let valid = validate_user(&user(&yaml), None).unwrap();
+        assert_eq!(valid.public_keys, [KEY]);
+        let escaping = yaml.replace("/k", "/k/../..");
+        assert_eq!(
+            validate_user(&user(&escaping), None).err(),
+            Some(UserProblem::InvalidHomeDirectory("/k/../..".into()))
+        );
+    }
+
+    #[test]
+    fn dns_labels() {
+        assert!(is_dns_label("cucm-backup"));
+        assert!(!is_dns_label("Cucm"));
+        assert!(!is_dns_label("-a"));
+        assert!(!is_dns_label("a.b"));
+    }
+}

@@ -1,0 +1,279 @@
+//! The operator against bad and changing input on a real control plane: residency
+//! refusal and recovery, broken users that do not disturb good ones, delete and
+//! recreate, garbage collection of owned objects, and CRDs that do not drift.
+
+mod support;
+
+use std::time::Duration;
+
+use anyhow::{Context, Result, ensure};
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::{Event, PersistentVolumeClaim, Secret, Service};
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kube::api::{ApiResource, DeleteParams, DynamicObject, ListParams};
+use kube::{Api, Client, ResourceExt};
+use serde_json::Value;
+use sluice::api::{TransferServer, TransferUser};
+use sluice::gateway::config::GatewayConfig;
+
+use support::cluster::{Operator, apply, eventually, install_crds, parse_yaml, read_yaml_dir};
+use support::controlplane::ControlPlane;
+
+const NS: &str = "payments";
+const WAIT: Duration = Duration::from_secs(60);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn operator_refuses_bad_input_clearly_and_recovers_when_it_is_fixed() -> Result<()> {
+    let control_plane = ControlPlane::start().await?;
+    let client = control_plane.client();
+    install_crds(&client).await?;
+    crds_show_no_drift_after_apply(&client).await?;
+    let operator = Operator::start(client.clone());
+    apply_all(&client, &format!(
+        "apiVersion: v1\nkind: Namespace\nmetadata: {{name: {NS}, labels: {{sluice.dev/residency: cn}}}}\n---\n{}",
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/examples/01-policy.yaml"))?
+    ))
+    .await?;
+
+    hong_kong_server_is_refused_without_workload(&client).await?;
+    moving_to_an_allowed_region_rolls_it_out(&client).await?;
+    broken_users_are_reported_and_do_not_disturb_good_ones(&client).await?;
+    recreated_server_is_fully_reconciled(&client).await?;
+    deleting_the_server_removes_what_it_owned(&client).await?;
+    operator.stop().await
+}
+
+async fn apply_all(client: &Client, yaml: &str) -> Result<()> {
+    for object in parse_yaml(yaml)? {
+        apply(client, &object).await?;
+    }
+    Ok(())
+}
+
+fn server_yaml(name: &str, region: &str) -> String {
+    format!(
+        "apiVersion: sluice.dev/v1alpha1\nkind: TransferServer\nmetadata: {{name: {name}, namespace: {NS}}}\n\
+         spec:\n  region: {region}\n  protocols: {{sftp: {{}}}}\n  storage: {{volume: {{storageClassName: ssd, size: 1Gi}}}}\n"
+    )
+}
+
+fn condition(server: &TransferServer, type_: &str) -> Option<(String, String, String)> {
+    let c = server.status.as_ref()?.conditions.iter().find(|c| c.type_ == type_)?;
+    Some((c.status.clone(), c.reason.clone(), c.message.clone()))
+}
+
+async fn wait_condition(client: &Client, name: &str, type_: &str, status: &str) -> Result<TransferServer> {
+    let api = Api::<TransferServer>::namespaced(client.clone(), NS);
+    eventually(&format!("{name} {type_}={status}"), WAIT, || async {
+        let server = api.get(name).await?;
+        let fresh = server.status.as_ref().and_then(|s| s.observed_generation) == server.metadata.generation;
+        let matches = condition(&server, type_).is_some_and(|c| c.0 == status);
+        Ok((fresh && matches).then_some(server))
+    })
+    .await
+}
+
+async fn exists<K>(client: &Client, name: &str) -> Result<bool>
+where
+    K: kube::Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>
+        + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+{
+    Ok(Api::<K>::namespaced(client.clone(), NS).get_opt(name).await?.is_some())
+}
+
+async fn hong_kong_server_is_refused_without_workload(client: &Client) -> Result<()> {
+    apply_all(client, &server_yaml("hk-gw", "cn-hongkong")).await?;
+    let server = wait_condition(client, "hk-gw", "ResidencyCompliant", "False").await?;
+    let (_, reason, message) = condition(&server, "ResidencyCompliant").context("no condition")?;
+    ensure!(reason == "RegionNotAllowed", "reason {reason}");
+    ensure!(message.contains("cn-hongkong") && message.contains("mainland-china"), "message {message}");
+    ensure!(condition(&server, "Stalled").is_some_and(|c| c.0 == "True"));
+    ensure!(condition(&server, "Ready").is_some_and(|c| c.0 == "False"));
+
+    let events = Api::<Event>::namespaced(client.clone(), NS);
+    eventually("a Warning Event for hk-gw", WAIT, || async {
+        let list = events.list(&ListParams::default()).await?;
+        Ok(list.items.into_iter().find(|e| {
+            e.involved_object.name.as_deref() == Some("hk-gw")
+                && e.type_.as_deref() == Some("Warning")
+                && e.reason.as_deref() == Some("RegionNotAllowed")
+                && e.message.as_deref().is_some_and(|m| m.contains("mainland-china"))
+        }))
+    })
+    .await?;
+
+    // Give the operator a moment in which it could wrongly create something.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    ensure!(!exists::<Deployment>(client, "hk-gw-gateway").await?, "a Deployment was created");
+    ensure!(!exists::<Service>(client, "hk-gw").await?, "a Service was created");
+    ensure!(!exists::<PersistentVolumeClaim>(client, "hk-gw-data").await?, "a PVC was created");
+    ensure!(!exists::<Secret>(client, "hk-gw-gateway-config").await?, "a config Secret was created");
+    Ok(())
+}
+
+async fn moving_to_an_allowed_region_rolls_it_out(client: &Client) -> Result<()> {
+    apply_all(client, &server_yaml("hk-gw", "cn-beijing")).await?;
+    let server = wait_condition(client, "hk-gw", "ResidencyCompliant", "True").await?;
+    ensure!(condition(&server, "Stalled").is_some_and(|c| c.0 == "False"));
+    ensure!(condition(&server, "Reconciling").is_some_and(|c| c.0 == "True"), "no kubelet: still rolling out");
+    let deployment = Api::<Deployment>::namespaced(client.clone(), NS).get("hk-gw-gateway").await?;
+    let affinity = serde_json::to_value(deployment.spec.and_then(|s| s.template.spec).and_then(|p| p.affinity))?;
+    ensure!(affinity.to_string().contains("cn-beijing"), "affinity {affinity}");
+    Ok(())
+}
+
+fn gateway_users(secret: &Secret) -> Result<Vec<String>> {
+    let raw = &secret.data.as_ref().context("no data")?.get("config.json").context("no config")?.0;
+    let config: GatewayConfig = serde_json::from_slice(raw)?;
+    Ok(config.users.into_iter().map(|u| u.name).collect())
+}
+
+async fn broken_users_are_reported_and_do_not_disturb_good_ones(client: &Client) -> Result<()> {
+    let user = |name: &str, extra: &str| {
+        format!(
+            "---\napiVersion: sluice.dev/v1alpha1\nkind: TransferUser\nmetadata: {{name: {name}, namespace: {NS}}}\n\
+             spec:\n  serverRef: {{name: hk-gw}}\n  homeDirectory: /{name}\n  permissions: [list, read]\n{extra}"
+        )
+    };
+    let key = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOMqqnkVzrm0SdG6UOoqKLsabgH5C9okWi0dh2l9GKJl a@b";
+    let yaml = [
+        format!("apiVersion: v1\nkind: Secret\nmetadata: {{name: good-pw, namespace: {NS}}}\nstringData: {{password: s3cret-Value}}\n"),
+        user("good", "  passwordSecretRef: {name: good-pw}\n"),
+        user("nosecret", "  passwordSecretRef: {name: does-not-exist}\n"),
+        user("badkey", "  sshPublicKeys: [\"ssh-ed25519 not-base64!\"]\n"),
+        user("escape", &format!("  sshPublicKeys: [\"{key}\"]\n")).replace("/escape", "/a/../../etc"),
+        user("orphan", &format!("  sshPublicKeys: [\"{key}\"]\n")).replace("hk-gw", "no-such-server"),
+    ]
+    .concat();
+    apply_all(client, &yaml).await?;
+
+    let users = Api::<TransferUser>::namespaced(client.clone(), NS);
+    let expected = [
+        ("good", "True", "Reconciled"),
+        ("nosecret", "False", "SecretNotFound"),
+        ("badkey", "False", "InvalidPublicKey"),
+        ("escape", "False", "InvalidHomeDirectory"),
+        ("orphan", "False", "ServerNotFound"),
+    ];
+    for (name, status, reason) in expected {
+        eventually(&format!("user {name} Ready={status} ({reason})"), WAIT, || async {
+            let user = users.get(name).await?;
+            let ready = user.status.as_ref().and_then(|s| s.conditions.iter().find(|c| c.type_ == "Ready").cloned());
+            Ok(ready.filter(|c| c.status == status && c.reason == reason).map(|_| ()))
+        })
+        .await?;
+    }
+    let events = Api::<Event>::namespaced(client.clone(), NS);
+    eventually("Warning Events for the broken users", WAIT, || async {
+        let list = events.list(&ListParams::default()).await?;
+        let warned = |name: &str| list.items.iter().any(|e| {
+            e.involved_object.name.as_deref() == Some(name) && e.type_.as_deref() == Some("Warning")
+        });
+        Ok(["nosecret", "badkey", "escape", "orphan"].iter().all(|n| warned(n)).then_some(()))
+    })
+    .await?;
+    for event in events.list(&ListParams::default()).await?.items {
+        ensure!(!event.message.unwrap_or_default().contains("s3cret-Value"), "an Event carries a password");
+    }
+
+    let secrets = Api::<Secret>::namespaced(client.clone(), NS);
+    eventually("the good user, only, in the gateway config", WAIT, || async {
+        let secret = secrets.get("hk-gw-gateway-config").await?;
+        Ok((gateway_users(&secret)? == ["good"]).then_some(()))
+    })
+    .await?;
+
+    // Fixing a user brings it in without touching the others.
+    apply_all(client, &format!(
+        "apiVersion: v1\nkind: Secret\nmetadata: {{name: does-not-exist, namespace: {NS}}}\nstringData: {{password: another-Value}}\n"
+    ))
+    .await?;
+    eventually("the fixed user in the gateway config", WAIT, || async {
+        let secret = secrets.get("hk-gw-gateway-config").await?;
+        Ok((gateway_users(&secret)? == ["good", "nosecret"]).then_some(()))
+    })
+    .await?;
+    Ok(())
+}
+
+/// Case C22: delete a server and recreate it with the same name and spec.
+async fn recreated_server_is_fully_reconciled(client: &Client) -> Result<()> {
+    let servers = Api::<TransferServer>::namespaced(client.clone(), NS);
+    let old_uid = servers.get("hk-gw").await?.uid();
+    servers.delete("hk-gw", &DeleteParams::foreground()).await?;
+    eventually("hk-gw gone", WAIT, || async { Ok(servers.get_opt("hk-gw").await?.is_none().then_some(())) }).await?;
+    apply_all(client, &server_yaml("hk-gw", "cn-beijing")).await?;
+    let server = wait_condition(client, "hk-gw", "ResidencyCompliant", "True").await?;
+    ensure!(server.uid() != old_uid, "the server was not recreated");
+    let deployments = Api::<Deployment>::namespaced(client.clone(), NS);
+    eventually("a Deployment owned by the new server", WAIT, || async {
+        let Some(d) = deployments.get_opt("hk-gw-gateway").await? else { return Ok(None) };
+        let owner = d.owner_references().first().map(|o| o.uid.clone());
+        Ok((owner == server.uid()).then_some(()))
+    })
+    .await?;
+    ensure!(!server.status.as_ref().context("status")?.host_key_fingerprints.is_empty());
+    Ok(())
+}
+
+async fn deleting_the_server_removes_what_it_owned(client: &Client) -> Result<()> {
+    Api::<TransferServer>::namespaced(client.clone(), NS).delete("hk-gw", &DeleteParams::default()).await?;
+    eventually("owned objects garbage-collected", Duration::from_secs(90), || async {
+        let left = [
+            exists::<Deployment>(client, "hk-gw-gateway").await?,
+            exists::<Service>(client, "hk-gw").await?,
+            exists::<PersistentVolumeClaim>(client, "hk-gw-data").await?,
+            exists::<Secret>(client, "hk-gw-host-keys").await?,
+            exists::<Secret>(client, "hk-gw-gateway-config").await?,
+        ];
+        Ok((!left.contains(&true)).then_some(()))
+    })
+    .await
+}
+
+/// Case C20: what the API server stores is what we committed, and re-applying changes
+/// nothing.
+async fn crds_show_no_drift_after_apply(client: &Client) -> Result<()> {
+    // Read as raw JSON: the typed CRD would turn every schema bound into a float.
+    let resource = ApiResource::erase::<CustomResourceDefinition>(&());
+    let crds = Api::<DynamicObject>::all_with(client.clone(), &resource);
+    let committed = read_yaml_dir(&std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("crds"))?;
+    for object in committed {
+        let name = object.name_any();
+        let live = serde_json::to_value(crds.get(&name).await?)?;
+        let ours = serde_json::to_value(&object)?;
+        let mut differences = Vec::new();
+        subset_differences("", &ours["spec"], &live["spec"], &mut differences);
+        ensure!(differences.is_empty(), "{name} drifted at {differences:?}");
+
+        let version = live["metadata"]["resourceVersion"].clone();
+        apply(client, &object).await?;
+        let again = serde_json::to_value(crds.get(&name).await?)?;
+        ensure!(again["metadata"]["resourceVersion"] == version, "re-applying {name} wrote to it");
+    }
+    Ok(())
+}
+
+/// Paths where `ours` has a value that `live` does not equal.
+fn subset_differences(path: &str, ours: &Value, live: &Value, out: &mut Vec<String>) {
+    match (ours, live) {
+        (Value::Object(a), Value::Object(b)) => {
+            for (key, value) in a {
+                subset_differences(&format!("{path}.{key}"), value, b.get(key).unwrap_or(&Value::Null), out);
+            }
+        }
+        (Value::Array(a), Value::Array(b)) if a.len() == b.len() => {
+            for (i, (x, y)) in a.iter().zip(b).enumerate() {
+                subset_differences(&format!("{path}[{i}]"), x, y, out);
+            }
+        }
+        (Value::Number(a), Value::Number(b)) if a.as_f64() == b.as_f64() => {
+            if a.is_f64() != b.is_f64() {
+                out.push(format!("{path} (number type {a} vs {b})"));
+            }
+        }
+        _ if ours == live => {}
+        _ => out.push(path.to_string()),
+    }
+}
+

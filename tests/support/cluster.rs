@@ -1,0 +1,152 @@
+//! Cluster-side helpers for end-to-end tests: applying YAML, installing the CRDs,
+//! running the operator in-process and waiting for conditions.
+
+#![allow(dead_code)]
+
+use std::future::Future;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kube::api::{DynamicObject, Patch, PatchParams};
+use kube::core::GroupVersionKind;
+use kube::discovery::{self, Scope};
+use kube::{Api, Client, ResourceExt};
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+/// Field manager of everything the tests apply, distinct from the operator's.
+pub const TEST_MANAGER: &str = "sluice-e2e";
+
+/// Polls `check` until it returns `Some`, or fails after `timeout` with `what`.
+pub async fn eventually<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<Option<T>>>,
+{
+    let deadline = Instant::now() + timeout;
+    let mut last_error = None;
+    loop {
+        match check().await {
+            Ok(Some(value)) => return Ok(value),
+            Ok(None) => {}
+            Err(error) => last_error = Some(error),
+        }
+        if Instant::now() > deadline {
+            match last_error {
+                Some(error) => bail!("timed out waiting for {what}; last error: {error:#}"),
+                None => bail!("timed out waiting for {what}"),
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+/// Parses a multi-document YAML stream into objects.
+pub fn parse_yaml(yaml: &str) -> Result<Vec<DynamicObject>> {
+    use serde::Deserialize;
+    let mut objects = Vec::new();
+    for document in serde_yaml::Deserializer::from_str(yaml) {
+        let value = serde_yaml::Value::deserialize(document)?;
+        if value.is_null() {
+            continue;
+        }
+        objects.push(serde_yaml::from_value(value)?);
+    }
+    Ok(objects)
+}
+
+/// Reads every `*.yaml` file of a directory, in name order.
+pub fn read_yaml_dir(dir: &Path) -> Result<Vec<DynamicObject>> {
+    let mut paths: Vec<_> = std::fs::read_dir(dir)?
+        .map(|e| e.map(|e| e.path()))
+        .collect::<Result<_, _>>()?;
+    paths.retain(|p| p.extension().is_some_and(|e| e == "yaml"));
+    paths.sort();
+    let mut objects = Vec::new();
+    for path in paths {
+        let text = std::fs::read_to_string(&path)?;
+        objects.extend(parse_yaml(&text).with_context(|| format!("{}", path.display()))?);
+    }
+    Ok(objects)
+}
+
+/// Server-side applies `object` as [`TEST_MANAGER`], discovering its resource.
+pub async fn apply(client: &Client, object: &DynamicObject) -> Result<DynamicObject> {
+    let types = object.types.as_ref().context("object without apiVersion/kind")?;
+    let gvk = GroupVersionKind::try_from(types)?;
+    let (resource, capabilities) = discovery::pinned_kind(client, &gvk).await?;
+    let api: Api<DynamicObject> = match (capabilities.scope, object.namespace()) {
+        (Scope::Namespaced, Some(ns)) => Api::namespaced_with(client.clone(), &ns, &resource),
+        (Scope::Namespaced, None) => Api::default_namespaced_with(client.clone(), &resource),
+        (Scope::Cluster, _) => Api::all_with(client.clone(), &resource),
+    };
+    let params = PatchParams::apply(TEST_MANAGER).force();
+    api.patch(&object.name_any(), &params, &Patch::Apply(object))
+        .await
+        .with_context(|| format!("cannot apply {} {}", gvk.kind, object.name_any()))
+}
+
+/// Applies the committed CRDs from `crds/` and waits until they are established.
+pub async fn install_crds(client: &Client) -> Result<()> {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("crds");
+    let crds = Api::<CustomResourceDefinition>::all(client.clone());
+    for object in read_yaml_dir(&dir)? {
+        apply(client, &object).await?;
+        let name = object.name_any();
+        eventually(&format!("CRD {name} established"), Duration::from_secs(30), || {
+            let crds = crds.clone();
+            let name = name.clone();
+            async move {
+                let crd = crds.get(&name).await?;
+                let established = crd.status.and_then(|s| s.conditions).into_iter().flatten()
+                    .any(|c| c.type_ == "Established" && c.status == "True");
+                Ok(established.then_some(()))
+            }
+        })
+        .await?;
+    }
+    Ok(())
+}
+
+/// The operator running in-process, as `sluice operator` would.
+pub struct Operator {
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<anyhow::Result<()>>>,
+}
+
+impl Operator {
+    /// Starts the operator's controllers with `client`.
+    pub fn start(client: Client) -> Self {
+        let args = sluice::operator::OperatorArgs {
+            gateway_image: sluice::operator::DEFAULT_GATEWAY_IMAGE.to_string(),
+        };
+        let context = sluice::operator::Context::new(client, args);
+        let (stop, stopped) = oneshot::channel::<()>();
+        let shutdown = async move {
+            let _ = stopped.await;
+        };
+        let task = tokio::spawn(sluice::operator::run_with(context, shutdown));
+        Self { stop: Some(stop), task: Some(task) }
+    }
+
+    /// Stops the controllers and waits for them to finish.
+    pub async fn stop(mut self) -> Result<()> {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(task) = self.task.take() {
+            tokio::time::timeout(Duration::from_secs(30), task).await???;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Operator {
+    fn drop(&mut self) {
+        if let Some(task) = self.task.take() {
+            task.abort();
+        }
+    }
+}
