@@ -35,6 +35,7 @@ async fn operator_refuses_bad_input_clearly_and_recovers_when_it_is_fixed() -> R
     ))
     .await?;
 
+    malformed_servers_are_rejected_or_stalled(&client).await?;
     hong_kong_server_is_refused_without_workload(&client).await?;
     moving_to_an_allowed_region_rolls_it_out(&client).await?;
     broken_users_are_reported_and_do_not_disturb_good_ones(&client).await?;
@@ -79,6 +80,24 @@ where
         + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
 {
     Ok(Api::<K>::namespaced(client.clone(), NS).get_opt(name).await?.is_some())
+}
+
+async fn malformed_servers_are_rejected_or_stalled(client: &Client) -> Result<()> {
+    let bad_size = server_yaml("bad-size", "cn-shanghai").replace("size: 1Gi", "size: lots");
+    let error = apply_all(client, &bad_size).await.err().context("size: lots was accepted")?;
+    ensure!(format!("{error:#}").contains("spec.storage.volume.size"), "{error:#}");
+    let no_protocol = server_yaml("no-protocol", "cn-shanghai").replace("sftp: {}", "");
+    let error = apply_all(client, &no_protocol).await.err().context("no protocol was accepted")?;
+    ensure!(format!("{error:#}").contains("at least one protocol"), "{error:#}");
+
+    // Valid to the API server, but too long to derive the owned objects' names from.
+    let long = "a".repeat(50);
+    apply_all(client, &server_yaml(&long, "cn-shanghai")).await?;
+    let server = wait_condition(client, &long, "Stalled", "True").await?;
+    let (_, reason, message) = condition(&server, "Stalled").context("no Stalled condition")?;
+    ensure!(reason == "InvalidSpec" && message.contains("48"), "{reason}: {message}");
+    Api::<TransferServer>::namespaced(client.clone(), NS).delete(&long, &DeleteParams::default()).await?;
+    Ok(())
 }
 
 async fn hong_kong_server_is_refused_without_workload(client: &Client) -> Result<()> {

@@ -74,6 +74,9 @@ pub struct SftpProtocol {
     pub port: Option<i32>,
 }
 
+/// A Kubernetes resource quantity, as the API server parses it.
+const QUANTITY_PATTERN: &str = r"^(\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))(([KMGTPE]i)|[numkMGTPE]|([eE](\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))))?$";
+
 /// Where files are stored. Exactly one backend must be given.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
@@ -99,6 +102,7 @@ pub struct VolumeStorage {
     pub storage_class_name: String,
 
     /// Requested size, for example `50Gi`.
+    #[schemars(extend("pattern" = QUANTITY_PATTERN))]
     pub size: Quantity,
 
     /// Access mode of the claim. Defaults to ReadWriteOnce for one replica and
@@ -178,4 +182,21 @@ pub struct HostKeyFingerprint {
     pub algorithm: String,
     /// Fingerprint, for example `SHA256:...`.
     pub sha256: String,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Case C23: an empty status must not carry empty lists, which server-side apply
+    /// would record as owned and later conflict on.
+    #[test]
+    fn empty_statuses_serialise_without_empty_lists() {
+        let server = serde_json::to_value(TransferServerStatus::default()).unwrap();
+        let user = serde_json::to_value(crate::api::TransferUserStatus::default()).unwrap();
+        let policy = serde_json::to_value(crate::api::DataResidencyPolicyStatus::default()).unwrap();
+        assert_eq!(server, serde_json::json!({}));
+        assert_eq!(user, serde_json::json!({}));
+        assert_eq!(policy, serde_json::json!({}));
+    }
 }

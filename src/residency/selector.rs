@@ -63,9 +63,12 @@ mod tests {
         matches(&selector, &labels)
     }
 
+    /// Selector YAML, labels, whether they match.
+    type Case = (&'static str, &'static [(&'static str, &'static str)], bool);
+
     #[test]
     fn selector_semantics_follow_kubernetes() {
-        let cases: &[(&str, &[(&str, &str)], bool)] = &[
+        let cases: &[Case] = &[
             ("{}", &[], true),
             ("matchLabels: {a: x}", &[("a", "x")], true),
             ("matchLabels: {a: x}", &[("a", "y")], false),

@@ -100,7 +100,7 @@ async fn reconcile(server: Arc<TransferServer>, context: Arc<Context>) -> Result
     let inputs = dereference::dereference(client, server.clone()).await?;
     let valid = match validate::validate(inputs) {
         Ok(valid) => valid,
-        Err(blocked) => return stall(&context, blocked).await,
+        Err(blocked) => return stall(&context, *blocked).await,
     };
 
     let keys = apply::ensure_host_keys(client, &server, valid.host_keys.as_ref()).await?;
@@ -146,10 +146,9 @@ async fn announce(context: &Context, server: &TransferServer, new: &crate::api::
         let reason = if c.reason == Reason::AuditOnly.as_str() { Reason::AuditOnly } else { Reason::RegionNotAllowed };
         context.events.warning(server, reason, c.message.clone()).await;
     }
-    if let Some(c) = changed(ConditionType::Stalled).filter(|c| c.status == "True") {
-        if c.reason != Reason::RegionNotAllowed.as_str() {
-            context.events.warning(server, Reason::InvalidSpec, c.message.clone()).await;
-        }
+    let stalled = changed(ConditionType::Stalled).filter(|c| c.status == "True");
+    if let Some(c) = stalled.filter(|c| c.reason != Reason::RegionNotAllowed.as_str()) {
+        context.events.warning(server, Reason::InvalidSpec, c.message.clone()).await;
     }
     if changed(ConditionType::Ready).is_some_and(|c| c.status == "True") {
         context.events.normal(server, Reason::RolledOut, "gateway is available".into()).await;

@@ -109,7 +109,7 @@ impl UserProblem {
 }
 
 /// Validates a server and its users.
-pub fn validate(inputs: ServerInputs) -> Result<ValidServer, Blocked> {
+pub fn validate(inputs: ServerInputs) -> Result<ValidServer, Box<Blocked>> {
     let ServerInputs { server, namespace_labels, policies, users, host_keys, deployment, service } =
         inputs;
     let name = server.name_any();
@@ -118,14 +118,14 @@ pub fn validate(inputs: ServerInputs) -> Result<ValidServer, Blocked> {
             "the name must be a DNS label of at most {MAX_SERVER_NAME} characters, \
              because the Service and Secrets are named after it"
         );
-        return Err(Blocked { server, verdict: None, reason: Reason::InvalidSpec, message });
+        return Err(Box::new(Blocked { server, verdict: None, reason: Reason::InvalidSpec, message }));
     }
 
     let verdict = residency::evaluate(&server.spec.region, &namespace_labels, &policies);
     if verdict.blocks_rollout() {
         let message = verdict.message(&server.spec.region);
         let reason = Reason::RegionNotAllowed;
-        return Err(Blocked { server, verdict: Some(verdict), reason, message });
+        return Err(Box::new(Blocked { server, verdict: Some(verdict), reason, message }));
     }
 
     let (valid, rejected_users) = partition_users(users);
