@@ -64,6 +64,11 @@ pub const CONTROLLERS: &[&str] = &[
     "statefulset-controller",
     "endpointslice-controller",
     "disruption-controller",
+    // PVCs carry the kubernetes.io/pvc-protection finalizer, which only these remove;
+    // without them a deleted claim (and a foreground deletion waiting on it) hangs.
+    "persistentvolumeclaim-protection-controller",
+    "persistentvolume-protection-controller",
+    "pod-garbage-collector-controller",
 ];
 
 const BINARIES: [&str; 3] = ["etcd", "kube-apiserver", "kube-controller-manager"];
