@@ -37,9 +37,18 @@ async fn main() -> Result<()> {
 }
 
 async fn existing_cluster() -> Option<Client> {
-    let client = tokio::time::timeout(Duration::from_secs(5), Client::try_default()).await.ok()?.ok()?;
-    let version = tokio::time::timeout(Duration::from_secs(5), client.apiserver_version()).await.ok()?.ok()?;
-    eprintln!("demo: using the current cluster (Kubernetes {}.{})", version.major, version.minor);
+    let client = tokio::time::timeout(Duration::from_secs(5), Client::try_default())
+        .await
+        .ok()?
+        .ok()?;
+    let version = tokio::time::timeout(Duration::from_secs(5), client.apiserver_version())
+        .await
+        .ok()?
+        .ok()?;
+    eprintln!(
+        "demo: using the current cluster (Kubernetes {}.{})",
+        version.major, version.minor
+    );
     Some(client)
 }
 
@@ -81,14 +90,23 @@ async fn run_locally(work: &Path) -> Result<()> {
     let kubelet = FakeKubelet::register(client.clone(), "demo-node-cn-shanghai", &region).await?;
     let operator = Operator::start(client.clone());
     let key = apply_examples(&client, work).await?;
-    let pod = kubelet.run_pod("telephony", "app.kubernetes.io/instance=cucm-backup").await?;
+    let pod = kubelet
+        .run_pod("telephony", "app.kubernetes.io/instance=cucm-backup")
+        .await?;
     wait_ready(&client).await?;
 
-    let port = pod.ports.get(&2222).context("the gateway exposes no SFTP port")?.port();
+    let port = pod
+        .ports
+        .get(&2222)
+        .context("the gateway exposes no SFTP port")?
+        .port();
     println!("\nSluice is running: operator, local control plane and one gateway.");
     println!("Files land in {}", pod.volume_dir("data").display());
     println!("Inspect the resources with:");
-    println!("  kubectl --kubeconfig {} get sluice -A", control_plane.kubeconfig_path().display());
+    println!(
+        "  kubectl --kubeconfig {} get sluice -A",
+        control_plane.kubeconfig_path().display()
+    );
     print_sftp_commands(port, &key);
     wait_for_ctrl_c().await;
     drop(pod);
@@ -99,7 +117,11 @@ async fn wait_ready(client: &Client) -> Result<()> {
     let servers = Api::<TransferServer>::namespaced(client.clone(), "telephony");
     eventually("cucm-backup Ready", Duration::from_secs(120), || async {
         let server = servers.get("cucm-backup").await?;
-        let ready = server.status.iter().flat_map(|s| &s.conditions).any(|c| c.type_ == "Ready" && c.status == "True");
+        let ready = server
+            .status
+            .iter()
+            .flat_map(|s| &s.conditions)
+            .any(|c| c.type_ == "Ready" && c.status == "True");
         Ok(ready.then_some(()))
     })
     .await
@@ -109,7 +131,10 @@ fn print_sftp_commands(port: u16, key: &Path) {
     println!("Connect as the password user (password: change-me-1f8e2c, from 03-users.yaml):");
     println!("  sftp -P {port} -o StrictHostKeyChecking=accept-new cucm@127.0.0.1");
     println!("Connect as the key user:");
-    println!("  sftp -P {port} -i {} -o StrictHostKeyChecking=accept-new ops@127.0.0.1", key.display());
+    println!(
+        "  sftp -P {port} -i {} -o StrictHostKeyChecking=accept-new ops@127.0.0.1",
+        key.display()
+    );
     println!("Press Ctrl-C to stop.");
 }
 

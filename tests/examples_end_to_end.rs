@@ -22,7 +22,9 @@ use sluice::gateway::config::GatewayConfig;
 use support::cluster::{Operator, apply, eventually, install_crds, read_yaml_dir};
 use support::controlplane::ControlPlane;
 use support::kubelet::{FakeKubelet, RunningPod};
-use support::sftp::{Auth, SftpClient, generate_key, known_host_fingerprints, random_file, sha256_file};
+use support::sftp::{
+    Auth, SftpClient, generate_key, known_host_fingerprints, random_file, sha256_file,
+};
 
 const NAMESPACE: &str = "telephony";
 const SERVER: &str = "cucm-backup";
@@ -41,7 +43,12 @@ async fn examples_roll_out_a_gateway_that_serves_sftp_and_converges_quietly() ->
     let control_plane = ControlPlane::start().await?;
     let client = control_plane.client();
     install_crds(&client).await?;
-    let kubelet = FakeKubelet::register(client.clone(), "node-sh-1", &[(REGION_LABEL, "cn-shanghai")]).await?;
+    let kubelet = FakeKubelet::register(
+        client.clone(),
+        "node-sh-1",
+        &[(REGION_LABEL, "cn-shanghai")],
+    )
+    .await?;
     let mut operator = Operator::start(client.clone());
 
     let scenario = apply_examples(client.clone()).await?;
@@ -53,8 +60,12 @@ async fn examples_roll_out_a_gateway_that_serves_sftp_and_converges_quietly() ->
     owned_objects_carry_labels_owner_and_affinity(&client).await?;
     config_holds_hashes_never_passwords(&client, &scenario).await?;
 
-    both_users_transfer_files_over_sftp(&scenario, &pod).await.with_context(|| pod.log())?;
-    host_key_survives_a_gateway_restart(&scenario, &mut pod).await.with_context(|| pod.log())?;
+    both_users_transfer_files_over_sftp(&scenario, &pod)
+        .await
+        .with_context(|| pod.log())?;
+    host_key_survives_a_gateway_restart(&scenario, &mut pod)
+        .await
+        .with_context(|| pod.log())?;
     policy_counts_the_compliant_server(&client).await?;
 
     operator = restart_operator_writes_nothing(&client, operator).await?;
@@ -73,16 +84,25 @@ async fn apply_examples(client: Client) -> Result<Scenario> {
             object.data["spec"]["sshPublicKeys"] = serde_json::json!([ops_public]);
         }
         if object.name_any() == "cucm-password" {
-            password = object.data["stringData"]["password"].as_str().map(str::to_string);
+            password = object.data["stringData"]["password"]
+                .as_str()
+                .map(str::to_string);
         }
         apply(&client, &object).await?;
     }
     let password = password.context("the example password Secret has no stringData.password")?;
-    Ok(Scenario { client, scratch, ops_key, password })
+    Ok(Scenario {
+        client,
+        scratch,
+        ops_key,
+        password,
+    })
 }
 
 async fn server(client: &Client) -> Result<TransferServer> {
-    Ok(Api::<TransferServer>::namespaced(client.clone(), NAMESPACE).get(SERVER).await?)
+    Ok(Api::<TransferServer>::namespaced(client.clone(), NAMESPACE)
+        .get(SERVER)
+        .await?)
 }
 
 fn condition(server: &TransferServer, type_: &str) -> Option<(String, String, String)> {
@@ -99,13 +119,33 @@ async fn server_becomes_ready_with_fingerprints(client: &Client) -> Result<()> {
     })
     .await?;
     let status = server.status.as_ref().context("no status")?;
-    ensure!(status.observed_generation == server.metadata.generation, "observedGeneration lags");
-    ensure!(condition(&server, "ResidencyCompliant").map(|c| c.0).as_deref() == Some("True"));
+    ensure!(
+        status.observed_generation == server.metadata.generation,
+        "observedGeneration lags"
+    );
+    ensure!(
+        condition(&server, "ResidencyCompliant")
+            .map(|c| c.0)
+            .as_deref()
+            == Some("True")
+    );
     ensure!(condition(&server, "Reconciling").map(|c| c.0).as_deref() == Some("False"));
     ensure!(condition(&server, "Stalled").map(|c| c.0).as_deref() == Some("False"));
-    let algorithms: Vec<&str> = status.host_key_fingerprints.iter().map(|f| f.algorithm.as_str()).collect();
-    ensure!(algorithms.contains(&"ssh-ed25519"), "fingerprints: {algorithms:?}");
-    ensure!(algorithms.iter().any(|a| a.starts_with("rsa") || *a == "ssh-rsa"), "fingerprints: {algorithms:?}");
+    let algorithms: Vec<&str> = status
+        .host_key_fingerprints
+        .iter()
+        .map(|f| f.algorithm.as_str())
+        .collect();
+    ensure!(
+        algorithms.contains(&"ssh-ed25519"),
+        "fingerprints: {algorithms:?}"
+    );
+    ensure!(
+        algorithms
+            .iter()
+            .any(|a| a.starts_with("rsa") || *a == "ssh-rsa"),
+        "fingerprints: {algorithms:?}"
+    );
     ensure!(
         status.endpoint.as_deref() == Some("sftp://cucm-backup.telephony.svc:22"),
         "endpoint {:?}",
@@ -117,9 +157,15 @@ async fn server_becomes_ready_with_fingerprints(client: &Client) -> Result<()> {
 
 async fn owned_objects_carry_labels_owner_and_affinity(client: &Client) -> Result<()> {
     let uid = server(client).await?.uid().context("server without uid")?;
-    let deployment = Api::<Deployment>::namespaced(client.clone(), NAMESPACE).get("cucm-backup-gateway").await?;
-    let pvc = Api::<PersistentVolumeClaim>::namespaced(client.clone(), NAMESPACE).get("cucm-backup-data").await?;
-    let service = Api::<Service>::namespaced(client.clone(), NAMESPACE).get("cucm-backup").await?;
+    let deployment = Api::<Deployment>::namespaced(client.clone(), NAMESPACE)
+        .get("cucm-backup-gateway")
+        .await?;
+    let pvc = Api::<PersistentVolumeClaim>::namespaced(client.clone(), NAMESPACE)
+        .get("cucm-backup-data")
+        .await?;
+    let service = Api::<Service>::namespaced(client.clone(), NAMESPACE)
+        .get("cucm-backup")
+        .await?;
     let secrets = Api::<Secret>::namespaced(client.clone(), NAMESPACE);
     let metas = [
         deployment.metadata.clone(),
@@ -131,49 +177,112 @@ async fn owned_objects_carry_labels_owner_and_affinity(client: &Client) -> Resul
     for meta in metas {
         let name = meta.name.clone().unwrap_or_default();
         let owner = meta.owner_references.unwrap_or_default();
-        ensure!(owner.len() == 1 && owner[0].uid == uid && owner[0].controller == Some(true), "{name}");
+        ensure!(
+            owner.len() == 1 && owner[0].uid == uid && owner[0].controller == Some(true),
+            "{name}"
+        );
         let labels = meta.labels.unwrap_or_default();
-        ensure!(labels.get("app.kubernetes.io/managed-by").map(String::as_str) == Some("sluice"), "{name}");
-        ensure!(labels.get("app.kubernetes.io/instance").map(String::as_str) == Some(SERVER), "{name}");
-        let managers: Vec<String> =
-            meta.managed_fields.unwrap_or_default().into_iter().filter_map(|f| f.manager).collect();
-        ensure!(managers.iter().all(|m| m == "sluice" || m.starts_with("kube-")), "{name}: {managers:?}");
+        ensure!(
+            labels
+                .get("app.kubernetes.io/managed-by")
+                .map(String::as_str)
+                == Some("sluice"),
+            "{name}"
+        );
+        ensure!(
+            labels.get("app.kubernetes.io/instance").map(String::as_str) == Some(SERVER),
+            "{name}"
+        );
+        let managers: Vec<String> = meta
+            .managed_fields
+            .unwrap_or_default()
+            .into_iter()
+            .filter_map(|f| f.manager)
+            .collect();
+        ensure!(
+            managers
+                .iter()
+                .all(|m| m == "sluice" || m.starts_with("kube-")),
+            "{name}: {managers:?}"
+        );
     }
     let pvc_spec = pvc.spec.context("pvc spec")?;
     ensure!(pvc_spec.storage_class_name.as_deref() == Some("cn-shanghai-ssd"));
-    let pod = deployment.spec.context("spec")?.template.spec.context("pod spec")?;
-    let terms = pod.affinity.and_then(|a| a.node_affinity)
+    let pod = deployment
+        .spec
+        .context("spec")?
+        .template
+        .spec
+        .context("pod spec")?;
+    let terms = pod
+        .affinity
+        .and_then(|a| a.node_affinity)
         .and_then(|n| n.required_during_scheduling_ignored_during_execution)
         .context("no required node affinity")?
         .node_selector_terms;
-    let expression = &terms[0].match_expressions.as_ref().context("no expressions")?[0];
-    ensure!(expression.key == REGION_LABEL && expression.values.as_deref() == Some(&["cn-shanghai".to_string()][..]));
-    for volume in pod.volumes.iter().flatten().filter_map(|v| v.secret.as_ref()) {
-        ensure!(volume.default_mode == Some(0o440), "secret volume mode {:?}", volume.default_mode);
+    let expression = &terms[0]
+        .match_expressions
+        .as_ref()
+        .context("no expressions")?[0];
+    ensure!(
+        expression.key == REGION_LABEL
+            && expression.values.as_deref() == Some(&["cn-shanghai".to_string()][..])
+    );
+    for volume in pod
+        .volumes
+        .iter()
+        .flatten()
+        .filter_map(|v| v.secret.as_ref())
+    {
+        ensure!(
+            volume.default_mode == Some(0o440),
+            "secret volume mode {:?}",
+            volume.default_mode
+        );
     }
     let mounts = pod.containers[0].volume_mounts.clone().unwrap_or_default();
-    for mount in mounts.iter().filter(|m| m.name == "host-keys" || m.name == "config") {
+    for mount in mounts
+        .iter()
+        .filter(|m| m.name == "host-keys" || m.name == "config")
+    {
         ensure!(mount.read_only == Some(true), "{} is writable", mount.name);
     }
     Ok(())
 }
 
 async fn config_holds_hashes_never_passwords(client: &Client, scenario: &Scenario) -> Result<()> {
-    let secret = Api::<Secret>::namespaced(client.clone(), NAMESPACE).get("cucm-backup-gateway-config").await?;
-    let raw = secret.data.context("no data")?.get("config.json").context("no config.json")?.0.clone();
+    let secret = Api::<Secret>::namespaced(client.clone(), NAMESPACE)
+        .get("cucm-backup-gateway-config")
+        .await?;
+    let raw = secret
+        .data
+        .context("no data")?
+        .get("config.json")
+        .context("no config.json")?
+        .0
+        .clone();
     let text = String::from_utf8(raw)?;
-    ensure!(!text.contains(&scenario.password), "the plaintext password is in the gateway config");
+    ensure!(
+        !text.contains(&scenario.password),
+        "the plaintext password is in the gateway config"
+    );
     let config: GatewayConfig = serde_json::from_str(&text)?;
     let names: Vec<&str> = config.users.iter().map(|u| u.name.as_str()).collect();
     ensure!(names == ["cucm", "ops"], "users {names:?}");
-    let hash = config.users[0].password_hash.as_deref().context("cucm has no hash")?;
+    let hash = config.users[0]
+        .password_hash
+        .as_deref()
+        .context("cucm has no hash")?;
     ensure!(hash.starts_with("$argon2id$"), "hash format");
     ensure!(config.residency.compliant && config.residency.policies == ["mainland-china"]);
     Ok(())
 }
 
 fn sftp_addr(pod: &RunningPod) -> Result<std::net::SocketAddr> {
-    pod.ports.get(&2222).copied().context("the gateway container exposes no port 2222")
+    pod.ports
+        .get(&2222)
+        .copied()
+        .context("the gateway container exposes no port 2222")
 }
 
 async fn both_users_transfer_files_over_sftp(scenario: &Scenario, pod: &RunningPod) -> Result<()> {
@@ -194,19 +303,34 @@ async fn both_users_transfer_files_over_sftp(scenario: &Scenario, pod: &RunningP
             local.display(),
             back.display()
         ))?;
-        ensure!(listing.contains("final.bin"), "{user}: rename not visible:\n{listing}");
-        ensure!(sha256_file(&back)? == expected, "{user}: downloaded bytes differ");
+        ensure!(
+            listing.contains("final.bin"),
+            "{user}: rename not visible:\n{listing}"
+        );
+        ensure!(
+            sha256_file(&back)? == expected,
+            "{user}: downloaded bytes differ"
+        );
         let stored = pod.volume_dir("data").join(user).join("incoming/final.bin");
-        ensure!(sha256_file(&stored)? == expected, "{user}: stored bytes differ at {}", stored.display());
+        ensure!(
+            sha256_file(&stored)? == expected,
+            "{user}: stored bytes differ at {}",
+            stored.display()
+        );
 
         client.run("rm incoming/final.bin\nrmdir incoming\n")?;
         ensure!(!stored.exists(), "{user}: remove did not remove");
 
         let fingerprints = known_host_fingerprints(&client.known_hosts())?;
         let status = server(&scenario.client).await?.status.context("status")?;
-        let published: Vec<&str> = status.host_key_fingerprints.iter().map(|f| f.sha256.as_str()).collect();
+        let published: Vec<&str> = status
+            .host_key_fingerprints
+            .iter()
+            .map(|f| f.sha256.as_str())
+            .collect();
         ensure!(
-            fingerprints.iter().all(|f| published.contains(&f.as_str())) && !fingerprints.is_empty(),
+            fingerprints.iter().all(|f| published.contains(&f.as_str()))
+                && !fingerprints.is_empty(),
             "client saw {fingerprints:?}, status publishes {published:?}"
         );
     }
@@ -214,22 +338,39 @@ async fn both_users_transfer_files_over_sftp(scenario: &Scenario, pod: &RunningP
 }
 
 /// Case C19: the host key is the same after the gateway restarts.
-async fn host_key_survives_a_gateway_restart(scenario: &Scenario, pod: &mut RunningPod) -> Result<()> {
+async fn host_key_survives_a_gateway_restart(
+    scenario: &Scenario,
+    pod: &mut RunningPod,
+) -> Result<()> {
     let dir = scenario.scratch.path().join("c19");
-    let mut client = SftpClient::new(sftp_addr(pod)?, "ops", Auth::Key(scenario.ops_key.clone()), &dir)?;
+    let mut client = SftpClient::new(
+        sftp_addr(pod)?,
+        "ops",
+        Auth::Key(scenario.ops_key.clone()),
+        &dir,
+    )?;
     client.run("ls\n")?;
     pod.restart().await?;
     client.strict_host_key_checking = "yes";
     client.set_addr(sftp_addr(pod)?);
-    client.run("ls\n").context("reconnecting with the pinned host key failed")?;
+    client
+        .run("ls\n")
+        .context("reconnecting with the pinned host key failed")?;
     Ok(())
 }
 
 async fn policy_counts_the_compliant_server(client: &Client) -> Result<()> {
     let policies = Api::<sluice::api::DataResidencyPolicy>::all(client.clone());
     eventually("policy status counts", WAIT, || async {
-        let status = policies.get("mainland-china").await?.status.unwrap_or_default();
-        Ok((status.governed_servers == Some(1) && status.compliant_servers == Some(1)).then_some(()))
+        let status = policies
+            .get("mainland-china")
+            .await?
+            .status
+            .unwrap_or_default();
+        Ok(
+            (status.governed_servers == Some(1) && status.compliant_servers == Some(1))
+                .then_some(()),
+        )
     })
     .await
 }
@@ -243,7 +384,11 @@ async fn restart_operator_writes_nothing(client: &Client, operator: Operator) ->
     // give that pass, and the policy and user controllers, time to run.
     tokio::time::sleep(Duration::from_secs(15)).await;
     let after = resource_versions(client).await?;
-    let changed: Vec<_> = before.iter().filter(|(k, v)| after.get(*k) != Some(v)).map(|(k, _)| k).collect();
+    let changed: Vec<_> = before
+        .iter()
+        .filter(|(k, v)| after.get(*k) != Some(v))
+        .map(|(k, _)| k)
+        .collect();
     if !changed.is_empty() {
         bail!("an operator restart wrote to {changed:?}");
     }
@@ -256,27 +401,52 @@ async fn resource_versions(client: &Client) -> Result<BTreeMap<String, String>> 
         versions.insert(format!("{kind}/{name}"), version.unwrap_or_default());
     };
     let lp = ListParams::default();
-    for o in Api::<TransferServer>::namespaced(client.clone(), NAMESPACE).list(&lp).await? {
+    for o in Api::<TransferServer>::namespaced(client.clone(), NAMESPACE)
+        .list(&lp)
+        .await?
+    {
         record("TransferServer", o.name_any(), o.resource_version());
     }
-    for o in Api::<TransferUser>::namespaced(client.clone(), NAMESPACE).list(&lp).await? {
+    for o in Api::<TransferUser>::namespaced(client.clone(), NAMESPACE)
+        .list(&lp)
+        .await?
+    {
         record("TransferUser", o.name_any(), o.resource_version());
     }
-    for o in Api::<sluice::api::DataResidencyPolicy>::all(client.clone()).list(&lp).await? {
+    for o in Api::<sluice::api::DataResidencyPolicy>::all(client.clone())
+        .list(&lp)
+        .await?
+    {
         record("DataResidencyPolicy", o.name_any(), o.resource_version());
     }
-    for o in Api::<Secret>::namespaced(client.clone(), NAMESPACE).list(&lp).await? {
+    for o in Api::<Secret>::namespaced(client.clone(), NAMESPACE)
+        .list(&lp)
+        .await?
+    {
         record("Secret", o.name_any(), o.resource_version());
     }
-    for o in Api::<Service>::namespaced(client.clone(), NAMESPACE).list(&lp).await? {
+    for o in Api::<Service>::namespaced(client.clone(), NAMESPACE)
+        .list(&lp)
+        .await?
+    {
         record("Service", o.name_any(), o.resource_version());
     }
-    for o in Api::<PersistentVolumeClaim>::namespaced(client.clone(), NAMESPACE).list(&lp).await? {
+    for o in Api::<PersistentVolumeClaim>::namespaced(client.clone(), NAMESPACE)
+        .list(&lp)
+        .await?
+    {
         record("PersistentVolumeClaim", o.name_any(), o.resource_version());
     }
     // The Deployment's status is the deployment controller's to write; its spec is ours.
-    for o in Api::<Deployment>::namespaced(client.clone(), NAMESPACE).list(&lp).await? {
-        record("Deployment.generation", o.name_any(), o.metadata.generation.map(|g| g.to_string()));
+    for o in Api::<Deployment>::namespaced(client.clone(), NAMESPACE)
+        .list(&lp)
+        .await?
+    {
+        record(
+            "Deployment.generation",
+            o.name_any(),
+            o.metadata.generation.map(|g| g.to_string()),
+        );
     }
     Ok(versions)
 }

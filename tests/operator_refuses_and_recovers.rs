@@ -59,15 +59,26 @@ fn server_yaml(name: &str, region: &str) -> String {
 }
 
 fn condition(server: &TransferServer, type_: &str) -> Option<(String, String, String)> {
-    let c = server.status.as_ref()?.conditions.iter().find(|c| c.type_ == type_)?;
+    let c = server
+        .status
+        .as_ref()?
+        .conditions
+        .iter()
+        .find(|c| c.type_ == type_)?;
     Some((c.status.clone(), c.reason.clone(), c.message.clone()))
 }
 
-async fn wait_condition(client: &Client, name: &str, type_: &str, status: &str) -> Result<TransferServer> {
+async fn wait_condition(
+    client: &Client,
+    name: &str,
+    type_: &str,
+    status: &str,
+) -> Result<TransferServer> {
     let api = Api::<TransferServer>::namespaced(client.clone(), NS);
     eventually(&format!("{name} {type_}={status}"), WAIT, || async {
         let server = api.get(name).await?;
-        let fresh = server.status.as_ref().and_then(|s| s.observed_generation) == server.metadata.generation;
+        let fresh = server.status.as_ref().and_then(|s| s.observed_generation)
+            == server.metadata.generation;
         let matches = condition(&server, type_).is_some_and(|c| c.0 == status);
         Ok((fresh && matches).then_some(server))
     })
@@ -77,26 +88,48 @@ async fn wait_condition(client: &Client, name: &str, type_: &str, status: &str) 
 async fn exists<K>(client: &Client, name: &str) -> Result<bool>
 where
     K: kube::Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>
-        + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+        + Clone
+        + serde::de::DeserializeOwned
+        + std::fmt::Debug,
 {
-    Ok(Api::<K>::namespaced(client.clone(), NS).get_opt(name).await?.is_some())
+    Ok(Api::<K>::namespaced(client.clone(), NS)
+        .get_opt(name)
+        .await?
+        .is_some())
 }
 
 async fn malformed_servers_are_rejected_or_stalled(client: &Client) -> Result<()> {
     let bad_size = server_yaml("bad-size", "cn-shanghai").replace("size: 1Gi", "size: lots");
-    let error = apply_all(client, &bad_size).await.err().context("size: lots was accepted")?;
-    ensure!(format!("{error:#}").contains("spec.storage.volume.size"), "{error:#}");
+    let error = apply_all(client, &bad_size)
+        .await
+        .err()
+        .context("size: lots was accepted")?;
+    ensure!(
+        format!("{error:#}").contains("spec.storage.volume.size"),
+        "{error:#}"
+    );
     let no_protocol = server_yaml("no-protocol", "cn-shanghai").replace("sftp: {}", "");
-    let error = apply_all(client, &no_protocol).await.err().context("no protocol was accepted")?;
-    ensure!(format!("{error:#}").contains("at least one protocol"), "{error:#}");
+    let error = apply_all(client, &no_protocol)
+        .await
+        .err()
+        .context("no protocol was accepted")?;
+    ensure!(
+        format!("{error:#}").contains("at least one protocol"),
+        "{error:#}"
+    );
 
     // Valid to the API server, but too long to derive the owned objects' names from.
     let long = "a".repeat(50);
     apply_all(client, &server_yaml(&long, "cn-shanghai")).await?;
     let server = wait_condition(client, &long, "Stalled", "True").await?;
     let (_, reason, message) = condition(&server, "Stalled").context("no Stalled condition")?;
-    ensure!(reason == "InvalidSpec" && message.contains("48"), "{reason}: {message}");
-    Api::<TransferServer>::namespaced(client.clone(), NS).delete(&long, &DeleteParams::default()).await?;
+    ensure!(
+        reason == "InvalidSpec" && message.contains("48"),
+        "{reason}: {message}"
+    );
+    Api::<TransferServer>::namespaced(client.clone(), NS)
+        .delete(&long, &DeleteParams::default())
+        .await?;
     Ok(())
 }
 
@@ -105,7 +138,10 @@ async fn hong_kong_server_is_refused_without_workload(client: &Client) -> Result
     let server = wait_condition(client, "hk-gw", "ResidencyCompliant", "False").await?;
     let (_, reason, message) = condition(&server, "ResidencyCompliant").context("no condition")?;
     ensure!(reason == "RegionNotAllowed", "reason {reason}");
-    ensure!(message.contains("cn-hongkong") && message.contains("mainland-china"), "message {message}");
+    ensure!(
+        message.contains("cn-hongkong") && message.contains("mainland-china"),
+        "message {message}"
+    );
     ensure!(condition(&server, "Stalled").is_some_and(|c| c.0 == "True"));
     ensure!(condition(&server, "Ready").is_some_and(|c| c.0 == "False"));
 
@@ -116,17 +152,31 @@ async fn hong_kong_server_is_refused_without_workload(client: &Client) -> Result
             e.involved_object.name.as_deref() == Some("hk-gw")
                 && e.type_.as_deref() == Some("Warning")
                 && e.reason.as_deref() == Some("RegionNotAllowed")
-                && e.message.as_deref().is_some_and(|m| m.contains("mainland-china"))
+                && e.message
+                    .as_deref()
+                    .is_some_and(|m| m.contains("mainland-china"))
         }))
     })
     .await?;
 
     // Give the operator a moment in which it could wrongly create something.
     tokio::time::sleep(Duration::from_secs(3)).await;
-    ensure!(!exists::<Deployment>(client, "hk-gw-gateway").await?, "a Deployment was created");
-    ensure!(!exists::<Service>(client, "hk-gw").await?, "a Service was created");
-    ensure!(!exists::<PersistentVolumeClaim>(client, "hk-gw-data").await?, "a PVC was created");
-    ensure!(!exists::<Secret>(client, "hk-gw-gateway-config").await?, "a config Secret was created");
+    ensure!(
+        !exists::<Deployment>(client, "hk-gw-gateway").await?,
+        "a Deployment was created"
+    );
+    ensure!(
+        !exists::<Service>(client, "hk-gw").await?,
+        "a Service was created"
+    );
+    ensure!(
+        !exists::<PersistentVolumeClaim>(client, "hk-gw-data").await?,
+        "a PVC was created"
+    );
+    ensure!(
+        !exists::<Secret>(client, "hk-gw-gateway-config").await?,
+        "a config Secret was created"
+    );
     Ok(())
 }
 
@@ -134,15 +184,34 @@ async fn moving_to_an_allowed_region_rolls_it_out(client: &Client) -> Result<()>
     apply_all(client, &server_yaml("hk-gw", "cn-beijing")).await?;
     let server = wait_condition(client, "hk-gw", "ResidencyCompliant", "True").await?;
     ensure!(condition(&server, "Stalled").is_some_and(|c| c.0 == "False"));
-    ensure!(condition(&server, "Reconciling").is_some_and(|c| c.0 == "True"), "no kubelet: still rolling out");
-    let deployment = Api::<Deployment>::namespaced(client.clone(), NS).get("hk-gw-gateway").await?;
-    let affinity = serde_json::to_value(deployment.spec.and_then(|s| s.template.spec).and_then(|p| p.affinity))?;
-    ensure!(affinity.to_string().contains("cn-beijing"), "affinity {affinity}");
+    ensure!(
+        condition(&server, "Reconciling").is_some_and(|c| c.0 == "True"),
+        "no kubelet: still rolling out"
+    );
+    let deployment = Api::<Deployment>::namespaced(client.clone(), NS)
+        .get("hk-gw-gateway")
+        .await?;
+    let affinity = serde_json::to_value(
+        deployment
+            .spec
+            .and_then(|s| s.template.spec)
+            .and_then(|p| p.affinity),
+    )?;
+    ensure!(
+        affinity.to_string().contains("cn-beijing"),
+        "affinity {affinity}"
+    );
     Ok(())
 }
 
 fn gateway_users(secret: &Secret) -> Result<Vec<String>> {
-    let raw = &secret.data.as_ref().context("no data")?.get("config.json").context("no config")?.0;
+    let raw = &secret
+        .data
+        .as_ref()
+        .context("no data")?
+        .get("config.json")
+        .context("no config")?
+        .0;
     let config: GatewayConfig = serde_json::from_slice(raw)?;
     Ok(config.users.into_iter().map(|u| u.name).collect())
 }
@@ -154,7 +223,8 @@ async fn broken_users_are_reported_and_do_not_disturb_good_ones(client: &Client)
              spec:\n  serverRef: {{name: hk-gw}}\n  homeDirectory: /{name}\n  permissions: [list, read]\n{extra}"
         )
     };
-    let key = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOMqqnkVzrm0SdG6UOoqKLsabgH5C9okWi0dh2l9GKJl a@b";
+    let key =
+        "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOMqqnkVzrm0SdG6UOoqKLsabgH5C9okWi0dh2l9GKJl a@b";
     let yaml = [
         format!("apiVersion: v1\nkind: Secret\nmetadata: {{name: good-pw, namespace: {NS}}}\nstringData: {{password: s3cret-Value}}\n"),
         user("good", "  passwordSecretRef: {name: good-pw}\n"),
@@ -175,31 +245,53 @@ async fn broken_users_are_reported_and_do_not_disturb_good_ones(client: &Client)
         ("orphan", "False", "ServerNotFound"),
     ];
     for (name, status, reason) in expected {
-        eventually(&format!("user {name} Ready={status} ({reason})"), WAIT, || async {
-            let user = users.get(name).await?;
-            let ready = user.status.as_ref().and_then(|s| s.conditions.iter().find(|c| c.type_ == "Ready").cloned());
-            Ok(ready.filter(|c| c.status == status && c.reason == reason).map(|_| ()))
-        })
+        eventually(
+            &format!("user {name} Ready={status} ({reason})"),
+            WAIT,
+            || async {
+                let user = users.get(name).await?;
+                let ready = user
+                    .status
+                    .as_ref()
+                    .and_then(|s| s.conditions.iter().find(|c| c.type_ == "Ready").cloned());
+                Ok(ready
+                    .filter(|c| c.status == status && c.reason == reason)
+                    .map(|_| ()))
+            },
+        )
         .await?;
     }
     let events = Api::<Event>::namespaced(client.clone(), NS);
     eventually("Warning Events for the broken users", WAIT, || async {
         let list = events.list(&ListParams::default()).await?;
-        let warned = |name: &str| list.items.iter().any(|e| {
-            e.involved_object.name.as_deref() == Some(name) && e.type_.as_deref() == Some("Warning")
-        });
-        Ok(["nosecret", "badkey", "escape", "orphan"].iter().all(|n| warned(n)).then_some(()))
+        let warned = |name: &str| {
+            list.items.iter().any(|e| {
+                e.involved_object.name.as_deref() == Some(name)
+                    && e.type_.as_deref() == Some("Warning")
+            })
+        };
+        Ok(["nosecret", "badkey", "escape", "orphan"]
+            .iter()
+            .all(|n| warned(n))
+            .then_some(()))
     })
     .await?;
     for event in events.list(&ListParams::default()).await?.items {
-        ensure!(!event.message.unwrap_or_default().contains("s3cret-Value"), "an Event carries a password");
+        ensure!(
+            !event.message.unwrap_or_default().contains("s3cret-Value"),
+            "an Event carries a password"
+        );
     }
 
     let secrets = Api::<Secret>::namespaced(client.clone(), NS);
-    eventually("the good user, only, in the gateway config", WAIT, || async {
-        let secret = secrets.get("hk-gw-gateway-config").await?;
-        Ok((gateway_users(&secret)? == ["good"]).then_some(()))
-    })
+    eventually(
+        "the good user, only, in the gateway config",
+        WAIT,
+        || async {
+            let secret = secrets.get("hk-gw-gateway-config").await?;
+            Ok((gateway_users(&secret)? == ["good"]).then_some(()))
+        },
+    )
     .await?;
 
     // Fixing a user brings it in without touching the others.
@@ -220,33 +312,51 @@ async fn recreated_server_is_fully_reconciled(client: &Client) -> Result<()> {
     let servers = Api::<TransferServer>::namespaced(client.clone(), NS);
     let old_uid = servers.get("hk-gw").await?.uid();
     servers.delete("hk-gw", &DeleteParams::foreground()).await?;
-    eventually("hk-gw gone", WAIT, || async { Ok(servers.get_opt("hk-gw").await?.is_none().then_some(())) }).await?;
+    eventually("hk-gw gone", WAIT, || async {
+        Ok(servers.get_opt("hk-gw").await?.is_none().then_some(()))
+    })
+    .await?;
     apply_all(client, &server_yaml("hk-gw", "cn-beijing")).await?;
     let server = wait_condition(client, "hk-gw", "ResidencyCompliant", "True").await?;
     ensure!(server.uid() != old_uid, "the server was not recreated");
     let deployments = Api::<Deployment>::namespaced(client.clone(), NS);
     eventually("a Deployment owned by the new server", WAIT, || async {
-        let Some(d) = deployments.get_opt("hk-gw-gateway").await? else { return Ok(None) };
+        let Some(d) = deployments.get_opt("hk-gw-gateway").await? else {
+            return Ok(None);
+        };
         let owner = d.owner_references().first().map(|o| o.uid.clone());
         Ok((owner == server.uid()).then_some(()))
     })
     .await?;
-    ensure!(!server.status.as_ref().context("status")?.host_key_fingerprints.is_empty());
+    ensure!(
+        !server
+            .status
+            .as_ref()
+            .context("status")?
+            .host_key_fingerprints
+            .is_empty()
+    );
     Ok(())
 }
 
 async fn deleting_the_server_removes_what_it_owned(client: &Client) -> Result<()> {
-    Api::<TransferServer>::namespaced(client.clone(), NS).delete("hk-gw", &DeleteParams::default()).await?;
-    eventually("owned objects garbage-collected", Duration::from_secs(90), || async {
-        let left = [
-            exists::<Deployment>(client, "hk-gw-gateway").await?,
-            exists::<Service>(client, "hk-gw").await?,
-            exists::<PersistentVolumeClaim>(client, "hk-gw-data").await?,
-            exists::<Secret>(client, "hk-gw-host-keys").await?,
-            exists::<Secret>(client, "hk-gw-gateway-config").await?,
-        ];
-        Ok((!left.contains(&true)).then_some(()))
-    })
+    Api::<TransferServer>::namespaced(client.clone(), NS)
+        .delete("hk-gw", &DeleteParams::default())
+        .await?;
+    eventually(
+        "owned objects garbage-collected",
+        Duration::from_secs(90),
+        || async {
+            let left = [
+                exists::<Deployment>(client, "hk-gw-gateway").await?,
+                exists::<Service>(client, "hk-gw").await?,
+                exists::<PersistentVolumeClaim>(client, "hk-gw-data").await?,
+                exists::<Secret>(client, "hk-gw-host-keys").await?,
+                exists::<Secret>(client, "hk-gw-gateway-config").await?,
+            ];
+            Ok((!left.contains(&true)).then_some(()))
+        },
+    )
     .await
 }
 
@@ -268,7 +378,10 @@ async fn crds_show_no_drift_after_apply(client: &Client) -> Result<()> {
         let version = live["metadata"]["resourceVersion"].clone();
         apply(client, &object).await?;
         let again = serde_json::to_value(crds.get(&name).await?)?;
-        ensure!(again["metadata"]["resourceVersion"] == version, "re-applying {name} wrote to it");
+        ensure!(
+            again["metadata"]["resourceVersion"] == version,
+            "re-applying {name} wrote to it"
+        );
     }
     Ok(())
 }
@@ -278,7 +391,12 @@ fn subset_differences(path: &str, ours: &Value, live: &Value, out: &mut Vec<Stri
     match (ours, live) {
         (Value::Object(a), Value::Object(b)) => {
             for (key, value) in a {
-                subset_differences(&format!("{path}.{key}"), value, b.get(key).unwrap_or(&Value::Null), out);
+                subset_differences(
+                    &format!("{path}.{key}"),
+                    value,
+                    b.get(key).unwrap_or(&Value::Null),
+                    out,
+                );
             }
         }
         (Value::Array(a), Value::Array(b)) if a.len() == b.len() => {
@@ -295,4 +413,3 @@ fn subset_differences(path: &str, ours: &Value, live: &Value, out: &mut Vec<Stri
         _ => out.push(path.to_string()),
     }
 }
-

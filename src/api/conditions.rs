@@ -123,8 +123,24 @@ mod tests {
     #[test]
     fn unchanged_status_keeps_transition_time() {
         let mut conditions = Vec::new();
-        set_condition(&mut conditions, ConditionType::Ready, true, Reason::Reconciled, "", Some(1), at(10));
-        set_condition(&mut conditions, ConditionType::Ready, true, Reason::RolledOut, "m", Some(2), at(20));
+        set_condition(
+            &mut conditions,
+            ConditionType::Ready,
+            true,
+            Reason::Reconciled,
+            "",
+            Some(1),
+            at(10),
+        );
+        set_condition(
+            &mut conditions,
+            ConditionType::Ready,
+            true,
+            Reason::RolledOut,
+            "m",
+            Some(2),
+            at(20),
+        );
         assert_eq!(conditions.len(), 1);
         assert_eq!(conditions[0].last_transition_time, Time(at(10)));
         assert_eq!(conditions[0].reason, "RolledOut");
@@ -134,8 +150,24 @@ mod tests {
     #[test]
     fn changed_status_moves_transition_time() {
         let mut conditions = Vec::new();
-        set_condition(&mut conditions, ConditionType::Ready, true, Reason::Reconciled, "", None, at(10));
-        set_condition(&mut conditions, ConditionType::Ready, false, Reason::Progressing, "", None, at(20));
+        set_condition(
+            &mut conditions,
+            ConditionType::Ready,
+            true,
+            Reason::Reconciled,
+            "",
+            None,
+            at(10),
+        );
+        set_condition(
+            &mut conditions,
+            ConditionType::Ready,
+            false,
+            Reason::Progressing,
+            "",
+            None,
+            at(20),
+        );
         assert_eq!(conditions[0].last_transition_time, Time(at(20)));
         assert_eq!(conditions[0].status, "False");
     }

@@ -23,8 +23,8 @@ pub use user::{
     TransferUserStatus,
 };
 
-use kube::CustomResourceExt;
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kube::CustomResourceExt;
 
 /// API group of every Sluice resource.
 pub const GROUP: &str = "sluice.dev";
@@ -34,7 +34,11 @@ pub const DEFAULT_REGION_LABEL: &str = "topology.kubernetes.io/region";
 
 /// The CustomResourceDefinitions of all Sluice resources, in a stable order.
 pub fn crds() -> Vec<CustomResourceDefinition> {
-    vec![DataResidencyPolicy::crd(), TransferServer::crd(), TransferUser::crd()]
+    vec![
+        DataResidencyPolicy::crd(),
+        TransferServer::crd(),
+        TransferUser::crd(),
+    ]
 }
 
 /// A CRD as the YAML committed under `crds/`: integral bounds written as integers.
@@ -110,8 +114,15 @@ mod tests {
         let mut missing = Vec::new();
         for crd in crds() {
             let schema = serde_json::to_value(&crd.spec.versions[0].schema).unwrap();
-            walk(&crd.spec.names.kind, &schema["openAPIV3Schema"], &mut missing);
+            walk(
+                &crd.spec.names.kind,
+                &schema["openAPIV3Schema"],
+                &mut missing,
+            );
         }
-        assert!(missing.is_empty(), "fields without a doc comment: {missing:?}");
+        assert!(
+            missing.is_empty(),
+            "fields without a doc comment: {missing:?}"
+        );
     }
 }

@@ -194,7 +194,8 @@ mod tests {
     fn empty_statuses_serialise_without_empty_lists() {
         let server = serde_json::to_value(TransferServerStatus::default()).unwrap();
         let user = serde_json::to_value(crate::api::TransferUserStatus::default()).unwrap();
-        let policy = serde_json::to_value(crate::api::DataResidencyPolicyStatus::default()).unwrap();
+        let policy =
+            serde_json::to_value(crate::api::DataResidencyPolicyStatus::default()).unwrap();
         assert_eq!(server, serde_json::json!({}));
         assert_eq!(user, serde_json::json!({}));
         assert_eq!(policy, serde_json::json!({}));

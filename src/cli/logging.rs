@@ -11,11 +11,19 @@ pub enum LogFormat {
     Json,
 }
 
-/// Installs the global subscriber. The level comes from `RUST_LOG` (default `info`).
+/// Filter used when `RUST_LOG` is unset. russh logs every packet at debug level, so it
+/// is held to warnings unless asked for explicitly.
+const DEFAULT_FILTER: &str = "info,russh=warn";
+
+/// Installs the global subscriber. The level comes from `RUST_LOG` (default
+/// [`DEFAULT_FILTER`]).
 /// Calling it twice keeps the first subscriber.
 pub fn init_logging(format: LogFormat) {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let filter =
+        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(DEFAULT_FILTER));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     let _ = match format {
         LogFormat::Text => builder.try_init(),
         LogFormat::Json => builder.json().flatten_event(true).try_init(),

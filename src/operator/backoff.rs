@@ -25,7 +25,10 @@ impl Backoff {
 
     /// Forgets the failures of `key` after a successful reconcile.
     pub fn succeed(&self, key: &str) {
-        self.failures.lock().unwrap_or_else(|e| e.into_inner()).remove(key);
+        self.failures
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(key);
     }
 }
 

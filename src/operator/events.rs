@@ -1,7 +1,7 @@
 //! Kubernetes Events, published only when something changes.
 
-use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::Resource;
+use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 
 /// Publishes Events for Sluice objects. Failures to publish are logged and otherwise
 /// ignored: an Event is evidence for people, not part of the reconcile's outcome.
@@ -11,7 +11,9 @@ pub struct EventPublisher {
 
 impl EventPublisher {
     pub(super) fn new(client: kube::Client, reporter: Reporter) -> Self {
-        Self { recorder: Recorder::new(client, reporter) }
+        Self {
+            recorder: Recorder::new(client, reporter),
+        }
     }
 
     /// Publishes a Warning about `object`.
@@ -30,8 +32,13 @@ impl EventPublisher {
         self.publish(object, EventType::Normal, reason, note).await;
     }
 
-    async fn publish<K>(&self, object: &K, type_: EventType, reason: crate::api::Reason, note: String)
-    where
+    async fn publish<K>(
+        &self,
+        object: &K,
+        type_: EventType,
+        reason: crate::api::Reason,
+        note: String,
+    ) where
         K: Resource<DynamicType = ()>,
     {
         let event = Event {

@@ -16,8 +16,8 @@ pub mod user;
 use std::sync::Arc;
 
 use futures::StreamExt;
-use kube::runtime::events::Reporter;
 use kube::Client;
+use kube::runtime::events::Reporter;
 
 pub use backoff::Backoff;
 pub use error::Error;
@@ -26,7 +26,8 @@ pub use error::Error;
 pub const FIELD_MANAGER: &str = "sluice";
 
 /// The image gateways run unless `--gateway-image` says otherwise.
-pub const DEFAULT_GATEWAY_IMAGE: &str = concat!("ghcr.io/sluice-dev/sluice:", env!("CARGO_PKG_VERSION"));
+pub const DEFAULT_GATEWAY_IMAGE: &str =
+    concat!("ghcr.io/sluice-dev/sluice:", env!("CARGO_PKG_VERSION"));
 
 /// Arguments of `sluice operator`.
 #[derive(Clone, Debug, clap::Args)]
@@ -51,7 +52,10 @@ pub struct Context {
 impl Context {
     /// A context for `client` with the given settings.
     pub fn new(client: Client, args: OperatorArgs) -> Arc<Self> {
-        let reporter = Reporter { controller: "sluice".into(), instance: std::env::var("POD_NAME").ok() };
+        let reporter = Reporter {
+            controller: "sluice".into(),
+            instance: std::env::var("POD_NAME").ok(),
+        };
         Arc::new(Self {
             events: events::EventPublisher::new(client.clone(), reporter),
             client,
@@ -63,7 +67,9 @@ impl Context {
 
 /// Runs the operator with the current kubeconfig or in-cluster config until interrupted.
 pub async fn run(args: OperatorArgs) -> anyhow::Result<()> {
-    let client = Client::try_default().await.map_err(|e| anyhow::anyhow!("failed to create Kubernetes client: {e}"))?;
+    let client = Client::try_default()
+        .await
+        .map_err(|e| anyhow::anyhow!("failed to create Kubernetes client: {e}"))?;
     let shutdown = async {
         let _ = tokio::signal::ctrl_c().await;
     };
@@ -81,7 +87,11 @@ pub async fn run_with(
     let servers = server::controller(context.clone(), shutdown.clone());
     let users = user::controller(context.clone(), shutdown.clone());
     let policies = policy::controller(context.clone(), shutdown);
-    tokio::join!(servers.for_each(|_| async {}), users.for_each(|_| async {}), policies.for_each(|_| async {}));
+    tokio::join!(
+        servers.for_each(|_| async {}),
+        users.for_each(|_| async {}),
+        policies.for_each(|_| async {})
+    );
     tracing::info!("Operator stopped");
     Ok(())
 }

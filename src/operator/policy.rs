@@ -19,8 +19,8 @@ use kube::{Api, ResourceExt};
 
 use super::{Context, Error, FIELD_MANAGER, error::chain};
 use crate::api::{
-    ConditionType, DataResidencyPolicy, DataResidencyPolicyStatus, GovernedServer, Reason, TransferServer,
-    set_condition,
+    ConditionType, DataResidencyPolicy, DataResidencyPolicyStatus, GovernedServer, Reason,
+    TransferServer, set_condition,
 };
 use crate::residency;
 
@@ -32,16 +32,35 @@ pub fn controller(
     shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
 ) -> impl Stream<Item = ()> {
     let client = context.client.clone();
-    let controller = Controller::new(Api::<DataResidencyPolicy>::all(client.clone()), watcher::Config::default());
+    let controller = Controller::new(
+        Api::<DataResidencyPolicy>::all(client.clone()),
+        watcher::Config::default(),
+    );
     let policies = controller.store();
     let all_for_namespaces = policies.clone();
     controller
-        .watches(Api::<TransferServer>::all(client.clone()), watcher::Config::default(), move |_| {
-            policies.state().iter().map(|p| ObjectRef::from_obj(p.as_ref())).collect::<Vec<_>>()
-        })
-        .watches(Api::<Namespace>::all(client), watcher::Config::default(), move |_| {
-            all_for_namespaces.state().iter().map(|p| ObjectRef::from_obj(p.as_ref())).collect::<Vec<_>>()
-        })
+        .watches(
+            Api::<TransferServer>::all(client.clone()),
+            watcher::Config::default(),
+            move |_| {
+                policies
+                    .state()
+                    .iter()
+                    .map(|p| ObjectRef::from_obj(p.as_ref()))
+                    .collect::<Vec<_>>()
+            },
+        )
+        .watches(
+            Api::<Namespace>::all(client),
+            watcher::Config::default(),
+            move |_| {
+                all_for_namespaces
+                    .state()
+                    .iter()
+                    .map(|p| ObjectRef::from_obj(p.as_ref()))
+                    .collect::<Vec<_>>()
+            },
+        )
         .graceful_shutdown_on(shutdown)
         .run(reconcile, error_policy, context)
         .map(|result| {
@@ -51,27 +70,39 @@ pub fn controller(
         })
 }
 
-async fn reconcile(policy: Arc<DataResidencyPolicy>, context: Arc<Context>) -> Result<Action, Error> {
+async fn reconcile(
+    policy: Arc<DataResidencyPolicy>,
+    context: Arc<Context>,
+) -> Result<Action, Error> {
     let client = &context.client;
     let servers = Api::<TransferServer>::all(client.clone())
         .list(&ListParams::default())
         .await
         .map_err(Error::kube("list TransferServers"))?
         .items;
-    let namespaces: BTreeMap<String, BTreeMap<String, String>> = Api::<Namespace>::all(client.clone())
-        .list(&ListParams::default())
-        .await
-        .map_err(Error::kube("list Namespaces"))?
-        .items
-        .into_iter()
-        .map(|ns| (ns.name_any(), ns.metadata.labels.unwrap_or_default()))
-        .collect();
+    let namespaces: BTreeMap<String, BTreeMap<String, String>> =
+        Api::<Namespace>::all(client.clone())
+            .list(&ListParams::default())
+            .await
+            .map_err(Error::kube("list Namespaces"))?
+            .items
+            .into_iter()
+            .map(|ns| (ns.name_any(), ns.metadata.labels.unwrap_or_default()))
+            .collect();
 
-    let selector_error = residency::matches(&policy.spec.namespace_selector, &BTreeMap::new()).err();
+    let selector_error =
+        residency::matches(&policy.spec.namespace_selector, &BTreeMap::new()).err();
     let governed = governed_servers(&policy, &servers, &namespaces);
-    let new_status = compute_status(&policy, governed, selector_error.map(|e| e.to_string()), Timestamp::now());
+    let new_status = compute_status(
+        &policy,
+        governed,
+        selector_error.map(|e| e.to_string()),
+        Timestamp::now(),
+    );
     write_status(&context, &policy, new_status).await?;
-    context.backoff.succeed(&format!("DataResidencyPolicy/{}", policy.name_any()));
+    context
+        .backoff
+        .succeed(&format!("DataResidencyPolicy/{}", policy.name_any()));
     Ok(Action::requeue(RESYNC))
 }
 
@@ -88,7 +119,8 @@ pub fn governed_servers(
         .filter_map(|server| {
             let namespace = server.namespace().unwrap_or_default();
             let labels = namespaces.get(&namespace).unwrap_or(&empty);
-            let verdict = residency::evaluate(&server.spec.region, labels, std::slice::from_ref(policy));
+            let verdict =
+                residency::evaluate(&server.spec.region, labels, std::slice::from_ref(policy));
             verdict.governing.contains(&name).then(|| GovernedServer {
                 namespace,
                 name: server.name_any(),
@@ -113,12 +145,26 @@ fn compute_status(
     let governed = servers.len();
     let compliant = servers.iter().filter(|s| s.compliant).count();
     match selector_error {
-        Some(error) => {
-            set_condition(&mut conditions, ConditionType::Ready, false, Reason::InvalidSpec, error, generation, now)
-        }
+        Some(error) => set_condition(
+            &mut conditions,
+            ConditionType::Ready,
+            false,
+            Reason::InvalidSpec,
+            error,
+            generation,
+            now,
+        ),
         None => {
             let message = format!("{compliant} of {governed} governed servers comply");
-            set_condition(&mut conditions, ConditionType::Ready, true, Reason::Evaluated, message, generation, now)
+            set_condition(
+                &mut conditions,
+                ConditionType::Ready,
+                true,
+                Reason::Evaluated,
+                message,
+                generation,
+                now,
+            )
         }
     }
     DataResidencyPolicyStatus {
@@ -144,14 +190,20 @@ async fn write_status(
         "kind": "DataResidencyPolicy",
         "status": status,
     });
-    api.patch_status(&policy.name_any(), &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&patch))
-        .await
-        .map_err(Error::kube("update DataResidencyPolicy status"))?;
+    api.patch_status(
+        &policy.name_any(),
+        &PatchParams::apply(FIELD_MANAGER).force(),
+        &Patch::Apply(&patch),
+    )
+    .await
+    .map_err(Error::kube("update DataResidencyPolicy status"))?;
     Ok(())
 }
 
 fn error_policy(policy: Arc<DataResidencyPolicy>, error: &Error, context: Arc<Context>) -> Action {
-    let delay = context.backoff.fail(&format!("DataResidencyPolicy/{}", policy.name_any()));
+    let delay = context
+        .backoff
+        .fail(&format!("DataResidencyPolicy/{}", policy.name_any()));
     tracing::warn!(error = %chain(error), retry_in_s = delay.as_secs(), "Reconcile failed");
     Action::requeue(delay)
 }

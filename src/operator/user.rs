@@ -18,7 +18,9 @@ use kube::{Api, ResourceExt};
 
 use super::server::validate::{UserProblem, validate_user};
 use super::{Context, Error, FIELD_MANAGER, error::chain};
-use crate::api::{ConditionType, Reason, TransferServer, TransferUser, TransferUserStatus, set_condition};
+use crate::api::{
+    ConditionType, Reason, TransferServer, TransferUser, TransferUserStatus, set_condition,
+};
 
 const RESYNC: Duration = Duration::from_secs(600);
 
@@ -28,31 +30,47 @@ pub fn controller(
     shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
 ) -> impl Stream<Item = ()> {
     let client = context.client.clone();
-    let controller = Controller::new(Api::<TransferUser>::all(client.clone()), watcher::Config::default());
+    let controller = Controller::new(
+        Api::<TransferUser>::all(client.clone()),
+        watcher::Config::default(),
+    );
     let users = controller.store();
     let users_of_server = users.clone();
     controller
-        .watches(Api::<Secret>::all(client.clone()), watcher::Config::default(), move |secret| {
-            let namespace = secret.namespace();
-            let name = secret.name_any();
-            users
-                .state()
-                .iter()
-                .filter(|u| u.namespace() == namespace)
-                .filter(|u| u.spec.password_secret_ref.as_ref().is_some_and(|r| r.name == name))
-                .map(|u| ObjectRef::from_obj(u.as_ref()))
-                .collect::<Vec<_>>()
-        })
-        .watches(Api::<TransferServer>::all(client), watcher::Config::default(), move |server| {
-            let namespace = server.namespace();
-            let name = server.name_any();
-            users_of_server
-                .state()
-                .iter()
-                .filter(|u| u.namespace() == namespace && u.spec.server_ref.name == name)
-                .map(|u| ObjectRef::from_obj(u.as_ref()))
-                .collect::<Vec<_>>()
-        })
+        .watches(
+            Api::<Secret>::all(client.clone()),
+            watcher::Config::default(),
+            move |secret| {
+                let namespace = secret.namespace();
+                let name = secret.name_any();
+                users
+                    .state()
+                    .iter()
+                    .filter(|u| u.namespace() == namespace)
+                    .filter(|u| {
+                        u.spec
+                            .password_secret_ref
+                            .as_ref()
+                            .is_some_and(|r| r.name == name)
+                    })
+                    .map(|u| ObjectRef::from_obj(u.as_ref()))
+                    .collect::<Vec<_>>()
+            },
+        )
+        .watches(
+            Api::<TransferServer>::all(client),
+            watcher::Config::default(),
+            move |server| {
+                let namespace = server.namespace();
+                let name = server.name_any();
+                users_of_server
+                    .state()
+                    .iter()
+                    .filter(|u| u.namespace() == namespace && u.spec.server_ref.name == name)
+                    .map(|u| ObjectRef::from_obj(u.as_ref()))
+                    .collect::<Vec<_>>()
+            },
+        )
         .graceful_shutdown_on(shutdown)
         .run(reconcile, error_policy, context)
         .map(|result| {
@@ -91,7 +109,10 @@ async fn reconcile(user: Arc<TransferUser>, context: Arc<Context>) -> Result<Act
     if let Err(problem) = &verdict {
         let was_ready = condition_status(user.status.as_ref(), ConditionType::Ready);
         if was_ready.as_deref() != Some("False") || reason_changed(&user, problem.reason()) {
-            context.events.warning(user.as_ref(), problem.reason(), problem.to_string()).await;
+            context
+                .events
+                .warning(user.as_ref(), problem.reason(), problem.to_string())
+                .await;
         }
     }
     write_status(&context, &user, new_status).await?;
@@ -104,26 +125,50 @@ async fn reconcile(user: Arc<TransferUser>, context: Arc<Context>) -> Result<Act
 }
 
 fn condition_status(status: Option<&TransferUserStatus>, type_: ConditionType) -> Option<String> {
-    status?.conditions.iter().find(|c| c.type_ == type_.as_str()).map(|c| c.status.clone())
+    status?
+        .conditions
+        .iter()
+        .find(|c| c.type_ == type_.as_str())
+        .map(|c| c.status.clone())
 }
 
 fn reason_changed(user: &TransferUser, reason: Reason) -> bool {
-    let current = user.status.as_ref().and_then(|s| s.conditions.iter().find(|c| c.type_ == "Ready"));
+    let current = user
+        .status
+        .as_ref()
+        .and_then(|s| s.conditions.iter().find(|c| c.type_ == "Ready"));
     current.is_none_or(|c| c.reason != reason.as_str())
 }
 
 /// Computes a user's status from the validation outcome.
-pub fn compute_status(user: &TransferUser, verdict: &Result<(), UserProblem>, now: Timestamp) -> TransferUserStatus {
+pub fn compute_status(
+    user: &TransferUser,
+    verdict: &Result<(), UserProblem>,
+    now: Timestamp,
+) -> TransferUserStatus {
     let current = user.status.clone().unwrap_or_default();
     let generation = user.metadata.generation;
     let mut conditions = current.conditions;
     let mut set = |type_, status, reason, message: &str| {
-        set_condition(&mut conditions, type_, status, reason, message, generation, now);
+        set_condition(
+            &mut conditions,
+            type_,
+            status,
+            reason,
+            message,
+            generation,
+            now,
+        );
     };
     let server = &user.spec.server_ref.name;
     match verdict {
         Ok(()) => {
-            set(ConditionType::Ready, true, Reason::Reconciled, &format!("attached to TransferServer {server}"));
+            set(
+                ConditionType::Ready,
+                true,
+                Reason::Reconciled,
+                &format!("attached to TransferServer {server}"),
+            );
             set(ConditionType::Reconciling, false, Reason::Reconciled, "");
             set(ConditionType::Stalled, false, Reason::Reconciled, "");
         }
@@ -141,24 +186,39 @@ pub fn compute_status(user: &TransferUser, verdict: &Result<(), UserProblem>, no
     }
 }
 
-async fn write_status(context: &Context, user: &TransferUser, status: TransferUserStatus) -> Result<(), Error> {
+async fn write_status(
+    context: &Context,
+    user: &TransferUser,
+    status: TransferUserStatus,
+) -> Result<(), Error> {
     if user.status.as_ref() == Some(&status) {
         return Ok(());
     }
-    let api = Api::<TransferUser>::namespaced(context.client.clone(), &user.namespace().unwrap_or_default());
+    let api = Api::<TransferUser>::namespaced(
+        context.client.clone(),
+        &user.namespace().unwrap_or_default(),
+    );
     let patch = serde_json::json!({
         "apiVersion": "sluice.dev/v1alpha1",
         "kind": "TransferUser",
         "status": status,
     });
-    api.patch_status(&user.name_any(), &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&patch))
-        .await
-        .map_err(Error::kube("update TransferUser status"))?;
+    api.patch_status(
+        &user.name_any(),
+        &PatchParams::apply(FIELD_MANAGER).force(),
+        &Patch::Apply(&patch),
+    )
+    .await
+    .map_err(Error::kube("update TransferUser status"))?;
     Ok(())
 }
 
 fn error_policy(user: Arc<TransferUser>, error: &Error, context: Arc<Context>) -> Action {
-    let key = format!("TransferUser/{}/{}", user.namespace().unwrap_or_default(), user.name_any());
+    let key = format!(
+        "TransferUser/{}/{}",
+        user.namespace().unwrap_or_default(),
+        user.name_any()
+    );
     let delay = context.backoff.fail(&key);
     tracing::warn!(error = %chain(error), retry_in_s = delay.as_secs(), "Reconcile failed");
     Action::requeue(delay)

@@ -47,7 +47,9 @@ impl ResidencyVerdict {
 
     /// Whether a violation blocks roll-out (some violated policy enforces).
     pub fn blocks_rollout(&self) -> bool {
-        self.violations.iter().any(|v| v.enforcement == Enforcement::Enforce)
+        self.violations
+            .iter()
+            .any(|v| v.enforcement == Enforcement::Enforce)
     }
 
     /// One line for conditions and Events.
@@ -97,7 +99,10 @@ pub fn evaluate(
         .collect();
 
     ResidencyVerdict {
-        governing: governing.iter().map(|p| policy_name(p).to_string()).collect(),
+        governing: governing
+            .iter()
+            .map(|p| policy_name(p).to_string())
+            .collect(),
         violations,
         allowed_regions: intersect_regions(&governing),
         region_label: governing
@@ -128,7 +133,10 @@ fn intersect_regions(governing: &[&DataResidencyPolicy]) -> Vec<String> {
 }
 
 fn quoted_list(names: &[String]) -> String {
-    let quoted: Vec<String> = names.iter().map(|n| format!("DataResidencyPolicy {n}")).collect();
+    let quoted: Vec<String> = names
+        .iter()
+        .map(|n| format!("DataResidencyPolicy {n}"))
+        .collect();
     quoted.join(", ")
 }
 
@@ -136,7 +144,12 @@ fn quoted_list(names: &[String]) -> String {
 mod tests {
     use super::*;
 
-    fn policy(name: &str, selector_yaml: &str, regions: &[&str], mode: Enforcement) -> DataResidencyPolicy {
+    fn policy(
+        name: &str,
+        selector_yaml: &str,
+        regions: &[&str],
+        mode: Enforcement,
+    ) -> DataResidencyPolicy {
         let mut p = DataResidencyPolicy::new(
             name,
             crate::api::DataResidencyPolicySpec {
@@ -151,7 +164,10 @@ mod tests {
     }
 
     fn labels(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
-        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
     }
 
     fn cn() -> BTreeMap<String, String> {
@@ -162,7 +178,12 @@ mod tests {
 
     #[test]
     fn allowed_region_complies() {
-        let policies = [policy("china", CN_SELECTOR, &["cn-shanghai"], Enforcement::Enforce)];
+        let policies = [policy(
+            "china",
+            CN_SELECTOR,
+            &["cn-shanghai"],
+            Enforcement::Enforce,
+        )];
         let verdict = evaluate("cn-shanghai", &cn(), &policies);
         assert!(verdict.compliant());
         assert_eq!(verdict.governing, ["china"]);
@@ -172,7 +193,12 @@ mod tests {
 
     #[test]
     fn hong_kong_is_not_mainland_china() {
-        let policies = [policy("china", CN_SELECTOR, &["cn-shanghai", "cn-beijing"], Enforcement::Enforce)];
+        let policies = [policy(
+            "china",
+            CN_SELECTOR,
+            &["cn-shanghai", "cn-beijing"],
+            Enforcement::Enforce,
+        )];
         let verdict = evaluate("cn-hongkong", &cn(), &policies);
         assert!(!verdict.compliant());
         assert!(verdict.blocks_rollout());
@@ -185,7 +211,12 @@ mod tests {
 
     #[test]
     fn audit_mode_reports_without_blocking() {
-        let policies = [policy("china", CN_SELECTOR, &["cn-shanghai"], Enforcement::Audit)];
+        let policies = [policy(
+            "china",
+            CN_SELECTOR,
+            &["cn-shanghai"],
+            Enforcement::Audit,
+        )];
         let verdict = evaluate("eu-central-1", &cn(), &policies);
         assert!(!verdict.compliant());
         assert!(!verdict.blocks_rollout());
@@ -193,17 +224,30 @@ mod tests {
 
     #[test]
     fn unselected_namespace_is_ungoverned() {
-        let policies = [policy("china", CN_SELECTOR, &["cn-shanghai"], Enforcement::Enforce)];
+        let policies = [policy(
+            "china",
+            CN_SELECTOR,
+            &["cn-shanghai"],
+            Enforcement::Enforce,
+        )];
         let verdict = evaluate("us-east-1", &labels(&[("team", "x")]), &policies);
         assert!(verdict.compliant());
         assert!(verdict.governing.is_empty());
-        assert_eq!(verdict.message("us-east-1"), "no DataResidencyPolicy governs this server");
+        assert_eq!(
+            verdict.message("us-east-1"),
+            "no DataResidencyPolicy governs this server"
+        );
     }
 
     #[test]
     fn overlapping_policies_allow_only_the_intersection_and_strictest_wins() {
         let policies = [
-            policy("wide", "{}", &["cn-shanghai", "cn-beijing"], Enforcement::Audit),
+            policy(
+                "wide",
+                "{}",
+                &["cn-shanghai", "cn-beijing"],
+                Enforcement::Audit,
+            ),
             policy("narrow", CN_SELECTOR, &["cn-beijing"], Enforcement::Enforce),
         ];
         let verdict = evaluate("cn-shanghai", &cn(), &policies);

@@ -59,7 +59,10 @@ mod tests {
 
     fn check(selector: &str, labels: &[(&str, &str)]) -> Result<bool, SelectorError> {
         let selector: LabelSelector = serde_yaml::from_str(selector).unwrap();
-        let labels = labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        let labels = labels
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
         matches(&selector, &labels)
     }
 
@@ -73,12 +76,36 @@ mod tests {
             ("matchLabels: {a: x}", &[("a", "x")], true),
             ("matchLabels: {a: x}", &[("a", "y")], false),
             ("matchLabels: {a: x}", &[], false),
-            ("matchExpressions: [{key: a, operator: In, values: [x, y]}]", &[("a", "y")], true),
-            ("matchExpressions: [{key: a, operator: In, values: [x]}]", &[], false),
-            ("matchExpressions: [{key: a, operator: NotIn, values: [x]}]", &[], true),
-            ("matchExpressions: [{key: a, operator: NotIn, values: [x]}]", &[("a", "x")], false),
-            ("matchExpressions: [{key: a, operator: Exists}]", &[("a", "")], true),
-            ("matchExpressions: [{key: a, operator: DoesNotExist}]", &[("a", "")], false),
+            (
+                "matchExpressions: [{key: a, operator: In, values: [x, y]}]",
+                &[("a", "y")],
+                true,
+            ),
+            (
+                "matchExpressions: [{key: a, operator: In, values: [x]}]",
+                &[],
+                false,
+            ),
+            (
+                "matchExpressions: [{key: a, operator: NotIn, values: [x]}]",
+                &[],
+                true,
+            ),
+            (
+                "matchExpressions: [{key: a, operator: NotIn, values: [x]}]",
+                &[("a", "x")],
+                false,
+            ),
+            (
+                "matchExpressions: [{key: a, operator: Exists}]",
+                &[("a", "")],
+                true,
+            ),
+            (
+                "matchExpressions: [{key: a, operator: DoesNotExist}]",
+                &[("a", "")],
+                false,
+            ),
             (
                 "{matchLabels: {b: z}, matchExpressions: [{key: a, operator: Exists}]}",
                 &[("a", "1")],
@@ -86,7 +113,11 @@ mod tests {
             ),
         ];
         for (selector, labels, expected) in cases {
-            assert_eq!(check(selector, labels), Ok(*expected), "{selector} on {labels:?}");
+            assert_eq!(
+                check(selector, labels),
+                Ok(*expected),
+                "{selector} on {labels:?}"
+            );
         }
     }
 
@@ -94,6 +125,12 @@ mod tests {
     fn malformed_selectors_are_errors() {
         assert!(check("matchExpressions: [{key: a, operator: Near}]", &[]).is_err());
         assert!(check("matchExpressions: [{key: a, operator: In}]", &[]).is_err());
-        assert!(check("matchExpressions: [{key: a, operator: Exists, values: [x]}]", &[]).is_err());
+        assert!(
+            check(
+                "matchExpressions: [{key: a, operator: Exists, values: [x]}]",
+                &[]
+            )
+            .is_err()
+        );
     }
 }

@@ -74,7 +74,10 @@ pub fn read_yaml_dir(dir: &Path) -> Result<Vec<DynamicObject>> {
 
 /// Server-side applies `object` as [`TEST_MANAGER`], discovering its resource.
 pub async fn apply(client: &Client, object: &DynamicObject) -> Result<DynamicObject> {
-    let types = object.types.as_ref().context("object without apiVersion/kind")?;
+    let types = object
+        .types
+        .as_ref()
+        .context("object without apiVersion/kind")?;
     let gvk = GroupVersionKind::try_from(types)?;
     let (resource, capabilities) = discovery::pinned_kind(client, &gvk).await?;
     let api: Api<DynamicObject> = match (capabilities.scope, object.namespace()) {
@@ -95,16 +98,24 @@ pub async fn install_crds(client: &Client) -> Result<()> {
     for object in read_yaml_dir(&dir)? {
         apply(client, &object).await?;
         let name = object.name_any();
-        eventually(&format!("CRD {name} established"), Duration::from_secs(30), || {
-            let crds = crds.clone();
-            let name = name.clone();
-            async move {
-                let crd = crds.get(&name).await?;
-                let established = crd.status.and_then(|s| s.conditions).into_iter().flatten()
-                    .any(|c| c.type_ == "Established" && c.status == "True");
-                Ok(established.then_some(()))
-            }
-        })
+        eventually(
+            &format!("CRD {name} established"),
+            Duration::from_secs(30),
+            || {
+                let crds = crds.clone();
+                let name = name.clone();
+                async move {
+                    let crd = crds.get(&name).await?;
+                    let established = crd
+                        .status
+                        .and_then(|s| s.conditions)
+                        .into_iter()
+                        .flatten()
+                        .any(|c| c.type_ == "Established" && c.status == "True");
+                    Ok(established.then_some(()))
+                }
+            },
+        )
         .await?;
     }
     Ok(())
@@ -128,7 +139,10 @@ impl Operator {
             let _ = stopped.await;
         };
         let task = tokio::spawn(sluice::operator::run_with(context, shutdown));
-        Self { stop: Some(stop), task: Some(task) }
+        Self {
+            stop: Some(stop),
+            task: Some(task),
+        }
     }
 
     /// Stops the controllers and waits for them to finish.

@@ -41,8 +41,10 @@ pub struct FakeKubelet {
 impl FakeKubelet {
     /// Registers a Node named `node` with `labels`.
     pub async fn register(client: Client, node: &str, labels: &[(&str, &str)]) -> Result<Self> {
-        let labels: BTreeMap<String, String> =
-            labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        let labels: BTreeMap<String, String> = labels
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
         let object: Node = serde_json::from_value(json!({
             "apiVersion": "v1",
             "kind": "Node",
@@ -52,7 +54,11 @@ impl FakeKubelet {
             .create(&PostParams::default(), &object)
             .await
             .context("cannot register the fake Node")?;
-        Ok(Self { client, node: node.to_string(), labels })
+        Ok(Self {
+            client,
+            node: node.to_string(),
+            labels,
+        })
     }
 
     /// Waits for a pod matching `selector` in `namespace`, schedules it here if its node
@@ -62,7 +68,11 @@ impl FakeKubelet {
         let pod = wait_for_pod(&pods, selector).await?;
         let spec = pod.spec.clone().context("pod without spec")?;
         if !affinity_admits(&spec, &self.labels) {
-            bail!("pod {} has a node affinity that does not admit node {}", pod.name_any(), self.node);
+            bail!(
+                "pod {} has a node affinity that does not admit node {}",
+                pod.name_any(),
+                self.node
+            );
         }
         self.bind(&pods, &pod.name_any()).await?;
         let root = tempfile::Builder::new().prefix("sluice-pod-").tempdir()?;
@@ -88,7 +98,12 @@ impl FakeKubelet {
             "metadata": {"name": pod},
             "target": {"apiVersion": "v1", "kind": "Node", "name": self.node},
         });
-        pods.create_subresource::<_, serde_json::Value>("binding", pod, &PostParams::default(), &binding)
+        pods.create_subresource::<_, serde_json::Value>(
+            "binding",
+            pod,
+            &PostParams::default(),
+            &binding,
+        )
         .await
         .context("cannot bind the pod to the fake Node")?;
         Ok(())
@@ -120,8 +135,13 @@ pub fn affinity_admits(spec: &PodSpec, labels: &BTreeMap<String, String>) -> boo
         .affinity
         .as_ref()
         .and_then(|a| a.node_affinity.as_ref())
-        .and_then(|n| n.required_during_scheduling_ignored_during_execution.as_ref());
-    let Some(required) = required else { return true };
+        .and_then(|n| {
+            n.required_during_scheduling_ignored_during_execution
+                .as_ref()
+        });
+    let Some(required) = required else {
+        return true;
+    };
     required.node_selector_terms.iter().any(|term| {
         term.match_expressions.iter().flatten().all(|e| {
             let values = e.values.as_deref().unwrap_or_default();
@@ -185,20 +205,39 @@ impl RunningPod {
         for volume in self.spec.volumes.iter().flatten() {
             let dir = self.volume_dir(&volume.name);
             std::fs::create_dir_all(&dir)?;
-            let Some(source) = &volume.secret else { continue };
-            let name = source.secret_name.as_deref().context("secret volume without a name")?;
-            let secret = secrets.get(name).await.with_context(|| format!("Secret {name}"))?;
+            let Some(source) = &volume.secret else {
+                continue;
+            };
+            let name = source
+                .secret_name
+                .as_deref()
+                .context("secret volume without a name")?;
+            let secret = secrets
+                .get(name)
+                .await
+                .with_context(|| format!("Secret {name}"))?;
             let data = secret.data.unwrap_or_default();
             let default_mode = source.default_mode.unwrap_or(0o644);
             let files: Vec<(String, String, i32)> = match &source.items {
                 Some(items) => items
                     .iter()
-                    .map(|i| (i.key.clone(), i.path.clone(), i.mode.unwrap_or(default_mode)))
+                    .map(|i| {
+                        (
+                            i.key.clone(),
+                            i.path.clone(),
+                            i.mode.unwrap_or(default_mode),
+                        )
+                    })
                     .collect(),
-                None => data.keys().map(|k| (k.clone(), k.clone(), default_mode)).collect(),
+                None => data
+                    .keys()
+                    .map(|k| (k.clone(), k.clone(), default_mode))
+                    .collect(),
             };
             for (key, path, mode) in files {
-                let value = data.get(&key).with_context(|| format!("Secret {name} lacks {key}"))?;
+                let value = data
+                    .get(&key)
+                    .with_context(|| format!("Secret {name} lacks {key}"))?;
                 write_atomically(&dir.join(&path), &value.0, mode as u32)?;
             }
         }
@@ -206,7 +245,12 @@ impl RunningPod {
     }
 
     async fn start(&mut self) -> Result<()> {
-        let container = self.spec.containers.first().context("pod without containers")?.clone();
+        let container = self
+            .spec
+            .containers
+            .first()
+            .context("pod without containers")?
+            .clone();
         let mut remap: Vec<(String, String)> = Vec::new();
         for mount in container.volume_mounts.iter().flatten() {
             let local = self.volume_dir(&mount.name);
@@ -218,9 +262,12 @@ impl RunningPod {
                 None => free_local_address()?,
             };
             self.ports.insert(port.container_port, local);
-            remap.push((format!("0.0.0.0:{}", port.container_port), local.to_string()));
+            remap.push((
+                format!("0.0.0.0:{}", port.container_port),
+                local.to_string(),
+            ));
         }
-        let apply = |text: &str| remap.iter().fold(text.to_string(), |t, (from, to)| t.replace(from, to));
+        let apply = |text: &str| remap_once(text, &remap);
 
         let mut words: Vec<String> = container.command.clone().unwrap_or_default();
         words.extend(container.args.clone().unwrap_or_default());
@@ -240,7 +287,11 @@ impl RunningPod {
         for var in container.env.iter().flatten() {
             command.env(&var.name, apply(var.value.as_deref().unwrap_or_default()));
         }
-        self.child = Some(command.spawn().context("cannot start the container's command")?);
+        self.child = Some(
+            command
+                .spawn()
+                .context("cannot start the container's command")?,
+        );
         let addrs: Vec<SocketAddr> = self.ports.values().copied().collect();
         for addr in addrs {
             self.wait_listening(addr).await?;
@@ -254,7 +305,10 @@ impl RunningPod {
             if let Some(child) = self.child.as_mut()
                 && let Some(status) = child.try_wait()?
             {
-                bail!("container exited with {status} before listening:\n{}", self.log());
+                bail!(
+                    "container exited with {status} before listening:\n{}",
+                    self.log()
+                );
             }
             if Instant::now() > deadline {
                 bail!("container did not listen on {addr}:\n{}", self.log());
@@ -266,7 +320,8 @@ impl RunningPod {
 
     async fn report_ready(&self) -> Result<()> {
         let now = k8s_openapi::jiff::Timestamp::now().to_string();
-        let condition = |type_: &str| json!({"type": type_, "status": "True", "lastTransitionTime": now});
+        let condition =
+            |type_: &str| json!({"type": type_, "status": "True", "lastTransitionTime": now});
         let container = &self.spec.containers[0];
         let status = json!({
             "status": {
@@ -307,11 +362,42 @@ fn resolve_command(command: &str) -> Result<PathBuf> {
         return Ok(PathBuf::from(path));
     }
     let exe = std::env::current_exe()?;
-    let path = exe.parent().and_then(Path::parent).context("no target directory")?.join("sluice");
+    let path = exe
+        .parent()
+        .and_then(Path::parent)
+        .context("no target directory")?
+        .join("sluice");
     if !path.exists() {
-        bail!("{} does not exist: build it with `cargo build --bin sluice`", path.display());
+        bail!(
+            "{} does not exist: build it with `cargo build --bin sluice`",
+            path.display()
+        );
     }
     Ok(path)
+}
+
+/// Replaces every occurrence of each `from` with its `to` in one pass, longest `from`
+/// first, so a replacement is never itself rewritten (a mount at `/tmp` must not touch a
+/// temporary directory that replaced another mount path).
+fn remap_once(text: &str, remap: &[(String, String)]) -> String {
+    let mut order: Vec<usize> = (0..remap.len()).collect();
+    order.sort_by_key(|&i| std::cmp::Reverse(remap[i].0.len()));
+    let mut out = String::new();
+    let mut rest = text;
+    'outer: while !rest.is_empty() {
+        for &i in &order {
+            let (from, to) = &remap[i];
+            if rest.starts_with(from.as_str()) {
+                out.push_str(to);
+                rest = &rest[from.len()..];
+                continue 'outer;
+            }
+        }
+        let next = rest.chars().next().map_or(1, char::len_utf8);
+        out.push_str(&rest[..next]);
+        rest = &rest[next..];
+    }
+    out
 }
 
 fn free_local_address() -> Result<SocketAddr> {

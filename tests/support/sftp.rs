@@ -38,7 +38,10 @@ impl SftpClient {
     pub fn new(addr: SocketAddr, user: &str, auth: Auth, dir: &Path) -> Result<Self> {
         std::fs::create_dir_all(dir)?;
         let askpass = dir.join("askpass.sh");
-        std::fs::write(&askpass, "#!/bin/sh\nprintf '%s\\n' \"$SLUICE_TEST_PASSWORD\"\n")?;
+        std::fs::write(
+            &askpass,
+            "#!/bin/sh\nprintf '%s\\n' \"$SLUICE_TEST_PASSWORD\"\n",
+        )?;
         std::fs::set_permissions(&askpass, std::fs::Permissions::from_mode(0o700))?;
         Ok(Self {
             addr,
@@ -65,34 +68,63 @@ impl SftpClient {
         let script = self.dir.join("batch");
         std::fs::write(&script, commands)?;
         let mut command = std::process::Command::new("sftp");
+        // `-b` goes last: sftp turns it into `-oBatchMode=yes` where it appears, ssh keeps
+        // the first value of an option, and BatchMode=yes forbids password prompts.
         command
-            .arg("-b")
-            .arg(&script)
             .arg("-P")
             .arg(self.addr.port().to_string())
             .arg("-o")
-            .arg(format!("UserKnownHostsFile={}", self.known_hosts().display()))
+            .arg(format!(
+                "UserKnownHostsFile={}",
+                self.known_hosts().display()
+            ))
             .arg("-o")
-            .arg(format!("StrictHostKeyChecking={}", self.strict_host_key_checking))
-            .args(["-o", "GlobalKnownHostsFile=/dev/null", "-o", "ConnectTimeout=10"])
+            .arg(format!(
+                "StrictHostKeyChecking={}",
+                self.strict_host_key_checking
+            ))
+            .args([
+                "-o",
+                "GlobalKnownHostsFile=/dev/null",
+                "-o",
+                "ConnectTimeout=10",
+            ])
             .args(["-o", "LogLevel=ERROR", "-F", "/dev/null"]);
         match &self.auth {
             Auth::Password(password) => {
                 command
-                    .args(["-o", "BatchMode=no", "-o", "PreferredAuthentications=password"])
-                    .args(["-o", "PubkeyAuthentication=no", "-o", "NumberOfPasswordPrompts=1"])
+                    .args([
+                        "-o",
+                        "BatchMode=no",
+                        "-o",
+                        "PreferredAuthentications=password",
+                    ])
+                    .args([
+                        "-o",
+                        "PubkeyAuthentication=no",
+                        "-o",
+                        "NumberOfPasswordPrompts=1",
+                    ])
                     .env("SSH_ASKPASS", self.dir.join("askpass.sh"))
                     .env("SSH_ASKPASS_REQUIRE", "force")
                     .env("SLUICE_TEST_PASSWORD", password);
             }
             Auth::Key(key) => {
                 command
-                    .args(["-o", "BatchMode=yes", "-o", "PreferredAuthentications=publickey"])
+                    .args([
+                        "-o",
+                        "BatchMode=yes",
+                        "-o",
+                        "PreferredAuthentications=publickey",
+                    ])
                     .args(["-o", "IdentitiesOnly=yes", "-i"])
                     .arg(key);
             }
         }
-        command.arg(format!("{}@{}", self.user, self.addr.ip()));
+        command
+            .arg("-b")
+            .arg(&script)
+            .arg(format!("{}@{}", self.user, self.addr.ip()));
         command.stdin(std::process::Stdio::null());
         command.output().context("cannot run sftp")
     }
@@ -103,7 +135,11 @@ impl SftpClient {
         let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
         if !output.status.success() {
             let stderr = String::from_utf8_lossy(&output.stderr);
-            bail!("sftp as {} failed ({}):\n{stdout}\n{stderr}", self.user, output.status);
+            bail!(
+                "sftp as {} failed ({}):\n{stdout}\n{stderr}",
+                self.user,
+                output.status
+            );
         }
         Ok(stdout)
     }
@@ -125,9 +161,15 @@ pub fn generate_key(dir: &Path, name: &str) -> Result<(PathBuf, String)> {
 
 /// SHA256 fingerprints (`SHA256:...`) of the keys in a known_hosts file.
 pub fn known_host_fingerprints(known_hosts: &Path) -> Result<Vec<String>> {
-    let output = std::process::Command::new("ssh-keygen").arg("-lf").arg(known_hosts).output()?;
+    let output = std::process::Command::new("ssh-keygen")
+        .arg("-lf")
+        .arg(known_hosts)
+        .output()?;
     if !output.status.success() {
-        bail!("ssh-keygen -lf failed: {}", String::from_utf8_lossy(&output.stderr));
+        bail!(
+            "ssh-keygen -lf failed: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
     }
     Ok(String::from_utf8(output.stdout)?
         .lines()
@@ -137,10 +179,14 @@ pub fn known_host_fingerprints(known_hosts: &Path) -> Result<Vec<String>> {
 
 /// Writes `size` pseudo-random bytes to `path` and returns their SHA-256.
 pub fn random_file(path: &Path, size: usize, seed: u64) -> Result<String> {
-    let mut state = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+    let mut state = seed
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407);
     let bytes: Vec<u8> = (0..size)
         .map(|_| {
-            state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            state = state
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
             (state >> 33) as u8
         })
         .collect();
@@ -150,9 +196,14 @@ pub fn random_file(path: &Path, size: usize, seed: u64) -> Result<String> {
 
 /// SHA-256 of a file, hex.
 pub fn sha256_file(path: &Path) -> Result<String> {
-    Ok(sha256_hex(&std::fs::read(path).with_context(|| format!("{}", path.display()))?))
+    Ok(sha256_hex(
+        &std::fs::read(path).with_context(|| format!("{}", path.display()))?,
+    ))
 }
 
 fn sha256_hex(bytes: &[u8]) -> String {
-    Sha256::digest(bytes).iter().map(|b| format!("{b:02x}")).collect()
+    Sha256::digest(bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }

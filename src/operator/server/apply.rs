@@ -22,7 +22,8 @@ pub async fn ensure_host_keys(
     server: &TransferServer,
     existing: Option<&Secret>,
 ) -> Result<HostKeyMaterial, Error> {
-    let secrets = Api::<Secret>::namespaced(client.clone(), &server.namespace().unwrap_or_default());
+    let secrets =
+        Api::<Secret>::namespaced(client.clone(), &server.namespace().unwrap_or_default());
     if let Some(secret) = existing {
         return material_of(secret);
     }
@@ -30,15 +31,24 @@ pub async fn ensure_host_keys(
         .await
         .map_err(|e| Error::HostKeys(e.into()))?
         .map_err(Error::HostKeys)?;
-    let params = PostParams { field_manager: Some(FIELD_MANAGER.into()), ..PostParams::default() };
-    match secrets.create(&params, &build_host_keys(server, &material)).await {
+    let params = PostParams {
+        field_manager: Some(FIELD_MANAGER.into()),
+        ..PostParams::default()
+    };
+    match secrets
+        .create(&params, &build_host_keys(server, &material))
+        .await
+    {
         Ok(_) => {
             tracing::info!(secret = %super::names::host_keys(&server.name_any()), "Generated SSH host keys");
             Ok(material)
         }
         Err(kube::Error::Api(status)) if status.code == 409 => {
             let name = super::names::host_keys(&server.name_any());
-            let secret = secrets.get(&name).await.map_err(Error::kube("read host-key Secret"))?;
+            let secret = secrets
+                .get(&name)
+                .await
+                .map_err(Error::kube("read host-key Secret"))?;
             material_of(&secret)
         }
         Err(e) => Err(Error::kube("create host-key Secret")(e)),
@@ -57,7 +67,13 @@ fn material_of(secret: &Secret) -> Result<HostKeyMaterial, Error> {
 
 /// Applies every owned object. Unchanged objects are not written by the API server.
 pub async fn apply(client: &Client, namespace: &str, objects: GatewayObjects) -> Result<(), Error> {
-    let GatewayObjects { host_keys, config, volume_claim, deployment, service } = objects;
+    let GatewayObjects {
+        host_keys,
+        config,
+        volume_claim,
+        deployment,
+        service,
+    } = objects;
     apply_one::<Secret>(client, namespace, &host_keys).await?;
     apply_one::<Secret>(client, namespace, &config).await?;
     apply_one::<PersistentVolumeClaim>(client, namespace, &volume_claim).await?;

@@ -6,6 +6,7 @@
 
 use std::collections::BTreeMap;
 
+use k8s_openapi::ByteString;
 use k8s_openapi::api::apps::v1::{Deployment, DeploymentSpec, DeploymentStrategy};
 use k8s_openapi::api::core::v1::{
     Affinity, Capabilities, Container, ContainerPort, EmptyDirVolumeSource, EnvVar, KeyToPath,
@@ -16,7 +17,6 @@ use k8s_openapi::api::core::v1::{
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta, OwnerReference};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
-use k8s_openapi::ByteString;
 use kube::{Resource, ResourceExt};
 
 use super::host_keys::HostKeyMaterial;
@@ -60,7 +60,11 @@ pub struct BuildSettings<'a> {
 }
 
 /// Builds every owned object of a validated server.
-pub fn build(valid: &ValidServer, keys: &HostKeyMaterial, settings: &BuildSettings) -> GatewayObjects {
+pub fn build(
+    valid: &ValidServer,
+    keys: &HostKeyMaterial,
+    settings: &BuildSettings,
+) -> GatewayObjects {
     let server = &valid.server;
     GatewayObjects {
         host_keys: build_host_keys(server, keys),
@@ -106,7 +110,10 @@ fn build_config_secret(valid: &ValidServer, keys: &HostKeyMaterial) -> Secret {
     let json = serde_json::to_vec_pretty(&gateway_config(valid, keys))
         .expect("the gateway configuration serialises to JSON");
     Secret {
-        metadata: owned_meta(&valid.server, names::gateway_config(&valid.server.name_any())),
+        metadata: owned_meta(
+            &valid.server,
+            names::gateway_config(&valid.server.name_any()),
+        ),
         type_: Some("Opaque".into()),
         data: Some(BTreeMap::from([(CONFIG_KEY.to_string(), ByteString(json))])),
         ..Secret::default()
@@ -117,7 +124,11 @@ fn build_config_secret(valid: &ValidServer, keys: &HostKeyMaterial) -> Secret {
 pub fn gateway_config(valid: &ValidServer, keys: &HostKeyMaterial) -> GatewayConfig {
     let server = &valid.server;
     GatewayConfig {
-        server: format!("{}/{}", server.namespace().unwrap_or_default(), server.name_any()),
+        server: format!(
+            "{}/{}",
+            server.namespace().unwrap_or_default(),
+            server.name_any()
+        ),
         region: server.spec.region.clone(),
         residency: ResidencyStamp {
             compliant: valid.verdict.compliant(),
@@ -167,26 +178,47 @@ fn replicas(server: &TransferServer) -> i32 {
 }
 
 fn default_access_mode(server: &TransferServer) -> &'static str {
-    if replicas(server) > 1 { "ReadWriteMany" } else { "ReadWriteOnce" }
+    if replicas(server) > 1 {
+        "ReadWriteMany"
+    } else {
+        "ReadWriteOnce"
+    }
 }
 
-fn build_deployment(server: &TransferServer, region_label: &str, settings: &BuildSettings) -> Deployment {
+fn build_deployment(
+    server: &TransferServer,
+    region_label: &str,
+    settings: &BuildSettings,
+) -> Deployment {
     let name = server.name_any();
     let single_writer = build_volume_claim(server)
         .spec
         .and_then(|s| s.access_modes)
-        .is_some_and(|modes| modes.iter().any(|m| m == "ReadWriteOnce" || m == "ReadWriteOncePod"));
+        .is_some_and(|modes| {
+            modes
+                .iter()
+                .any(|m| m == "ReadWriteOnce" || m == "ReadWriteOncePod")
+        });
     // A ReadWriteOnce volume cannot be attached to an old and a new pod at once, so a
     // rolling update would wait forever; replace the pod instead.
-    let strategy = single_writer.then(|| DeploymentStrategy { type_: Some("Recreate".into()), rolling_update: None });
+    let strategy = single_writer.then(|| DeploymentStrategy {
+        type_: Some("Recreate".into()),
+        rolling_update: None,
+    });
     Deployment {
         metadata: owned_meta(server, names::deployment(&name)),
         spec: Some(DeploymentSpec {
             replicas: Some(replicas(server)),
-            selector: LabelSelector { match_labels: Some(names::selector_labels(&name)), match_expressions: None },
+            selector: LabelSelector {
+                match_labels: Some(names::selector_labels(&name)),
+                match_expressions: None,
+            },
             strategy,
             template: PodTemplateSpec {
-                metadata: Some(ObjectMeta { labels: Some(names::labels(&name)), ..ObjectMeta::default() }),
+                metadata: Some(ObjectMeta {
+                    labels: Some(names::labels(&name)),
+                    ..ObjectMeta::default()
+                }),
                 spec: Some(pod_spec(server, region_label, settings)),
             },
             ..DeploymentSpec::default()
@@ -207,7 +239,10 @@ fn pod_spec(server: &TransferServer, region_label: &str, settings: &BuildSetting
             run_as_user: Some(GATEWAY_UID),
             run_as_group: Some(GATEWAY_UID),
             fs_group: Some(GATEWAY_UID),
-            seccomp_profile: Some(SeccompProfile { type_: "RuntimeDefault".into(), localhost_profile: None }),
+            seccomp_profile: Some(SeccompProfile {
+                type_: "RuntimeDefault".into(),
+                localhost_profile: None,
+            }),
             ..PodSecurityContext::default()
         }),
         volumes: Some(vec![
@@ -221,7 +256,11 @@ fn pod_spec(server: &TransferServer, region_label: &str, settings: &BuildSetting
                 }),
                 ..Volume::default()
             },
-            Volume { name: "tmp".into(), empty_dir: Some(EmptyDirVolumeSource::default()), ..Volume::default() },
+            Volume {
+                name: "tmp".into(),
+                empty_dir: Some(EmptyDirVolumeSource::default()),
+                ..Volume::default()
+            },
         ]),
         ..PodSpec::default()
     }
@@ -250,8 +289,21 @@ fn region_affinity(label: &str, region: &str) -> Affinity {
 
 /// Only the key files are mounted; the salt seed stays in the Secret.
 fn host_key_items() -> Option<Vec<KeyToPath>> {
-    let files = ["ssh_host_ecdsa_key", "ssh_host_ed25519_key", "ssh_host_rsa_key"];
-    Some(files.iter().map(|f| KeyToPath { key: f.to_string(), path: f.to_string(), mode: None }).collect())
+    let files = [
+        "ssh_host_ecdsa_key",
+        "ssh_host_ed25519_key",
+        "ssh_host_rsa_key",
+    ];
+    Some(
+        files
+            .iter()
+            .map(|f| KeyToPath {
+                key: f.to_string(),
+                path: f.to_string(),
+                mode: None,
+            })
+            .collect(),
+    )
 }
 
 fn secret_volume(volume: &str, secret: String, items: Option<Vec<KeyToPath>>) -> Volume {
@@ -275,7 +327,10 @@ fn gateway_container(settings: &BuildSettings) -> Container {
         ..VolumeMount::default()
     };
     let probe = Probe {
-        tcp_socket: Some(TCPSocketAction { port: IntOrString::String("sftp".into()), host: None }),
+        tcp_socket: Some(TCPSocketAction {
+            port: IntOrString::String("sftp".into()),
+            host: None,
+        }),
         period_seconds: Some(10),
         ..Probe::default()
     };
@@ -299,8 +354,16 @@ fn gateway_container(settings: &BuildSettings) -> Container {
             .to_vec(),
         ),
         env: Some(vec![
-            EnvVar { name: "RUST_LOG".into(), value: Some("info".into()), value_from: None },
-            EnvVar { name: "SLUICE_LOG_FORMAT".into(), value: Some("json".into()), value_from: None },
+            EnvVar {
+                name: "RUST_LOG".into(),
+                value: Some("info".into()),
+                value_from: None,
+            },
+            EnvVar {
+                name: "SLUICE_LOG_FORMAT".into(),
+                value: Some("json".into()),
+                value_from: None,
+            },
         ]),
         ports: Some(vec![ContainerPort {
             name: Some("sftp".into()),
@@ -309,11 +372,17 @@ fn gateway_container(settings: &BuildSettings) -> Container {
             ..ContainerPort::default()
         }]),
         readiness_probe: Some(probe.clone()),
-        liveness_probe: Some(Probe { initial_delay_seconds: Some(10), ..probe }),
+        liveness_probe: Some(Probe {
+            initial_delay_seconds: Some(10),
+            ..probe
+        }),
         security_context: Some(SecurityContext {
             allow_privilege_escalation: Some(false),
             read_only_root_filesystem: Some(true),
-            capabilities: Some(Capabilities { drop: Some(vec!["ALL".into()]), add: None }),
+            capabilities: Some(Capabilities {
+                drop: Some(vec!["ALL".into()]),
+                add: None,
+            }),
             ..SecurityContext::default()
         }),
         volume_mounts: Some(vec![
@@ -328,12 +397,23 @@ fn gateway_container(settings: &BuildSettings) -> Container {
 
 /// The SFTP port the Service exposes.
 pub fn sftp_port(server: &TransferServer) -> i32 {
-    server.spec.protocols.sftp.as_ref().and_then(|s| s.port).unwrap_or(DEFAULT_SFTP_PORT)
+    server
+        .spec
+        .protocols
+        .sftp
+        .as_ref()
+        .and_then(|s| s.port)
+        .unwrap_or(DEFAULT_SFTP_PORT)
 }
 
 fn build_service(server: &TransferServer) -> Service {
     let name = server.name_any();
-    let type_ = server.spec.service.as_ref().and_then(|s| s.type_).unwrap_or(ServiceType::ClusterIP);
+    let type_ = server
+        .spec
+        .service
+        .as_ref()
+        .and_then(|s| s.type_)
+        .unwrap_or(ServiceType::ClusterIP);
     Service {
         metadata: owned_meta(server, names::service(&name)),
         spec: Some(ServiceSpec {

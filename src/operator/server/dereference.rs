@@ -43,7 +43,10 @@ pub struct UserInputs {
 }
 
 /// Reads the inputs of `server`'s reconcile.
-pub async fn dereference(client: &Client, server: Arc<TransferServer>) -> Result<ServerInputs, Error> {
+pub async fn dereference(
+    client: &Client,
+    server: Arc<TransferServer>,
+) -> Result<ServerInputs, Error> {
     let namespace = server.namespace().unwrap_or_default();
     let name = server.name_any();
 
@@ -75,10 +78,22 @@ pub async fn dereference(client: &Client, server: Arc<TransferServer>) -> Result
         .await
         .map_err(Error::kube("read gateway Service"))?;
 
-    Ok(ServerInputs { server, namespace_labels, policies, users, host_keys, deployment, service })
+    Ok(ServerInputs {
+        server,
+        namespace_labels,
+        policies,
+        users,
+        host_keys,
+        deployment,
+        service,
+    })
 }
 
-async fn users_of(client: &Client, namespace: &str, server: &str) -> Result<Vec<UserInputs>, Error> {
+async fn users_of(
+    client: &Client,
+    namespace: &str,
+    server: &str,
+) -> Result<Vec<UserInputs>, Error> {
     let mut users: Vec<TransferUser> = Api::<TransferUser>::namespaced(client.clone(), namespace)
         .list(&ListParams::default())
         .await
@@ -101,7 +116,10 @@ async fn users_of(client: &Client, namespace: &str, server: &str) -> Result<Vec<
                     .map_err(Error::kube("read password Secret"))?,
             ),
         };
-        inputs.push(UserInputs { user, password_secret });
+        inputs.push(UserInputs {
+            user,
+            password_secret,
+        });
     }
     Ok(inputs)
 }

@@ -26,7 +26,9 @@ pub struct HostKeyMaterial {
 
 impl std::fmt::Debug for HostKeyMaterial {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("HostKeyMaterial").field("keys", &self.keys.keys()).finish_non_exhaustive()
+        f.debug_struct("HostKeyMaterial")
+            .field("keys", &self.keys.keys())
+            .finish_non_exhaustive()
     }
 }
 
@@ -46,7 +48,9 @@ impl HostKeyMaterial {
         let keys: BTreeMap<String, String> = data
             .iter()
             .filter(|(name, _)| name.starts_with("ssh_host_"))
-            .filter_map(|(name, value)| Some((name.clone(), String::from_utf8(value.0.clone()).ok()?)))
+            .filter_map(|(name, value)| {
+                Some((name.clone(), String::from_utf8(value.0.clone()).ok()?))
+            })
             .collect();
         (!keys.is_empty() && salt_seed.len() >= 16).then_some(Self { keys, salt_seed })
     }
@@ -56,16 +60,25 @@ impl HostKeyMaterial {
         let mut data: BTreeMap<_, _> = self
             .keys
             .iter()
-            .map(|(name, pem)| (name.clone(), k8s_openapi::ByteString(pem.clone().into_bytes())))
+            .map(|(name, pem)| {
+                (
+                    name.clone(),
+                    k8s_openapi::ByteString(pem.clone().into_bytes()),
+                )
+            })
             .collect();
-        data.insert(SALT_SEED_KEY.to_string(), k8s_openapi::ByteString(self.salt_seed.clone()));
+        data.insert(
+            SALT_SEED_KEY.to_string(),
+            k8s_openapi::ByteString(self.salt_seed.clone()),
+        );
         data
     }
 
     /// The salt for a user's password: unique per server, user and password, and
     /// reproducible, so re-rendering an unchanged user gives an identical hash.
     pub fn password_salt(&self, user_uid: &str, password: &[u8]) -> [u8; 16] {
-        let mut mac = Hmac::<Sha256>::new_from_slice(&self.salt_seed).expect("HMAC takes any key length");
+        let mut mac =
+            Hmac::<Sha256>::new_from_slice(&self.salt_seed).expect("HMAC takes any key length");
         mac.update(b"sluice password salt\0");
         mac.update(user_uid.as_bytes());
         mac.update(b"\0");
@@ -82,7 +95,10 @@ mod tests {
     use super::*;
 
     fn material(seed: u8) -> HostKeyMaterial {
-        HostKeyMaterial { keys: BTreeMap::new(), salt_seed: vec![seed; 32] }
+        HostKeyMaterial {
+            keys: BTreeMap::new(),
+            salt_seed: vec![seed; 32],
+        }
     }
 
     #[test]
@@ -91,13 +107,19 @@ mod tests {
         assert_eq!(a.password_salt("u1", b"pw"), a.password_salt("u1", b"pw"));
         assert_ne!(a.password_salt("u1", b"pw"), a.password_salt("u2", b"pw"));
         assert_ne!(a.password_salt("u1", b"pw"), a.password_salt("u1", b"pw2"));
-        assert_ne!(a.password_salt("u1", b"pw"), material(2).password_salt("u1", b"pw"));
+        assert_ne!(
+            a.password_salt("u1", b"pw"),
+            material(2).password_salt("u1", b"pw")
+        );
     }
 
     #[test]
     fn debug_output_shows_no_key_material() {
         let mut m = material(7);
-        m.keys.insert("ssh_host_ed25519_key".into(), "-----BEGIN OPENSSH PRIVATE KEY-----".into());
+        m.keys.insert(
+            "ssh_host_ed25519_key".into(),
+            "-----BEGIN OPENSSH PRIVATE KEY-----".into(),
+        );
         let text = format!("{m:?}");
         assert!(text.contains("ssh_host_ed25519_key"));
         assert!(!text.contains("BEGIN"));

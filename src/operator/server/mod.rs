@@ -40,7 +40,10 @@ pub fn controller(
     shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
 ) -> impl Stream<Item = ()> {
     let client = context.client.clone();
-    let controller = Controller::new(Api::<TransferServer>::all(client.clone()), watcher::Config::default());
+    let controller = Controller::new(
+        Api::<TransferServer>::all(client.clone()),
+        watcher::Config::default(),
+    );
     let servers = controller.store();
     let in_namespace = servers.clone();
     let all = servers.clone();
@@ -51,37 +54,56 @@ pub fn controller(
         .owns(Api::<Service>::all(client.clone()), owned.clone())
         .owns(Api::<Secret>::all(client.clone()), owned.clone())
         .owns(Api::<PersistentVolumeClaim>::all(client.clone()), owned)
-        .watches(Api::<TransferUser>::all(client.clone()), watcher::Config::default(), |user| {
-            let namespace = user.namespace().unwrap_or_default();
-            Some(ObjectRef::new(&user.spec.server_ref.name).within(&namespace))
-        })
-        .watches(Api::<Secret>::all(client.clone()), watcher::Config::default(), move |secret| {
-            // Password Secrets: any Secret change may concern a user of a server in its
-            // namespace. Reconciling every server of that namespace is cheap and avoids
-            // missing a user whose reference just changed.
-            let namespace = secret.namespace().unwrap_or_default();
-            in_namespace
-                .state()
-                .iter()
-                .filter(|s| s.namespace().as_deref() == Some(namespace.as_str()))
-                .map(|s| ObjectRef::from_obj(s.as_ref()))
-                .collect::<Vec<_>>()
-        })
-        .watches(Api::<Namespace>::all(client.clone()), watcher::Config::default(), {
-            let servers = servers.clone();
-            move |namespace| {
-                let name = namespace.name_any();
-                servers
+        .watches(
+            Api::<TransferUser>::all(client.clone()),
+            watcher::Config::default(),
+            |user| {
+                let namespace = user.namespace().unwrap_or_default();
+                Some(ObjectRef::new(&user.spec.server_ref.name).within(&namespace))
+            },
+        )
+        .watches(
+            Api::<Secret>::all(client.clone()),
+            watcher::Config::default(),
+            move |secret| {
+                // Password Secrets: any Secret change may concern a user of a server in its
+                // namespace. Reconciling every server of that namespace is cheap and avoids
+                // missing a user whose reference just changed.
+                let namespace = secret.namespace().unwrap_or_default();
+                in_namespace
                     .state()
                     .iter()
-                    .filter(|s| s.namespace().as_deref() == Some(name.as_str()))
+                    .filter(|s| s.namespace().as_deref() == Some(namespace.as_str()))
                     .map(|s| ObjectRef::from_obj(s.as_ref()))
                     .collect::<Vec<_>>()
-            }
-        })
-        .watches(Api::<DataResidencyPolicy>::all(client), watcher::Config::default(), move |_| {
-            all.state().iter().map(|s| ObjectRef::from_obj(s.as_ref())).collect::<Vec<_>>()
-        })
+            },
+        )
+        .watches(
+            Api::<Namespace>::all(client.clone()),
+            watcher::Config::default(),
+            {
+                let servers = servers.clone();
+                move |namespace| {
+                    let name = namespace.name_any();
+                    servers
+                        .state()
+                        .iter()
+                        .filter(|s| s.namespace().as_deref() == Some(name.as_str()))
+                        .map(|s| ObjectRef::from_obj(s.as_ref()))
+                        .collect::<Vec<_>>()
+                }
+            },
+        )
+        .watches(
+            Api::<DataResidencyPolicy>::all(client),
+            watcher::Config::default(),
+            move |_| {
+                all.state()
+                    .iter()
+                    .map(|s| ObjectRef::from_obj(s.as_ref()))
+                    .collect::<Vec<_>>()
+            },
+        )
         .graceful_shutdown_on(shutdown)
         .run(reconcile, error_policy, context)
         .map(|result| {
@@ -104,7 +126,9 @@ async fn reconcile(server: Arc<TransferServer>, context: Arc<Context>) -> Result
     };
 
     let keys = apply::ensure_host_keys(client, &server, valid.host_keys.as_ref()).await?;
-    let settings = BuildSettings { image: &context.args.gateway_image };
+    let settings = BuildSettings {
+        image: &context.args.gateway_image,
+    };
     let objects = build::build(&valid, &keys, &settings);
     let namespace = server.namespace().unwrap_or_default();
     apply::apply(client, &namespace, objects).await?;
@@ -124,8 +148,17 @@ async fn reconcile(server: Arc<TransferServer>, context: Arc<Context>) -> Result
 }
 
 async fn stall(context: &Context, blocked: Blocked) -> Result<Action, Error> {
-    let Blocked { server, verdict, reason, message } = blocked;
-    let outcome = Outcome::Blocked { verdict: verdict.as_ref(), reason, message: &message };
+    let Blocked {
+        server,
+        verdict,
+        reason,
+        message,
+    } = blocked;
+    let outcome = Outcome::Blocked {
+        verdict: verdict.as_ref(),
+        reason,
+        message: &message,
+    };
     let new_status = status::compute(&server, &outcome, Timestamp::now());
     announce(context, &server, &new_status).await;
     status::write(&context.client, &server, new_status).await?;
@@ -135,28 +168,53 @@ async fn stall(context: &Context, blocked: Blocked) -> Result<Action, Error> {
 }
 
 /// Publishes an Event for every condition whose status changes in this reconcile.
-async fn announce(context: &Context, server: &TransferServer, new: &crate::api::TransferServerStatus) {
-    let old = server.status.as_ref().map(|s| s.conditions.as_slice()).unwrap_or_default();
+async fn announce(
+    context: &Context,
+    server: &TransferServer,
+    new: &crate::api::TransferServerStatus,
+) {
+    let old = server
+        .status
+        .as_ref()
+        .map(|s| s.conditions.as_slice())
+        .unwrap_or_default();
     let changed = |type_: ConditionType| {
         let new = new.conditions.iter().find(|c| c.type_ == type_.as_str())?;
         let was = old.iter().find(|c| c.type_ == type_.as_str());
         (was.map(|c| &c.status) != Some(&new.status)).then_some(new)
     };
     if let Some(c) = changed(ConditionType::ResidencyCompliant).filter(|c| c.status == "False") {
-        let reason = if c.reason == Reason::AuditOnly.as_str() { Reason::AuditOnly } else { Reason::RegionNotAllowed };
-        context.events.warning(server, reason, c.message.clone()).await;
+        let reason = if c.reason == Reason::AuditOnly.as_str() {
+            Reason::AuditOnly
+        } else {
+            Reason::RegionNotAllowed
+        };
+        context
+            .events
+            .warning(server, reason, c.message.clone())
+            .await;
     }
     let stalled = changed(ConditionType::Stalled).filter(|c| c.status == "True");
     if let Some(c) = stalled.filter(|c| c.reason != Reason::RegionNotAllowed.as_str()) {
-        context.events.warning(server, Reason::InvalidSpec, c.message.clone()).await;
+        context
+            .events
+            .warning(server, Reason::InvalidSpec, c.message.clone())
+            .await;
     }
     if changed(ConditionType::Ready).is_some_and(|c| c.status == "True") {
-        context.events.normal(server, Reason::RolledOut, "gateway is available".into()).await;
+        context
+            .events
+            .normal(server, Reason::RolledOut, "gateway is available".into())
+            .await;
     }
 }
 
 fn key(server: &TransferServer) -> String {
-    format!("TransferServer/{}/{}", server.namespace().unwrap_or_default(), server.name_any())
+    format!(
+        "TransferServer/{}/{}",
+        server.namespace().unwrap_or_default(),
+        server.name_any()
+    )
 }
 
 fn error_policy(server: Arc<TransferServer>, error: &Error, context: Arc<Context>) -> Action {

@@ -34,7 +34,10 @@ pub fn gateway_config(server: &str) -> String {
 /// Labels that select a server's gateway pods.
 pub fn selector_labels(server: &str) -> BTreeMap<String, String> {
     BTreeMap::from([
-        ("app.kubernetes.io/name".to_string(), "sluice-gateway".to_string()),
+        (
+            "app.kubernetes.io/name".to_string(),
+            "sluice-gateway".to_string(),
+        ),
         ("app.kubernetes.io/instance".to_string(), server.to_string()),
     ])
 }

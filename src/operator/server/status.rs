@@ -12,7 +12,9 @@ use kube::{Api, Client, ResourceExt};
 
 use super::build::sftp_port;
 use super::host_keys::HostKeyMaterial;
-use crate::api::{ConditionType, HostKeyFingerprint, Reason, TransferServer, TransferServerStatus, set_condition};
+use crate::api::{
+    ConditionType, HostKeyFingerprint, Reason, TransferServer, TransferServerStatus, set_condition,
+};
 use crate::operator::{Error, FIELD_MANAGER};
 use crate::residency::ResidencyVerdict;
 
@@ -48,7 +50,15 @@ pub fn compute(server: &TransferServer, outcome: &Outcome, now: Timestamp) -> Tr
     let generation = server.metadata.generation;
     let mut conditions = current.conditions.clone();
     let mut set = |type_, status, reason, message: &str| {
-        set_condition(&mut conditions, type_, status, reason, message, generation, now);
+        set_condition(
+            &mut conditions,
+            type_,
+            status,
+            reason,
+            message,
+            generation,
+            now,
+        );
     };
     let mut status = TransferServerStatus {
         observed_generation: generation,
@@ -56,10 +66,19 @@ pub fn compute(server: &TransferServer, outcome: &Outcome, now: Timestamp) -> Tr
         ..TransferServerStatus::default()
     };
     match outcome {
-        Outcome::Blocked { verdict, reason, message } => {
+        Outcome::Blocked {
+            verdict,
+            reason,
+            message,
+        } => {
             if let Some(verdict) = verdict {
                 let (ok, why) = residency_condition(verdict);
-                set(ConditionType::ResidencyCompliant, ok, why, &verdict.message(&server.spec.region));
+                set(
+                    ConditionType::ResidencyCompliant,
+                    ok,
+                    why,
+                    &verdict.message(&server.spec.region),
+                );
             }
             set(ConditionType::Ready, false, *reason, message);
             set(ConditionType::Reconciling, false, *reason, "");
@@ -67,16 +86,42 @@ pub fn compute(server: &TransferServer, outcome: &Outcome, now: Timestamp) -> Tr
             status.endpoint = current.endpoint;
             status.host_key_fingerprints = current.host_key_fingerprints;
         }
-        Outcome::RolledOut { verdict, keys, deployment, service, users } => {
+        Outcome::RolledOut {
+            verdict,
+            keys,
+            deployment,
+            service,
+            users,
+        } => {
             let (ok, why) = residency_condition(verdict);
-            set(ConditionType::ResidencyCompliant, ok, why, &verdict.message(&server.spec.region));
+            set(
+                ConditionType::ResidencyCompliant,
+                ok,
+                why,
+                &verdict.message(&server.spec.region),
+            );
             if deployment.is_some_and(is_available) {
-                set(ConditionType::Ready, true, Reason::RolledOut, "gateway is available");
+                set(
+                    ConditionType::Ready,
+                    true,
+                    Reason::RolledOut,
+                    "gateway is available",
+                );
                 set(ConditionType::Reconciling, false, Reason::RolledOut, "");
             } else {
                 let waiting = "waiting for the gateway Deployment to become available";
-                set(ConditionType::Ready, false, Reason::WaitingForGateway, waiting);
-                set(ConditionType::Reconciling, true, Reason::Progressing, waiting);
+                set(
+                    ConditionType::Ready,
+                    false,
+                    Reason::WaitingForGateway,
+                    waiting,
+                );
+                set(
+                    ConditionType::Reconciling,
+                    true,
+                    Reason::Progressing,
+                    waiting,
+                );
             }
             set(ConditionType::Stalled, false, Reason::Reconciled, "");
             status.endpoint = Some(endpoint(server, *service));
@@ -89,7 +134,11 @@ pub fn compute(server: &TransferServer, outcome: &Outcome, now: Timestamp) -> Tr
 }
 
 fn residency_condition(verdict: &ResidencyVerdict) -> (bool, Reason) {
-    match (verdict.governing.is_empty(), verdict.compliant(), verdict.blocks_rollout()) {
+    match (
+        verdict.governing.is_empty(),
+        verdict.compliant(),
+        verdict.blocks_rollout(),
+    ) {
         (true, _, _) => (true, Reason::NoPolicy),
         (false, true, _) => (true, Reason::RegionAllowed),
         (false, false, true) => (false, Reason::RegionNotAllowed),
@@ -100,8 +149,14 @@ fn residency_condition(verdict: &ResidencyVerdict) -> (bool, Reason) {
 /// Whether a Deployment has rolled out its current generation to every replica, by the
 /// same rules as `kubectl rollout status`.
 pub fn is_available(deployment: &Deployment) -> bool {
-    let desired = deployment.spec.as_ref().and_then(|s| s.replicas).unwrap_or(1);
-    let Some(status) = &deployment.status else { return false };
+    let desired = deployment
+        .spec
+        .as_ref()
+        .and_then(|s| s.replicas)
+        .unwrap_or(1);
+    let Some(status) = &deployment.status else {
+        return false;
+    };
     status.observed_generation >= deployment.metadata.generation
         && status.updated_replicas.unwrap_or(0) >= desired
         && status.available_replicas.unwrap_or(0) >= desired
@@ -137,18 +192,27 @@ fn fingerprints(keys: &HostKeyMaterial) -> Vec<HostKeyFingerprint> {
 }
 
 /// Writes `status` if it differs from the server's current status.
-pub async fn write(client: &Client, server: &TransferServer, status: TransferServerStatus) -> Result<(), Error> {
+pub async fn write(
+    client: &Client,
+    server: &TransferServer,
+    status: TransferServerStatus,
+) -> Result<(), Error> {
     if server.status.as_ref() == Some(&status) {
         return Ok(());
     }
-    let api = Api::<TransferServer>::namespaced(client.clone(), &server.namespace().unwrap_or_default());
+    let api =
+        Api::<TransferServer>::namespaced(client.clone(), &server.namespace().unwrap_or_default());
     let patch = serde_json::json!({
         "apiVersion": "sluice.dev/v1alpha1",
         "kind": "TransferServer",
         "status": status,
     });
-    api.patch_status(&server.name_any(), &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&patch))
-        .await
-        .map_err(Error::kube("update TransferServer status"))?;
+    api.patch_status(
+        &server.name_any(),
+        &PatchParams::apply(FIELD_MANAGER).force(),
+        &Patch::Apply(&patch),
+    )
+    .await
+    .map_err(Error::kube("update TransferServer status"))?;
     Ok(())
 }

@@ -110,22 +110,39 @@ impl UserProblem {
 
 /// Validates a server and its users.
 pub fn validate(inputs: ServerInputs) -> Result<ValidServer, Box<Blocked>> {
-    let ServerInputs { server, namespace_labels, policies, users, host_keys, deployment, service } =
-        inputs;
+    let ServerInputs {
+        server,
+        namespace_labels,
+        policies,
+        users,
+        host_keys,
+        deployment,
+        service,
+    } = inputs;
     let name = server.name_any();
     if !is_dns_label(&name) || name.len() > MAX_SERVER_NAME {
         let message = format!(
             "the name must be a DNS label of at most {MAX_SERVER_NAME} characters, \
              because the Service and Secrets are named after it"
         );
-        return Err(Box::new(Blocked { server, verdict: None, reason: Reason::InvalidSpec, message }));
+        return Err(Box::new(Blocked {
+            server,
+            verdict: None,
+            reason: Reason::InvalidSpec,
+            message,
+        }));
     }
 
     let verdict = residency::evaluate(&server.spec.region, &namespace_labels, &policies);
     if verdict.blocks_rollout() {
         let message = verdict.message(&server.spec.region);
         let reason = Reason::RegionNotAllowed;
-        return Err(Box::new(Blocked { server, verdict: Some(verdict), reason, message }));
+        return Err(Box::new(Blocked {
+            server,
+            verdict: Some(verdict),
+            reason,
+            message,
+        }));
     }
 
     let (valid, rejected_users) = partition_users(users);
@@ -143,7 +160,11 @@ pub fn validate(inputs: ServerInputs) -> Result<ValidServer, Box<Blocked>> {
 fn partition_users(users: Vec<UserInputs>) -> (Vec<ValidUser>, Vec<(String, UserProblem)>) {
     let mut valid = Vec::new();
     let mut rejected = Vec::new();
-    for UserInputs { user, password_secret } in users {
+    for UserInputs {
+        user,
+        password_secret,
+    } in users
+    {
         match validate_user(&user, password_secret.as_ref().map(Option::as_ref)) {
             Ok(v) => valid.push(v),
             Err(problem) => rejected.push((user.name_any(), problem)),
@@ -165,12 +186,18 @@ pub fn validate_user(
         .ssh_public_keys
         .iter()
         .enumerate()
-        .map(|(index, line)| normalise_public_key(line).ok_or(UserProblem::InvalidPublicKey { index }))
+        .map(|(index, line)| {
+            normalise_public_key(line).ok_or(UserProblem::InvalidPublicKey { index })
+        })
         .collect::<Result<Vec<_>, _>>()?;
     let password = match (&spec.password_secret_ref, password_secret) {
         (Some(reference), Some(secret)) => {
-            let secret = secret.ok_or_else(|| UserProblem::SecretNotFound(reference.name.clone()))?;
-            let key = reference.key.clone().unwrap_or_else(|| "password".to_string());
+            let secret =
+                secret.ok_or_else(|| UserProblem::SecretNotFound(reference.name.clone()))?;
+            let key = reference
+                .key
+                .clone()
+                .unwrap_or_else(|| "password".to_string());
             Some(password_from(secret, &reference.name, &key)?)
         }
         _ => None,
@@ -191,12 +218,29 @@ pub fn validate_user(
     })
 }
 
-fn password_from(secret: &Secret, name: &str, key: &str) -> Result<Zeroizing<Vec<u8>>, UserProblem> {
-    let from_data = secret.data.as_ref().and_then(|d| d.get(key)).map(|b| b.0.clone());
-    let from_string = || secret.string_data.as_ref().and_then(|d| d.get(key)).map(|s| s.clone().into_bytes());
+fn password_from(
+    secret: &Secret,
+    name: &str,
+    key: &str,
+) -> Result<Zeroizing<Vec<u8>>, UserProblem> {
+    let from_data = secret
+        .data
+        .as_ref()
+        .and_then(|d| d.get(key))
+        .map(|b| b.0.clone());
+    let from_string = || {
+        secret
+            .string_data
+            .as_ref()
+            .and_then(|d| d.get(key))
+            .map(|s| s.clone().into_bytes())
+    };
     match from_data.or_else(from_string) {
         Some(bytes) if !bytes.is_empty() => Ok(Zeroizing::new(bytes)),
-        _ => Err(UserProblem::SecretKeyMissing { secret: name.to_string(), key: key.to_string() }),
+        _ => Err(UserProblem::SecretKeyMissing {
+            secret: name.to_string(),
+            key: key.to_string(),
+        }),
     }
 }
 
@@ -228,8 +272,12 @@ fn is_dns_label(name: &str) -> bool {
     !bytes.is_empty()
         && bytes.len() <= 63
         && bytes[0].is_ascii_lowercase()
-        && bytes.last().is_some_and(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
-        && bytes.iter().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || *b == b'-')
+        && bytes
+            .last()
+            .is_some_and(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
+        && bytes
+            .iter()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || *b == b'-')
 }
 
 #[cfg(test)]
@@ -251,7 +299,10 @@ mod tests {
 
     fn secret(key: &str, value: &[u8]) -> Secret {
         Secret {
-            data: Some(BTreeMap::from([(key.to_string(), ByteString(value.to_vec()))])),
+            data: Some(BTreeMap::from([(
+                key.to_string(),
+                ByteString(value.to_vec()),
+            )])),
             ..Secret::default()
         }
     }
@@ -270,32 +321,49 @@ mod tests {
 
     #[test]
     fn password_user_takes_the_secret_key() {
-        let u = user("  serverRef: {name: s}\n  passwordSecretRef: {name: pw}\n  homeDirectory: /a\n  permissions: [write, list, list]");
+        let u = user(
+            "  serverRef: {name: s}\n  passwordSecretRef: {name: pw}\n  homeDirectory: /a\n  permissions: [write, list, list]",
+        );
         let s = secret("password", b"hunter2");
         let valid = validate_user(&u, Some(Some(&s))).unwrap();
-        assert_eq!(valid.password.as_deref().map(Vec::as_slice), Some(&b"hunter2"[..]));
+        assert_eq!(
+            valid.password.as_deref().map(Vec::as_slice),
+            Some(&b"hunter2"[..])
+        );
         assert_eq!(valid.permissions, [Permission::List, Permission::Write]);
     }
 
     #[test]
     fn missing_secret_and_missing_key_are_named_without_values() {
-        let u = user("  serverRef: {name: s}\n  passwordSecretRef: {name: pw, key: pass}\n  homeDirectory: /a\n  permissions: [read]");
-        assert_eq!(validate_user(&u, Some(None)).err(), Some(UserProblem::SecretNotFound("pw".into())));
+        let u = user(
+            "  serverRef: {name: s}\n  passwordSecretRef: {name: pw, key: pass}\n  homeDirectory: /a\n  permissions: [read]",
+        );
+        assert_eq!(
+            validate_user(&u, Some(None)).err(),
+            Some(UserProblem::SecretNotFound("pw".into()))
+        );
         let wrong = secret("password", b"hunter2");
         let problem = validate_user(&u, Some(Some(&wrong))).err().unwrap();
-        assert_eq!(problem.to_string(), "password Secret pw has no non-empty key pass");
+        assert_eq!(
+            problem.to_string(),
+            "password Secret pw has no non-empty key pass"
+        );
     }
 
     #[test]
     fn unparseable_key_is_reported_by_position() {
-        let yaml = format!("  serverRef: {{name: s}}\n  sshPublicKeys: [\"{KEY}\", \"ssh-ed25519 AAAAnotakey\"]\n  homeDirectory: /a\n  permissions: [read]");
+        let yaml = format!(
+            "  serverRef: {{name: s}}\n  sshPublicKeys: [\"{KEY}\", \"ssh-ed25519 AAAAnotakey\"]\n  homeDirectory: /a\n  permissions: [read]"
+        );
         let problem = validate_user(&user(&yaml), None).err().unwrap();
         assert_eq!(problem, UserProblem::InvalidPublicKey { index: 1 });
     }
 
     #[test]
     fn key_user_is_valid_and_home_escape_is_not() {
-        let yaml = format!("  serverRef: {{name: s}}\n  sshPublicKeys: [\"{KEY}\"]\n  homeDirectory: /k\n  permissions: [read]");
+        let yaml = format!(
+            "  serverRef: {{name: s}}\n  sshPublicKeys: [\"{KEY}\"]\n  homeDirectory: /k\n  permissions: [read]"
+        );
         let valid = validate_user(&user(&yaml), None).unwrap();
         assert_eq!(valid.public_keys, [KEY]);
         let escaping = yaml.replace("/k", "/k/../..");

@@ -1,0 +1,319 @@
+//! The data plane: `sluice gateway`.
+//!
+//! Contract: a gateway serves one TransferServer. It reads the [`config::GatewayConfig`]
+//! the operator rendered, the SSH host keys and the volume, all mounted into its pod, and
+//! serves SFTP until SIGTERM or Ctrl-C. It re-reads the configuration file every
+//! [`CONFIG_POLL_INTERVAL`] and, when the content changed and parses, swaps the set of
+//! logins in one step; sessions already logged in keep running. The kubelet replaces
+//! mounted Secret files by swapping symlinks, which file-change notifications on the file
+//! itself miss, hence polling by content hash.
+//!
+//! [`run`] is the subcommand; [`Gateway`] is the same in two steps (bind, then serve), so
+//! a test can learn the bound address first.
+
+pub mod auth;
+pub mod config;
+pub mod host_keys;
+pub mod sftp;
+pub mod vfs;
+
+use std::io;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use sha2::{Digest, Sha256};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+use crate::gateway::auth::{LiveLogins, Logins};
+use crate::gateway::config::GatewayConfig;
+use crate::gateway::host_keys::HostKeyError;
+use crate::gateway::sftp::SftpServer;
+use crate::storage::{StorageError, Volume};
+
+/// How often the configuration file is checked for changes.
+pub const CONFIG_POLL_INTERVAL: Duration = Duration::from_secs(2);
+
+/// How long running sessions may continue after shutdown starts. Shorter than
+/// Kubernetes' default 30 s termination grace period, so sessions are closed cleanly
+/// before the kubelet kills the pod.
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(20);
+
+/// Arguments of `sluice gateway`.
+#[derive(clap::Args, Clone, Debug)]
+pub struct GatewayArgs {
+    /// The gateway configuration (JSON) rendered by the operator.
+    #[arg(long, env = "SLUICE_GATEWAY_CONFIG")]
+    pub config: PathBuf,
+
+    /// Directory holding the SSH host keys (`ssh_host_ed25519_key`, ...).
+    #[arg(long, env = "SLUICE_HOST_KEYS_DIR")]
+    pub host_keys: PathBuf,
+
+    /// Root of the storage volume; user homes are directories below it.
+    #[arg(long, env = "SLUICE_DATA_DIR")]
+    pub data_dir: PathBuf,
+
+    /// Address the SFTP server listens on.
+    #[arg(long, env = "SLUICE_SFTP_LISTEN", default_value = "0.0.0.0:2222")]
+    pub sftp_listen: SocketAddr,
+}
+
+/// Errors that stop a gateway.
+#[derive(Debug, thiserror::Error)]
+pub enum GatewayError {
+    /// The configuration file could not be read.
+    #[error("failed to read gateway configuration {}", path.display())]
+    ReadConfig {
+        /// The file.
+        path: PathBuf,
+        /// What the filesystem reported.
+        #[source]
+        source: io::Error,
+    },
+    /// The configuration file is not a valid gateway configuration.
+    #[error("gateway configuration {} is not valid", path.display())]
+    ParseConfig {
+        /// The file.
+        path: PathBuf,
+        /// What the parser reported.
+        #[source]
+        source: serde_json::Error,
+    },
+    /// The host keys could not be loaded.
+    #[error("failed to load SSH host keys")]
+    HostKeys(#[from] HostKeyError),
+    /// The volume could not be opened.
+    #[error("failed to open storage")]
+    Storage(#[from] StorageError),
+    /// The SFTP address could not be bound.
+    #[error("failed to listen on {addr}")]
+    Listen {
+        /// The address.
+        addr: SocketAddr,
+        /// What the OS reported.
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// Runs `sluice gateway` until SIGTERM or Ctrl-C, then shuts down gracefully.
+pub async fn run(args: GatewayArgs) -> anyhow::Result<()> {
+    let gateway = Gateway::bind(&args).await?;
+    gateway.serve(shutdown_signal()).await;
+    Ok(())
+}
+
+/// A gateway whose listener is bound but which does not serve yet.
+pub struct Gateway {
+    config_path: PathBuf,
+    config_hash: [u8; 32],
+    logins: LiveLogins,
+    sftp: SftpServer,
+    listener: TcpListener,
+    poll_interval: Duration,
+    grace: Duration,
+}
+
+impl Gateway {
+    /// Reads the configuration, host keys and volume named in `args` and binds the SFTP
+    /// address. Fails if any of them is unusable.
+    pub async fn bind(args: &GatewayArgs) -> Result<Self, GatewayError> {
+        let bytes = read_config(&args.config).await?;
+        let config = parse_config(&args.config, &bytes)?;
+        let host_keys = host_keys::load(&args.host_keys)?;
+        let volume = Volume::open_fs(&args.data_dir)?;
+        let listener = TcpListener::bind(args.sftp_listen)
+            .await
+            .map_err(|source| GatewayError::Listen {
+                addr: args.sftp_listen,
+                source,
+            })?;
+
+        log_startup(&config, &host_keys, listener.local_addr().ok());
+        let logins = LiveLogins::new(Logins::new(&config.users));
+        Ok(Self {
+            config_path: args.config.clone(),
+            config_hash: Sha256::digest(&bytes).into(),
+            sftp: SftpServer::new(host_keys, logins.clone(), volume),
+            logins,
+            listener,
+            poll_interval: CONFIG_POLL_INTERVAL,
+            grace: SHUTDOWN_GRACE,
+        })
+    }
+
+    /// The address the SFTP server is bound to.
+    pub fn sftp_addr(&self) -> io::Result<SocketAddr> {
+        self.listener.local_addr()
+    }
+
+    /// Checks the configuration file at `interval` instead of [`CONFIG_POLL_INTERVAL`].
+    pub fn with_poll_interval(mut self, interval: Duration) -> Self {
+        self.poll_interval = interval;
+        self
+    }
+
+    /// Lets sessions run for `grace` after shutdown starts instead of [`SHUTDOWN_GRACE`].
+    pub fn with_shutdown_grace(mut self, grace: Duration) -> Self {
+        self.grace = grace;
+        self
+    }
+
+    /// Serves until `shutdown` completes, then stops accepting connections, lets running
+    /// sessions finish within the grace period and disconnects the rest.
+    pub async fn serve(self, shutdown: impl Future<Output = ()>) {
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let reload = tokio::spawn(watch_config(
+            ConfigWatch {
+                path: self.config_path,
+                hash: self.config_hash,
+                logins: self.logins,
+                interval: self.poll_interval,
+            },
+            stop_rx.clone(),
+        ));
+
+        let server = self.sftp.serve(self.listener, stop_rx, self.grace);
+        let stop = async {
+            shutdown.await;
+            tracing::info!("Shutting down");
+            let _ = stop_tx.send(true);
+        };
+        tokio::join!(server, stop);
+
+        let _ = reload.await;
+        tracing::info!("Gateway stopped");
+    }
+}
+
+fn log_startup(
+    config: &GatewayConfig,
+    host_keys: &[russh::keys::PrivateKey],
+    addr: Option<SocketAddr>,
+) {
+    for key in host_keys {
+        let fingerprint = key.public_key().fingerprint(russh::keys::HashAlg::Sha256);
+        tracing::info!(algorithm = %key.algorithm(), %fingerprint, "Loaded host key");
+    }
+    if !config.residency.compliant {
+        tracing::warn!(
+            policies = ?config.residency.policies,
+            "Serving a server that its residency policy reports as not compliant"
+        );
+    }
+    tracing::info!(
+        server = %config.server,
+        region = %config.region,
+        users = config.users.len(),
+        sftp = ?addr,
+        "Gateway listening"
+    );
+}
+
+/// What the configuration watcher needs.
+struct ConfigWatch {
+    path: PathBuf,
+    hash: [u8; 32],
+    logins: LiveLogins,
+    interval: Duration,
+}
+
+/// Polls the configuration file until `stop` turns true, swapping in the logins of each
+/// new valid version. An invalid version is reported once and the previous one kept.
+async fn watch_config(mut watch: ConfigWatch, mut stop: watch::Receiver<bool>) {
+    let mut ticker = tokio::time::interval(watch.interval);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    let mut read_failing = false;
+    loop {
+        tokio::select! {
+            () = stopped(&mut stop) => return,
+            _ = ticker.tick() => {}
+        }
+
+        let bytes = match read_config(&watch.path).await {
+            Ok(bytes) => bytes,
+            Err(error) => {
+                if !read_failing {
+                    let error = ErrorChain(&error);
+                    tracing::warn!(%error, "Keeping the previous configuration");
+                }
+                read_failing = true;
+                continue;
+            }
+        };
+        read_failing = false;
+
+        let hash: [u8; 32] = Sha256::digest(&bytes).into();
+        if hash == watch.hash {
+            continue;
+        }
+        watch.hash = hash;
+        match parse_config(&watch.path, &bytes) {
+            Ok(config) => {
+                watch.logins.replace(Logins::new(&config.users));
+                tracing::info!(users = config.users.len(), "Reloaded configuration");
+            }
+            Err(error) => {
+                tracing::warn!(error = %ErrorChain(&error), "Keeping the previous configuration");
+            }
+        }
+    }
+}
+
+async fn read_config(path: &Path) -> Result<Vec<u8>, GatewayError> {
+    tokio::fs::read(path)
+        .await
+        .map_err(|source| GatewayError::ReadConfig {
+            path: path.to_owned(),
+            source,
+        })
+}
+
+fn parse_config(path: &Path, bytes: &[u8]) -> Result<GatewayConfig, GatewayError> {
+    serde_json::from_slice(bytes).map_err(|source| GatewayError::ParseConfig {
+        path: path.to_owned(),
+        source,
+    })
+}
+
+/// Displays an error followed by its sources, `error: source: source...`, for log fields.
+pub(crate) struct ErrorChain<'a>(pub(crate) &'a (dyn std::error::Error + 'static));
+
+impl std::fmt::Display for ErrorChain<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.0)?;
+        let mut source = self.0.source();
+        while let Some(error) = source {
+            write!(f, ": {error}")?;
+            source = error.source();
+        }
+        Ok(())
+    }
+}
+
+/// Completes when `stop` turns true (or its sender is gone).
+pub(crate) async fn stopped(stop: &mut watch::Receiver<bool>) {
+    // The guard `wait_for` returns is not `Send`; drop it here, not across an await.
+    let _ = stop.wait_for(|now| *now).await;
+}
+
+/// Completes on SIGTERM (how Kubernetes stops a pod) or Ctrl-C.
+async fn shutdown_signal() {
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(error) => {
+                tracing::warn!(%error, "Cannot listen for SIGTERM; only Ctrl-C stops the gateway");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        () = terminate => {}
+    }
+}

@@ -1,0 +1,985 @@
+//! The virtual filesystem every protocol front end serves: one user's view of the volume.
+//!
+//! Contract:
+//! - A [`Vfs`] belongs to one session of one [`GatewayUser`]. The user's home directory on
+//!   the volume is the `/` the client sees; [`Vfs::open`] creates it if it is missing.
+//! - Client paths, absolute or relative, are normalised lexically by [`normalize`]: empty
+//!   and `.` components and duplicate slashes vanish, and `..` removes the previous
+//!   component but stops at `/`. Relative paths are relative to `/`: SFTP has no working
+//!   directory (clients resolve their own against `REALPATH(".")`) and FTP front ends join
+//!   their working directory before calling in. A normalised path cannot name anything
+//!   outside the home.
+//! - Symbolic links are never followed. The fs backend would follow them, so before a
+//!   path is used every existing component of it, from the volume root down, is checked
+//!   with `symlink_metadata` ([`Volume::refuse_symlinks`]); a path through a link fails
+//!   with [`VfsError::Symlink`] and links are left out of listings. Nothing a client can do
+//!   creates a link, so only links planted on the volume by other means are at stake.
+//! - The storage's hidden upload directory ([`crate::storage::UPLOADS_DIR`]) is neither
+//!   listed nor reachable, even for a user whose home is the volume root.
+//! - Every operation checks the user's [`Permission`]s before touching storage.
+//! - Uploads are streamed and atomic: a [`FileWriter`] publishes the file under its name
+//!   only on [`FileWriter::close`]; dropping it unclosed discards the upload.
+//! - Errors are one enum, [`VfsError`]; [`VfsError::reply`] tells a front end which
+//!   protocol reply to send, and its message never contains a storage path.
+
+use std::collections::BTreeSet;
+use std::time::SystemTime;
+
+use bytes::Bytes;
+use opendal::{EntryMode, ErrorKind, Metadata, Operator};
+
+use crate::api::Permission;
+use crate::gateway::config::GatewayUser;
+use crate::storage::{self, ListedEntry, ListedKind, Listing, StorageError, Volume};
+
+/// Why an operation failed. The message is safe to send to the client.
+#[derive(Debug, thiserror::Error)]
+pub enum VfsError {
+    /// The path does not exist.
+    #[error("no such file or directory")]
+    NotFound,
+    /// The user lacks the permission the operation needs.
+    #[error("permission denied: the {0:?} permission is not granted")]
+    Denied(Permission),
+    /// The path passes through a symbolic link.
+    #[error("permission denied: symbolic links are not followed")]
+    Symlink,
+    /// The target of a create, mkdir or rename already exists.
+    #[error("file or directory already exists")]
+    AlreadyExists,
+    /// A directory was expected.
+    #[error("not a directory")]
+    NotADirectory,
+    /// A file was expected.
+    #[error("is a directory")]
+    IsADirectory,
+    /// The directory to remove has entries.
+    #[error("directory not empty")]
+    NotEmpty,
+    /// The home directory itself cannot be created, removed or renamed.
+    #[error("the home directory cannot be changed")]
+    Home,
+    /// The path contains a NUL byte or moves a directory into itself.
+    #[error("invalid path")]
+    InvalidPath,
+    /// The user's home directory is not usable.
+    #[error("home directory {0} is reserved")]
+    ReservedHome(String),
+    /// An upload wrote somewhere other than where the previous write ended.
+    #[error("uploads must be written sequentially (expected offset {expected}, got {got})")]
+    NonSequentialWrite {
+        /// Where the next write had to start.
+        expected: u64,
+        /// Where it started.
+        got: u64,
+    },
+    /// The storage reported an error.
+    #[error("storage operation failed")]
+    Storage(#[source] opendal::Error),
+    /// The volume could not be inspected directly (link checks, directory listings).
+    #[error("storage operation failed")]
+    Volume(#[source] StorageError),
+}
+
+/// The protocol-independent reply an error maps to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Reply {
+    /// The file or directory does not exist (SFTP `NO_SUCH_FILE`, FTP 550).
+    NotFound,
+    /// The user may not do this (SFTP `PERMISSION_DENIED`, FTP 550).
+    PermissionDenied,
+    /// The request cannot be served as made (SFTP `OP_UNSUPPORTED`, FTP 504).
+    Unsupported,
+    /// Anything else (SFTP `FAILURE`, FTP 550, or 450 when [`VfsError::is_transient`]).
+    Failure,
+}
+
+impl VfsError {
+    /// The reply a front end sends for this error.
+    pub fn reply(&self) -> Reply {
+        match self {
+            Self::NotFound => Reply::NotFound,
+            Self::Denied(_) | Self::Symlink | Self::ReservedHome(_) => Reply::PermissionDenied,
+            Self::NonSequentialWrite { .. } => Reply::Unsupported,
+            _ => Reply::Failure,
+        }
+    }
+
+    /// Whether retrying later may succeed (a storage hiccup rather than a bad request).
+    pub fn is_transient(&self) -> bool {
+        matches!(self, Self::Storage(e) if e.is_temporary())
+    }
+
+    /// Whether the error is the storage's fault rather than the request's; front ends log
+    /// these as warnings.
+    pub fn is_internal(&self) -> bool {
+        matches!(self, Self::Storage(_) | Self::Volume(_))
+    }
+
+    fn from_storage(error: opendal::Error) -> Self {
+        match error.kind() {
+            ErrorKind::NotFound => Self::NotFound,
+            ErrorKind::AlreadyExists | ErrorKind::ConditionNotMatch => Self::AlreadyExists,
+            ErrorKind::IsADirectory => Self::IsADirectory,
+            ErrorKind::NotADirectory => Self::NotADirectory,
+            _ => Self::Storage(error),
+        }
+    }
+
+    fn from_volume(error: StorageError) -> Self {
+        match error {
+            StorageError::Symlink { .. } => Self::Symlink,
+            other => Self::Volume(other),
+        }
+    }
+}
+
+/// Normalises a client path to an absolute path inside the home: `""`, `"."` and `"/"`
+/// give `/`; `"a/../b"` gives `/b`; `"../../etc"` gives `/etc`.
+pub fn normalize(path: &str) -> Result<String, VfsError> {
+    if path.contains('\0') {
+        return Err(VfsError::InvalidPath);
+    }
+    let mut components: Vec<&str> = Vec::new();
+    for component in path.split('/') {
+        match component {
+            "" | "." => {}
+            ".." => {
+                components.pop();
+            }
+            name => components.push(name),
+        }
+    }
+    Ok(format!("/{}", components.join("/")))
+}
+
+/// What kind of thing an [`Entry`] is. Other kinds (links, sockets) are never shown.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EntryKind {
+    /// A regular file.
+    File,
+    /// A directory.
+    Directory,
+}
+
+/// A file or directory as a client sees it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Entry {
+    /// Last component of the path (`/` for the home directory itself).
+    pub name: String,
+    /// File or directory.
+    pub kind: EntryKind,
+    /// Size in bytes (0 for directories).
+    pub size: u64,
+    /// Last modification, if the storage knows it.
+    pub modified: Option<SystemTime>,
+}
+
+impl Entry {
+    fn from_metadata(name: &str, meta: &Metadata) -> Option<Self> {
+        let kind = match meta.mode() {
+            EntryMode::FILE => EntryKind::File,
+            EntryMode::DIR => EntryKind::Directory,
+            _ => return None,
+        };
+        Some(Self {
+            name: name.to_owned(),
+            kind,
+            size: if kind == EntryKind::File {
+                meta.content_length()
+            } else {
+                0
+            },
+            modified: meta.last_modified().map(SystemTime::from),
+        })
+    }
+
+    /// Whether this is a directory.
+    pub fn is_dir(&self) -> bool {
+        self.kind == EntryKind::Directory
+    }
+}
+
+/// How [`Vfs::create`] treats an existing file.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum WriteMode {
+    /// Replace it (atomically, when the upload completes).
+    Replace,
+    /// Fail with [`VfsError::AlreadyExists`].
+    CreateNew,
+}
+
+/// A path resolved for one user: what the client calls it and where it is on the volume.
+#[derive(Clone, Debug)]
+struct Target {
+    /// Normalised client path, starting with `/`.
+    path: String,
+    /// Key relative to the volume root, no leading or trailing `/`; empty for the root.
+    key: String,
+}
+
+impl Target {
+    fn is_home(&self) -> bool {
+        self.path == "/"
+    }
+
+    fn name(&self) -> &str {
+        self.path
+            .rsplit('/')
+            .next()
+            .filter(|n| !n.is_empty())
+            .unwrap_or("/")
+    }
+
+    /// Key as OpenDAL wants it for a directory: ending in `/`.
+    fn dir_key(&self) -> String {
+        format!("{}/", self.key)
+    }
+}
+
+/// One session's view of the volume, confined to one user's home. Cheap to clone.
+#[derive(Clone)]
+pub struct Vfs {
+    volume: Volume,
+    user: String,
+    home: String,
+    permissions: BTreeSet<Permission>,
+}
+
+impl Vfs {
+    /// Opens `user`'s view of `volume`, creating the home directory if it is missing.
+    pub async fn open(volume: Volume, user: &GatewayUser) -> Result<Self, VfsError> {
+        let home = normalize(&user.home)?.trim_start_matches('/').to_owned();
+        if storage::is_reserved(&home) {
+            return Err(VfsError::ReservedHome(user.home.clone()));
+        }
+        volume
+            .refuse_symlinks(&home)
+            .await
+            .map_err(VfsError::from_volume)?;
+        if !home.is_empty() {
+            let dir_key = format!("{home}/");
+            volume
+                .operator()
+                .create_dir(&dir_key)
+                .await
+                .map_err(VfsError::from_storage)?;
+        }
+
+        Ok(Self {
+            volume,
+            user: user.name.clone(),
+            home,
+            permissions: user.permissions.iter().copied().collect(),
+        })
+    }
+
+    /// Name of the user this view belongs to.
+    pub fn user(&self) -> &str {
+        &self.user
+    }
+
+    /// Whether the user holds `permission`.
+    pub fn allows(&self, permission: Permission) -> bool {
+        self.permissions.contains(&permission)
+    }
+
+    /// The normalised form of `path` (SFTP `REALPATH`). Needs no permission and does not
+    /// touch storage.
+    pub fn resolve(&self, path: &str) -> Result<String, VfsError> {
+        normalize(path)
+    }
+
+    /// Attributes of a file or directory. Needs `list` or `read`.
+    pub async fn stat(&self, path: &str) -> Result<Entry, VfsError> {
+        if !self.allows(Permission::List) {
+            self.require(Permission::Read)?;
+        }
+        let target = self.locate(path).await?;
+        self.entry(&target).await
+    }
+
+    /// Starts listing a directory. Needs `list`.
+    pub async fn list(&self, path: &str) -> Result<DirStream, VfsError> {
+        self.require(Permission::List)?;
+        let target = self.locate(path).await?;
+        if !self.entry(&target).await?.is_dir() {
+            return Err(VfsError::NotADirectory);
+        }
+
+        let listing = self
+            .volume
+            .list(&target.key)
+            .await
+            .map_err(VfsError::from_volume)?;
+        Ok(DirStream {
+            listing,
+            hide_uploads_dir: target.key.is_empty(),
+        })
+    }
+
+    /// Opens a file for reading at any offset. Needs `read`.
+    pub async fn open_read(&self, path: &str) -> Result<FileReader, VfsError> {
+        self.require(Permission::Read)?;
+        let target = self.locate(path).await?;
+        let entry = self.entry(&target).await?;
+        if entry.is_dir() {
+            return Err(VfsError::IsADirectory);
+        }
+
+        let reader = self
+            .operator()
+            .reader(&target.key)
+            .await
+            .map_err(VfsError::from_storage)?;
+        Ok(FileReader {
+            reader,
+            path: target.path,
+            size: entry.size,
+            bytes_read: 0,
+        })
+    }
+
+    /// Starts an upload to `path`; the file appears only when the returned writer is
+    /// closed. The parent directory must exist. Needs `write`.
+    pub async fn create(&self, path: &str, mode: WriteMode) -> Result<FileWriter, VfsError> {
+        self.require(Permission::Write)?;
+        let target = self.locate(path).await?;
+        if target.is_home() {
+            return Err(VfsError::IsADirectory);
+        }
+        self.require_parent_dir(&target).await?;
+        match self.entry(&target).await {
+            Ok(entry) if entry.is_dir() => return Err(VfsError::IsADirectory),
+            Ok(_) if mode == WriteMode::CreateNew => return Err(VfsError::AlreadyExists),
+            Ok(_) | Err(VfsError::NotFound) => {}
+            Err(other) => return Err(other),
+        }
+
+        let writer = self
+            .operator()
+            .writer_with(&target.key)
+            .if_not_exists(mode == WriteMode::CreateNew)
+            .await
+            .map_err(VfsError::from_storage)?;
+        Ok(FileWriter {
+            writer: Some(writer),
+            path: target.path,
+            bytes_written: 0,
+        })
+    }
+
+    /// Creates a directory whose parent exists. Needs `mkdir`.
+    pub async fn mkdir(&self, path: &str) -> Result<(), VfsError> {
+        self.require(Permission::Mkdir)?;
+        let target = self.locate(path).await?;
+        if target.is_home() {
+            return Err(VfsError::AlreadyExists);
+        }
+        self.require_parent_dir(&target).await?;
+        if self.exists(&target).await? {
+            return Err(VfsError::AlreadyExists);
+        }
+
+        self.operator()
+            .create_dir(&target.dir_key())
+            .await
+            .map_err(VfsError::from_storage)
+    }
+
+    /// Removes an empty directory. Needs `delete`.
+    pub async fn rmdir(&self, path: &str) -> Result<(), VfsError> {
+        self.require(Permission::Delete)?;
+        let target = self.locate(path).await?;
+        if target.is_home() {
+            return Err(VfsError::Home);
+        }
+        if !self.entry(&target).await?.is_dir() {
+            return Err(VfsError::NotADirectory);
+        }
+        if !self.is_empty_dir(&target).await? {
+            return Err(VfsError::NotEmpty);
+        }
+
+        self.operator()
+            .delete(&target.dir_key())
+            .await
+            .map_err(VfsError::from_storage)
+    }
+
+    /// Removes a file. Needs `delete`.
+    pub async fn remove(&self, path: &str) -> Result<(), VfsError> {
+        self.require(Permission::Delete)?;
+        let target = self.locate(path).await?;
+        // Looked up first: OpenDAL reports deleting a missing file as success.
+        if self.entry(&target).await?.is_dir() {
+            return Err(VfsError::IsADirectory);
+        }
+
+        self.operator()
+            .delete(&target.key)
+            .await
+            .map_err(VfsError::from_storage)
+    }
+
+    /// Renames or moves a file or directory. Fails with [`VfsError::AlreadyExists`] if
+    /// `to` exists: this is the plain (non-overwriting) rename. Needs `rename`.
+    pub async fn rename(&self, from: &str, to: &str) -> Result<(), VfsError> {
+        self.require(Permission::Rename)?;
+        let source = self.locate(from).await?;
+        let destination = self.locate(to).await?;
+        if source.is_home() || destination.is_home() {
+            return Err(VfsError::Home);
+        }
+        if destination.path.starts_with(&format!("{}/", source.path)) {
+            return Err(VfsError::InvalidPath);
+        }
+
+        self.entry(&source).await?;
+        self.require_parent_dir(&destination).await?;
+        // Checked first, then renamed: two clients racing onto the same new name can
+        // still both succeed, the later one replacing the earlier one's file.
+        if self.exists(&destination).await? {
+            return Err(VfsError::AlreadyExists);
+        }
+
+        // Keys without a trailing `/`: OpenDAL's rename takes file keys, and the fs service
+        // renames a directory given its key the same way.
+        self.operator()
+            .rename(&source.key, &destination.key)
+            .await
+            .map_err(VfsError::from_storage)
+    }
+
+    fn operator(&self) -> &Operator {
+        self.volume.operator()
+    }
+
+    fn require(&self, permission: Permission) -> Result<(), VfsError> {
+        if self.allows(permission) {
+            Ok(())
+        } else {
+            Err(VfsError::Denied(permission))
+        }
+    }
+
+    /// Normalises `path`, maps it onto the volume and checks it for links.
+    async fn locate(&self, path: &str) -> Result<Target, VfsError> {
+        let target = self.target(normalize(path)?);
+        if storage::is_reserved(&target.key) {
+            return Err(VfsError::NotFound);
+        }
+        self.volume
+            .refuse_symlinks(&target.key)
+            .await
+            .map_err(VfsError::from_volume)?;
+        Ok(target)
+    }
+
+    fn target(&self, path: String) -> Target {
+        let relative = path.trim_start_matches('/');
+        let key = match (self.home.is_empty(), relative.is_empty()) {
+            (true, _) => relative.to_owned(),
+            (false, true) => self.home.clone(),
+            (false, false) => format!("{}/{relative}", self.home),
+        };
+        Target { path, key }
+    }
+
+    async fn entry(&self, target: &Target) -> Result<Entry, VfsError> {
+        let meta = self
+            .operator()
+            .stat(&target.key)
+            .await
+            .map_err(VfsError::from_storage)?;
+        Entry::from_metadata(target.name(), &meta).ok_or(VfsError::NotFound)
+    }
+
+    async fn exists(&self, target: &Target) -> Result<bool, VfsError> {
+        match self.entry(target).await {
+            Ok(_) => Ok(true),
+            Err(VfsError::NotFound) => Ok(false),
+            Err(other) => Err(other),
+        }
+    }
+
+    /// OpenDAL's fs service creates missing parents on write and mkdir, but SFTP and FTP
+    /// clients expect "no such file" there, so the parent is checked first. Its components
+    /// were checked for links along with the child's.
+    async fn require_parent_dir(&self, child: &Target) -> Result<(), VfsError> {
+        let parent_path = match child.path.rsplit_once('/') {
+            Some(("", _)) | None => "/".to_owned(),
+            Some((parent, _)) => parent.to_owned(),
+        };
+        match self.entry(&self.target(parent_path)).await? {
+            parent if parent.is_dir() => Ok(()),
+            _ => Err(VfsError::NotADirectory),
+        }
+    }
+
+    /// Links and other hidden entries count: `rmdir` could not remove them either.
+    async fn is_empty_dir(&self, target: &Target) -> Result<bool, VfsError> {
+        let mut listing = self
+            .volume
+            .list(&target.key)
+            .await
+            .map_err(VfsError::from_volume)?;
+        let first = listing.next().await.map_err(VfsError::from_volume)?;
+        Ok(first.is_none())
+    }
+}
+
+/// A directory listing in progress: every entry of the directory, in batches. Links and
+/// special files are left out.
+pub struct DirStream {
+    listing: Listing,
+    hide_uploads_dir: bool,
+}
+
+impl DirStream {
+    /// Up to `max` further entries; an empty batch means the listing is complete.
+    pub async fn next_batch(&mut self, max: usize) -> Result<Vec<Entry>, VfsError> {
+        let mut batch = Vec::new();
+        while batch.len() < max {
+            let next = self.listing.next().await.map_err(VfsError::from_volume)?;
+            let Some(listed) = next else { break };
+            batch.extend(self.visible(listed));
+        }
+        Ok(batch)
+    }
+
+    fn visible(&self, listed: ListedEntry) -> Option<Entry> {
+        let kind = match listed.kind {
+            ListedKind::File => EntryKind::File,
+            ListedKind::Directory => EntryKind::Directory,
+            ListedKind::Other => return None,
+        };
+        if self.hide_uploads_dir && listed.name == storage::UPLOADS_DIR {
+            return None;
+        }
+        Some(Entry {
+            name: listed.name,
+            kind,
+            size: listed.size,
+            modified: listed.modified,
+        })
+    }
+}
+
+/// A file open for reading.
+pub struct FileReader {
+    reader: opendal::Reader,
+    path: String,
+    size: u64,
+    bytes_read: u64,
+}
+
+impl FileReader {
+    /// Up to `len` bytes starting at `offset`; empty at or past the end of the file.
+    pub async fn read_at(&mut self, offset: u64, len: u32) -> Result<Bytes, VfsError> {
+        let end = self.size.min(offset.saturating_add(u64::from(len)));
+        if offset >= end {
+            return Ok(Bytes::new());
+        }
+        let data = self
+            .reader
+            .read(offset..end)
+            .await
+            .map_err(VfsError::from_storage)?
+            .to_bytes();
+        self.bytes_read += data.len() as u64;
+        Ok(data)
+    }
+
+    /// Client path of the file.
+    pub fn path(&self) -> &str {
+        &self.path
+    }
+
+    /// Size of the file when it was opened.
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    /// Bytes handed out so far.
+    pub fn bytes_read(&self) -> u64 {
+        self.bytes_read
+    }
+}
+
+/// An upload in progress. Close it to publish the file; dropping it discards the upload.
+pub struct FileWriter {
+    writer: Option<opendal::Writer>,
+    path: String,
+    bytes_written: u64,
+}
+
+impl FileWriter {
+    /// Writes `data` at `offset`, which must be where the previous write ended: storage
+    /// writes are streamed, so uploads are sequential (as every common client sends them).
+    pub async fn write_at(&mut self, offset: u64, data: Vec<u8>) -> Result<(), VfsError> {
+        if offset != self.bytes_written {
+            return Err(VfsError::NonSequentialWrite {
+                expected: self.bytes_written,
+                got: offset,
+            });
+        }
+        let Some(writer) = self.writer.as_mut() else {
+            return Err(VfsError::NotFound);
+        };
+        let len = data.len() as u64;
+        writer.write(data).await.map_err(VfsError::from_storage)?;
+        self.bytes_written += len;
+        Ok(())
+    }
+
+    /// Publishes the file under its name and returns its size.
+    pub async fn close(mut self) -> Result<u64, VfsError> {
+        if let Some(mut writer) = self.writer.take() {
+            writer.close().await.map_err(VfsError::from_storage)?;
+        }
+        Ok(self.bytes_written)
+    }
+
+    /// Discards the upload.
+    pub async fn abort(mut self) -> Result<(), VfsError> {
+        if let Some(mut writer) = self.writer.take() {
+            writer.abort().await.map_err(VfsError::from_storage)?;
+        }
+        Ok(())
+    }
+
+    /// Client path of the file.
+    pub fn path(&self) -> &str {
+        &self.path
+    }
+
+    /// Bytes written so far.
+    pub fn bytes_written(&self) -> u64 {
+        self.bytes_written
+    }
+}
+
+impl Drop for FileWriter {
+    fn drop(&mut self) {
+        // A session that ends mid-upload drops its writers; removing the temporary file
+        // needs async I/O, so it is handed to the runtime if there still is one.
+        let Some(mut writer) = self.writer.take() else {
+            return;
+        };
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            runtime.spawn(async move {
+                if let Err(error) = writer.abort().await {
+                    tracing::warn!(%error, "Failed to discard unfinished upload");
+                }
+            });
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use super::*;
+    use Permission::*;
+
+    fn user(home: &str, permissions: &[Permission]) -> GatewayUser {
+        GatewayUser {
+            name: "cucm".into(),
+            password_hash: None,
+            public_keys: vec![],
+            home: home.into(),
+            permissions: permissions.to_vec(),
+        }
+    }
+
+    async fn open(root: &Path, permissions: &[Permission]) -> Vfs {
+        let volume = Volume::open_fs(root).unwrap();
+        Vfs::open(volume, &user("/cucm", permissions))
+            .await
+            .unwrap()
+    }
+
+    const ALL: &[Permission] = &[List, Read, Write, Delete, Mkdir, Rename];
+
+    async fn upload(vfs: &Vfs, path: &str, data: &[u8]) {
+        let mut writer = vfs.create(path, WriteMode::Replace).await.unwrap();
+        writer.write_at(0, data.to_vec()).await.unwrap();
+        writer.close().await.unwrap();
+    }
+
+    async fn names(vfs: &Vfs, path: &str) -> Vec<String> {
+        let mut listing = vfs.list(path).await.unwrap();
+        let mut names: Vec<String> = listing
+            .next_batch(1000)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|e| e.name)
+            .collect();
+        names.sort();
+        names
+    }
+
+    #[test]
+    fn paths_are_normalised_and_clamped_at_the_home() {
+        for (input, expected) in [
+            ("", "/"),
+            (".", "/"),
+            ("/", "/"),
+            ("a/../b", "/b"),
+            ("../../etc", "/etc"),
+            ("//a///b/./c/", "/a/b/c"),
+            ("/a/b/../../../..", "/"),
+            ("..", "/"),
+        ] {
+            assert_eq!(normalize(input).unwrap(), expected, "{input:?}");
+        }
+        assert!(matches!(normalize("a\0b"), Err(VfsError::InvalidPath)));
+    }
+
+    #[tokio::test]
+    async fn the_home_directory_is_created_on_first_login() {
+        let dir = tempfile::tempdir().unwrap();
+        let vfs = open(dir.path(), ALL).await;
+        assert!(dir.path().join("cucm").is_dir());
+        assert!(vfs.stat("/").await.unwrap().is_dir());
+    }
+
+    #[tokio::test]
+    async fn parent_directory_components_never_leave_the_home() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("secret"), b"other tenant").unwrap();
+        let vfs = open(dir.path(), ALL).await;
+
+        assert!(matches!(
+            vfs.stat("../secret").await,
+            Err(VfsError::NotFound)
+        ));
+        assert!(matches!(
+            vfs.open_read("/../../secret").await,
+            Err(VfsError::NotFound)
+        ));
+        upload(&vfs, "../../secret", b"mine").await;
+        assert_eq!(
+            std::fs::read(dir.path().join("secret")).unwrap(),
+            b"other tenant"
+        );
+        assert_eq!(
+            std::fs::read(dir.path().join("cucm/secret")).unwrap(),
+            b"mine"
+        );
+    }
+
+    #[cfg(unix)]
+    #[tokio::test]
+    async fn a_planted_symlink_is_neither_followed_nor_listed() {
+        let dir = tempfile::tempdir().unwrap();
+        let outside = tempfile::tempdir().unwrap();
+        std::fs::write(outside.path().join("passwd"), b"root:x:0:0").unwrap();
+        let vfs = open(dir.path(), ALL).await;
+        std::os::unix::fs::symlink(outside.path(), dir.path().join("cucm/link")).unwrap();
+        std::os::unix::fs::symlink(
+            outside.path().join("passwd"),
+            dir.path().join("cucm/passwd"),
+        )
+        .unwrap();
+
+        assert!(matches!(
+            vfs.open_read("link/passwd").await,
+            Err(VfsError::Symlink)
+        ));
+        assert!(matches!(
+            vfs.open_read("passwd").await,
+            Err(VfsError::Symlink)
+        ));
+        assert!(matches!(vfs.list("link").await, Err(VfsError::Symlink)));
+        assert!(matches!(vfs.remove("passwd").await, Err(VfsError::Symlink)));
+        assert!(vfs.create("link/new", WriteMode::Replace).await.is_err());
+        assert!(names(&vfs, "/").await.is_empty());
+        assert!(outside.path().join("passwd").exists());
+    }
+
+    #[tokio::test]
+    async fn the_upload_directory_is_hidden_from_a_user_at_the_volume_root() {
+        let dir = tempfile::tempdir().unwrap();
+        let volume = Volume::open_fs(dir.path()).unwrap();
+        let vfs = Vfs::open(volume, &user("/", ALL)).await.unwrap();
+        upload(&vfs, "visible.txt", b"x").await;
+
+        assert_eq!(names(&vfs, "/").await, ["visible.txt"]);
+        assert!(matches!(
+            vfs.list("/.sluice-uploads").await,
+            Err(VfsError::NotFound)
+        ));
+        assert!(matches!(
+            vfs.mkdir("/.sluice-uploads/x").await,
+            Err(VfsError::NotFound)
+        ));
+        let reserved_home = user("/.sluice-uploads", ALL);
+        let reserved = Vfs::open(Volume::open_fs(dir.path()).unwrap(), &reserved_home).await;
+        assert!(matches!(reserved, Err(VfsError::ReservedHome(_))));
+    }
+
+    #[tokio::test]
+    async fn an_upload_appears_only_when_closed_and_vanishes_when_dropped() {
+        let dir = tempfile::tempdir().unwrap();
+        let vfs = open(dir.path(), ALL).await;
+
+        let mut writer = vfs.create("big.bin", WriteMode::Replace).await.unwrap();
+        writer.write_at(0, vec![1; 10]).await.unwrap();
+        assert!(matches!(vfs.stat("big.bin").await, Err(VfsError::NotFound)));
+        assert!(matches!(
+            writer.write_at(5, vec![2; 5]).await,
+            Err(VfsError::NonSequentialWrite {
+                expected: 10,
+                got: 5
+            })
+        ));
+        writer.write_at(10, vec![2; 5]).await.unwrap();
+        assert_eq!(writer.close().await.unwrap(), 15);
+        assert_eq!(vfs.stat("big.bin").await.unwrap().size, 15);
+
+        let mut dropped = vfs.create("partial.bin", WriteMode::Replace).await.unwrap();
+        dropped.write_at(0, vec![1; 10]).await.unwrap();
+        drop(dropped);
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        let uploads = dir.path().join(storage::UPLOADS_DIR);
+        assert_eq!(std::fs::read_dir(uploads).unwrap().count(), 0);
+        assert!(matches!(
+            vfs.stat("partial.bin").await,
+            Err(VfsError::NotFound)
+        ));
+    }
+
+    #[tokio::test]
+    async fn reads_honour_ranges_and_stop_at_the_end() {
+        let dir = tempfile::tempdir().unwrap();
+        let vfs = open(dir.path(), ALL).await;
+        upload(&vfs, "data", b"0123456789").await;
+
+        let mut reader = vfs.open_read("data").await.unwrap();
+        assert_eq!(reader.read_at(3, 4).await.unwrap(), &b"3456"[..]);
+        assert_eq!(reader.read_at(8, 100).await.unwrap(), &b"89"[..]);
+        assert!(reader.read_at(10, 4).await.unwrap().is_empty());
+        assert_eq!(reader.bytes_read(), 6);
+    }
+
+    #[tokio::test]
+    async fn directories_are_made_listed_and_removed_only_when_empty() {
+        let dir = tempfile::tempdir().unwrap();
+        let vfs = open(dir.path(), ALL).await;
+
+        vfs.mkdir("in").await.unwrap();
+        assert!(matches!(
+            vfs.mkdir("in").await,
+            Err(VfsError::AlreadyExists)
+        ));
+        assert!(matches!(
+            vfs.mkdir("missing/child").await,
+            Err(VfsError::NotFound)
+        ));
+        upload(&vfs, "in/a.txt", b"a").await;
+        assert!(matches!(vfs.rmdir("in").await, Err(VfsError::NotEmpty)));
+        assert!(matches!(vfs.rmdir("/").await, Err(VfsError::Home)));
+        assert_eq!(names(&vfs, "/").await, ["in"]);
+        assert_eq!(names(&vfs, "in").await, ["a.txt"]);
+
+        vfs.remove("in/a.txt").await.unwrap();
+        vfs.rmdir("in").await.unwrap();
+        assert!(names(&vfs, "/").await.is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_listing_is_complete_across_batches() {
+        let dir = tempfile::tempdir().unwrap();
+        let vfs = open(dir.path(), ALL).await;
+        for i in 0..250 {
+            std::fs::write(dir.path().join(format!("cucm/f{i:03}")), b"").unwrap();
+        }
+
+        let mut listing = vfs.list("/").await.unwrap();
+        let mut total = 0;
+        loop {
+            let batch = listing.next_batch(100).await.unwrap();
+            if batch.is_empty() {
+                break;
+            }
+            total += batch.len();
+        }
+        assert_eq!(total, 250);
+    }
+
+    #[tokio::test]
+    async fn plain_rename_refuses_an_existing_target() {
+        let dir = tempfile::tempdir().unwrap();
+        let vfs = open(dir.path(), ALL).await;
+        upload(&vfs, "a", b"a").await;
+        upload(&vfs, "b", b"b").await;
+        vfs.mkdir("sub").await.unwrap();
+
+        assert!(matches!(
+            vfs.rename("a", "b").await,
+            Err(VfsError::AlreadyExists)
+        ));
+        vfs.rename("a", "sub/c").await.unwrap();
+        vfs.rename("sub", "moved").await.unwrap();
+        assert_eq!(vfs.stat("moved/c").await.unwrap().size, 1);
+        assert!(matches!(
+            vfs.rename("moved", "moved/inner").await,
+            Err(VfsError::InvalidPath)
+        ));
+        assert!(matches!(
+            vfs.rename("nothing", "x").await,
+            Err(VfsError::NotFound)
+        ));
+    }
+
+    #[tokio::test]
+    async fn every_operation_checks_its_permission() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(dir.path().join("cucm/d")).unwrap();
+        std::fs::write(dir.path().join("cucm/f"), b"f").unwrap();
+        let vfs = open(dir.path(), &[]).await;
+
+        let denied = |r: Result<(), VfsError>| matches!(r, Err(VfsError::Denied(_)));
+        assert!(denied(vfs.stat("f").await.map(drop)));
+        assert!(denied(vfs.list("d").await.map(drop)));
+        assert!(denied(vfs.open_read("f").await.map(drop)));
+        assert!(denied(vfs.create("g", WriteMode::Replace).await.map(drop)));
+        assert!(denied(vfs.mkdir("e").await));
+        assert!(denied(vfs.rmdir("d").await));
+        assert!(denied(vfs.remove("f").await));
+        assert!(denied(vfs.rename("f", "h").await));
+        assert_eq!(vfs.resolve("a/../b").unwrap(), "/b");
+    }
+
+    #[tokio::test]
+    async fn create_new_fails_on_an_existing_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let vfs = open(dir.path(), ALL).await;
+        upload(&vfs, "once", b"1").await;
+        assert!(matches!(
+            vfs.create("once", WriteMode::CreateNew).await.map(drop),
+            Err(VfsError::AlreadyExists)
+        ));
+        assert!(matches!(
+            vfs.create("/", WriteMode::Replace).await.map(drop),
+            Err(VfsError::IsADirectory)
+        ));
+    }
+
+    #[test]
+    fn errors_map_to_protocol_replies() {
+        assert_eq!(VfsError::NotFound.reply(), Reply::NotFound);
+        assert_eq!(VfsError::Denied(Write).reply(), Reply::PermissionDenied);
+        assert_eq!(VfsError::Symlink.reply(), Reply::PermissionDenied);
+        assert_eq!(VfsError::AlreadyExists.reply(), Reply::Failure);
+        let unsupported = VfsError::NonSequentialWrite {
+            expected: 1,
+            got: 2,
+        };
+        assert_eq!(unsupported.reply(), Reply::Unsupported);
+    }
+}

@@ -1,0 +1,397 @@
+//! Storage behind the gateway: an Apache OpenDAL operator over the server's volume.
+//!
+//! Contract:
+//! - [`Volume::open_fs`] roots an OpenDAL `fs` operator at a directory (the mounted
+//!   PersistentVolumeClaim). Keys handed to the operator are relative to that root, without
+//!   a leading `/`; directories end in `/`. OpenDAL itself rejects keys containing `..`.
+//! - Uploads are atomic. The fs service writes every upload to a temporary file in
+//!   [`UPLOADS_DIR`], a hidden directory inside the volume root, and renames it onto its
+//!   final name only when the writer is closed; an aborted writer removes it. A half-written
+//!   upload is therefore never visible under its final name, and the rename never crosses a
+//!   filesystem boundary because the temporary directory lives on the same volume.
+//! - [`UPLOADS_DIR`] is reserved: [`is_reserved`] tells the protocol side to hide it from
+//!   listings and to refuse paths into it. Temporary files a crashed gateway left behind
+//!   are removed when the volume is opened, once they are older than [`STALE_UPLOAD_AGE`].
+//! - Symbolic links are never followed. The fs service would follow them (it uses
+//!   `metadata` and `open`), so [`Volume::refuse_symlinks`] checks every existing component
+//!   of a key with `symlink_metadata` before the key is used.
+//! - Directories are listed with [`Volume::list`], not with OpenDAL's lister: that lister
+//!   completes entries of unknown type (which is what a link is) with a `stat` that follows
+//!   the link, so a link would be listed as its target (and a link to a directory trips a
+//!   debug assertion in OpenDAL). Reading the directory directly reports links as
+//!   [`ListedKind::Other`].
+
+use std::io;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime};
+
+use opendal::Operator;
+use opendal::services::Fs;
+
+/// Name of the hidden directory, directly under the volume root, that holds uploads in
+/// progress.
+pub const UPLOADS_DIR: &str = ".sluice-uploads";
+
+/// Age after which a temporary upload file is considered abandoned and removed when the
+/// volume is opened. Long enough that an upload still running on another replica that
+/// shares the volume is never touched.
+pub const STALE_UPLOAD_AGE: Duration = Duration::from_secs(24 * 60 * 60);
+
+/// Errors of this module.
+#[derive(Debug, thiserror::Error)]
+pub enum StorageError {
+    /// The OpenDAL operator for the volume could not be built.
+    #[error("failed to open volume at {root}")]
+    Open {
+        /// The directory the volume was to be rooted at.
+        root: PathBuf,
+        /// What OpenDAL reported.
+        #[source]
+        source: opendal::Error,
+    },
+    /// A component of a key is a symbolic link.
+    #[error("refusing to follow symbolic link at {key}")]
+    Symlink {
+        /// The key, relative to the volume root, up to and including the link.
+        key: String,
+    },
+    /// A directory could not be listed.
+    #[error("failed to list {key} on the volume")]
+    List {
+        /// The directory's key, relative to the volume root.
+        key: String,
+        /// What the filesystem reported.
+        #[source]
+        source: io::Error,
+    },
+    /// A component of a key could not be inspected.
+    #[error("failed to inspect {key} on the volume")]
+    Inspect {
+        /// The key, relative to the volume root, up to and including the component.
+        key: String,
+        /// What the filesystem reported.
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// The storage of one gateway: an OpenDAL operator plus what the gateway needs to know
+/// about the backend behind it.
+#[derive(Clone, Debug)]
+pub struct Volume {
+    operator: Operator,
+    local_root: PathBuf,
+}
+
+impl Volume {
+    /// Opens the volume rooted at `root`, creating the directory and [`UPLOADS_DIR`] if
+    /// missing, and removes stale temporary uploads.
+    pub fn open_fs(root: &Path) -> Result<Self, StorageError> {
+        let operator = fs_operator(root)?;
+
+        // OpenDAL canonicalises its root; do the same so symlink checks start from the
+        // directory the operator really uses.
+        let local_root = root
+            .canonicalize()
+            .map_err(|source| StorageError::Inspect {
+                key: String::new(),
+                source,
+            })?;
+        remove_stale_uploads(&local_root.join(UPLOADS_DIR), STALE_UPLOAD_AGE);
+
+        Ok(Self {
+            operator,
+            local_root,
+        })
+    }
+
+    /// The operator; keys are relative to the volume root.
+    pub fn operator(&self) -> &Operator {
+        &self.operator
+    }
+
+    /// Fails with [`StorageError::Symlink`] if any existing component of `key` is a
+    /// symbolic link. Components that do not exist (yet) end the check: whatever is
+    /// created there later is created by the gateway, which never creates links.
+    ///
+    /// The check and the later use of the key are not one atomic step. That is safe
+    /// because nothing that talks to the gateway can create a link; the check exists for
+    /// links planted on the volume by other means (a restored backup, another pod).
+    pub async fn refuse_symlinks(&self, key: &str) -> Result<(), StorageError> {
+        let root = self.local_root.clone();
+        let key = key.to_owned();
+        tokio::task::spawn_blocking(move || check_components(&root, &key))
+            .await
+            .unwrap_or_else(|join| {
+                Err(StorageError::Inspect {
+                    key: String::new(),
+                    source: io::Error::other(join),
+                })
+            })
+    }
+
+    /// Starts listing the directory at `key` (relative to the volume root). Entries are
+    /// reported as they are, symbolic links included, without following anything.
+    pub async fn list(&self, key: &str) -> Result<Listing, StorageError> {
+        let list_error = |source| StorageError::List {
+            key: key.to_owned(),
+            source,
+        };
+        let read_dir = tokio::fs::read_dir(self.local_root.join(key))
+            .await
+            .map_err(list_error)?;
+        Ok(Listing {
+            key: key.to_owned(),
+            read_dir,
+        })
+    }
+}
+
+/// What a listed entry is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ListedKind {
+    /// A regular file.
+    File,
+    /// A directory.
+    Directory,
+    /// Anything else: a symbolic link, socket, device or FIFO.
+    Other,
+}
+
+/// One entry of a directory listing.
+#[derive(Clone, Debug)]
+pub struct ListedEntry {
+    /// File name (entries whose name is not UTF-8 are skipped).
+    pub name: String,
+    /// What it is; links are [`ListedKind::Other`] whatever they point to.
+    pub kind: ListedKind,
+    /// Size in bytes of a file; 0 otherwise.
+    pub size: u64,
+    /// Last modification, when known.
+    pub modified: Option<SystemTime>,
+}
+
+/// A directory listing in progress, read entry by entry.
+pub struct Listing {
+    key: String,
+    read_dir: tokio::fs::ReadDir,
+}
+
+impl Listing {
+    /// The next entry, or `None` when the listing is complete.
+    pub async fn next(&mut self) -> Result<Option<ListedEntry>, StorageError> {
+        loop {
+            let entry = self
+                .read_dir
+                .next_entry()
+                .await
+                .map_err(|source| StorageError::List {
+                    key: self.key.clone(),
+                    source,
+                })?;
+            let Some(entry) = entry else {
+                return Ok(None);
+            };
+            // Entries can vanish between reading the directory and inspecting them.
+            let (Ok(name), Ok(meta)) = (entry.file_name().into_string(), entry.metadata().await)
+            else {
+                continue;
+            };
+
+            // `DirEntry::metadata` does not traverse links: a link is neither file nor dir.
+            let kind = if meta.is_file() {
+                ListedKind::File
+            } else if meta.is_dir() {
+                ListedKind::Directory
+            } else {
+                ListedKind::Other
+            };
+            return Ok(Some(ListedEntry {
+                name,
+                kind,
+                size: if kind == ListedKind::File {
+                    meta.len()
+                } else {
+                    0
+                },
+                modified: meta.modified().ok(),
+            }));
+        }
+    }
+}
+
+/// Builds an OpenDAL `fs` operator rooted at `root` whose writes go through
+/// [`UPLOADS_DIR`] inside it, so that every upload is atomic.
+pub fn fs_operator(root: &Path) -> Result<Operator, StorageError> {
+    let open_error = |source| StorageError::Open {
+        root: root.to_owned(),
+        source,
+    };
+    let uploads = root.join(UPLOADS_DIR);
+    let builder = Fs::default()
+        .root(&root.to_string_lossy())
+        .atomic_write_dir(&uploads.to_string_lossy());
+    Operator::new(builder).map_err(open_error)
+}
+
+/// Whether `key` (relative to the volume root, with or without a leading `/`) lies in
+/// the reserved [`UPLOADS_DIR`].
+pub fn is_reserved(key: &str) -> bool {
+    key.split('/').find(|c| !c.is_empty()) == Some(UPLOADS_DIR)
+}
+
+fn check_components(root: &Path, key: &str) -> Result<(), StorageError> {
+    let mut path = root.to_path_buf();
+    let mut walked = String::new();
+    for component in key.split('/').filter(|c| !c.is_empty()) {
+        path.push(component);
+        if !walked.is_empty() {
+            walked.push('/');
+        }
+        walked.push_str(component);
+
+        match std::fs::symlink_metadata(&path) {
+            Ok(meta) if meta.file_type().is_symlink() => {
+                return Err(StorageError::Symlink { key: walked });
+            }
+            Ok(_) => {}
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::NotFound | io::ErrorKind::NotADirectory
+                ) =>
+            {
+                return Ok(());
+            }
+            Err(source) => {
+                return Err(StorageError::Inspect {
+                    key: walked,
+                    source,
+                });
+            }
+        }
+    }
+    Ok(())
+}
+
+fn remove_stale_uploads(dir: &Path, max_age: Duration) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    let now = SystemTime::now();
+    for entry in entries.flatten() {
+        let Ok(meta) = entry.metadata() else { continue };
+        let age = meta
+            .modified()
+            .ok()
+            .and_then(|m| now.duration_since(m).ok());
+        if meta.is_file() && age.is_some_and(|age| age > max_age) {
+            match std::fs::remove_file(entry.path()) {
+                Ok(()) => tracing::info!(file = ?entry.file_name(), "Removed abandoned upload"),
+                Err(error) => tracing::warn!(
+                    file = ?entry.file_name(),
+                    %error,
+                    "Failed to remove abandoned upload"
+                ),
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reserved_keys_are_those_under_the_uploads_dir() {
+        assert!(is_reserved(".sluice-uploads"));
+        assert!(is_reserved("/.sluice-uploads/x.123"));
+        assert!(is_reserved("//.sluice-uploads/"));
+        assert!(!is_reserved("home/.sluice-uploads"));
+        assert!(!is_reserved(".sluice-uploads-not"));
+        assert!(!is_reserved(""));
+    }
+
+    #[tokio::test]
+    async fn a_partial_upload_is_invisible_until_closed() {
+        let dir = tempfile::tempdir().unwrap();
+        let volume = Volume::open_fs(dir.path()).unwrap();
+        let op = volume.operator();
+
+        let mut writer = op.writer("report.csv").await.unwrap();
+        writer.write(b"half".to_vec()).await.unwrap();
+        assert!(!dir.path().join("report.csv").exists());
+
+        writer.write(b" and the rest".to_vec()).await.unwrap();
+        writer.close().await.unwrap();
+        let written = std::fs::read(dir.path().join("report.csv")).unwrap();
+        assert_eq!(written, b"half and the rest");
+        assert_eq!(
+            std::fs::read_dir(dir.path().join(UPLOADS_DIR))
+                .unwrap()
+                .count(),
+            0
+        );
+    }
+
+    #[tokio::test]
+    async fn an_aborted_upload_leaves_nothing_behind() {
+        let dir = tempfile::tempdir().unwrap();
+        let volume = Volume::open_fs(dir.path()).unwrap();
+
+        let mut writer = volume.operator().writer("gone.bin").await.unwrap();
+        writer.write(vec![7u8; 1024]).await.unwrap();
+        writer.abort().await.unwrap();
+
+        assert!(!dir.path().join("gone.bin").exists());
+        assert_eq!(
+            std::fs::read_dir(dir.path().join(UPLOADS_DIR))
+                .unwrap()
+                .count(),
+            0
+        );
+    }
+
+    #[cfg(unix)]
+    #[tokio::test]
+    async fn listing_reports_links_as_other_without_following_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let outside = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("sub")).unwrap();
+        std::fs::write(dir.path().join("file"), b"12345").unwrap();
+        std::os::unix::fs::symlink(outside.path(), dir.path().join("link")).unwrap();
+        let volume = Volume::open_fs(dir.path()).unwrap();
+
+        let mut listing = volume.list("").await.unwrap();
+        let mut seen = Vec::new();
+        while let Some(entry) = listing.next().await.unwrap() {
+            seen.push((entry.name, entry.kind, entry.size));
+        }
+        seen.sort_by(|a, b| a.0.cmp(&b.0));
+        assert_eq!(
+            seen,
+            [
+                (UPLOADS_DIR.to_owned(), ListedKind::Directory, 0),
+                ("file".to_owned(), ListedKind::File, 5),
+                ("link".to_owned(), ListedKind::Other, 0),
+                ("sub".to_owned(), ListedKind::Directory, 0),
+            ]
+        );
+    }
+
+    #[cfg(unix)]
+    #[tokio::test]
+    async fn a_symlink_anywhere_on_the_key_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let outside = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("home")).unwrap();
+        std::os::unix::fs::symlink(outside.path(), dir.path().join("home/escape")).unwrap();
+        let volume = Volume::open_fs(dir.path()).unwrap();
+
+        let refused = volume.refuse_symlinks("home/escape/passwd").await;
+        assert!(matches!(refused, Err(StorageError::Symlink { key }) if key == "home/escape"));
+        assert!(volume.refuse_symlinks("home/missing/deeper").await.is_ok());
+        assert!(volume.refuse_symlinks("home").await.is_ok());
+        assert!(volume.refuse_symlinks("").await.is_ok());
+    }
+}

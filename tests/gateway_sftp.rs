@@ -1,0 +1,633 @@
+//! The SFTP gateway, started in-process on 127.0.0.1, against real clients: OpenSSH
+//! `sftp` in batch mode and paramiko.
+
+mod support;
+
+use std::path::Path;
+use std::process::Output;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, ensure};
+use serde_json::json;
+use sluice::api::Permission;
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::TcpStream;
+
+use support::gateway::{
+    ALL, TestGateway, blocking, capture_logs, key_user, paramiko, paramiko_command, password_user,
+};
+use support::sftp::{Auth, SftpClient, generate_key, random_file, sha256_file};
+
+const PASSWORD: &str = "Tr0ub4dor&3-correct-horse";
+
+/// An OpenSSH `sftp` client for one user, run in batch mode.
+#[derive(Clone)]
+struct OpenSsh(Arc<SftpClient>);
+
+impl OpenSsh {
+    fn password(gateway: &TestGateway, user: &str, password: &str) -> Self {
+        let auth = Auth::Password(password.to_owned());
+        let client = SftpClient::new(gateway.addr, user, auth, &gateway.scratch(user))
+            .expect("the scratch directory is writable");
+        Self(Arc::new(client))
+    }
+
+    fn key(gateway: &TestGateway, user: &str, key: &Path) -> Result<Self> {
+        let auth = Auth::Key(key.to_owned());
+        let client = SftpClient::new(gateway.addr, user, auth, &gateway.scratch(user))?;
+        Ok(Self(Arc::new(client)))
+    }
+
+    fn batch(&self, commands: &str) -> Result<Output> {
+        self.0.batch(commands)
+    }
+}
+
+/// Runs sftp batch `commands` without stalling the in-process gateway; returns stdout.
+async fn sftp(client: &OpenSsh, commands: &str) -> Result<String> {
+    let (client, batch) = (client.clone(), commands.to_owned());
+    let output = blocking(move || client.batch(&batch)).await?;
+    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    ensure!(
+        output.status.success(),
+        "sftp failed on {commands:?}:\n{stdout}\n{stderr}"
+    );
+    Ok(stdout)
+}
+
+/// The lines of sftp batch output that are not echoed commands.
+fn listed(stdout: &str) -> Vec<&str> {
+    stdout
+        .lines()
+        .filter(|line| !line.starts_with("sftp>"))
+        .map(str::trim)
+        .collect()
+}
+
+/// Like [`sftp`], but expects the batch to fail; returns stderr.
+async fn sftp_fails(client: &OpenSsh, commands: &str) -> Result<String> {
+    let (client, batch) = (client.clone(), commands.to_owned());
+    let output = blocking(move || client.batch(&batch)).await?;
+    ensure!(
+        !output.status.success(),
+        "sftp unexpectedly succeeded with {commands:?}"
+    );
+    Ok(String::from_utf8_lossy(&output.stderr).into_owned())
+}
+
+#[tokio::test]
+async fn openssh_sftp_uploads_downloads_renames_and_removes_with_a_password() -> Result<()> {
+    let logs = capture_logs();
+    let gateway = TestGateway::start(vec![password_user("cucm", PASSWORD, ALL)]).await?;
+    let client = OpenSsh::password(&gateway, "cucm", PASSWORD);
+    let scratch = gateway.scratch("cucm");
+    let local = scratch.join("report.bin");
+    let size = 3 * 1024 * 1024 + 17;
+    let sha = random_file(&local, size, 1)?;
+    let back = scratch.join("back.bin");
+
+    let listing = sftp(
+        &client,
+        &format!(
+            "mkdir inbox\nput {} inbox/report.bin\nls -1 inbox\nget inbox/report.bin {}\n",
+            local.display(),
+            back.display()
+        ),
+    )
+    .await?;
+    ensure!(
+        listed(&listing) == ["inbox/report.bin"],
+        "ls did not show the upload:\n{listing}"
+    );
+    ensure!(
+        sha256_file(&back)? == sha,
+        "the download differs from the upload"
+    );
+    let stored = gateway.data().join("cucm/inbox/report.bin");
+    ensure!(
+        sha256_file(&stored)? == sha,
+        "the stored file differs from the upload"
+    );
+
+    let listing = sftp(
+        &client,
+        "rename inbox/report.bin inbox/renamed.bin\nls -1 inbox\n",
+    )
+    .await?;
+    ensure!(listed(&listing) == ["inbox/renamed.bin"], "{listing}");
+
+    sftp(&client, "rm inbox/renamed.bin\nrmdir inbox\n").await?;
+    let left: Vec<_> = std::fs::read_dir(gateway.data().join("cucm"))?.collect();
+    ensure!(left.is_empty(), "the home directory is not empty: {left:?}");
+
+    gateway.stop().await?;
+    let text = logs.text();
+    ensure!(
+        text.contains("Logged in") && text.contains("method=\"password\""),
+        "{text}"
+    );
+    ensure!(
+        text.contains(&format!("bytes={size}")),
+        "no transfer with its size:\n{text}"
+    );
+    ensure!(text.contains("Upload completed") && text.contains("Download completed"));
+    Ok(())
+}
+
+#[tokio::test]
+async fn openssh_sftp_logs_in_with_an_authorised_key_and_not_with_another() -> Result<()> {
+    let logs = capture_logs();
+    let keys = tempfile::tempdir()?;
+    let (key, public) = generate_key(keys.path(), "ops")?;
+    let (stranger, _) = generate_key(keys.path(), "stranger")?;
+    let gateway = TestGateway::start(vec![key_user("ops", &public, ALL)]).await?;
+    let scratch = gateway.scratch("ops");
+    let local = scratch.join("note.txt");
+    std::fs::write(&local, "key login\n")?;
+
+    let client = OpenSsh::key(&gateway, "ops", &key)?;
+    let listing = sftp(
+        &client,
+        &format!("put {} note.txt\nls -1\n", local.display()),
+    )
+    .await?;
+    ensure!(listed(&listing) == ["note.txt"], "{listing}");
+    ensure!(std::fs::read_to_string(gateway.data().join("ops/note.txt"))? == "key login\n");
+
+    let impostor = OpenSsh(Arc::new(SftpClient::new(
+        gateway.addr,
+        "ops",
+        Auth::Key(stranger),
+        &gateway.scratch("impostor"),
+    )?));
+    let stderr = sftp_fails(&impostor, "ls\n").await?;
+    ensure!(stderr.contains("Permission denied"), "{stderr}");
+
+    gateway.stop().await?;
+    let text = logs.text();
+    ensure!(text.contains("method=\"publickey\""), "{text}");
+    let warnings = logs.at_level("WARN");
+    ensure!(
+        warnings
+            .iter()
+            .any(|w| w.contains("Login failed") && w.contains("ops"))
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_wrong_password_is_refused_and_never_logged() -> Result<()> {
+    let logs = capture_logs();
+    let gateway = TestGateway::start(vec![password_user("cucm", PASSWORD, ALL)]).await?;
+    let wrong = "Wr0ng-but-memorable-9f2c";
+    let client = OpenSsh::password(&gateway, "cucm", wrong);
+
+    let stderr = sftp_fails(&client, "ls\n").await?;
+    ensure!(stderr.contains("Permission denied"), "{stderr}");
+    ensure!(
+        !gateway.data().join("cucm").exists(),
+        "a refused login created the home"
+    );
+
+    gateway.stop().await?;
+    let warnings = logs.at_level("WARN");
+    let failed = warnings.iter().find(|w| w.contains("Login failed"));
+    let failed = failed.with_context(|| format!("no failed-login warning: {warnings:?}"))?;
+    ensure!(
+        failed.contains("cucm") && failed.contains("peer=127.0.0.1"),
+        "{failed}"
+    );
+    let text = logs.text();
+    ensure!(
+        !text.contains(wrong) && !text.contains(PASSWORD),
+        "a password was logged"
+    );
+    ensure!(!text.contains("$argon2"), "a password hash was logged");
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_user_without_write_permission_cannot_upload_but_can_download() -> Result<()> {
+    let _logs = capture_logs();
+    let reader = password_user("reader", PASSWORD, &[Permission::List, Permission::Read]);
+    let gateway = TestGateway::start(vec![reader]).await?;
+    std::fs::create_dir_all(gateway.data().join("reader"))?;
+    std::fs::write(gateway.data().join("reader/existing.txt"), "published\n")?;
+    let client = OpenSsh::password(&gateway, "reader", PASSWORD);
+    let scratch = gateway.scratch("reader");
+    let local = scratch.join("upload.bin");
+    random_file(&local, 4096, 2)?;
+
+    let stderr = sftp_fails(&client, &format!("put {} upload.bin\n", local.display())).await?;
+    ensure!(stderr.contains("Permission denied"), "{stderr}");
+    ensure!(!gateway.data().join("reader/upload.bin").exists());
+    for refused in [
+        "mkdir new\n",
+        "rm existing.txt\n",
+        "rename existing.txt moved.txt\n",
+    ] {
+        let stderr = sftp_fails(&client, refused).await?;
+        ensure!(
+            stderr.contains("Permission denied"),
+            "{refused:?}: {stderr}"
+        );
+    }
+
+    let copy = scratch.join("existing.txt");
+    sftp(&client, &format!("get existing.txt {}\n", copy.display())).await?;
+    ensure!(std::fs::read_to_string(copy)? == "published\n");
+    gateway.stop().await
+}
+
+/// Case C05, first half: REALPATH answers relative to the user's home.
+#[tokio::test]
+async fn paramiko_realpath_answers_relative_to_the_home_directory() -> Result<()> {
+    let _logs = capture_logs();
+    let gateway = TestGateway::start(vec![password_user("cucm", PASSWORD, ALL)]).await?;
+
+    let answers = paramiko(
+        gateway.addr,
+        "cucm",
+        PASSWORD,
+        r#"
+t, sftp = connect()
+print(json.dumps({p: sftp.normalize(p) for p in ["", ".", "/", "a/../b", "../../etc"]}))
+"#,
+    )
+    .await?;
+    let expected = json!({"": "/", ".": "/", "/": "/", "a/../b": "/b", "../../etc": "/etc"});
+    ensure!(answers == expected, "REALPATH answered {answers}");
+    gateway.stop().await
+}
+
+/// Case C05, second half: nothing resolves outside the user's home.
+#[tokio::test]
+async fn paths_never_resolve_outside_the_home_directory() -> Result<()> {
+    let _logs = capture_logs();
+    let users = vec![
+        password_user("cucm", PASSWORD, ALL),
+        password_user("other", PASSWORD, ALL),
+    ];
+    let gateway = TestGateway::start(users).await?;
+    std::fs::create_dir_all(gateway.data().join("other"))?;
+    std::fs::write(gateway.data().join("other/secret.txt"), "other tenant")?;
+    std::fs::write(gateway.data().join("top-level.txt"), "volume root")?;
+
+    let result = paramiko(
+        gateway.addr,
+        "cucm",
+        PASSWORD,
+        r#"
+t, sftp = connect()
+r = {}
+r["passwd_before"] = attempt(lambda: sftp.open("../../etc/passwd").read().decode())
+r["other_tenant"] = attempt(lambda: sftp.open("../other/secret.txt").read().decode())
+r["volume_root"] = attempt(lambda: sftp.open("/../top-level.txt").read().decode())
+r["list_up"] = attempt(lambda: sorted(sftp.listdir("../..")))
+sftp.mkdir("/etc")
+with sftp.open("../../etc/passwd", "w") as f:
+    f.write("inside the home")
+r["passwd_after"] = attempt(lambda: sftp.open("/../../etc/passwd").read().decode())
+print(json.dumps(r))
+"#,
+    )
+    .await?;
+
+    for escape in ["passwd_before", "other_tenant", "volume_root"] {
+        ensure!(result[escape]["errno"] == 2, "{escape}: {}", result[escape]);
+    }
+    ensure!(
+        result["list_up"]["ok"] == json!([]),
+        "listing .. showed {}",
+        result["list_up"]
+    );
+    ensure!(
+        result["passwd_after"]["ok"] == "inside the home",
+        "{}",
+        result["passwd_after"]
+    );
+    let written = gateway.data().join("cucm/etc/passwd");
+    ensure!(std::fs::read_to_string(written)? == "inside the home");
+    gateway.stop().await
+}
+
+/// Case C05: a symlink planted on the volume, pointing outside, is not followed.
+#[tokio::test]
+async fn a_symlink_planted_in_the_volume_is_not_followed() -> Result<()> {
+    let _logs = capture_logs();
+    let gateway = TestGateway::start(vec![password_user("cucm", PASSWORD, ALL)]).await?;
+    let outside = tempfile::tempdir()?;
+    std::fs::write(outside.path().join("secret.txt"), "outside the volume")?;
+    let home = gateway.data().join("cucm");
+    std::fs::create_dir_all(&home)?;
+    std::os::unix::fs::symlink(outside.path(), home.join("escape"))?;
+    std::os::unix::fs::symlink("/etc/passwd", home.join("passwd"))?;
+
+    let result = paramiko(
+        gateway.addr,
+        "cucm",
+        PASSWORD,
+        r#"
+t, sftp = connect()
+r = {}
+r["listing"] = attempt(lambda: sorted(sftp.listdir("/")))
+r["read_through_dir_link"] = attempt(lambda: sftp.open("escape/secret.txt").read().decode())
+r["read_file_link"] = attempt(lambda: sftp.open("passwd").read().decode())
+r["list_dir_link"] = attempt(lambda: sftp.listdir("escape"))
+r["write_through_dir_link"] = attempt(lambda: sftp.open("escape/planted.txt", "w").close())
+r["remove_file_link"] = attempt(lambda: sftp.remove("passwd"))
+print(json.dumps(r))
+"#,
+    )
+    .await?;
+
+    ensure!(
+        result["listing"]["ok"] == json!([]),
+        "links were listed: {}",
+        result["listing"]
+    );
+    for attempt in [
+        "read_through_dir_link",
+        "read_file_link",
+        "list_dir_link",
+        "write_through_dir_link",
+        "remove_file_link",
+    ] {
+        ensure!(
+            result[attempt]["errno"] == 13,
+            "{attempt}: {}",
+            result[attempt]
+        );
+    }
+    let outside_now: Vec<_> = std::fs::read_dir(outside.path())?.collect();
+    ensure!(
+        outside_now.len() == 1,
+        "something was written outside: {outside_now:?}"
+    );
+    ensure!(
+        home.join("passwd")
+            .symlink_metadata()?
+            .file_type()
+            .is_symlink()
+    );
+    gateway.stop().await
+}
+
+#[tokio::test]
+async fn a_tcp_connect_and_close_logs_nothing_at_warn_or_error() -> Result<()> {
+    let logs = capture_logs();
+    let gateway = TestGateway::start(vec![password_user("cucm", PASSWORD, ALL)]).await?;
+
+    drop(TcpStream::connect(gateway.addr).await?);
+
+    let mut garbage = TcpStream::connect(gateway.addr).await?;
+    garbage.write_all(b"GET / HTTP/1.1\r\n\r\n").await?;
+    let mut sink = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(2), garbage.read_to_end(&mut sink)).await;
+    drop(garbage);
+
+    let mut half = BufReader::new(TcpStream::connect(gateway.addr).await?);
+    let mut banner = String::new();
+    half.read_line(&mut banner).await?;
+    ensure!(banner.starts_with("SSH-2.0-Sluice"), "banner {banner:?}");
+    half.get_mut().write_all(b"SSH-2.0-probe\r\n").await?;
+    drop(half);
+
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    gateway.stop().await?;
+    let loud: Vec<String> = [logs.at_level("ERROR"), logs.at_level("WARN")].concat();
+    ensure!(loud.is_empty(), "a probe was logged loudly: {loud:#?}");
+    Ok(())
+}
+
+#[tokio::test]
+async fn shell_exec_pty_and_other_subsystems_are_refused_with_a_message() -> Result<()> {
+    let _logs = capture_logs();
+    let gateway = TestGateway::start(vec![password_user("cucm", PASSWORD, ALL)]).await?;
+
+    let result = paramiko(
+        gateway.addr,
+        "cucm",
+        PASSWORD,
+        r#"
+import time
+t, sftp = connect()
+def refused(request):
+    channel = t.open_session()
+    try:
+        request(channel)
+        outcome = "accepted"
+    except paramiko.SSHException:
+        outcome = "refused"
+    time.sleep(0.2)
+    stderr = channel.recv_stderr(4096).decode() if channel.recv_stderr_ready() else ""
+    return [outcome, stderr]
+r = {
+    "exec": refused(lambda c: c.exec_command("id")),
+    "shell": refused(lambda c: c.invoke_shell()),
+    "pty": refused(lambda c: c.get_pty()),
+    "subsystem": refused(lambda c: c.invoke_subsystem("netconf")),
+    "sftp_still_works": sftp.normalize("."),
+}
+print(json.dumps(r))
+"#,
+    )
+    .await?;
+
+    for request in ["exec", "shell", "pty", "subsystem"] {
+        ensure!(
+            result[request][0] == "refused",
+            "{request}: {}",
+            result[request]
+        );
+    }
+    let message = result["exec"][1].as_str().unwrap_or_default();
+    ensure!(
+        message.contains("SFTP connections only"),
+        "exec stderr {message:?}"
+    );
+    ensure!(result["sftp_still_works"] == "/");
+    gateway.stop().await
+}
+
+#[tokio::test]
+async fn a_config_change_admits_new_users_while_existing_sessions_continue() -> Result<()> {
+    let _logs = capture_logs();
+    let gateway = TestGateway::start(vec![password_user("alice", PASSWORD, ALL)]).await?;
+    let staged = gateway.stage_users(vec![password_user("bob", "bobs-password", ALL)])?;
+
+    let script = format!(
+        r#"
+import time
+ta, sa = connect()
+with sa.open("before.txt", "w") as f:
+    f.write("a")
+os.replace({staged:?}, {config:?})
+def bob_logs_in():
+    deadline = time.time() + 10
+    while True:
+        try:
+            tb, sb = connect("bob", "bobs-password")
+            sb.listdir("/")
+            tb.close()
+            return "logged in"
+        except paramiko.AuthenticationException:
+            if time.time() > deadline:
+                raise
+            time.sleep(0.1)
+r = {{"bob": attempt(bob_logs_in)}}
+def alice_keeps_working():
+    with sa.open("after.txt", "w") as f:
+        f.write("b")
+    return sorted(sa.listdir("/"))
+r["alice_session"] = attempt(alice_keeps_working)
+r["alice_new_login"] = attempt(lambda: connect("alice") and "logged in")
+print(json.dumps(r))
+"#,
+        staged = staged.display().to_string(),
+        config = gateway.config_path().display().to_string(),
+    );
+    let result = paramiko(gateway.addr, "alice", PASSWORD, &script).await?;
+
+    ensure!(result["bob"]["ok"] == "logged in", "bob: {}", result["bob"]);
+    let alice = &result["alice_session"]["ok"];
+    ensure!(
+        *alice == json!(["after.txt", "before.txt"]),
+        "alice's session: {result}"
+    );
+    let refused = &result["alice_new_login"]["error"];
+    ensure!(
+        *refused == "AuthenticationException",
+        "alice logged in again: {result}"
+    );
+    gateway.stop().await
+}
+
+#[tokio::test]
+async fn only_authentication_methods_some_login_can_complete_are_advertised() -> Result<()> {
+    let _logs = capture_logs();
+    let keys = tempfile::tempdir()?;
+    let (_, public) = generate_key(keys.path(), "ops")?;
+    let gateway = TestGateway::start(vec![key_user("ops", &public, ALL)]).await?;
+    let probe = r#"
+transport = paramiko.Transport((os.environ["SLUICE_HOST"], int(os.environ["SLUICE_PORT"])))
+transport.start_client()
+try:
+    transport.auth_none("anyone")
+    print(json.dumps("accepted"))
+except paramiko.BadAuthenticationType as e:
+    print(json.dumps(sorted(e.allowed_types)))
+"#;
+
+    let methods = paramiko(gateway.addr, "anyone", "", probe).await?;
+    ensure!(methods == json!(["publickey"]), "advertised {methods}");
+
+    let users = vec![
+        key_user("ops", &public, ALL),
+        password_user("cucm", PASSWORD, ALL),
+    ];
+    gateway.set_users(users)?;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let methods = paramiko(gateway.addr, "anyone", "", probe).await?;
+        if methods == json!(["password", "publickey"]) {
+            break;
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "still advertising {methods} after reload"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    gateway.stop().await
+}
+
+#[tokio::test]
+async fn an_interrupted_upload_leaves_no_file_behind() -> Result<()> {
+    let logs = capture_logs();
+    let gateway = TestGateway::start(vec![password_user("cucm", PASSWORD, ALL)]).await?;
+
+    let result = paramiko(
+        gateway.addr,
+        "cucm",
+        PASSWORD,
+        r#"
+t, sftp = connect()
+f = sftp.open("big.bin", "w")
+f.write(b"x" * 200000)
+f.flush()
+r = {"visible_during_upload": attempt(lambda: sftp.stat("big.bin").st_size)}
+t.close()
+print(json.dumps(r))
+"#,
+    )
+    .await?;
+    ensure!(result["visible_during_upload"]["errno"] == 2, "{result}");
+
+    let uploads = gateway.data().join(sluice::storage::UPLOADS_DIR);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while std::fs::read_dir(&uploads)?.next().is_some() {
+        ensure!(
+            Instant::now() < deadline,
+            "the partial upload was not discarded"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    ensure!(
+        !gateway.data().join("cucm/big.bin").exists(),
+        "a partial upload was published"
+    );
+    gateway.stop().await?;
+    ensure!(
+        logs.text().contains("Upload interrupted"),
+        "{}",
+        logs.text()
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn shutdown_ends_a_lingering_session_after_the_grace_period() -> Result<()> {
+    let logs = capture_logs();
+    let gateway = TestGateway::start(vec![password_user("cucm", PASSWORD, ALL)]).await?;
+    let script = r#"
+import time
+t, sftp = connect()
+print("connected", flush=True)
+while t.is_active():
+    time.sleep(0.05)
+print(json.dumps("disconnected"), flush=True)
+"#;
+    let mut client = paramiko_command(gateway.addr, "cucm", PASSWORD, script)
+        .stdout(std::process::Stdio::piped())
+        .spawn()?;
+    let mut stdout = BufReader::new(client.stdout.take().context("no stdout")?).lines();
+    let first = stdout.next_line().await?;
+    ensure!(
+        first.as_deref() == Some("connected"),
+        "paramiko said {first:?}"
+    );
+
+    let started = Instant::now();
+    gateway.stop().await?;
+    ensure!(
+        started.elapsed() < Duration::from_secs(5),
+        "shutdown took {:?}",
+        started.elapsed()
+    );
+    let last = tokio::time::timeout(Duration::from_secs(5), stdout.next_line()).await??;
+    ensure!(
+        last.as_deref() == Some("\"disconnected\""),
+        "paramiko said {last:?}"
+    );
+    client.wait().await?;
+    ensure!(
+        logs.text()
+            .contains("Disconnecting remaining SFTP sessions"),
+        "{}",
+        logs.text()
+    );
+    Ok(())
+}

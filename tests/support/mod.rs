@@ -1,0 +1,7 @@
+//! Shared helpers for the integration tests; include with `mod support;`.
+
+pub mod cluster;
+pub mod controlplane;
+pub mod gateway;
+pub mod kubelet;
+pub mod sftp;
