@@ -108,6 +108,18 @@ async fn malformed_servers_are_rejected_or_stalled(client: &Client) -> Result<()
         format!("{error:#}").contains("spec.storage.volume.size"),
         "{error:#}"
     );
+    // An integer would pass an int-or-string schema but not the operator's types, and
+    // one such object would stop every watch; the schema must refuse it.
+    let integer_size =
+        server_yaml("int-size", "cn-shanghai").replace("size: 1Gi", "size: 1073741824");
+    let error = apply_all(client, &integer_size)
+        .await
+        .err()
+        .context("an integer size was accepted")?;
+    ensure!(
+        format!("{error:#}").contains("spec.storage.volume.size"),
+        "{error:#}"
+    );
     let no_protocol = server_yaml("no-protocol", "cn-shanghai").replace("sftp: {}", "");
     let error = apply_all(client, &no_protocol)
         .await

@@ -1,6 +1,5 @@
 //! `TransferServer`: one gateway, its protocols, region and storage.
 
-use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 use kube::CustomResource;
 use schemars::JsonSchema;
@@ -101,9 +100,12 @@ pub struct VolumeStorage {
     #[schemars(length(min = 1, max = 253))]
     pub storage_class_name: String,
 
-    /// Requested size, for example `50Gi`.
-    #[schemars(extend("pattern" = QUANTITY_PATTERN))]
-    pub size: Quantity,
+    /// Requested size as a Kubernetes quantity string, for example `50Gi`.
+    // A string rather than `Quantity`: `Quantity`'s schema is int-or-string, but its Rust
+    // type only deserialises strings, so an integer the API server accepted would make
+    // every list of TransferServers fail to deserialise and stop the operator's watch.
+    #[schemars(regex(pattern = QUANTITY_PATTERN))]
+    pub size: String,
 
     /// Access mode of the claim. Defaults to ReadWriteOnce for one replica and
     /// ReadWriteMany for more.

@@ -10,6 +10,7 @@ mod backoff;
 mod error;
 mod events;
 pub mod policy;
+mod reconciler;
 pub mod server;
 pub mod user;
 

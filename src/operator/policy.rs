@@ -8,16 +8,16 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures::{Stream, StreamExt};
+use futures::Stream;
 use k8s_openapi::api::core::v1::Namespace;
 use k8s_openapi::jiff::Timestamp;
-use kube::api::{ListParams, Patch, PatchParams};
+use kube::api::ListParams;
 use kube::runtime::controller::Action;
-use kube::runtime::reflector::ObjectRef;
 use kube::runtime::{Controller, watcher};
 use kube::{Api, ResourceExt};
 
-use super::{Context, Error, FIELD_MANAGER, error::chain};
+use super::reconciler::{apply_status, error_policy, every_object_in, log_outcomes, object_key};
+use super::{Context, Error};
 use crate::api::{
     ConditionType, DataResidencyPolicy, DataResidencyPolicyStatus, GovernedServer, Reason,
     TransferServer, set_condition,
@@ -37,37 +37,20 @@ pub fn controller(
         watcher::Config::default(),
     );
     let policies = controller.store();
-    let all_for_namespaces = policies.clone();
-    controller
+    let results = controller
         .watches(
             Api::<TransferServer>::all(client.clone()),
             watcher::Config::default(),
-            move |_| {
-                policies
-                    .state()
-                    .iter()
-                    .map(|p| ObjectRef::from_obj(p.as_ref()))
-                    .collect::<Vec<_>>()
-            },
+            every_object_in(policies.clone()),
         )
         .watches(
             Api::<Namespace>::all(client),
             watcher::Config::default(),
-            move |_| {
-                all_for_namespaces
-                    .state()
-                    .iter()
-                    .map(|p| ObjectRef::from_obj(p.as_ref()))
-                    .collect::<Vec<_>>()
-            },
+            every_object_in(policies),
         )
         .graceful_shutdown_on(shutdown)
-        .run(reconcile, error_policy, context)
-        .map(|result| {
-            if let Err(error) = result {
-                tracing::debug!(error = %chain(&error), "Policy reconcile did not run");
-            }
-        })
+        .run(reconcile, error_policy, context);
+    log_outcomes(results)
 }
 
 async fn reconcile(
@@ -99,10 +82,9 @@ async fn reconcile(
         selector_error.map(|e| e.to_string()),
         Timestamp::now(),
     );
-    write_status(&context, &policy, new_status).await?;
-    context
-        .backoff
-        .succeed(&format!("DataResidencyPolicy/{}", policy.name_any()));
+    let api = Api::<DataResidencyPolicy>::all(client.clone());
+    apply_status(&api, policy.as_ref(), new_status).await?;
+    context.backoff.succeed(&object_key(policy.as_ref()));
     Ok(Action::requeue(RESYNC))
 }
 
@@ -174,36 +156,4 @@ fn compute_status(
         compliant_servers: Some(i32::try_from(compliant).unwrap_or(i32::MAX)),
         servers,
     }
-}
-
-async fn write_status(
-    context: &Context,
-    policy: &DataResidencyPolicy,
-    status: DataResidencyPolicyStatus,
-) -> Result<(), Error> {
-    if policy.status.as_ref() == Some(&status) {
-        return Ok(());
-    }
-    let api = Api::<DataResidencyPolicy>::all(context.client.clone());
-    let patch = serde_json::json!({
-        "apiVersion": "sluice.dev/v1alpha1",
-        "kind": "DataResidencyPolicy",
-        "status": status,
-    });
-    api.patch_status(
-        &policy.name_any(),
-        &PatchParams::apply(FIELD_MANAGER).force(),
-        &Patch::Apply(&patch),
-    )
-    .await
-    .map_err(Error::kube("update DataResidencyPolicy status"))?;
-    Ok(())
-}
-
-fn error_policy(policy: Arc<DataResidencyPolicy>, error: &Error, context: Arc<Context>) -> Action {
-    let delay = context
-        .backoff
-        .fail(&format!("DataResidencyPolicy/{}", policy.name_any()));
-    tracing::warn!(error = %chain(error), retry_in_s = delay.as_secs(), "Reconcile failed");
-    Action::requeue(delay)
 }

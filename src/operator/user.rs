@@ -7,17 +7,18 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures::{Stream, StreamExt};
+use futures::Stream;
 use k8s_openapi::api::core::v1::Secret;
 use k8s_openapi::jiff::Timestamp;
-use kube::api::{Patch, PatchParams};
 use kube::runtime::controller::Action;
 use kube::runtime::reflector::ObjectRef;
 use kube::runtime::{Controller, watcher};
 use kube::{Api, ResourceExt};
 
+use super::reconciler::{apply_status, error_policy, log_outcomes, object_key};
+use super::server::dereference::password_secret;
 use super::server::validate::{UserProblem, validate_user};
-use super::{Context, Error, FIELD_MANAGER, error::chain};
+use super::{Context, Error};
 use crate::api::{
     ConditionType, Reason, TransferServer, TransferUser, TransferUserStatus, set_condition,
 };
@@ -36,7 +37,7 @@ pub fn controller(
     );
     let users = controller.store();
     let users_of_server = users.clone();
-    controller
+    let results = controller
         .watches(
             Api::<Secret>::all(client.clone()),
             watcher::Config::default(),
@@ -72,12 +73,8 @@ pub fn controller(
             },
         )
         .graceful_shutdown_on(shutdown)
-        .run(reconcile, error_policy, context)
-        .map(|result| {
-            if let Err(error) = result {
-                tracing::debug!(error = %chain(&error), "User reconcile did not run");
-            }
-        })
+        .run(reconcile, error_policy, context);
+    log_outcomes(results)
 }
 
 async fn reconcile(user: Arc<TransferUser>, context: Arc<Context>) -> Result<Action, Error> {
@@ -91,15 +88,7 @@ async fn reconcile(user: Arc<TransferUser>, context: Arc<Context>) -> Result<Act
         .get_opt(server_name)
         .await
         .map_err(Error::kube("read TransferServer"))?;
-    let secret = match &user.spec.password_secret_ref {
-        None => None,
-        Some(reference) => Some(
-            Api::<Secret>::namespaced(client.clone(), &namespace)
-                .get_opt(&reference.name)
-                .await
-                .map_err(Error::kube("read password Secret"))?,
-        ),
-    };
+    let secret = password_secret(client, &user).await?;
     let verdict = match server {
         None => Err(UserProblem::ServerNotFound(server_name.clone())),
         Some(_) => validate_user(&user, secret.as_ref().map(Option::as_ref)).map(|_| ()),
@@ -115,9 +104,9 @@ async fn reconcile(user: Arc<TransferUser>, context: Arc<Context>) -> Result<Act
                 .await;
         }
     }
-    write_status(&context, &user, new_status).await?;
-    let key = format!("TransferUser/{namespace}/{}", user.name_any());
-    context.backoff.succeed(&key);
+    let api = Api::<TransferUser>::namespaced(client.clone(), &namespace);
+    apply_status(&api, user.as_ref(), new_status).await?;
+    context.backoff.succeed(&object_key(user.as_ref()));
     Ok(match verdict {
         Ok(()) => Action::requeue(RESYNC),
         Err(_) => Action::await_change(),
@@ -184,42 +173,4 @@ pub fn compute_status(
         conditions,
         server: verdict.is_ok().then(|| server.clone()),
     }
-}
-
-async fn write_status(
-    context: &Context,
-    user: &TransferUser,
-    status: TransferUserStatus,
-) -> Result<(), Error> {
-    if user.status.as_ref() == Some(&status) {
-        return Ok(());
-    }
-    let api = Api::<TransferUser>::namespaced(
-        context.client.clone(),
-        &user.namespace().unwrap_or_default(),
-    );
-    let patch = serde_json::json!({
-        "apiVersion": "sluice.dev/v1alpha1",
-        "kind": "TransferUser",
-        "status": status,
-    });
-    api.patch_status(
-        &user.name_any(),
-        &PatchParams::apply(FIELD_MANAGER).force(),
-        &Patch::Apply(&patch),
-    )
-    .await
-    .map_err(Error::kube("update TransferUser status"))?;
-    Ok(())
-}
-
-fn error_policy(user: Arc<TransferUser>, error: &Error, context: Arc<Context>) -> Action {
-    let key = format!(
-        "TransferUser/{}/{}",
-        user.namespace().unwrap_or_default(),
-        user.name_any()
-    );
-    let delay = context.backoff.fail(&key);
-    tracing::warn!(error = %chain(error), retry_in_s = delay.as_secs(), "Reconcile failed");
-    Action::requeue(delay)
 }

@@ -15,6 +15,7 @@ use k8s_openapi::api::core::v1::{
     PodTemplateSpec, Probe, SeccompProfile, Secret, SecretVolumeSource, SecurityContext, Service,
     ServicePort, ServiceSpec, TCPSocketAction, Volume, VolumeMount, VolumeResourceRequirements,
 };
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta, OwnerReference};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::{Resource, ResourceExt};
@@ -164,7 +165,8 @@ fn build_volume_claim(server: &TransferServer) -> PersistentVolumeClaim {
             access_modes: Some(vec![access_mode]),
             storage_class_name: volume.map(|v| v.storage_class_name.clone()),
             resources: Some(VolumeResourceRequirements {
-                requests: volume.map(|v| BTreeMap::from([("storage".to_string(), v.size.clone())])),
+                requests: volume
+                    .map(|v| BTreeMap::from([("storage".to_string(), Quantity(v.size.clone()))])),
                 ..VolumeResourceRequirements::default()
             }),
             ..PersistentVolumeClaimSpec::default()

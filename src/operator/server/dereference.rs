@@ -104,22 +104,30 @@ async fn users_of(
         .collect();
     users.sort_by_key(|u| u.name_any());
 
-    let secrets = Api::<Secret>::namespaced(client.clone(), namespace);
     let mut inputs = Vec::with_capacity(users.len());
     for user in users {
-        let password_secret = match &user.spec.password_secret_ref {
-            None => None,
-            Some(reference) => Some(
-                secrets
-                    .get_opt(&reference.name)
-                    .await
-                    .map_err(Error::kube("read password Secret"))?,
-            ),
-        };
+        let password_secret = password_secret(client, &user).await?;
         inputs.push(UserInputs {
             user,
             password_secret,
         });
     }
     Ok(inputs)
+}
+
+/// Reads the Secret a user's `passwordSecretRef` names: `None` when it names none,
+/// `Some(None)` when the Secret does not exist.
+pub async fn password_secret(
+    client: &Client,
+    user: &TransferUser,
+) -> Result<Option<Option<Secret>>, Error> {
+    let Some(reference) = &user.spec.password_secret_ref else {
+        return Ok(None);
+    };
+    let namespace = user.namespace().unwrap_or_default();
+    let secret = Api::<Secret>::namespaced(client.clone(), &namespace)
+        .get_opt(&reference.name)
+        .await
+        .map_err(Error::kube("read password Secret"))?;
+    Ok(Some(secret))
 }

@@ -21,14 +21,15 @@ use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{Namespace, PersistentVolumeClaim, Secret, Service};
 use k8s_openapi::jiff::Timestamp;
 use kube::runtime::controller::Action;
-use kube::runtime::reflector::ObjectRef;
+use kube::runtime::reflector::{ObjectRef, Store};
 use kube::runtime::{Controller, watcher};
 use kube::{Api, ResourceExt};
 
 use self::build::BuildSettings;
 use self::status::Outcome;
 use self::validate::Blocked;
-use super::{Context, Error, error::chain};
+use super::reconciler::{apply_status, error_policy, every_object_in, log_outcomes, object_key};
+use super::{Context, Error};
 use crate::api::{ConditionType, DataResidencyPolicy, Reason, TransferServer, TransferUser};
 
 /// How often a converged server is reconciled anyway, to repair drift nobody announced.
@@ -45,11 +46,8 @@ pub fn controller(
         watcher::Config::default(),
     );
     let servers = controller.store();
-    let in_namespace = servers.clone();
-    let all = servers.clone();
     let owned = watcher::Config::default().labels("app.kubernetes.io/managed-by=sluice");
-    use futures::StreamExt;
-    controller
+    let results = controller
         .owns(Api::<Deployment>::all(client.clone()), owned.clone())
         .owns(Api::<Service>::all(client.clone()), owned.clone())
         .owns(Api::<Secret>::all(client.clone()), owned.clone())
@@ -62,55 +60,45 @@ pub fn controller(
                 Some(ObjectRef::new(&user.spec.server_ref.name).within(&namespace))
             },
         )
+        // Password Secrets: any Secret change may concern a user of a server in its
+        // namespace. Reconciling every server of that namespace is cheap and cannot miss
+        // a user whose reference just changed.
         .watches(
             Api::<Secret>::all(client.clone()),
             watcher::Config::default(),
-            move |secret| {
-                // Password Secrets: any Secret change may concern a user of a server in its
-                // namespace. Reconciling every server of that namespace is cheap and avoids
-                // missing a user whose reference just changed.
-                let namespace = secret.namespace().unwrap_or_default();
-                in_namespace
-                    .state()
-                    .iter()
-                    .filter(|s| s.namespace().as_deref() == Some(namespace.as_str()))
-                    .map(|s| ObjectRef::from_obj(s.as_ref()))
-                    .collect::<Vec<_>>()
-            },
+            servers_in_namespace_of(servers.clone(), |secret: Secret| secret.namespace()),
         )
         .watches(
             Api::<Namespace>::all(client.clone()),
             watcher::Config::default(),
-            {
-                let servers = servers.clone();
-                move |namespace| {
-                    let name = namespace.name_any();
-                    servers
-                        .state()
-                        .iter()
-                        .filter(|s| s.namespace().as_deref() == Some(name.as_str()))
-                        .map(|s| ObjectRef::from_obj(s.as_ref()))
-                        .collect::<Vec<_>>()
-                }
-            },
+            servers_in_namespace_of(servers.clone(), |namespace: Namespace| {
+                Some(namespace.name_any())
+            }),
         )
         .watches(
             Api::<DataResidencyPolicy>::all(client),
             watcher::Config::default(),
-            move |_| {
-                all.state()
-                    .iter()
-                    .map(|s| ObjectRef::from_obj(s.as_ref()))
-                    .collect::<Vec<_>>()
-            },
+            every_object_in(servers),
         )
         .graceful_shutdown_on(shutdown)
-        .run(reconcile, error_policy, context)
-        .map(|result| {
-            if let Err(error) = result {
-                tracing::debug!(error = %chain(&error), "Server reconcile did not run");
-            }
-        })
+        .run(reconcile, error_policy, context);
+    log_outcomes(results)
+}
+
+/// A watch mapper to every server in the namespace `namespace_of` names.
+fn servers_in_namespace_of<T>(
+    servers: Store<TransferServer>,
+    namespace_of: impl Fn(T) -> Option<String>,
+) -> impl Fn(T) -> Vec<ObjectRef<TransferServer>> {
+    move |object| {
+        let namespace = namespace_of(object);
+        servers
+            .state()
+            .iter()
+            .filter(|s| s.namespace() == namespace)
+            .map(|s| ObjectRef::from_obj(s.as_ref()))
+            .collect()
+    }
 }
 
 async fn reconcile(server: Arc<TransferServer>, context: Arc<Context>) -> Result<Action, Error> {
@@ -142,8 +130,8 @@ async fn reconcile(server: Arc<TransferServer>, context: Arc<Context>) -> Result
     };
     let new_status = status::compute(&server, &outcome, Timestamp::now());
     announce(&context, &server, &new_status).await;
-    status::write(client, &server, new_status).await?;
-    context.backoff.succeed(&key(&server));
+    apply_status(&servers_api(&server, client), server.as_ref(), new_status).await?;
+    context.backoff.succeed(&object_key(server.as_ref()));
     Ok(Action::requeue(RESYNC))
 }
 
@@ -161,8 +149,9 @@ async fn stall(context: &Context, blocked: Blocked) -> Result<Action, Error> {
     };
     let new_status = status::compute(&server, &outcome, Timestamp::now());
     announce(context, &server, &new_status).await;
-    status::write(&context.client, &server, new_status).await?;
-    context.backoff.succeed(&key(&server));
+    let api = servers_api(&server, &context.client);
+    apply_status(&api, server.as_ref(), new_status).await?;
+    context.backoff.succeed(&object_key(server.as_ref()));
     tracing::info!(reason = reason.as_str(), "Server not rolled out");
     Ok(Action::await_change())
 }
@@ -209,16 +198,6 @@ async fn announce(
     }
 }
 
-fn key(server: &TransferServer) -> String {
-    format!(
-        "TransferServer/{}/{}",
-        server.namespace().unwrap_or_default(),
-        server.name_any()
-    )
-}
-
-fn error_policy(server: Arc<TransferServer>, error: &Error, context: Arc<Context>) -> Action {
-    let delay = context.backoff.fail(&key(&server));
-    tracing::warn!(error = %chain(error), retry_in_s = delay.as_secs(), "Reconcile failed");
-    Action::requeue(delay)
+fn servers_api(server: &TransferServer, client: &kube::Client) -> Api<TransferServer> {
+    Api::namespaced(client.clone(), &server.namespace().unwrap_or_default())
 }

@@ -7,15 +7,13 @@
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::jiff::Timestamp;
-use kube::api::{Patch, PatchParams};
-use kube::{Api, Client, ResourceExt};
+use kube::ResourceExt;
 
 use super::build::sftp_port;
 use super::host_keys::HostKeyMaterial;
 use crate::api::{
     ConditionType, HostKeyFingerprint, Reason, TransferServer, TransferServerStatus, set_condition,
 };
-use crate::operator::{Error, FIELD_MANAGER};
 use crate::residency::ResidencyVerdict;
 
 /// What the status of one reconcile is computed from.
@@ -189,30 +187,4 @@ fn fingerprints(keys: &HostKeyMaterial) -> Vec<HostKeyFingerprint> {
             Vec::new()
         }
     }
-}
-
-/// Writes `status` if it differs from the server's current status.
-pub async fn write(
-    client: &Client,
-    server: &TransferServer,
-    status: TransferServerStatus,
-) -> Result<(), Error> {
-    if server.status.as_ref() == Some(&status) {
-        return Ok(());
-    }
-    let api =
-        Api::<TransferServer>::namespaced(client.clone(), &server.namespace().unwrap_or_default());
-    let patch = serde_json::json!({
-        "apiVersion": "sluice.dev/v1alpha1",
-        "kind": "TransferServer",
-        "status": status,
-    });
-    api.patch_status(
-        &server.name_any(),
-        &PatchParams::apply(FIELD_MANAGER).force(),
-        &Patch::Apply(&patch),
-    )
-    .await
-    .map_err(Error::kube("update TransferServer status"))?;
-    Ok(())
 }

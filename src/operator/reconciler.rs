@@ -1,0 +1,90 @@
+//! What every controller does the same way: writing status, retrying with backoff,
+//! mapping "anything changed" to "reconcile all", and logging outcomes.
+
+use std::fmt::Debug;
+use std::sync::Arc;
+
+use futures::{Stream, StreamExt};
+use kube::core::object::HasStatus;
+use kube::runtime::controller::{self, Action};
+use kube::runtime::reflector::{ObjectRef, Store};
+use kube::runtime::watcher;
+use kube::{Api, Resource, ResourceExt};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+use super::error::chain;
+use super::{Context, Error, FIELD_MANAGER};
+
+/// Server-side applies `status` to `object` unless it already has exactly that status,
+/// so a converged object is never written. Empty lists are skipped by the status types,
+/// so a status with no conditions yet never claims ownership of an empty list (C23).
+pub async fn apply_status<K>(api: &Api<K>, object: &K, status: K::Status) -> Result<(), Error>
+where
+    K: Resource<DynamicType = ()> + HasStatus + Clone + Debug + DeserializeOwned,
+    K::Status: Serialize + PartialEq,
+{
+    if object.status() == Some(&status) {
+        return Ok(());
+    }
+    let patch = serde_json::json!({
+        "apiVersion": K::api_version(&()),
+        "kind": K::kind(&()),
+        "status": status,
+    });
+    let params = kube::api::PatchParams::apply(FIELD_MANAGER).force();
+    api.patch_status(
+        &object.name_any(),
+        &params,
+        &kube::api::Patch::Apply(&patch),
+    )
+    .await
+    .map_err(Error::kube(format!("update {} status", K::kind(&()))))?;
+    Ok(())
+}
+
+/// The key under which an object's failures are counted.
+pub fn object_key<K: Resource<DynamicType = ()>>(object: &K) -> String {
+    let namespace = object.namespace().unwrap_or_default();
+    format!("{}/{namespace}/{}", K::kind(&()), object.name_any())
+}
+
+/// Retries a failed reconcile after a per-object exponential backoff.
+pub fn error_policy<K: Resource<DynamicType = ()>>(
+    object: Arc<K>,
+    error: &Error,
+    context: Arc<Context>,
+) -> Action {
+    let delay = context.backoff.fail(&object_key(object.as_ref()));
+    tracing::warn!(error = %chain(error), retry_in_s = delay.as_secs(), "Reconcile failed");
+    Action::requeue(delay)
+}
+
+/// A watch mapper that reconciles every object in `store`, for inputs (policies,
+/// namespaces) that can change the outcome for any of them.
+pub fn every_object_in<K, T>(store: Store<K>) -> impl Fn(T) -> Vec<ObjectRef<K>>
+where
+    K: Resource<DynamicType = ()> + Clone + 'static,
+{
+    move |_| {
+        store
+            .state()
+            .iter()
+            .map(|o| ObjectRef::from_obj(o.as_ref()))
+            .collect()
+    }
+}
+
+/// Drives a controller's result stream, logging reconciles that could not run (a
+/// missing object, a queue error) at debug level: they are retried by the runtime.
+pub fn log_outcomes<K, S>(results: S) -> impl Stream<Item = ()>
+where
+    K: Resource + Debug,
+    S: Stream<Item = Result<(ObjectRef<K>, Action), controller::Error<Error, watcher::Error>>>,
+{
+    results.map(|result| {
+        if let Err(error) = result {
+            tracing::debug!(error = %chain(&error), "Reconcile did not run");
+        }
+    })
+}
