@@ -26,7 +26,6 @@ use support::sftp::generate_key;
 
 #[tokio::main]
 async fn main() -> Result<()> {
-    sluice::cli::init_logging(sluice::cli::LogFormat::Text);
     let work = Path::new(env!("CARGO_MANIFEST_DIR")).join(".demo");
     std::fs::create_dir_all(&work)?;
 
@@ -72,6 +71,7 @@ async fn apply_examples(client: &Client, work: &Path) -> Result<std::path::PathB
 }
 
 async fn run_on_cluster(client: Client, work: &Path) -> Result<()> {
+    sluice::cli::init_logging(sluice::cli::LogFormat::Text);
     let key = apply_examples(&client, work).await?;
     let operator = Operator::start(client.clone());
     wait_ready(&client).await?;
@@ -85,6 +85,9 @@ async fn run_on_cluster(client: Client, work: &Path) -> Result<()> {
 async fn run_locally(work: &Path) -> Result<()> {
     eprintln!("demo: no cluster answers; starting a local control plane (first run builds it)");
     let control_plane = ControlPlane::start().await?;
+    // Logging starts only now: while the API server comes up, the client's readiness
+    // polls fail by design and would be printed as errors.
+    sluice::cli::init_logging(sluice::cli::LogFormat::Text);
     let client = control_plane.client();
     let region = [("topology.kubernetes.io/region", "cn-shanghai")];
     let kubelet = FakeKubelet::register(client.clone(), "demo-node-cn-shanghai", &region).await?;
