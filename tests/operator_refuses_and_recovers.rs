@@ -36,6 +36,7 @@ async fn operator_refuses_bad_input_clearly_and_recovers_when_it_is_fixed() -> R
     .await?;
 
     malformed_servers_are_rejected_or_stalled(&client).await?;
+    objects_of_others_are_never_taken_over(&client).await?;
     hong_kong_server_is_refused_without_workload(&client).await?;
     moving_to_an_allowed_region_rolls_it_out(&client).await?;
     broken_users_are_reported_and_do_not_disturb_good_ones(&client).await?;
@@ -142,6 +143,40 @@ async fn malformed_servers_are_rejected_or_stalled(client: &Client) -> Result<()
     Api::<TransferServer>::namespaced(client.clone(), NS)
         .delete(&long, &DeleteParams::default())
         .await?;
+    Ok(())
+}
+
+/// A server named after someone else's Service must not redirect, adopt or (through
+/// garbage collection) delete it.
+async fn objects_of_others_are_never_taken_over(client: &Client) -> Result<()> {
+    apply_all(client, &format!(
+        "apiVersion: v1\nkind: Service\nmetadata: {{name: web, namespace: {NS}}}\n\
+         spec: {{selector: {{app: web}}, ports: [{{port: 80}}]}}\n"
+    ))
+    .await?;
+    apply_all(client, &server_yaml("web", "cn-shanghai")).await?;
+    let server = wait_condition(client, "web", "Stalled", "True").await?;
+    let (_, reason, message) = condition(&server, "Stalled").context("no Stalled condition")?;
+    ensure!(reason == "NameConflict" && message.contains("Service web"), "{reason}: {message}");
+    ensure!(!exists::<Deployment>(client, "web-gateway").await?, "a Deployment was created");
+
+    let servers = Api::<TransferServer>::namespaced(client.clone(), NS);
+    servers.delete("web", &DeleteParams::default()).await?;
+    eventually("web server gone", WAIT, || async {
+        Ok(servers.get_opt("web").await?.is_none().then_some(()))
+    })
+    .await?;
+    let service = Api::<Service>::namespaced(client.clone(), NS).get("web").await?;
+    ensure!(service.owner_references().is_empty(), "the Service was adopted");
+    let selector = service.spec.and_then(|s| s.selector).unwrap_or_default();
+    ensure!(selector.get("app").map(String::as_str) == Some("web") && selector.len() == 1);
+
+    // A policy whose selector cannot be evaluated is refused by the API server.
+    let typo = "apiVersion: sluice.dev/v1alpha1\nkind: DataResidencyPolicy\nmetadata: {name: typo}\n\
+        spec: {namespaceSelector: {matchExpressions: [{key: a, operator: in, values: [b]}]}, \
+        allowedRegions: [cn-shanghai]}\n";
+    let error = apply_all(client, typo).await.err().context("a policy with operator 'in' was accepted")?;
+    ensure!(format!("{error:#}").contains("must be In, NotIn, Exists or DoesNotExist"), "{error:#}");
     Ok(())
 }
 

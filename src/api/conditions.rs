@@ -53,6 +53,8 @@ pub enum Reason {
     InvalidHomeDirectory,
     NoCredentials,
     InvalidSpec,
+    NameConflict,
+    ConfigTooLarge,
     Evaluated,
 }
 
@@ -76,6 +78,8 @@ impl Reason {
             Self::InvalidHomeDirectory => "InvalidHomeDirectory",
             Self::NoCredentials => "NoCredentials",
             Self::InvalidSpec => "InvalidSpec",
+            Self::NameConflict => "NameConflict",
+            Self::ConfigTooLarge => "ConfigTooLarge",
             Self::Evaluated => "Evaluated",
         }
     }

@@ -24,6 +24,16 @@ use serde::{Deserialize, Serialize};
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
 )]
 #[serde(rename_all = "camelCase")]
+#[schemars(extend("x-kubernetes-validations" = [
+    {
+        "rule": "!has(self.namespaceSelector.matchExpressions) || self.namespaceSelector.matchExpressions.all(e, e.operator in ['In', 'NotIn', 'Exists', 'DoesNotExist'])",
+        "message": "namespaceSelector.matchExpressions[].operator must be In, NotIn, Exists or DoesNotExist"
+    },
+    {
+        "rule": "!has(self.namespaceSelector.matchExpressions) || self.namespaceSelector.matchExpressions.all(e, (e.operator in ['In', 'NotIn']) == (has(e.values) && size(e.values) > 0))",
+        "message": "namespaceSelector.matchExpressions[]: In and NotIn need values, Exists and DoesNotExist take none"
+    }
+]))]
 pub struct DataResidencyPolicySpec {
     /// Namespaces whose TransferServers this policy governs. An empty selector (`{}`)
     /// selects every namespace.

@@ -16,6 +16,9 @@ pub enum Error {
     /// Host-key generation failed.
     #[error("failed to generate SSH host keys")]
     HostKeys(#[source] anyhow::Error),
+    /// Rendering the owned objects did not complete (the worker thread panicked).
+    #[error("failed to render the gateway objects: {0}")]
+    Render(String),
     /// An object could not be serialised for apply.
     #[error("failed to serialise {0}")]
     Serialise(String, #[source] serde_json::Error),

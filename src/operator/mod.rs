@@ -48,6 +48,8 @@ pub struct Context {
     pub events: events::EventPublisher,
     /// Per-object retry delays for failed reconciles.
     pub backoff: Backoff,
+    /// Password hashes already computed, so resyncs do not re-run Argon2id.
+    pub password_hashes: server::passwords::PasswordHashes,
 }
 
 impl Context {
@@ -62,6 +64,7 @@ impl Context {
             client,
             args,
             backoff: Backoff::default(),
+            password_hashes: Default::default(),
         })
     }
 }

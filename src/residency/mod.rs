@@ -78,25 +78,25 @@ pub fn evaluate(
     namespace_labels: &BTreeMap<String, String>,
     policies: &[DataResidencyPolicy],
 ) -> ResidencyVerdict {
-    let mut governing: Vec<&DataResidencyPolicy> = policies
+    // A policy whose selector cannot be evaluated governs every server, so a typo in a
+    // compliance control blocks roll-outs instead of silently allowing any region.
+    let mut governing: Vec<(&DataResidencyPolicy, Option<SelectorError>)> = policies
         .iter()
-        .filter(|p| matches(&p.spec.namespace_selector, namespace_labels).unwrap_or(false))
+        .filter_map(
+            |p| match matches(&p.spec.namespace_selector, namespace_labels) {
+                Ok(true) => Some((p, None)),
+                Ok(false) => None,
+                Err(error) => Some((p, Some(error))),
+            },
+        )
         .collect();
-    governing.sort_by_key(|p| policy_name(p));
+    governing.sort_by_key(|(p, _)| policy_name(p));
 
     let violations = governing
         .iter()
-        .filter(|p| !p.spec.allowed_regions.iter().any(|r| r == region))
-        .map(|p| Violation {
-            policy: policy_name(p).to_string(),
-            enforcement: p.spec.enforcement.unwrap_or_default(),
-            message: format!(
-                "region {region} is not allowed by DataResidencyPolicy {} (allowed: {})",
-                policy_name(p),
-                p.spec.allowed_regions.join(", ")
-            ),
-        })
+        .filter_map(|(p, selector_error)| violation(p, selector_error.as_ref(), region))
         .collect();
+    let governing: Vec<&DataResidencyPolicy> = governing.into_iter().map(|(p, _)| p).collect();
 
     ResidencyVerdict {
         governing: governing
@@ -110,6 +110,34 @@ pub fn evaluate(
             .and_then(|p| p.spec.region_label.clone())
             .unwrap_or_else(|| DEFAULT_REGION_LABEL.to_string()),
     }
+}
+
+fn violation(
+    policy: &DataResidencyPolicy,
+    selector_error: Option<&SelectorError>,
+    region: &str,
+) -> Option<Violation> {
+    let name = policy_name(policy);
+    let message = match selector_error {
+        Some(error) => format!(
+            "DataResidencyPolicy {name} cannot be evaluated ({error}); \
+             no server is rolled out until it is fixed"
+        ),
+        None if policy.spec.allowed_regions.iter().any(|r| r == region) => return None,
+        None => format!(
+            "region {region} is not allowed by DataResidencyPolicy {name} (allowed: {})",
+            policy.spec.allowed_regions.join(", ")
+        ),
+    };
+    let enforcement = match selector_error {
+        Some(_) => Enforcement::Enforce,
+        None => policy.spec.enforcement.unwrap_or_default(),
+    };
+    Some(Violation {
+        policy: name.to_string(),
+        enforcement,
+        message,
+    })
 }
 
 fn policy_name(policy: &DataResidencyPolicy) -> &str {
@@ -206,6 +234,21 @@ mod tests {
             verdict.message("cn-hongkong"),
             "region cn-hongkong is not allowed by DataResidencyPolicy china \
              (allowed: cn-shanghai, cn-beijing)"
+        );
+    }
+
+    #[test]
+    fn a_policy_that_cannot_be_evaluated_blocks_every_server() {
+        let broken = "matchExpressions: [{key: sluice.dev/residency, operator: in, values: [cn]}]";
+        let policies = [policy("typo", broken, &["cn-shanghai"], Enforcement::Audit)];
+        let verdict = evaluate("cn-shanghai", &labels(&[("team", "x")]), &policies);
+        assert_eq!(verdict.governing, ["typo"]);
+        assert!(verdict.blocks_rollout());
+        assert!(
+            verdict
+                .message("cn-shanghai")
+                .contains("cannot be evaluated"),
+            "{verdict:?}"
         );
     }
 

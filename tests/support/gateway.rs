@@ -144,6 +144,7 @@ fn config(users: Vec<GatewayUser>) -> GatewayConfig {
             allowed_regions: vec![],
         },
         users,
+        ftps: None,
     }
 }
 

@@ -21,6 +21,7 @@ use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::{Resource, ResourceExt};
 
 use super::host_keys::HostKeyMaterial;
+use super::passwords::PasswordHashes;
 use super::names;
 use super::validate::{ValidServer, ValidUser};
 use crate::api::{ServiceType, TransferServer};
@@ -38,6 +39,13 @@ pub const CONFIG_DIR: &str = "/etc/sluice/config";
 pub const DATA_DIR: &str = "/var/lib/sluice/data";
 /// UID and GID the gateway runs as.
 const GATEWAY_UID: i64 = 65532;
+
+impl GatewayObjects {
+    /// Size of the rendered gateway configuration in bytes.
+    pub fn config_size(&self) -> usize {
+        self.config.data.iter().flatten().map(|(_, v)| v.0.len()).sum()
+    }
+}
 
 /// Everything a TransferServer owns. Apply destructures this without `..`, so adding an
 /// object here fails to compile until it is applied.
@@ -58,7 +66,13 @@ pub struct GatewayObjects {
 pub struct BuildSettings<'a> {
     /// Gateway container image.
     pub image: &'a str,
+    /// Memo of password hashes; it never changes a result, only saves recomputing one.
+    pub hashes: &'a PasswordHashes,
 }
+
+/// Largest rendered gateway configuration. Secrets are limited to 1 MiB in total; the
+/// margin leaves room for metadata.
+pub const MAX_CONFIG_BYTES: usize = 900 * 1024;
 
 /// Builds every owned object of a validated server.
 pub fn build(
@@ -69,7 +83,7 @@ pub fn build(
     let server = &valid.server;
     GatewayObjects {
         host_keys: build_host_keys(server, keys),
-        config: build_config_secret(valid, keys),
+        config: build_config_secret(valid, keys, settings.hashes),
         volume_claim: build_volume_claim(server),
         deployment: build_deployment(server, &valid.verdict.region_label, settings),
         service: build_service(server),
@@ -107,8 +121,8 @@ pub(super) fn build_host_keys(server: &TransferServer, keys: &HostKeyMaterial) -
     }
 }
 
-fn build_config_secret(valid: &ValidServer, keys: &HostKeyMaterial) -> Secret {
-    let json = serde_json::to_vec_pretty(&gateway_config(valid, keys))
+fn build_config_secret(valid: &ValidServer, keys: &HostKeyMaterial, hashes: &PasswordHashes) -> Secret {
+    let json = serde_json::to_vec_pretty(&gateway_config(valid, keys, hashes))
         .expect("the gateway configuration serialises to JSON");
     Secret {
         metadata: owned_meta(
@@ -122,7 +136,11 @@ fn build_config_secret(valid: &ValidServer, keys: &HostKeyMaterial) -> Secret {
 }
 
 /// The configuration the gateway reads: users with salted hashes, and the verdict.
-pub fn gateway_config(valid: &ValidServer, keys: &HostKeyMaterial) -> GatewayConfig {
+pub fn gateway_config(
+    valid: &ValidServer,
+    keys: &HostKeyMaterial,
+    hashes: &PasswordHashes,
+) -> GatewayConfig {
     let server = &valid.server;
     GatewayConfig {
         server: format!(
@@ -136,15 +154,13 @@ pub fn gateway_config(valid: &ValidServer, keys: &HostKeyMaterial) -> GatewayCon
             policies: valid.verdict.governing.clone(),
             allowed_regions: valid.verdict.allowed_regions.clone(),
         },
-        users: valid.users.iter().map(|u| gateway_user(u, keys)).collect(),
+        users: valid.users.iter().map(|u| gateway_user(u, keys, hashes)).collect(),
+        ftps: None,
     }
 }
 
-fn gateway_user(user: &ValidUser, keys: &HostKeyMaterial) -> GatewayUser {
-    let password_hash = user.password.as_ref().map(|password| {
-        let salt = keys.password_salt(&user.uid, password);
-        crate::gateway::auth::hash_password(password, &salt)
-    });
+fn gateway_user(user: &ValidUser, keys: &HostKeyMaterial, hashes: &PasswordHashes) -> GatewayUser {
+    let password_hash = user.password.as_ref().map(|password| hashes.hash(keys, &user.uid, password));
     GatewayUser {
         name: user.name.clone(),
         password_hash,

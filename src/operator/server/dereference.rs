@@ -7,7 +7,8 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use k8s_openapi::api::apps::v1::Deployment;
-use k8s_openapi::api::core::v1::{Namespace, Secret, Service};
+use k8s_openapi::api::core::v1::{Namespace, PersistentVolumeClaim, Secret, Service};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::api::ListParams;
 use kube::{Api, Client, ResourceExt};
 
@@ -31,6 +32,10 @@ pub struct ServerInputs {
     pub deployment: Option<Deployment>,
     /// The existing Service, for the endpoint.
     pub service: Option<Service>,
+    /// Metadata of every object that already has one of the names this server's owned
+    /// objects take, as `(kind, metadata)`, so validation can refuse to take over
+    /// objects that belong to someone else.
+    pub existing: Vec<(&'static str, ObjectMeta)>,
 }
 
 /// One user and the Secret its password comes from.
@@ -77,6 +82,27 @@ pub async fn dereference(
         .get_opt(&names::service(&name))
         .await
         .map_err(Error::kube("read gateway Service"))?;
+    let config = secrets
+        .get_metadata_opt(&names::gateway_config(&name))
+        .await
+        .map_err(Error::kube("read gateway-config Secret"))?;
+    let volume_claim = Api::<PersistentVolumeClaim>::namespaced(client.clone(), &namespace)
+        .get_metadata_opt(&names::volume_claim(&name))
+        .await
+        .map_err(Error::kube("read PersistentVolumeClaim"))?;
+    let existing = [
+        ("Secret", host_keys.as_ref().map(|o| o.metadata.clone())),
+        ("Secret", config.map(|o| o.metadata)),
+        ("PersistentVolumeClaim", volume_claim.map(|o| o.metadata)),
+        (
+            "Deployment",
+            deployment.as_ref().map(|o| o.metadata.clone()),
+        ),
+        ("Service", service.as_ref().map(|o| o.metadata.clone())),
+    ]
+    .into_iter()
+    .filter_map(|(kind, meta)| Some((kind, meta?)))
+    .collect();
 
     Ok(ServerInputs {
         server,
@@ -86,6 +112,7 @@ pub async fn dereference(
         host_keys,
         deployment,
         service,
+        existing,
     })
 }
 

@@ -10,19 +10,20 @@ pub mod build;
 pub mod dereference;
 pub mod host_keys;
 pub mod names;
+pub mod passwords;
 pub mod status;
 pub mod validate;
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures::Stream;
+use futures::{Stream, StreamExt};
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{Namespace, PersistentVolumeClaim, Secret, Service};
 use k8s_openapi::jiff::Timestamp;
 use kube::runtime::controller::Action;
 use kube::runtime::reflector::{ObjectRef, Store};
-use kube::runtime::{Controller, watcher};
+use kube::runtime::{Controller, WatchStreamExt, reflector, watcher};
 use kube::{Api, ResourceExt};
 
 use self::build::BuildSettings;
@@ -38,9 +39,23 @@ const RESYNC: Duration = Duration::from_secs(600);
 /// The controller's stream of reconcile results; drive it to run the controller.
 pub fn controller(
     context: Arc<Context>,
-    shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
+    shutdown: impl std::future::Future<Output = ()> + Clone + Send + Sync + 'static,
 ) -> impl Stream<Item = ()> {
     let client = context.client.clone();
+    // A cache of all users, to map a changed Secret to the servers whose users use it.
+    let (users, users_writer) = reflector::store::<TransferUser>();
+    let user_cache = reflector(
+        users_writer,
+        watcher(Api::<TransferUser>::all(client.clone()), watcher::Config::default())
+            .default_backoff(),
+    )
+    .take_until(shutdown.clone())
+    .filter_map(|event| async move {
+        if let Err(error) = event {
+            tracing::debug!(error = %error, "User cache watch failed; retrying");
+        }
+        None::<()>
+    });
     let controller = Controller::new(
         Api::<TransferServer>::all(client.clone()),
         watcher::Config::default(),
@@ -60,13 +75,10 @@ pub fn controller(
                 Some(ObjectRef::new(&user.spec.server_ref.name).within(&namespace))
             },
         )
-        // Password Secrets: any Secret change may concern a user of a server in its
-        // namespace. Reconciling every server of that namespace is cheap and cannot miss
-        // a user whose reference just changed.
         .watches(
             Api::<Secret>::all(client.clone()),
             watcher::Config::default(),
-            servers_in_namespace_of(servers.clone(), |secret: Secret| secret.namespace()),
+            move |secret| servers_using_secret(&users, &secret),
         )
         .watches(
             Api::<Namespace>::all(client.clone()),
@@ -82,7 +94,23 @@ pub fn controller(
         )
         .graceful_shutdown_on(shutdown)
         .run(reconcile, error_policy, context);
-    log_outcomes(results)
+    futures::stream::select(log_outcomes(results), user_cache)
+}
+
+/// The servers with a user whose password comes from `secret`.
+fn servers_using_secret(users: &Store<TransferUser>, secret: &Secret) -> Vec<ObjectRef<TransferServer>> {
+    let namespace = secret.namespace();
+    let name = secret.name_any();
+    let mut servers: Vec<ObjectRef<TransferServer>> = users
+        .state()
+        .iter()
+        .filter(|u| u.namespace() == namespace)
+        .filter(|u| u.spec.password_secret_ref.as_ref().is_some_and(|r| r.name == name))
+        .map(|u| ObjectRef::new(&u.spec.server_ref.name).within(namespace.as_deref().unwrap_or_default()))
+        .collect();
+    servers.sort_by(|a, b| a.name.cmp(&b.name));
+    servers.dedup();
+    servers
 }
 
 /// A watch mapper to every server in the namespace `namespace_of` names.
@@ -114,10 +142,30 @@ async fn reconcile(server: Arc<TransferServer>, context: Arc<Context>) -> Result
     };
 
     let keys = apply::ensure_host_keys(client, &server, valid.host_keys.as_ref()).await?;
-    let settings = BuildSettings {
-        image: &context.args.gateway_image,
-    };
-    let objects = build::build(&valid, &keys, &settings);
+    // Rendering hashes passwords (Argon2id): keep it off the async runtime.
+    let (valid, keys, objects) = tokio::task::spawn_blocking({
+        let context = context.clone();
+        move || {
+            let settings = BuildSettings {
+                image: &context.args.gateway_image,
+                hashes: &context.password_hashes,
+            };
+            let objects = build::build(&valid, &keys, &settings);
+            (valid, keys, objects)
+        }
+    })
+    .await
+    .map_err(|e| Error::Render(e.to_string()))?;
+    if objects.config_size() > build::MAX_CONFIG_BYTES {
+        let message = format!(
+            "the gateway configuration would be {} bytes, more than the {} a Secret can \
+             hold; reduce the number of users or keys on this server",
+            objects.config_size(),
+            build::MAX_CONFIG_BYTES
+        );
+        let blocked = Blocked { server, verdict: Some(valid.verdict), reason: Reason::ConfigTooLarge, message };
+        return stall(&context, blocked).await;
+    }
     let namespace = server.namespace().unwrap_or_default();
     apply::apply(client, &namespace, objects).await?;
 
@@ -129,7 +177,7 @@ async fn reconcile(server: Arc<TransferServer>, context: Arc<Context>) -> Result
         users: valid.users.len(),
     };
     let new_status = status::compute(&server, &outcome, Timestamp::now());
-    announce(&context, &server, &new_status).await;
+    announce(&context, &server, &new_status, None).await;
     apply_status(&servers_api(&server, client), server.as_ref(), new_status).await?;
     context.backoff.succeed(&object_key(server.as_ref()));
     Ok(Action::requeue(RESYNC))
@@ -148,19 +196,25 @@ async fn stall(context: &Context, blocked: Blocked) -> Result<Action, Error> {
         message: &message,
     };
     let new_status = status::compute(&server, &outcome, Timestamp::now());
-    announce(context, &server, &new_status).await;
+    announce(context, &server, &new_status, Some(reason)).await;
     let api = servers_api(&server, &context.client);
     apply_status(&api, server.as_ref(), new_status).await?;
     context.backoff.succeed(&object_key(server.as_ref()));
     tracing::info!(reason = reason.as_str(), "Server not rolled out");
-    Ok(Action::await_change())
+    Ok(match reason {
+        // The conflicting object may go away without any event this controller sees.
+        Reason::NameConflict => Action::requeue(Duration::from_secs(30)),
+        _ => Action::await_change(),
+    })
 }
 
-/// Publishes an Event for every condition whose status changes in this reconcile.
+/// Publishes an Event for every condition whose status or reason changes in this
+/// reconcile, so a converged or still-stalled server publishes nothing new.
 async fn announce(
     context: &Context,
     server: &TransferServer,
     new: &crate::api::TransferServerStatus,
+    blocked: Option<Reason>,
 ) {
     let old = server
         .status
@@ -170,7 +224,8 @@ async fn announce(
     let changed = |type_: ConditionType| {
         let new = new.conditions.iter().find(|c| c.type_ == type_.as_str())?;
         let was = old.iter().find(|c| c.type_ == type_.as_str());
-        (was.map(|c| &c.status) != Some(&new.status)).then_some(new)
+        let same = was.is_some_and(|c| c.status == new.status && c.reason == new.reason);
+        (!same).then_some(new)
     };
     if let Some(c) = changed(ConditionType::ResidencyCompliant).filter(|c| c.status == "False") {
         let reason = if c.reason == Reason::AuditOnly.as_str() {
@@ -184,17 +239,15 @@ async fn announce(
             .await;
     }
     let stalled = changed(ConditionType::Stalled).filter(|c| c.status == "True");
-    if let Some(c) = stalled.filter(|c| c.reason != Reason::RegionNotAllowed.as_str()) {
+    if let (Some(c), Some(reason)) = (stalled, blocked.filter(|r| *r != Reason::RegionNotAllowed)) {
         context
             .events
-            .warning(server, Reason::InvalidSpec, c.message.clone())
+            .warning(server, reason, c.message.clone())
             .await;
     }
     if changed(ConditionType::Ready).is_some_and(|c| c.status == "True") {
-        context
-            .events
-            .normal(server, Reason::RolledOut, "gateway is available".into())
-            .await;
+        let note = "gateway is available".to_string();
+        context.events.normal(server, Reason::RolledOut, note).await;
     }
 }
 

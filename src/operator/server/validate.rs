@@ -8,6 +8,7 @@ use std::sync::Arc;
 
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{Secret, Service};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::ResourceExt;
 use zeroize::Zeroizing;
 
@@ -118,6 +119,7 @@ pub fn validate(inputs: ServerInputs) -> Result<ValidServer, Box<Blocked>> {
         host_keys,
         deployment,
         service,
+        existing,
     } = inputs;
     let name = server.name_any();
     if !is_dns_label(&name) || name.len() > MAX_SERVER_NAME {
@@ -129,6 +131,16 @@ pub fn validate(inputs: ServerInputs) -> Result<ValidServer, Box<Blocked>> {
             server,
             verdict: None,
             reason: Reason::InvalidSpec,
+            message,
+        }));
+    }
+
+    if let Some(message) = name_conflict(&server, &existing) {
+        let reason = Reason::NameConflict;
+        return Err(Box::new(Blocked {
+            server,
+            verdict: None,
+            reason,
             message,
         }));
     }
@@ -154,6 +166,38 @@ pub fn validate(inputs: ServerInputs) -> Result<ValidServer, Box<Blocked>> {
         host_keys,
         deployment,
         service,
+    })
+}
+
+/// The first existing object, among those this server would own, that another owner
+/// controls or nobody does. Taking it over would let a TransferServer named after
+/// someone else's Service, claim or Secret redirect it, mount it, and have it
+/// garbage-collected with the server.
+fn name_conflict(server: &TransferServer, existing: &[(&str, ObjectMeta)]) -> Option<String> {
+    let uid = server.uid()?;
+    let (kind, meta) = existing.iter().find(|(_, meta)| {
+        let controller = meta
+            .owner_references
+            .iter()
+            .flatten()
+            .find(|o| o.controller == Some(true));
+        controller.is_none_or(|owner| owner.uid != uid)
+    })?;
+    let name = meta.name.as_deref().unwrap_or_default();
+    let held_by_predecessor = meta.deletion_timestamp.is_some()
+        || meta
+            .owner_references
+            .iter()
+            .flatten()
+            .any(|o| o.kind == "TransferServer" && o.name == server.name_any());
+    Some(if held_by_predecessor {
+        format!(
+            "{kind} {name} still belongs to a deleted TransferServer of the same name; waiting for it to be removed"
+        )
+    } else {
+        format!(
+            "{kind} {name} already exists and is not owned by this TransferServer; rename the server or remove the {kind}"
+        )
     })
 }
 
@@ -245,7 +289,9 @@ fn password_from(
 }
 
 /// Normalises a home directory: absolute, no `..`, no empty or `.` segments.
-/// Returns `None` when it would escape or is malformed.
+/// Returns `None` when it would escape or is malformed: segments with leading or trailing
+/// whitespace are refused because the storage layer trims them (`/ ab` would alias
+/// `/ab`), and the gateway's reserved upload directory cannot be anyone's home.
 pub fn normalise_home(home: &str) -> Option<String> {
     if !home.starts_with('/') || home.contains('\0') || home.contains('\\') {
         return None;
@@ -255,15 +301,21 @@ pub fn normalise_home(home: &str) -> Option<String> {
         match segment {
             "" | "." => {}
             ".." => return None,
+            s if s.trim() != s => return None,
             other => segments.push(other),
         }
     }
-    Some(format!("/{}", segments.join("/")))
+    let home = format!("/{}", segments.join("/"));
+    (!crate::storage::is_reserved(&home)).then_some(home)
 }
 
-/// Parses one `authorized_keys`-style line and re-renders it canonically.
+/// Parses one `authorized_keys`-style line and re-renders it canonically as
+/// `type base64`. The comment is dropped: it identifies nothing the gateway needs, and
+/// unbounded comments would let one user push the rendered configuration past the 1 MiB
+/// Secret limit.
 fn normalise_public_key(line: &str) -> Option<String> {
-    let key = russh::keys::PublicKey::from_openssh(line.trim()).ok()?;
+    let mut key = russh::keys::PublicKey::from_openssh(line.trim()).ok()?;
+    key.set_comment("");
     key.to_openssh().ok()
 }
 
@@ -317,6 +369,10 @@ mod tests {
         assert_eq!(normalise_home("/a/../../etc"), None);
         assert_eq!(normalise_home("relative"), None);
         assert_eq!(normalise_home("/a\0b"), None);
+        assert_eq!(normalise_home("/ ab"), None);
+        assert_eq!(normalise_home("/a/b\t"), None);
+        assert_eq!(normalise_home("/.sluice-uploads"), None);
+        assert_eq!(normalise_home("//.sluice-uploads/x"), None);
     }
 
     #[test]
@@ -365,7 +421,7 @@ mod tests {
             "  serverRef: {{name: s}}\n  sshPublicKeys: [\"{KEY}\"]\n  homeDirectory: /k\n  permissions: [read]"
         );
         let valid = validate_user(&user(&yaml), None).unwrap();
-        assert_eq!(valid.public_keys, [KEY]);
+        assert_eq!(valid.public_keys, [KEY.trim_end_matches(" ops@example")]);
         let escaping = yaml.replace("/k", "/k/../..");
         assert_eq!(
             validate_user(&user(&escaping), None).err(),
