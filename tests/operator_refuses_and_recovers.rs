@@ -4,6 +4,7 @@
 
 mod support;
 
+use std::path::Path;
 use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
@@ -12,7 +13,7 @@ use k8s_openapi::api::core::v1::{Event, PersistentVolumeClaim, Secret, Service};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::api::{ApiResource, DeleteParams, DynamicObject, ListParams};
 use kube::{Api, Client, ResourceExt};
-use serde_json::Value;
+use serde_json::{Value, json};
 use sluice::api::{TransferServer, TransferUser};
 use sluice::gateway::config::GatewayConfig;
 
@@ -29,11 +30,16 @@ async fn operator_refuses_bad_input_clearly_and_recovers_when_it_is_fixed() -> R
     install_crds(&client).await?;
     crds_show_no_drift_after_apply(&client).await?;
     let operator = Operator::start(client.clone());
-    apply_all(&client, &format!(
-        "apiVersion: v1\nkind: Namespace\nmetadata: {{name: {NS}, labels: {{sluice.dev/residency: cn}}}}\n---\n{}",
-        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/examples/01-policy.yaml"))?
-    ))
-    .await?;
+    let namespace = json!({
+        "apiVersion": "v1",
+        "kind": "Namespace",
+        "metadata": {"name": NS, "labels": {"sluice.dev/residency": "cn"}},
+    });
+    apply_all(&client, &[namespace]).await?;
+    let examples = Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/examples/01-policy.yaml");
+    for policy in parse_yaml(&std::fs::read_to_string(examples)?)? {
+        apply(&client, &policy).await?;
+    }
 
     malformed_servers_are_rejected_or_stalled(&client).await?;
     objects_of_others_are_never_taken_over(&client).await?;
@@ -45,18 +51,48 @@ async fn operator_refuses_bad_input_clearly_and_recovers_when_it_is_fixed() -> R
     operator.stop().await
 }
 
-async fn apply_all(client: &Client, yaml: &str) -> Result<()> {
-    for object in parse_yaml(yaml)? {
-        apply(client, &object).await?;
+async fn apply_all(client: &Client, objects: &[Value]) -> Result<()> {
+    for object in objects {
+        apply(client, &serde_json::from_value(object.clone())?).await?;
     }
     Ok(())
 }
 
-fn server_yaml(name: &str, region: &str) -> String {
-    format!(
-        "apiVersion: sluice.dev/v1alpha1\nkind: TransferServer\nmetadata: {{name: {name}, namespace: {NS}}}\n\
-         spec:\n  region: {region}\n  protocols: {{sftp: {{}}}}\n  storage: {{volume: {{storageClassName: ssd, size: 1Gi}}}}\n"
-    )
+/// Applies `object` and checks that the API server refuses it with `needle` in the error.
+async fn refused(client: &Client, object: Value, needle: &str) -> Result<()> {
+    let Err(error) = apply_all(client, &[object]).await else {
+        anyhow::bail!("an object that should be refused ({needle}) was accepted");
+    };
+    ensure!(format!("{error:#}").contains(needle), "{error:#}");
+    Ok(())
+}
+
+fn server(name: &str, region: &str) -> Value {
+    json!({
+        "apiVersion": "sluice.dev/v1alpha1",
+        "kind": "TransferServer",
+        "metadata": {"name": name, "namespace": NS},
+        "spec": {
+            "region": region,
+            "protocols": {"sftp": {}},
+            "storage": {"volume": {"storageClassName": "ssd", "size": "1Gi"}},
+        },
+    })
+}
+
+fn password_secret(name: &str, password: &str) -> Value {
+    json!({
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "metadata": {"name": name, "namespace": NS},
+        "stringData": {"password": password},
+    })
+}
+
+/// `object` with the value at JSON pointer `at` replaced by `value`.
+fn with(mut object: Value, at: &str, value: Value) -> Value {
+    *object.pointer_mut(at).expect("the fixture has that field") = value;
+    object
 }
 
 fn condition(server: &TransferServer, type_: &str) -> Option<(String, String, String)> {
@@ -100,40 +136,23 @@ where
 }
 
 async fn malformed_servers_are_rejected_or_stalled(client: &Client) -> Result<()> {
-    let bad_size = server_yaml("bad-size", "cn-shanghai").replace("size: 1Gi", "size: lots");
-    let error = apply_all(client, &bad_size)
-        .await
-        .err()
-        .context("size: lots was accepted")?;
-    ensure!(
-        format!("{error:#}").contains("spec.storage.volume.size"),
-        "{error:#}"
-    );
+    let size = "/spec/storage/volume/size";
+    let bad_size = with(server("bad-size", "cn-shanghai"), size, json!("lots"));
+    refused(client, bad_size, "spec.storage.volume.size").await?;
     // An integer would pass an int-or-string schema but not the operator's types, and
     // one such object would stop every watch; the schema must refuse it.
-    let integer_size =
-        server_yaml("int-size", "cn-shanghai").replace("size: 1Gi", "size: 1073741824");
-    let error = apply_all(client, &integer_size)
-        .await
-        .err()
-        .context("an integer size was accepted")?;
-    ensure!(
-        format!("{error:#}").contains("spec.storage.volume.size"),
-        "{error:#}"
+    let integer_size = with(server("int-size", "cn-shanghai"), size, json!(1073741824));
+    refused(client, integer_size, "spec.storage.volume.size").await?;
+    let no_protocol = with(
+        server("no-protocol", "cn-shanghai"),
+        "/spec/protocols",
+        json!({}),
     );
-    let no_protocol = server_yaml("no-protocol", "cn-shanghai").replace("sftp: {}", "");
-    let error = apply_all(client, &no_protocol)
-        .await
-        .err()
-        .context("no protocol was accepted")?;
-    ensure!(
-        format!("{error:#}").contains("at least one protocol"),
-        "{error:#}"
-    );
+    refused(client, no_protocol, "at least one protocol").await?;
 
     // Valid to the API server, but too long to derive the owned objects' names from.
     let long = "a".repeat(50);
-    apply_all(client, &server_yaml(&long, "cn-shanghai")).await?;
+    apply_all(client, &[server(&long, "cn-shanghai")]).await?;
     let server = wait_condition(client, &long, "Stalled", "True").await?;
     let (_, reason, message) = condition(&server, "Stalled").context("no Stalled condition")?;
     ensure!(
@@ -149,16 +168,23 @@ async fn malformed_servers_are_rejected_or_stalled(client: &Client) -> Result<()
 /// A server named after someone else's Service must not redirect, adopt or (through
 /// garbage collection) delete it.
 async fn objects_of_others_are_never_taken_over(client: &Client) -> Result<()> {
-    apply_all(client, &format!(
-        "apiVersion: v1\nkind: Service\nmetadata: {{name: web, namespace: {NS}}}\n\
-         spec: {{selector: {{app: web}}, ports: [{{port: 80}}]}}\n"
-    ))
-    .await?;
-    apply_all(client, &server_yaml("web", "cn-shanghai")).await?;
+    let service = json!({
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {"name": "web", "namespace": NS},
+        "spec": {"selector": {"app": "web"}, "ports": [{"port": 80}]},
+    });
+    apply_all(client, &[service, server("web", "cn-shanghai")]).await?;
     let server = wait_condition(client, "web", "Stalled", "True").await?;
     let (_, reason, message) = condition(&server, "Stalled").context("no Stalled condition")?;
-    ensure!(reason == "NameConflict" && message.contains("Service web"), "{reason}: {message}");
-    ensure!(!exists::<Deployment>(client, "web-gateway").await?, "a Deployment was created");
+    ensure!(
+        reason == "NameConflict" && message.contains("Service web"),
+        "{reason}: {message}"
+    );
+    ensure!(
+        !exists::<Deployment>(client, "web-gateway").await?,
+        "a Deployment was created"
+    );
 
     let servers = Api::<TransferServer>::namespaced(client.clone(), NS);
     servers.delete("web", &DeleteParams::default()).await?;
@@ -166,22 +192,32 @@ async fn objects_of_others_are_never_taken_over(client: &Client) -> Result<()> {
         Ok(servers.get_opt("web").await?.is_none().then_some(()))
     })
     .await?;
-    let service = Api::<Service>::namespaced(client.clone(), NS).get("web").await?;
-    ensure!(service.owner_references().is_empty(), "the Service was adopted");
+    let service = Api::<Service>::namespaced(client.clone(), NS)
+        .get("web")
+        .await?;
+    ensure!(
+        service.owner_references().is_empty(),
+        "the Service was adopted"
+    );
     let selector = service.spec.and_then(|s| s.selector).unwrap_or_default();
     ensure!(selector.get("app").map(String::as_str) == Some("web") && selector.len() == 1);
 
     // A policy whose selector cannot be evaluated is refused by the API server.
-    let typo = "apiVersion: sluice.dev/v1alpha1\nkind: DataResidencyPolicy\nmetadata: {name: typo}\n\
-        spec: {namespaceSelector: {matchExpressions: [{key: a, operator: in, values: [b]}]}, \
-        allowedRegions: [cn-shanghai]}\n";
-    let error = apply_all(client, typo).await.err().context("a policy with operator 'in' was accepted")?;
-    ensure!(format!("{error:#}").contains("must be In, NotIn, Exists or DoesNotExist"), "{error:#}");
+    let typo = json!({
+        "apiVersion": "sluice.dev/v1alpha1",
+        "kind": "DataResidencyPolicy",
+        "metadata": {"name": "typo"},
+        "spec": {
+            "namespaceSelector": {"matchExpressions": [{"key": "a", "operator": "in", "values": ["b"]}]},
+            "allowedRegions": ["cn-shanghai"],
+        },
+    });
+    refused(client, typo, "must be In, NotIn, Exists or DoesNotExist").await?;
     Ok(())
 }
 
 async fn hong_kong_server_is_refused_without_workload(client: &Client) -> Result<()> {
-    apply_all(client, &server_yaml("hk-gw", "cn-hongkong")).await?;
+    apply_all(client, &[server("hk-gw", "cn-hongkong")]).await?;
     let server = wait_condition(client, "hk-gw", "ResidencyCompliant", "False").await?;
     let (_, reason, message) = condition(&server, "ResidencyCompliant").context("no condition")?;
     ensure!(reason == "RegionNotAllowed", "reason {reason}");
@@ -228,7 +264,7 @@ async fn hong_kong_server_is_refused_without_workload(client: &Client) -> Result
 }
 
 async fn moving_to_an_allowed_region_rolls_it_out(client: &Client) -> Result<()> {
-    apply_all(client, &server_yaml("hk-gw", "cn-beijing")).await?;
+    apply_all(client, &[server("hk-gw", "cn-beijing")]).await?;
     let server = wait_condition(client, "hk-gw", "ResidencyCompliant", "True").await?;
     ensure!(condition(&server, "Stalled").is_some_and(|c| c.0 == "False"));
     ensure!(
@@ -264,24 +300,48 @@ fn gateway_users(secret: &Secret) -> Result<Vec<String>> {
 }
 
 async fn broken_users_are_reported_and_do_not_disturb_good_ones(client: &Client) -> Result<()> {
-    let user = |name: &str, extra: &str| {
-        format!(
-            "---\napiVersion: sluice.dev/v1alpha1\nkind: TransferUser\nmetadata: {{name: {name}, namespace: {NS}}}\n\
-             spec:\n  serverRef: {{name: hk-gw}}\n  homeDirectory: /{name}\n  permissions: [list, read]\n{extra}"
-        )
+    let user = |name: &str, credentials: Value| {
+        let mut spec = json!({
+            "serverRef": {"name": "hk-gw"},
+            "homeDirectory": format!("/{name}"),
+            "permissions": ["list", "read"],
+        });
+        spec.as_object_mut()
+            .unwrap()
+            .extend(credentials.as_object().unwrap().clone());
+        json!({
+            "apiVersion": "sluice.dev/v1alpha1",
+            "kind": "TransferUser",
+            "metadata": {"name": name, "namespace": NS},
+            "spec": spec,
+        })
     };
-    let key =
-        "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOMqqnkVzrm0SdG6UOoqKLsabgH5C9okWi0dh2l9GKJl a@b";
-    let yaml = [
-        format!("apiVersion: v1\nkind: Secret\nmetadata: {{name: good-pw, namespace: {NS}}}\nstringData: {{password: s3cret-Value}}\n"),
-        user("good", "  passwordSecretRef: {name: good-pw}\n"),
-        user("nosecret", "  passwordSecretRef: {name: does-not-exist}\n"),
-        user("badkey", "  sshPublicKeys: [\"ssh-ed25519 not-base64!\"]\n"),
-        user("escape", &format!("  sshPublicKeys: [\"{key}\"]\n")).replace("/escape", "/a/../../etc"),
-        user("orphan", &format!("  sshPublicKeys: [\"{key}\"]\n")).replace("hk-gw", "no-such-server"),
-    ]
-    .concat();
-    apply_all(client, &yaml).await?;
+    let key = json!({"sshPublicKeys": [
+        "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOMqqnkVzrm0SdG6UOoqKLsabgH5C9okWi0dh2l9GKJl a@b"
+    ]});
+    let objects = [
+        password_secret("good-pw", "s3cret-Value"),
+        user("good", json!({"passwordSecretRef": {"name": "good-pw"}})),
+        user(
+            "nosecret",
+            json!({"passwordSecretRef": {"name": "does-not-exist"}}),
+        ),
+        user(
+            "badkey",
+            json!({"sshPublicKeys": ["ssh-ed25519 not-base64!"]}),
+        ),
+        with(
+            user("escape", key.clone()),
+            "/spec/homeDirectory",
+            json!("/a/../../etc"),
+        ),
+        with(
+            user("orphan", key),
+            "/spec/serverRef/name",
+            json!("no-such-server"),
+        ),
+    ];
+    apply_all(client, &objects).await?;
 
     let users = Api::<TransferUser>::namespaced(client.clone(), NS);
     let expected = [
@@ -342,9 +402,10 @@ async fn broken_users_are_reported_and_do_not_disturb_good_ones(client: &Client)
     .await?;
 
     // Fixing a user brings it in without touching the others.
-    apply_all(client, &format!(
-        "apiVersion: v1\nkind: Secret\nmetadata: {{name: does-not-exist, namespace: {NS}}}\nstringData: {{password: another-Value}}\n"
-    ))
+    apply_all(
+        client,
+        &[password_secret("does-not-exist", "another-Value")],
+    )
     .await?;
     eventually("the fixed user in the gateway config", WAIT, || async {
         let secret = secrets.get("hk-gw-gateway-config").await?;
@@ -363,7 +424,7 @@ async fn recreated_server_is_fully_reconciled(client: &Client) -> Result<()> {
         Ok(servers.get_opt("hk-gw").await?.is_none().then_some(()))
     })
     .await?;
-    apply_all(client, &server_yaml("hk-gw", "cn-beijing")).await?;
+    apply_all(client, &[server("hk-gw", "cn-beijing")]).await?;
     let server = wait_condition(client, "hk-gw", "ResidencyCompliant", "True").await?;
     ensure!(server.uid() != old_uid, "the server was not recreated");
     let deployments = Api::<Deployment>::namespaced(client.clone(), NS);

@@ -21,8 +21,8 @@ use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::{Resource, ResourceExt};
 
 use super::host_keys::HostKeyMaterial;
-use super::passwords::PasswordHashes;
 use super::names;
+use super::passwords::PasswordHashes;
 use super::validate::{ValidServer, ValidUser};
 use crate::api::{ServiceType, TransferServer};
 use crate::gateway::config::{CONFIG_KEY, GatewayConfig, GatewayUser, ResidencyStamp};
@@ -43,7 +43,12 @@ const GATEWAY_UID: i64 = 65532;
 impl GatewayObjects {
     /// Size of the rendered gateway configuration in bytes.
     pub fn config_size(&self) -> usize {
-        self.config.data.iter().flatten().map(|(_, v)| v.0.len()).sum()
+        self.config
+            .data
+            .iter()
+            .flatten()
+            .map(|(_, v)| v.0.len())
+            .sum()
     }
 }
 
@@ -121,7 +126,11 @@ pub(super) fn build_host_keys(server: &TransferServer, keys: &HostKeyMaterial) -
     }
 }
 
-fn build_config_secret(valid: &ValidServer, keys: &HostKeyMaterial, hashes: &PasswordHashes) -> Secret {
+fn build_config_secret(
+    valid: &ValidServer,
+    keys: &HostKeyMaterial,
+    hashes: &PasswordHashes,
+) -> Secret {
     let json = serde_json::to_vec_pretty(&gateway_config(valid, keys, hashes))
         .expect("the gateway configuration serialises to JSON");
     Secret {
@@ -154,13 +163,20 @@ pub fn gateway_config(
             policies: valid.verdict.governing.clone(),
             allowed_regions: valid.verdict.allowed_regions.clone(),
         },
-        users: valid.users.iter().map(|u| gateway_user(u, keys, hashes)).collect(),
+        users: valid
+            .users
+            .iter()
+            .map(|u| gateway_user(u, keys, hashes))
+            .collect(),
         ftps: None,
     }
 }
 
 fn gateway_user(user: &ValidUser, keys: &HostKeyMaterial, hashes: &PasswordHashes) -> GatewayUser {
-    let password_hash = user.password.as_ref().map(|password| hashes.hash(keys, &user.uid, password));
+    let password_hash = user
+        .password
+        .as_ref()
+        .map(|password| hashes.hash(keys, &user.uid, password));
     GatewayUser {
         name: user.name.clone(),
         password_hash,

@@ -46,8 +46,11 @@ pub fn controller(
     let (users, users_writer) = reflector::store::<TransferUser>();
     let user_cache = reflector(
         users_writer,
-        watcher(Api::<TransferUser>::all(client.clone()), watcher::Config::default())
-            .default_backoff(),
+        watcher(
+            Api::<TransferUser>::all(client.clone()),
+            watcher::Config::default(),
+        )
+        .default_backoff(),
     )
     .take_until(shutdown.clone())
     .filter_map(|event| async move {
@@ -98,15 +101,25 @@ pub fn controller(
 }
 
 /// The servers with a user whose password comes from `secret`.
-fn servers_using_secret(users: &Store<TransferUser>, secret: &Secret) -> Vec<ObjectRef<TransferServer>> {
+fn servers_using_secret(
+    users: &Store<TransferUser>,
+    secret: &Secret,
+) -> Vec<ObjectRef<TransferServer>> {
     let namespace = secret.namespace();
     let name = secret.name_any();
     let mut servers: Vec<ObjectRef<TransferServer>> = users
         .state()
         .iter()
         .filter(|u| u.namespace() == namespace)
-        .filter(|u| u.spec.password_secret_ref.as_ref().is_some_and(|r| r.name == name))
-        .map(|u| ObjectRef::new(&u.spec.server_ref.name).within(namespace.as_deref().unwrap_or_default()))
+        .filter(|u| {
+            u.spec
+                .password_secret_ref
+                .as_ref()
+                .is_some_and(|r| r.name == name)
+        })
+        .map(|u| {
+            ObjectRef::new(&u.spec.server_ref.name).within(namespace.as_deref().unwrap_or_default())
+        })
         .collect();
     servers.sort_by(|a, b| a.name.cmp(&b.name));
     servers.dedup();
@@ -163,7 +176,12 @@ async fn reconcile(server: Arc<TransferServer>, context: Arc<Context>) -> Result
             objects.config_size(),
             build::MAX_CONFIG_BYTES
         );
-        let blocked = Blocked { server, verdict: Some(valid.verdict), reason: Reason::ConfigTooLarge, message };
+        let blocked = Blocked {
+            server,
+            verdict: Some(valid.verdict),
+            reason: Reason::ConfigTooLarge,
+            message,
+        };
         return stall(&context, blocked).await;
     }
     let namespace = server.namespace().unwrap_or_default();

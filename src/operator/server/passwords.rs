@@ -50,12 +50,21 @@ mod tests {
 
     #[test]
     fn memoised_hashes_equal_fresh_ones_and_verify() {
-        let keys = HostKeyMaterial { keys: BTreeMap::new(), salt_seed: vec![3; 32] };
+        let keys = HostKeyMaterial {
+            keys: BTreeMap::new(),
+            salt_seed: vec![3; 32],
+        };
         let memo = PasswordHashes::default();
         let first = memo.hash(&keys, "u1", b"correct horse");
         assert_eq!(memo.hash(&keys, "u1", b"correct horse"), first);
-        assert_eq!(PasswordHashes::default().hash(&keys, "u1", b"correct horse"), first);
-        assert!(crate::gateway::auth::verify_password(b"correct horse", &first));
+        assert_eq!(
+            PasswordHashes::default().hash(&keys, "u1", b"correct horse"),
+            first
+        );
+        assert!(crate::gateway::auth::verify_password(
+            b"correct horse",
+            &first
+        ));
         assert_ne!(memo.hash(&keys, "u1", b"battery staple"), first);
     }
 }

@@ -192,11 +192,13 @@ fn name_conflict(server: &TransferServer, existing: &[(&str, ObjectMeta)]) -> Op
             .any(|o| o.kind == "TransferServer" && o.name == server.name_any());
     Some(if held_by_predecessor {
         format!(
-            "{kind} {name} still belongs to a deleted TransferServer of the same name; waiting for it to be removed"
+            "{kind} {name} still belongs to a deleted TransferServer of the same name; \
+             waiting for it to be removed"
         )
     } else {
         format!(
-            "{kind} {name} already exists and is not owned by this TransferServer; rename the server or remove the {kind}"
+            "{kind} {name} already exists and is not owned by this TransferServer; \
+             rename the server or remove the {kind}"
         )
     })
 }
@@ -340,13 +342,27 @@ mod tests {
 
     use super::*;
 
-    fn user(yaml: &str) -> TransferUser {
-        let mut user: TransferUser = serde_yaml::from_str(&format!(
-            "apiVersion: sluice.dev/v1alpha1\nkind: TransferUser\nmetadata: {{name: alice, namespace: ns, uid: u1}}\nspec:\n{yaml}"
-        ))
-        .unwrap();
+    /// A user `alice` on server `s` with `home` and the given credentials.
+    fn user(home: &str, credentials: serde_json::Value) -> TransferUser {
+        let mut spec = serde_json::json!({
+            "serverRef": {"name": "s"},
+            "homeDirectory": home,
+            "permissions": ["write", "list", "list"],
+        });
+        spec.as_object_mut()
+            .unwrap()
+            .extend(credentials.as_object().unwrap().clone());
+        let mut user = TransferUser::new("alice", serde_json::from_value(spec).unwrap());
         user.metadata.uid = Some("u1".into());
         user
+    }
+
+    fn keys(keys: &[&str]) -> serde_json::Value {
+        serde_json::json!({"sshPublicKeys": keys})
+    }
+
+    fn password_ref(name: &str, key: Option<&str>) -> serde_json::Value {
+        serde_json::json!({"passwordSecretRef": {"name": name, "key": key}})
     }
 
     fn secret(key: &str, value: &[u8]) -> Secret {
@@ -359,7 +375,10 @@ mod tests {
         }
     }
 
-    const KEY: &str = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOMqqnkVzrm0SdG6UOoqKLsabgH5C9okWi0dh2l9GKJl ops@example";
+    const KEY: &str = concat!(
+        "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOMqqnkVzrm0SdG6UOoqKLsabgH5C9okWi0dh2l9GKJl",
+        " ops@example"
+    );
 
     #[test]
     fn homes_are_normalised_and_escapes_refused() {
@@ -377,9 +396,7 @@ mod tests {
 
     #[test]
     fn password_user_takes_the_secret_key() {
-        let u = user(
-            "  serverRef: {name: s}\n  passwordSecretRef: {name: pw}\n  homeDirectory: /a\n  permissions: [write, list, list]",
-        );
+        let u = user("/a", password_ref("pw", None));
         let s = secret("password", b"hunter2");
         let valid = validate_user(&u, Some(Some(&s))).unwrap();
         assert_eq!(
@@ -391,9 +408,7 @@ mod tests {
 
     #[test]
     fn missing_secret_and_missing_key_are_named_without_values() {
-        let u = user(
-            "  serverRef: {name: s}\n  passwordSecretRef: {name: pw, key: pass}\n  homeDirectory: /a\n  permissions: [read]",
-        );
+        let u = user("/a", password_ref("pw", Some("pass")));
         assert_eq!(
             validate_user(&u, Some(None)).err(),
             Some(UserProblem::SecretNotFound("pw".into()))
@@ -408,23 +423,17 @@ mod tests {
 
     #[test]
     fn unparseable_key_is_reported_by_position() {
-        let yaml = format!(
-            "  serverRef: {{name: s}}\n  sshPublicKeys: [\"{KEY}\", \"ssh-ed25519 AAAAnotakey\"]\n  homeDirectory: /a\n  permissions: [read]"
-        );
-        let problem = validate_user(&user(&yaml), None).err().unwrap();
+        let user = user("/a", keys(&[KEY, "ssh-ed25519 AAAAnotakey"]));
+        let problem = validate_user(&user, None).err().unwrap();
         assert_eq!(problem, UserProblem::InvalidPublicKey { index: 1 });
     }
 
     #[test]
-    fn key_user_is_valid_and_home_escape_is_not() {
-        let yaml = format!(
-            "  serverRef: {{name: s}}\n  sshPublicKeys: [\"{KEY}\"]\n  homeDirectory: /k\n  permissions: [read]"
-        );
-        let valid = validate_user(&user(&yaml), None).unwrap();
+    fn key_user_is_valid_without_the_key_comment_and_home_escape_is_not() {
+        let valid = validate_user(&user("/k", keys(&[KEY])), None).unwrap();
         assert_eq!(valid.public_keys, [KEY.trim_end_matches(" ops@example")]);
-        let escaping = yaml.replace("/k", "/k/../..");
         assert_eq!(
-            validate_user(&user(&escaping), None).err(),
+            validate_user(&user("/k/../..", keys(&[KEY])), None).err(),
             Some(UserProblem::InvalidHomeDirectory("/k/../..".into()))
         );
     }
