@@ -29,9 +29,15 @@ async fn main() -> Result<()> {
     let work = Path::new(env!("CARGO_MANIFEST_DIR")).join(".demo");
     std::fs::create_dir_all(&work)?;
 
-    match existing_cluster().await {
-        Some(client) => run_on_cluster(client, &work).await,
-        None => run_locally(&work).await,
+    // Only with explicit consent: the demo installs CRDs, a cluster-wide policy and a
+    // namespace wherever the current kubeconfig points.
+    let use_current = std::env::args().any(|a| a == "--use-current-cluster");
+    match use_current {
+        true => {
+            let client = existing_cluster().await.context("the current cluster does not answer")?;
+            run_on_cluster(client, &work).await
+        }
+        false => run_locally(&work).await,
     }
 }
 
@@ -83,7 +89,7 @@ async fn run_on_cluster(client: Client, work: &Path) -> Result<()> {
 }
 
 async fn run_locally(work: &Path) -> Result<()> {
-    eprintln!("demo: no cluster answers; starting a local control plane (first run builds it)");
+    eprintln!("demo: starting a local control plane on 127.0.0.1");
     let control_plane = ControlPlane::start().await?;
     // Logging starts only now: while the API server comes up, the client's readiness
     // polls fail by design and would be printed as errors.
@@ -104,14 +110,27 @@ async fn run_locally(work: &Path) -> Result<()> {
         .context("the gateway exposes no SFTP port")?
         .port();
     println!("\nSluice is running: operator, local control plane and one gateway.");
-    println!("Files land in {}", pod.volume_dir("data").display());
+    println!("Files land in {} (removed when the demo stops)", pod.volume_dir("data").display());
     println!("Inspect the resources with:");
     println!(
         "  kubectl --kubeconfig {} get sluice -A",
         control_plane.kubeconfig_path().display()
     );
     print_sftp_commands(port, &key);
-    wait_for_ctrl_c().await;
+    // Like the kubelet, refresh the mounted Secrets, so users added or changed while the
+    // demo runs reach the gateway (which reloads its configuration by itself).
+    let ctrl_c = wait_for_ctrl_c();
+    tokio::pin!(ctrl_c);
+    loop {
+        tokio::select! {
+            _ = &mut ctrl_c => break,
+            _ = tokio::time::sleep(Duration::from_secs(2)) => {
+                if let Err(error) = pod.sync_secrets().await {
+                    eprintln!("demo: could not refresh the gateway's Secrets: {error:#}");
+                }
+            }
+        }
+    }
     drop(pod);
     operator.stop().await
 }

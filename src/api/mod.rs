@@ -41,33 +41,51 @@ pub fn crds() -> Vec<CustomResourceDefinition> {
     ]
 }
 
-/// A CRD as the YAML committed under `crds/`: integral bounds written as integers.
+/// A CRD as the YAML committed under `crds/`: integral bounds written as integers and
+/// descriptions as paragraphs.
 pub fn crd_yaml(crd: &CustomResourceDefinition) -> String {
-    let value = with_integral_bounds(crd);
+    let mut value = serde_json::to_value(crd).expect("a CRD serialises to JSON");
+    normalise(&mut value);
     serde_yaml::to_string(&value).expect("a CRD serialises to YAML")
 }
 
-/// schemars writes `minimum`/`maximum` as floats (`65535.0`); the API server stores them
-/// as integers, so a GitOps tool comparing the committed CRD with the live one would see
-/// drift. Rewrites every integral float in the schema as an integer (the typed
-/// `JSONSchemaProps` holds them as `f64`, so this works on the JSON value).
-fn with_integral_bounds(crd: &CustomResourceDefinition) -> serde_json::Value {
-    fn walk(value: &mut serde_json::Value) {
-        match value {
-            serde_json::Value::Number(n) if n.is_f64() => {
-                let f = n.as_f64().unwrap_or(f64::NAN);
-                if f.fract() == 0.0 && f.abs() < 9.0e15 {
-                    *value = serde_json::Value::from(f as i64);
+/// Two rewrites that make the generated schema read and compare well:
+/// - schemars writes `minimum`/`maximum` as floats (`65535.0`) and the typed
+///   `JSONSchemaProps` holds them as `f64`, while the API server stores integers, so a
+///   GitOps tool comparing the committed CRD with the live one would see drift: integral
+///   floats become integers.
+/// - Doc comments are wrapped at 100 columns; `kubectl explain` wraps text itself and
+///   would show those breaks as ragged lines: single line breaks in descriptions become
+///   spaces, paragraph breaks stay.
+fn normalise(value: &mut serde_json::Value) {
+    match value {
+        serde_json::Value::Number(n) if n.is_f64() => {
+            let f = n.as_f64().unwrap_or(f64::NAN);
+            if f.fract() == 0.0 && f.abs() < 9.0e15 {
+                *value = serde_json::Value::from(f as i64);
+            }
+        }
+        serde_json::Value::Array(items) => items.iter_mut().for_each(normalise),
+        serde_json::Value::Object(map) => {
+            for (key, field) in map.iter_mut() {
+                match field {
+                    serde_json::Value::String(text) if key == "description" => {
+                        *text = unwrap_lines(text);
+                    }
+                    _ => normalise(field),
                 }
             }
-            serde_json::Value::Array(items) => items.iter_mut().for_each(walk),
-            serde_json::Value::Object(map) => map.values_mut().for_each(walk),
-            _ => {}
         }
+        _ => {}
     }
-    let mut value = serde_json::to_value(crd).expect("a CRD serialises to JSON");
-    walk(&mut value);
-    value
+}
+
+fn unwrap_lines(text: &str) -> String {
+    let paragraphs: Vec<String> = text
+        .split("\n\n")
+        .map(|p| p.lines().map(str::trim).collect::<Vec<_>>().join(" "))
+        .collect();
+    paragraphs.join("\n\n")
 }
 
 #[cfg(test)]
@@ -78,9 +96,44 @@ mod tests {
         crds().iter().map(crd_yaml).collect()
     }
 
+    /// Case C20: an empty list in a CRD (categories, shortNames, printer columns) is
+    /// dropped by the API server and shows up as drift.
     #[test]
     fn generated_crds_contain_no_empty_lists() {
-        assert!(!rendered().contains("[]"), "{}", rendered());
+        fn empty_lists(path: &str, value: &serde_yaml::Value, found: &mut Vec<String>) {
+            match value {
+                serde_yaml::Value::Sequence(items) if items.is_empty() => found.push(path.into()),
+                serde_yaml::Value::Sequence(items) => {
+                    for (i, item) in items.iter().enumerate() {
+                        empty_lists(&format!("{path}[{i}]"), item, found);
+                    }
+                }
+                serde_yaml::Value::Mapping(map) => {
+                    for (key, item) in map {
+                        let key = key.as_str().unwrap_or("?");
+                        empty_lists(&format!("{path}.{key}"), item, found);
+                    }
+                }
+                _ => {}
+            }
+        }
+        let mut found = Vec::new();
+        for crd in crds() {
+            let value: serde_yaml::Value = serde_yaml::from_str(&crd_yaml(&crd)).unwrap();
+            empty_lists(&crd.spec.names.kind, &value, &mut found);
+        }
+        assert!(found.is_empty(), "empty lists at {found:?}");
+    }
+
+    #[test]
+    fn descriptions_are_unwrapped_into_paragraphs() {
+        assert_eq!(unwrap_lines("a\nb\n\nc\n d"), "a b\n\nc d");
+        let yaml: String = crds().iter().map(crd_yaml).collect();
+        assert!(
+            yaml.contains("Region the gateway and its data are pinned to"),
+            "{yaml}"
+        );
+        assert!(!yaml.contains("Pods are\n"), "{yaml}");
     }
 
     #[test]

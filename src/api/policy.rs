@@ -54,7 +54,9 @@ pub struct DataResidencyPolicySpec {
     pub region_label: Option<String>,
 }
 
-/// How strictly a policy is applied.
+/// How strictly a policy is applied. `Enforce` (the default): a server that does not
+/// comply is not rolled out, and its status and a Warning Event say why. `Audit`: it is
+/// rolled out and reported as non-compliant.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub enum Enforcement {
     /// Non-compliant servers are not rolled out.

@@ -122,7 +122,9 @@ pub struct ServiceExposure {
     pub type_: Option<ServiceType>,
 }
 
-/// Kubernetes Service types the gateway can be exposed through.
+/// Service type the gateway is exposed through: `ClusterIP` (the default; inside the
+/// cluster only), `NodePort` (on every node's address) or `LoadBalancer` (through a cloud
+/// load balancer; its address becomes the server's endpoint once assigned).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub enum ServiceType {
     /// Reachable inside the cluster only.

@@ -18,7 +18,6 @@ use std::sync::Arc;
 
 use futures::StreamExt;
 use kube::Client;
-use kube::runtime::events::Reporter;
 
 pub use backoff::Backoff;
 pub use error::Error;
@@ -55,12 +54,12 @@ pub struct Context {
 impl Context {
     /// A context for `client` with the given settings.
     pub fn new(client: Client, args: OperatorArgs) -> Arc<Self> {
-        let reporter = Reporter {
-            controller: "sluice".into(),
-            instance: std::env::var("POD_NAME").ok(),
-        };
+        // The pod name in a cluster (downward API), the host name elsewhere.
+        let instance = std::env::var("POD_NAME")
+            .or_else(|_| std::env::var("HOSTNAME"))
+            .unwrap_or_else(|_| "sluice-operator".into());
         Arc::new(Self {
-            events: events::EventPublisher::new(client.clone(), reporter),
+            events: events::EventPublisher::new(client.clone(), instance),
             client,
             args,
             backoff: Backoff::default(),

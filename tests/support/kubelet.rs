@@ -176,9 +176,14 @@ impl RunningPod {
         self.root.path().join("volumes").join(volume)
     }
 
-    /// The container's log (stdout and stderr).
+    /// Where the container's log (stdout and stderr) is written.
+    pub fn log_path(&self) -> PathBuf {
+        self.root.path().join("container.log")
+    }
+
+    /// The container's log so far.
     pub fn log(&self) -> String {
-        std::fs::read_to_string(self.root.path().join("container.log")).unwrap_or_default()
+        std::fs::read_to_string(self.log_path()).unwrap_or_default()
     }
 
     /// Rewrites Secret volumes from the current Secrets, as the kubelet does when a
@@ -274,7 +279,7 @@ impl RunningPod {
         let words: Vec<String> = words.iter().map(|w| apply(w)).collect();
         let program = resolve_command(words.first().context("container without a command")?)?;
 
-        let log = std::fs::File::create(self.root.path().join("container.log"))?;
+        let log = std::fs::File::options().create(true).append(true).open(self.log_path())?;
         let mut command = Command::new(program);
         command
             .args(&words[1..])

@@ -147,7 +147,15 @@ pub fn validate(inputs: ServerInputs) -> Result<ValidServer, Box<Blocked>> {
 
     let verdict = residency::evaluate(&server.spec.region, &namespace_labels, &policies);
     if verdict.blocks_rollout() {
-        let message = verdict.message(&server.spec.region);
+        let mut message = verdict.message(&server.spec.region);
+        if deployment.is_some() {
+            // Stopping writes on a gateway that falls out of compliance is the policy
+            // engine's job; until then say plainly that the old roll-out stays.
+            message.push_str(
+                "; the gateway rolled out before is left running unchanged until the region \
+                 is allowed again",
+            );
+        }
         let reason = Reason::RegionNotAllowed;
         return Err(Box::new(Blocked {
             server,
