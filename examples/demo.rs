@@ -34,7 +34,9 @@ async fn main() -> Result<()> {
     let use_current = std::env::args().any(|a| a == "--use-current-cluster");
     match use_current {
         true => {
-            let client = existing_cluster().await.context("the current cluster does not answer")?;
+            let client = existing_cluster()
+                .await
+                .context("the current cluster does not answer")?;
             run_on_cluster(client, &work).await
         }
         false => run_locally(&work).await,
@@ -110,7 +112,10 @@ async fn run_locally(work: &Path) -> Result<()> {
         .context("the gateway exposes no SFTP port")?
         .port();
     println!("\nSluice is running: operator, local control plane and one gateway.");
-    println!("Files land in {} (removed when the demo stops)", pod.volume_dir("data").display());
+    println!(
+        "Files land in {} (removed when the demo stops)",
+        pod.volume_dir("data").display()
+    );
     println!("Inspect the resources with:");
     println!(
         "  kubectl --kubeconfig {} get sluice -A",

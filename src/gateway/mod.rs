@@ -2,17 +2,23 @@
 //!
 //! Contract: a gateway serves one TransferServer. It reads the [`config::GatewayConfig`]
 //! the operator rendered, the SSH host keys and the volume, all mounted into its pod, and
-//! serves SFTP until SIGTERM or Ctrl-C. It re-reads the configuration file every
-//! [`CONFIG_POLL_INTERVAL`] and, when the content changed and parses, swaps the set of
-//! logins in one step; sessions already logged in keep running. The kubelet replaces
-//! mounted Secret files by swapping symlinks, which file-change notifications on the file
-//! itself miss, hence polling by content hash.
+//! serves SFTP, and FTPS when the configuration asks for it ([`ftps`]), until SIGTERM or
+//! Ctrl-C. It re-reads the configuration file every [`CONFIG_POLL_INTERVAL`] and, when the
+//! content changed and parses, swaps the set of logins in one step; sessions already
+//! logged in keep running, except SFTP sessions whose user is gone or whose password hash
+//! or keys changed, which are disconnected ([`sftp`]). The kubelet replaces mounted Secret
+//! files by swapping symlinks, which file-change notifications on the file itself miss,
+//! hence polling by content hash (the FTPS certificate is polled the same way).
+//!
+//! A problem with FTPS alone (no TLS directory, an unusable `ftps` section, no valid
+//! certificate) is logged at error and leaves SFTP running.
 //!
 //! [`run`] is the subcommand; [`Gateway`] is the same in two steps (bind, then serve), so
-//! a test can learn the bound address first.
+//! a test can learn the bound addresses first.
 
 pub mod auth;
 pub mod config;
+pub mod ftps;
 pub mod host_keys;
 pub mod sftp;
 pub mod vfs;
@@ -28,6 +34,7 @@ use tokio::sync::watch;
 
 use crate::gateway::auth::{LiveLogins, Logins};
 use crate::gateway::config::GatewayConfig;
+use crate::gateway::ftps::{FtpsAddrs, FtpsError, FtpsHandle, FtpsServer};
 use crate::gateway::host_keys::HostKeyError;
 use crate::gateway::sftp::SftpServer;
 use crate::storage::{StorageError, Volume};
@@ -58,6 +65,23 @@ pub struct GatewayArgs {
     /// Address the SFTP server listens on.
     #[arg(long, env = "SLUICE_SFTP_LISTEN", default_value = "0.0.0.0:2222")]
     pub sftp_listen: SocketAddr,
+
+    /// Address of the explicit FTPS control port (`AUTH TLS`), if FTPS is configured.
+    #[arg(long, env = "SLUICE_FTPS_LISTEN", default_value = "0.0.0.0:2121")]
+    pub ftps_listen: SocketAddr,
+
+    /// Address of the implicit FTPS port (TLS from the first byte), if FTPS is configured.
+    #[arg(
+        long,
+        env = "SLUICE_FTPS_IMPLICIT_LISTEN",
+        default_value = "0.0.0.0:2990"
+    )]
+    pub ftps_implicit_listen: SocketAddr,
+
+    /// Directory holding the FTPS certificate and key as a `kubernetes.io/tls` Secret
+    /// mounts them (`tls.crt`, `tls.key`). Without it FTPS is not served.
+    #[arg(long, env = "SLUICE_TLS_DIR")]
+    pub tls_dir: Option<PathBuf>,
 }
 
 /// Errors that stop a gateway.
@@ -87,7 +111,7 @@ pub enum GatewayError {
     /// The volume could not be opened.
     #[error("failed to open storage")]
     Storage(#[from] StorageError),
-    /// The SFTP address could not be bound.
+    /// A listening address (SFTP or an FTPS control port) could not be bound.
     #[error("failed to listen on {addr}")]
     Listen {
         /// The address.
@@ -112,13 +136,15 @@ pub struct Gateway {
     logins: LiveLogins,
     sftp: SftpServer,
     listener: TcpListener,
+    ftps: Option<FtpsServer>,
     poll_interval: Duration,
     grace: Duration,
 }
 
 impl Gateway {
     /// Reads the configuration, host keys and volume named in `args` and binds the SFTP
-    /// address. Fails if any of them is unusable.
+    /// address, and the FTPS ports if FTPS is configured. Fails if any of them is unusable
+    /// or cannot be bound; a problem with FTPS alone is logged and leaves SFTP running.
     pub async fn bind(args: &GatewayArgs) -> Result<Self, GatewayError> {
         let bytes = read_config(&args.config).await?;
         let config = parse_config(&args.config, &bytes)?;
@@ -133,12 +159,14 @@ impl Gateway {
 
         log_startup(&config, &host_keys, listener.local_addr().ok());
         let logins = LiveLogins::new(Logins::new(&config.users));
+        let ftps = bind_ftps(args, &config, logins.clone(), volume.clone()).await?;
         Ok(Self {
             config_path: args.config.clone(),
             config_hash: Sha256::digest(&bytes).into(),
             sftp: SftpServer::new(host_keys, logins.clone(), volume),
             logins,
             listener,
+            ftps,
             poll_interval: CONFIG_POLL_INTERVAL,
             grace: SHUTDOWN_GRACE,
         })
@@ -147,6 +175,16 @@ impl Gateway {
     /// The address the SFTP server is bound to.
     pub fn sftp_addr(&self) -> io::Result<SocketAddr> {
         self.listener.local_addr()
+    }
+
+    /// The address explicit FTPS is bound to, if it is served.
+    pub fn ftps_addr(&self) -> Option<SocketAddr> {
+        self.ftps.as_ref()?.explicit_addr()
+    }
+
+    /// The address implicit FTPS is bound to, if it is served.
+    pub fn ftps_implicit_addr(&self) -> Option<SocketAddr> {
+        self.ftps.as_ref()?.implicit_addr()
     }
 
     /// Checks the configuration file at `interval` instead of [`CONFIG_POLL_INTERVAL`].
@@ -170,21 +208,63 @@ impl Gateway {
                 path: self.config_path,
                 hash: self.config_hash,
                 logins: self.logins,
+                ftps: self.ftps.as_ref().map(FtpsServer::handle),
                 interval: self.poll_interval,
             },
             stop_rx.clone(),
         ));
 
-        let server = self.sftp.serve(self.listener, stop_rx, self.grace);
+        let sftp = self.sftp.serve(self.listener, stop_rx.clone(), self.grace);
+        let ftps = async {
+            if let Some(ftps) = self.ftps {
+                ftps.serve(stop_rx, self.grace, self.poll_interval).await;
+            }
+        };
         let stop = async {
             shutdown.await;
             tracing::info!("Shutting down");
             let _ = stop_tx.send(true);
         };
-        tokio::join!(server, stop);
+        tokio::join!(sftp, ftps, stop);
 
         let _ = reload.await;
         tracing::info!("Gateway stopped");
+    }
+}
+
+/// The FTPS server, if the configuration asks for FTPS and it can be served. Only a port
+/// that cannot be bound stops the gateway; anything else wrong with FTPS leaves SFTP alone.
+async fn bind_ftps(
+    args: &GatewayArgs,
+    config: &GatewayConfig,
+    logins: LiveLogins,
+    volume: Volume,
+) -> Result<Option<FtpsServer>, GatewayError> {
+    let Some(settings) = &config.ftps else {
+        return Ok(None);
+    };
+    let Some(tls_dir) = &args.tls_dir else {
+        tracing::error!("FTPS is configured but no TLS directory is given; serving SFTP only");
+        return Ok(None);
+    };
+    let addrs = FtpsAddrs {
+        explicit: args.ftps_listen,
+        implicit: args.ftps_implicit_listen,
+    };
+    match FtpsServer::bind(settings, tls_dir, addrs, logins, volume).await {
+        Ok(server) => {
+            tracing::info!(
+                explicit = ?server.explicit_addr(),
+                implicit = ?server.implicit_addr(),
+                "FTPS listening"
+            );
+            Ok(Some(server))
+        }
+        Err(FtpsError::Listen { addr, source }) => Err(GatewayError::Listen { addr, source }),
+        Err(error) => {
+            tracing::error!(error = %ErrorChain(&error), "Cannot serve FTPS; serving SFTP only");
+            Ok(None)
+        }
     }
 }
 
@@ -217,6 +297,7 @@ struct ConfigWatch {
     path: PathBuf,
     hash: [u8; 32],
     logins: LiveLogins,
+    ftps: Option<FtpsHandle>,
     interval: Duration,
 }
 
@@ -254,6 +335,15 @@ async fn watch_config(mut watch: ConfigWatch, mut stop: watch::Receiver<bool>) {
             Ok(config) => {
                 watch.logins.replace(Logins::new(&config.users));
                 tracing::info!(users = config.users.len(), "Reloaded configuration");
+                match &watch.ftps {
+                    Some(ftps) => ftps.apply(config.ftps.as_ref()),
+                    None if config.ftps.is_some() => {
+                        tracing::warn!(
+                            "FTPS was added to the configuration; restart the gateway to serve it"
+                        );
+                    }
+                    None => {}
+                }
             }
             Err(error) => {
                 tracing::warn!(error = %ErrorChain(&error), "Keeping the previous configuration");

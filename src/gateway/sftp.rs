@@ -4,36 +4,54 @@
 //! Contract:
 //! - Password and public-key authentication against the [`LiveLogins`] in force when the
 //!   attempt is made; a connection advertises only the methods that some login can
-//!   complete. Password checks run on blocking threads, a bounded number at a time.
+//!   complete. Password checks go through [`LiveLogins::check_password`]: a bounded pool
+//!   of workers, and the same cost for unknown users as for known ones.
+//! - Connections are bounded: at most [`MAX_CONNECTIONS`] at once and
+//!   [`MAX_CONNECTIONS_PER_IP`] from one client address; a connection beyond either is
+//!   closed as soon as it is accepted. A connection that has not logged in
+//!   [`LOGIN_DEADLINE`] after it was accepted is disconnected, and so is a session whose
+//!   login no longer holds after a configuration reload (user removed, password hash or
+//!   key set changed). A connection may have at most [`MAX_CHANNELS`] channels open.
 //! - Only the `sftp` subsystem is served. Shell, exec and pty requests are refused with a
 //!   message on the channel's stderr; forwarding of any kind is refused (russh's default).
+//!   An SFTP channel whose client sends a packet longer than [`MAX_SFTP_PACKET`] (which is
+//!   also what garbage looks like) is closed: the stream is out of step from there on.
 //! - Every connection gets a span carrying the peer and, after login, the user. Logins and
 //!   completed transfers (with their byte counts) are logged at info, failed logins at
-//!   warn (user and peer, never the password), storage failures at warn. A connection that
-//!   closes before or during the SSH handshake is logged at debug only.
+//!   warn (user and peer, never the password), storage failures and uploads lost on close
+//!   at warn. A connection that closes before or during the SSH handshake, or never logs
+//!   in, is logged at debug only.
 //! - [`SftpServer::serve`] stops accepting when told to, lets running sessions finish for
 //!   a grace period, then disconnects the rest.
+//! - `OPEN` follows the SFTP specification: `CREATE` without `WRITE` creates the file
+//!   (empty) if it is missing, `EXCL` fails if it exists, and the handle reads.
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
-use std::sync::Arc;
+use std::io;
+use std::net::{IpAddr, SocketAddr};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::task::{Context, Poll, ready};
 use std::time::{Duration, UNIX_EPOCH};
 
 use bytes::Bytes;
 use russh::keys::PrivateKey;
 use russh::server::{Auth, Msg, PublicKeyOffer, Session, VerifiedPublicKey};
-use russh::{Channel, ChannelId, Disconnect, MethodKind, MethodSet, SshId};
+use russh::{Channel, ChannelId, ChannelOpenFailure, Disconnect, MethodKind, MethodSet, SshId};
 use russh_sftp::protocol::{
     Attrs, Data, File, FileAttributes, Handle, Name, OpenFlags, Status, StatusCode, Version,
 };
 use russh_sftp::server::StatusReply;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{Semaphore, watch};
+use tokio::sync::{oneshot, watch};
 use tokio::task::JoinSet;
+use tokio::time::Instant;
 use tracing::{Instrument, Span, field};
 
 use crate::api::Permission;
-use crate::gateway::auth::{LiveLogins, Login};
+use crate::gateway::auth::{LiveLogins, Login, Logins};
 use crate::gateway::vfs::{
     DirStream, Entry, EntryKind, FileReader, FileWriter, Reply, Vfs, VfsError, WriteMode,
 };
@@ -46,12 +64,57 @@ const SERVER_ID: &str = "SSH-2.0-Sluice";
 const READDIR_BATCH: usize = 128;
 /// Largest SSH_FXP_DATA reply; clients ask for 32 KiB to 256 KiB.
 const MAX_READ: u32 = 256 * 1024;
-/// Open file and directory handles one SFTP session may hold.
+/// Open file and directory handles one SFTP channel may hold.
 const MAX_HANDLES: usize = 64;
 /// Time after the grace period that disconnected sessions get to wind down.
 const DISCONNECT_WAIT: Duration = Duration::from_secs(2);
 /// Message sent on stderr when a client asks for anything but SFTP.
 const SFTP_ONLY: &str = "This service allows SFTP connections only.\r\n";
+
+/// Connections served at once, at most. Each costs a socket, a task and, once logged in,
+/// up to [`MAX_CHANNELS`] × 64 open files; 512 keeps that within the file-descriptor
+/// limit of a container while leaving room for far more partners than a gateway serves.
+pub const MAX_CONNECTIONS: usize = 512;
+
+/// Connections from one client address at once, at most, so that one client cannot take
+/// every slot. Behind a load balancer that does not preserve client addresses (a
+/// Kubernetes Service with `externalTrafficPolicy: Cluster`) every client shares a few
+/// node addresses, and this becomes a limit for all of them together.
+pub const MAX_CONNECTIONS_PER_IP: usize = 64;
+
+/// Time from accepting a connection to a successful login, at most. Interactive users
+/// type a password well within it; clients that never authenticate are cut off.
+pub const LOGIN_DEADLINE: Duration = Duration::from_secs(30);
+
+/// Session channels one connection may have open at once. SFTP clients use one, a few
+/// open a second for parallel transfers.
+pub const MAX_CHANNELS: usize = 4;
+
+/// Longest SFTP packet accepted from a client, length prefix excluded: 256 KiB, the limit
+/// of OpenSSH's sftp-server, enough for any client's largest write.
+pub const MAX_SFTP_PACKET: u32 = 256 * 1024;
+
+/// The limits a server enforces on connections; [`Default`] gives the documented
+/// constants.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ConnectionLimits {
+    /// Connections at once, at most ([`MAX_CONNECTIONS`]).
+    pub total: usize,
+    /// Connections at once from one address, at most ([`MAX_CONNECTIONS_PER_IP`]).
+    pub per_ip: usize,
+    /// Time from accept to login, at most ([`LOGIN_DEADLINE`]).
+    pub login_deadline: Duration,
+}
+
+impl Default for ConnectionLimits {
+    fn default() -> Self {
+        Self {
+            total: MAX_CONNECTIONS,
+            per_ip: MAX_CONNECTIONS_PER_IP,
+            login_deadline: LOGIN_DEADLINE,
+        }
+    }
+}
 
 /// The SSH server of a gateway.
 #[derive(Clone)]
@@ -63,21 +126,31 @@ struct Shared {
     host_keys: Vec<PrivateKey>,
     logins: LiveLogins,
     volume: Volume,
-    password_checks: Semaphore,
+    limits: ConnectionLimits,
 }
 
 impl SftpServer {
     /// A server presenting `host_keys`, checking credentials against `logins` and serving
-    /// files from `volume`.
+    /// files from `volume`, with the default [`ConnectionLimits`].
     pub fn new(host_keys: Vec<PrivateKey>, logins: LiveLogins, volume: Volume) -> Self {
-        // Each Argon2id check holds 19 MiB and a core; bound them so a burst of login
-        // attempts cannot exhaust the pod.
-        let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
         let shared = Shared {
             host_keys,
             logins,
             volume,
-            password_checks: Semaphore::new(cores * 2),
+            limits: ConnectionLimits::default(),
+        };
+        Self {
+            shared: Arc::new(shared),
+        }
+    }
+
+    /// The same server with other connection limits.
+    pub fn with_limits(self, limits: ConnectionLimits) -> Self {
+        let shared = Shared {
+            host_keys: self.shared.host_keys.clone(),
+            logins: self.shared.logins.clone(),
+            volume: self.shared.volume.clone(),
+            limits,
         };
         Self {
             shared: Arc::new(shared),
@@ -97,6 +170,7 @@ impl SftpServer {
         // `run_on_socket`: that one gives no per-connection span, reports session errors
         // only through a callback, and cannot let sessions drain before disconnecting them.
         let (disconnect_tx, disconnect_rx) = watch::channel(false);
+        let limiter = ConnectionLimiter::new(self.shared.limits);
         let mut sessions = JoinSet::new();
         loop {
             tokio::select! {
@@ -106,9 +180,15 @@ impl SftpServer {
                 }
                 accepted = listener.accept() => match accepted {
                     Ok((stream, peer)) => {
-                        let shared = self.shared.clone();
-                        let disconnect = disconnect_rx.clone();
-                        sessions.spawn(run_connection(shared, stream, peer, disconnect));
+                        // Refused by dropping the stream, which closes it.
+                        let Some(slot) = limiter.admit(peer.ip()) else { continue };
+                        let connection = Connection {
+                            shared: self.shared.clone(),
+                            peer,
+                            disconnect: disconnect_rx.clone(),
+                            _slot: slot,
+                        };
+                        sessions.spawn(connection.run(stream));
                     }
                     Err(error) => {
                         // Usually out of file descriptors: back off instead of spinning.
@@ -121,6 +201,91 @@ impl SftpServer {
         drop(listener);
 
         drain(sessions, grace, disconnect_tx).await;
+    }
+}
+
+/// Counts open connections, in total and per client address, against the limits.
+#[derive(Clone)]
+struct ConnectionLimiter {
+    limits: ConnectionLimits,
+    open: Arc<Mutex<OpenConnections>>,
+}
+
+#[derive(Default)]
+struct OpenConnections {
+    total: usize,
+    by_ip: HashMap<IpAddr, usize>,
+    /// Whether the refusals of the current spell at the total limit were reported.
+    total_reported: bool,
+    /// Addresses at their limit whose refusals were reported.
+    ips_reported: std::collections::HashSet<IpAddr>,
+}
+
+/// One admitted connection; its place is freed when this is dropped.
+struct ConnectionSlot {
+    limiter: ConnectionLimiter,
+    ip: IpAddr,
+}
+
+impl ConnectionLimiter {
+    fn new(limits: ConnectionLimits) -> Self {
+        Self {
+            limits,
+            open: Arc::default(),
+        }
+    }
+
+    fn open(&self) -> std::sync::MutexGuard<'_, OpenConnections> {
+        self.open.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// A slot for a connection from `ip`, or `None` if a limit is reached. The first
+    /// refusal of each spell at a limit is a warning, the others are debug.
+    fn admit(&self, ip: IpAddr) -> Option<ConnectionSlot> {
+        let mut open = self.open();
+        if open.total >= self.limits.total {
+            if !std::mem::replace(&mut open.total_reported, true) {
+                let limit = self.limits.total;
+                tracing::warn!(limit, "Refusing connections: the gateway is at its limit");
+            }
+            tracing::debug!(%ip, "Refused connection: too many connections");
+            return None;
+        }
+        let from_ip = open.by_ip.get(&ip).copied().unwrap_or(0);
+        if from_ip >= self.limits.per_ip {
+            if open.ips_reported.insert(ip) {
+                let limit = self.limits.per_ip;
+                tracing::warn!(%ip, limit, "Refusing connections: the address is at its limit");
+            }
+            tracing::debug!(%ip, "Refused connection: too many connections from one address");
+            return None;
+        }
+
+        open.total += 1;
+        open.by_ip.insert(ip, from_ip + 1);
+        Some(ConnectionSlot {
+            limiter: self.clone(),
+            ip,
+        })
+    }
+
+    fn release(&self, ip: IpAddr) {
+        let mut open = self.open();
+        open.total = open.total.saturating_sub(1);
+        open.total_reported &= open.total >= self.limits.total;
+        let from_ip = open.by_ip.remove(&ip).unwrap_or(1).saturating_sub(1);
+        if from_ip > 0 {
+            open.by_ip.insert(ip, from_ip);
+        }
+        if from_ip < self.limits.per_ip {
+            open.ips_reported.remove(&ip);
+        }
+    }
+}
+
+impl Drop for ConnectionSlot {
+    fn drop(&mut self) {
+        self.limiter.release(self.ip);
     }
 }
 
@@ -184,37 +349,197 @@ fn ssh_config(shared: &Shared) -> Arc<russh::server::Config> {
     })
 }
 
-/// Runs one SSH connection to its end, or until `disconnect` turns true.
-async fn run_connection(
+/// One accepted connection, holding its slot until it ends.
+struct Connection {
     shared: Arc<Shared>,
-    stream: TcpStream,
     peer: SocketAddr,
-    mut disconnect: watch::Receiver<bool>,
-) {
-    let span = tracing::info_span!("sftp", %peer, user = field::Empty);
-    let config = ssh_config(&shared);
-    let handler = SshSession::new(shared, config.methods.clone(), span.clone());
-    async move {
-        let session = match russh::server::run_stream(config, stream, handler).await {
-            Ok(session) => session,
-            Err(error) => {
-                tracing::debug!(error = %ErrorChain(&error), "Connection closed before SSH");
-                return;
-            }
-        };
-        let handle = session.handle();
-        tokio::pin!(session);
-        tokio::select! {
-            result = &mut session => log_connection_end(result),
-            () = stopped(&mut disconnect) => {
-                let reason = "the gateway is shutting down".to_owned();
-                let _ = handle.disconnect(Disconnect::ByApplication, reason, "en".into()).await;
-                log_connection_end(session.await);
-            }
+    disconnect: watch::Receiver<bool>,
+    _slot: ConnectionSlot,
+}
+
+/// Why the gateway ends a session that the client has not ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Ending {
+    /// No login within the deadline.
+    NoLogin,
+    /// The login no longer holds after a configuration reload.
+    Revoked,
+}
+
+impl Ending {
+    fn report(self) {
+        match self {
+            Self::NoLogin => tracing::debug!("Disconnecting: no login before the deadline"),
+            Self::Revoked => tracing::info!(
+                reason = "user removed or credentials changed",
+                "Disconnecting session: its login was revoked"
+            ),
         }
     }
-    .instrument(span)
-    .await
+
+    fn message(self) -> String {
+        match self {
+            Self::NoLogin => "authentication timed out".into(),
+            Self::Revoked => "your login was revoked".into(),
+        }
+    }
+}
+
+impl Connection {
+    /// Runs the SSH connection to its end: the client's, the deadline's, a revocation's,
+    /// or shutdown's once `disconnect` turns true.
+    async fn run(mut self, stream: TcpStream) {
+        let span = tracing::info_span!("sftp", peer = %self.peer, user = field::Empty);
+        let deadline = Instant::now() + self.shared.limits.login_deadline;
+        let logins = self.shared.logins.subscribe();
+        let (login_tx, login_rx) = watch::channel(None);
+        let config = ssh_config(&self.shared);
+        let handler = SshSession::new(
+            self.shared.clone(),
+            config.methods.clone(),
+            span.clone(),
+            login_tx,
+        );
+        let (sever, severed) = oneshot::channel();
+        let stream = Severable {
+            inner: stream,
+            severed,
+            cut: false,
+        };
+        async move {
+            let started = russh::server::run_stream(config, stream, handler);
+            let session = match tokio::time::timeout_at(deadline, started).await {
+                Ok(Ok(session)) => session,
+                Ok(Err(error)) => {
+                    tracing::debug!(error = %ErrorChain(&error), "Connection closed before SSH");
+                    return;
+                }
+                Err(_) => {
+                    tracing::debug!("Connection closed: no SSH identification before the deadline");
+                    return;
+                }
+            };
+            let handle = session.handle();
+            tokio::pin!(session);
+            let ending = tokio::select! {
+                result = &mut session => return log_connection_end(result),
+                () = stopped(&mut self.disconnect) => None,
+                ending = admission_ends(login_rx, logins, deadline) => Some(ending),
+            };
+
+            let reason = match ending {
+                None => "the gateway is shutting down".to_owned(),
+                Some(ending) => {
+                    ending.report();
+                    ending.message()
+                }
+            };
+            let polite = async {
+                let _ = handle
+                    .disconnect(Disconnect::ByApplication, reason, "en".into())
+                    .await;
+                (&mut session).await
+            };
+            match tokio::time::timeout(DISCONNECT_WAIT, polite).await {
+                Ok(result) => log_connection_end(result),
+                Err(_) => {
+                    // Most likely stuck in a key exchange, during which russh handles no
+                    // disconnect request.
+                    let _ = sever.send(());
+                    log_connection_end(session.await);
+                }
+            }
+        }
+        .instrument(span)
+        .await
+    }
+}
+
+/// A connection's socket that fails every read and write once told to, or once the task
+/// that could tell it is gone. russh owns the socket and, during a key exchange, acts on
+/// no request from outside, a disconnect included; failing its reads ends its session
+/// whatever it is waiting for. Dropping the connection task (at the end of shutdown) thus
+/// closes the socket too, instead of leaving russh's task running.
+struct Severable<S> {
+    inner: S,
+    severed: oneshot::Receiver<()>,
+    cut: bool,
+}
+
+impl<S> Severable<S> {
+    fn check(&mut self, cx: &mut Context<'_>) -> io::Result<()> {
+        // Told to, or the sender is gone: either way the connection is over.
+        self.cut = self.cut || Pin::new(&mut self.severed).poll(cx).is_ready();
+        if self.cut {
+            return Err(io::ErrorKind::ConnectionAborted.into());
+        }
+        Ok(())
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Severable<S> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        this.check(cx)?;
+        Pin::new(&mut this.inner).poll_read(cx, buf)
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Severable<S> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        this.check(cx)?;
+        Pin::new(&mut this.inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        this.check(cx)?;
+        Pin::new(&mut this.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+    }
+}
+
+/// Completes when the session must end: no login by `deadline`, or, after the login, a
+/// change of `logins` under which it no longer holds.
+async fn admission_ends(
+    mut login: watch::Receiver<Option<Arc<Login>>>,
+    mut logins: watch::Receiver<Arc<Logins>>,
+    deadline: Instant,
+) -> Ending {
+    let logged_in = tokio::time::timeout_at(deadline, login.wait_for(Option::is_some))
+        .await
+        // Taken out of the watch's guard at once: the guard must not live across an await.
+        .map(|waited| waited.ok().and_then(|login| login.clone()));
+    let Ok(login) = logged_in else {
+        return Ending::NoLogin;
+    };
+    let Some(login) = login else {
+        // The handler is gone, so the session is ending by itself.
+        return std::future::pending().await;
+    };
+
+    loop {
+        // Checked once right away too: the logins may have changed during the login.
+        let holds = logins.borrow_and_update().admits(&login);
+        if !holds {
+            return Ending::Revoked;
+        }
+        if logins.changed().await.is_err() {
+            return std::future::pending().await;
+        }
+    }
 }
 
 /// Clients hang up in many ways (EOF, reset, disconnect message); none of them is the
@@ -234,21 +559,37 @@ struct SshSession {
     /// event names this span as its parent explicitly.
     span: Span,
     vfs: Option<Vfs>,
+    /// The login, once there is one, for the connection to watch.
+    login: watch::Sender<Option<Arc<Login>>>,
+    /// Session channels opened and not yet serving SFTP.
     channels: HashMap<ChannelId, Channel<Msg>>,
+    /// Channels serving SFTP; each of them counts itself while it runs.
+    sftp_channels: Arc<AtomicUsize>,
     /// User and number of public keys refused, for the warning when the client gives up.
     refused_keys: Option<(String, usize)>,
 }
 
 impl SshSession {
-    fn new(shared: Arc<Shared>, methods: MethodSet, span: Span) -> Self {
+    fn new(
+        shared: Arc<Shared>,
+        methods: MethodSet,
+        span: Span,
+        login: watch::Sender<Option<Arc<Login>>>,
+    ) -> Self {
         Self {
             shared,
             methods,
             span,
             vfs: None,
+            login,
             channels: HashMap::new(),
+            sftp_channels: Arc::default(),
             refused_keys: None,
         }
+    }
+
+    fn open_channels(&self) -> usize {
+        self.channels.len() + self.sftp_channels.load(Ordering::Relaxed)
     }
 
     /// A rejection that leaves every advertised method open, so that a client can retry
@@ -265,16 +606,7 @@ impl SshSession {
         self.shared.logins.current().get(user)
     }
 
-    async fn password_matches(&self, login: Arc<Login>, password: &str) -> bool {
-        let Ok(_permit) = self.shared.password_checks.acquire().await else {
-            return false;
-        };
-        let password = password.as_bytes().to_vec();
-        let check = tokio::task::spawn_blocking(move || login.accepts_password(&password));
-        check.await.unwrap_or(false)
-    }
-
-    async fn log_in(&mut self, login: &Login, method: &'static str) -> Auth {
+    async fn log_in(&mut self, login: Arc<Login>, method: &'static str) -> Auth {
         let user = login.user();
         match Vfs::open(self.shared.volume.clone(), user).await {
             Ok(vfs) => {
@@ -282,6 +614,7 @@ impl SshSession {
                 tracing::info!(parent: &self.span, method, "Logged in");
                 self.vfs = Some(vfs);
                 self.refused_keys = None;
+                self.login.send_replace(Some(login));
                 Auth::Accept
             }
             Err(error) => {
@@ -296,8 +629,10 @@ impl SshSession {
         }
     }
 
-    fn refuse_request(&self, channel: ChannelId, what: &str, session: &mut Session) {
+    fn refuse_request(&mut self, channel: ChannelId, what: &str, session: &mut Session) {
         tracing::info!(parent: &self.span, request = what, "Refused non-SFTP request");
+        // Closed by us, so russh reports no close for it.
+        self.channels.remove(&channel);
         // The channel may already be gone; there is nothing to do about that.
         let _ = session.extended_data(channel, 1, Bytes::from_static(SFTP_ONLY.as_bytes()));
         let _ = session.channel_failure(channel);
@@ -311,17 +646,19 @@ impl russh::server::Handler for SshSession {
     type Error = russh::Error;
 
     async fn auth_password(&mut self, user: &str, password: &str) -> Result<Auth, Self::Error> {
-        let login = self.login(user).filter(|login| login.has_password());
-        let Some(login) = login else {
-            let reason = "no such password login";
-            tracing::warn!(parent: &self.span, user, reason, "Login failed");
-            return Ok(self.reject());
-        };
-        if !self.password_matches(login.clone(), password).await {
-            tracing::warn!(parent: &self.span, user, reason = "wrong password", "Login failed");
-            return Ok(self.reject());
+        let checked = self
+            .shared
+            .logins
+            .check_password(user, password.as_bytes())
+            .await;
+        match checked {
+            Ok(login) => Ok(self.log_in(login, "password").await),
+            Err(refusal) => {
+                let reason = refusal.reason();
+                tracing::warn!(parent: &self.span, user, reason, "Login failed");
+                Ok(self.reject())
+            }
         }
-        Ok(self.log_in(&login, "password").await)
     }
 
     async fn auth_publickey_offered(
@@ -355,7 +692,7 @@ impl russh::server::Handler for SshSession {
             .login(user)
             .filter(|login| login.accepts_key(key.public_key))
         {
-            Some(login) => Ok(self.log_in(&login, "publickey").await),
+            Some(login) => Ok(self.log_in(login, "publickey").await),
             None => {
                 let reason = "key not authorised";
                 tracing::warn!(parent: &self.span, user, reason, "Login failed");
@@ -370,6 +707,11 @@ impl russh::server::Handler for SshSession {
         reply: russh::server::ChannelOpenHandle,
         _session: &mut Session,
     ) -> Result<(), Self::Error> {
+        if self.open_channels() >= MAX_CHANNELS {
+            tracing::info!(parent: &self.span, limit = MAX_CHANNELS, "Refused channel: too many");
+            reply.reject(ChannelOpenFailure::ResourceShortage).await;
+            return Ok(());
+        }
         self.channels.insert(channel.id(), channel);
         reply.accept().await;
         Ok(())
@@ -380,6 +722,8 @@ impl russh::server::Handler for SshSession {
         channel: ChannelId,
         session: &mut Session,
     ) -> Result<(), Self::Error> {
+        // Closed by us, so russh reports no close for it.
+        self.channels.remove(&channel);
         session.close(channel)
     }
 
@@ -405,9 +749,14 @@ impl russh::server::Handler for SshSession {
         };
 
         session.channel_success(channel_id)?;
-        let sftp = SftpSession::new(vfs, self.span.clone());
+        let slot = ChannelSlot::take(&self.sftp_channels);
+        let sftp = SftpSession::new(vfs, self.span.clone(), slot);
+        let stream = PacketFraming::new(channel.into_stream(), self.span.clone());
+        let config = russh_sftp::server::Config {
+            max_client_packet_len: MAX_SFTP_PACKET,
+        };
         // Spawns the request loop; it ends when the channel does.
-        russh_sftp::server::run(channel.into_stream(), sftp).await;
+        russh_sftp::server::run_with_config(stream, sftp, config).await;
         Ok(())
     }
 
@@ -485,6 +834,143 @@ impl Drop for SshSession {
     }
 }
 
+/// One SFTP channel, counted against its connection's [`MAX_CHANNELS`] while it lives.
+struct ChannelSlot(Arc<AtomicUsize>);
+
+impl ChannelSlot {
+    fn take(count: &Arc<AtomicUsize>) -> Self {
+        count.fetch_add(1, Ordering::Relaxed);
+        Self(count.clone())
+    }
+}
+
+impl Drop for ChannelSlot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// An SFTP channel's byte stream as russh-sftp reads it, ended at the first packet whose
+/// length prefix exceeds [`MAX_SFTP_PACKET`].
+///
+/// russh-sftp answers such a packet with a warning and carries on reading from the
+/// middle of it, so that garbage turns into one warning per four bytes and the stream
+/// never gets back in step. This wrapper checks every length prefix before handing it
+/// on and reports the end of the stream instead, which ends russh-sftp's loop and closes
+/// the channel. Read errors end the stream the same way, for the same reason.
+struct PacketFraming<S> {
+    inner: S,
+    span: Span,
+    /// The current packet's length prefix, as far as it has been read.
+    prefix: [u8; 4],
+    prefix_read: usize,
+    prefix_passed: usize,
+    /// Bytes of the current packet after its prefix still to pass on.
+    body_left: u32,
+    ended: bool,
+}
+
+impl<S> PacketFraming<S> {
+    fn new(inner: S, span: Span) -> Self {
+        Self {
+            inner,
+            span,
+            prefix: [0; 4],
+            prefix_read: 0,
+            prefix_passed: 0,
+            body_left: 0,
+            ended: false,
+        }
+    }
+}
+
+impl<S: AsyncRead + Unpin> PacketFraming<S> {
+    /// Reads the next length prefix; `false` once the stream is to end.
+    fn poll_prefix(&mut self, cx: &mut Context<'_>) -> Poll<bool> {
+        while self.prefix_read < self.prefix.len() {
+            let mut rest = ReadBuf::new(&mut self.prefix[self.prefix_read..]);
+            if let Err(error) = ready!(Pin::new(&mut self.inner).poll_read(cx, &mut rest)) {
+                tracing::debug!(parent: &self.span, %error, "SFTP channel failed");
+                return Poll::Ready(false);
+            }
+            if rest.filled().is_empty() {
+                return Poll::Ready(false);
+            }
+            self.prefix_read += rest.filled().len();
+        }
+        let length = u32::from_be_bytes(self.prefix);
+        if length > MAX_SFTP_PACKET {
+            let (span, limit) = (&self.span, MAX_SFTP_PACKET);
+            tracing::warn!(parent: span, length, limit, "Closing SFTP channel: malformed packet");
+            return Poll::Ready(false);
+        }
+        self.body_left = length;
+        Poll::Ready(true)
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for PacketFraming<S> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        loop {
+            if this.ended || buf.remaining() == 0 {
+                return Poll::Ready(Ok(()));
+            }
+            if this.prefix_read < this.prefix.len() {
+                this.ended = !ready!(this.poll_prefix(cx));
+                continue;
+            }
+            if this.prefix_passed < this.prefix.len() {
+                let passing = (this.prefix.len() - this.prefix_passed).min(buf.remaining());
+                let end = this.prefix_passed + passing;
+                buf.put_slice(&this.prefix[this.prefix_passed..end]);
+                this.prefix_passed = end;
+                return Poll::Ready(Ok(()));
+            }
+            if this.body_left == 0 {
+                (this.prefix_read, this.prefix_passed) = (0, 0);
+                continue;
+            }
+
+            let wanted = buf.remaining().min(this.body_left as usize);
+            let mut body = ReadBuf::new(buf.initialize_unfilled_to(wanted));
+            let read = ready!(Pin::new(&mut this.inner).poll_read(cx, &mut body));
+            let got = body.filled().len();
+            if let Err(error) = read {
+                tracing::debug!(parent: &this.span, %error, "SFTP channel failed");
+                this.ended = true;
+                continue;
+            }
+            this.ended = got == 0;
+            buf.advance(got);
+            this.body_left -= got as u32;
+            return Poll::Ready(Ok(()));
+        }
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for PacketFraming<S> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+    }
+}
+
 /// What an SFTP handle refers to.
 enum OpenHandle {
     Read(FileReader),
@@ -498,15 +984,17 @@ struct SftpSession {
     span: Span,
     handles: HashMap<String, OpenHandle>,
     next_handle: u64,
+    _slot: ChannelSlot,
 }
 
 impl SftpSession {
-    fn new(vfs: Vfs, span: Span) -> Self {
+    fn new(vfs: Vfs, span: Span, slot: ChannelSlot) -> Self {
         Self {
             vfs,
             span,
             handles: HashMap::new(),
             next_handle: 0,
+            _slot: slot,
         }
     }
 
@@ -604,16 +1092,66 @@ impl SftpSession {
         }
     }
 
+    /// Opens `path` for `CREATE` without `WRITE`. As with `open(2)`, which the SFTP
+    /// specification follows: the file is created empty if it is missing, `EXCL` fails if
+    /// it exists, `TRUNC` empties it; the handle then reads, like OpenSSH's.
+    async fn open_create(
+        &mut self,
+        id: u32,
+        path: &str,
+        flags: OpenFlags,
+    ) -> Result<Handle, StatusReply> {
+        // Both checked first, so that nothing is created for a handle the user may not hold.
+        for permission in [Permission::Write, Permission::Read] {
+            if !self.vfs.allows(permission) {
+                return Err(self.refuse("open", path, VfsError::Denied(permission)));
+            }
+        }
+        let exclusive = flags.contains(OpenFlags::EXCLUDE);
+        let mode = if flags.contains(OpenFlags::TRUNCATE) && !exclusive {
+            WriteMode::Replace
+        } else {
+            WriteMode::CreateNew
+        };
+        let created = match self.vfs.create(path, mode).await {
+            Ok(writer) => writer.close().await.map(drop),
+            Err(error) => Err(error),
+        };
+        match created {
+            Ok(()) => {}
+            Err(VfsError::AlreadyExists) if !exclusive => {}
+            Err(error) => return Err(self.refuse("open", path, error)),
+        }
+        match self.vfs.open_read(path).await {
+            Ok(reader) => self.add_handle(id, OpenHandle::Read(reader)),
+            Err(error) => Err(self.refuse("open", path, error)),
+        }
+    }
+
     async fn close_handle(&self, open: OpenHandle) -> Result<(), StatusReply> {
         match open {
             OpenHandle::Write(writer) => {
-                let path = writer.path().to_owned();
+                let (path, bytes) = (writer.path().to_owned(), writer.bytes_written());
                 match writer.close().await {
                     Ok(bytes) => {
                         tracing::info!(parent: &self.span, path, bytes, "Upload completed");
                         Ok(())
                     }
-                    Err(error) => Err(self.refuse("close", &path, error)),
+                    Err(error) => {
+                        // Whatever the cause, the client's data is gone: always a warning.
+                        tracing::warn!(
+                            parent: &self.span,
+                            path,
+                            bytes,
+                            error = %ErrorChain(&error),
+                            "Upload lost: the file could not be published"
+                        );
+                        let reply = match error.reply() {
+                            Reply::PermissionDenied => StatusCode::PermissionDenied,
+                            _ => StatusCode::Failure,
+                        };
+                        Err(reply.with_message(format!("upload not saved: {error}")))
+                    }
                 }
             }
             OpenHandle::Read(reader) => {
@@ -729,6 +1267,9 @@ impl russh_sftp::server::Handler for SftpSession {
     ) -> Result<Handle, Self::Error> {
         if pflags.contains(OpenFlags::WRITE) {
             return self.open_write(id, &filename, pflags).await;
+        }
+        if pflags.contains(OpenFlags::CREATE) {
+            return self.open_create(id, &filename, pflags).await;
         }
         match self.vfs.open_read(&filename).await {
             Ok(reader) => self.add_handle(id, OpenHandle::Read(reader)),
@@ -863,5 +1404,215 @@ impl Drop for SftpSession {
                 );
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use getrandom::SysRng;
+    use russh::keys::ssh_key::rand_core::UnwrapErr;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    use super::*;
+    use crate::gateway::auth::hash_password;
+    use crate::gateway::config::GatewayUser;
+
+    const PASSWORD: &str = "correct horse";
+
+    fn limits(total: usize, per_ip: usize, login_deadline: Duration) -> ConnectionLimits {
+        ConnectionLimits {
+            total,
+            per_ip,
+            login_deadline,
+        }
+    }
+
+    #[test]
+    fn connections_are_limited_in_total_and_per_address() {
+        let limiter = ConnectionLimiter::new(limits(3, 2, LOGIN_DEADLINE));
+        let [a, b, c]: [IpAddr; 3] =
+            ["192.0.2.1", "192.0.2.2", "192.0.2.3"].map(|ip| ip.parse().unwrap());
+
+        let a1 = limiter.admit(a).unwrap();
+        let _a2 = limiter.admit(a).unwrap();
+        assert!(limiter.admit(a).is_none(), "a third from one address");
+        let b1 = limiter.admit(b).unwrap();
+        assert!(limiter.admit(c).is_none(), "a fourth in total");
+
+        drop(a1);
+        let _c1 = limiter.admit(c).unwrap();
+        assert!(limiter.admit(a).is_none());
+        drop(b1);
+        let _a3 = limiter.admit(a);
+        assert!(limiter.admit(a).is_none());
+        assert_eq!(limiter.open().by_ip.get(&b), None);
+    }
+
+    /// A server on 127.0.0.1 with one password user and the given limits.
+    struct TestServer {
+        addr: SocketAddr,
+        stop: watch::Sender<bool>,
+        serving: tokio::task::JoinHandle<()>,
+        _volume: tempfile::TempDir,
+    }
+
+    impl TestServer {
+        async fn start(limits: ConnectionLimits) -> Self {
+            let host_key =
+                PrivateKey::random(&mut UnwrapErr(SysRng), russh::keys::Algorithm::Ed25519)
+                    .unwrap();
+            let user = GatewayUser {
+                name: "cucm".into(),
+                password_hash: Some(hash_password(PASSWORD.as_bytes(), &[9; 16])),
+                public_keys: vec![],
+                home: "/cucm".into(),
+                permissions: vec![Permission::List],
+            };
+            let logins = LiveLogins::new(Logins::new(&[user]));
+            let dir = tempfile::tempdir().unwrap();
+            let volume = Volume::open_fs(dir.path()).unwrap();
+            let server = SftpServer::new(vec![host_key], logins, volume).with_limits(limits);
+
+            let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let addr = listener.local_addr().unwrap();
+            let (stop, stopped) = watch::channel(false);
+            let serving = tokio::spawn(async move {
+                server
+                    .serve(listener, stopped, Duration::from_millis(100))
+                    .await;
+            });
+            Self {
+                addr,
+                stop,
+                serving,
+                _volume: dir,
+            }
+        }
+
+        async fn stop(self) {
+            let _ = self.stop.send(true);
+            self.serving.await.unwrap();
+        }
+    }
+
+    /// Reads from `stream` until the server closes it; `None` if it is still open after
+    /// `wait`.
+    async fn closed_within(stream: &mut TcpStream, wait: Duration) -> Option<Duration> {
+        let started = Instant::now();
+        let mut sink = [0u8; 4096];
+        let read_to_end = async { while stream.read(&mut sink).await.is_ok_and(|n| n > 0) {} };
+        tokio::time::timeout(wait, read_to_end).await.ok()?;
+        Some(started.elapsed())
+    }
+
+    #[tokio::test]
+    async fn a_connection_that_does_not_log_in_is_closed_at_the_deadline() {
+        let server = TestServer::start(limits(8, 8, Duration::from_secs(1))).await;
+
+        let mut silent = TcpStream::connect(server.addr).await.unwrap();
+        let mut banner_only = TcpStream::connect(server.addr).await.unwrap();
+        banner_only.write_all(b"SSH-2.0-probe\r\n").await.unwrap();
+
+        for stream in [&mut silent, &mut banner_only] {
+            let closed = closed_within(stream, Duration::from_secs(10)).await;
+            let closed = closed.expect("the connection was still open after 10 s");
+            assert!(closed < Duration::from_secs(5), "closed after {closed:?}");
+        }
+        server.stop().await;
+    }
+
+    struct AnyHostKey;
+
+    impl russh::client::Handler for AnyHostKey {
+        type Error = russh::Error;
+
+        async fn check_server_key(
+            &mut self,
+            _key: &russh::keys::PublicKeyOrCertificate,
+        ) -> Result<bool, Self::Error> {
+            Ok(true)
+        }
+    }
+
+    #[tokio::test]
+    async fn a_session_that_logged_in_outlives_the_login_deadline() {
+        let server = TestServer::start(limits(8, 8, Duration::from_secs(1))).await;
+
+        let config = Arc::new(russh::client::Config::default());
+        let mut client = russh::client::connect(config, server.addr, AnyHostKey)
+            .await
+            .unwrap();
+        let auth = client
+            .authenticate_password("cucm", PASSWORD)
+            .await
+            .unwrap();
+        assert!(auth.success());
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        assert!(!client.is_closed());
+        client.channel_open_session().await.unwrap();
+
+        server.stop().await;
+    }
+
+    #[tokio::test]
+    async fn connections_over_the_limit_are_closed_at_once() {
+        let server = TestServer::start(limits(2, 2, Duration::from_secs(30))).await;
+
+        let mut admitted = Vec::new();
+        for _ in 0..2 {
+            let mut stream = BufReaderless::connect(server.addr).await;
+            assert!(stream.banner().await.starts_with(b"SSH-2.0-Sluice"));
+            admitted.push(stream);
+        }
+        let mut refused = TcpStream::connect(server.addr).await.unwrap();
+        let closed = closed_within(&mut refused, Duration::from_secs(5)).await;
+        assert!(closed.is_some(), "the third connection was served");
+
+        drop(admitted);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let mut again = BufReaderless::connect(server.addr).await;
+        assert!(again.banner().await.starts_with(b"SSH-2.0-Sluice"));
+        server.stop().await;
+    }
+
+    /// A raw TCP client that reads the server's identification line.
+    struct BufReaderless(TcpStream);
+
+    impl BufReaderless {
+        async fn connect(addr: SocketAddr) -> Self {
+            Self(TcpStream::connect(addr).await.unwrap())
+        }
+
+        async fn banner(&mut self) -> Vec<u8> {
+            let mut line = Vec::new();
+            let mut byte = [0u8; 1];
+            while !line.ends_with(b"\n") && self.0.read(&mut byte).await.unwrap() == 1 {
+                line.push(byte[0]);
+            }
+            line
+        }
+    }
+
+    #[tokio::test]
+    async fn framing_passes_packets_through_and_ends_at_an_oversized_length() {
+        let mut packets = Vec::new();
+        for body in [&b"hello"[..], &[7u8; 300][..], b""] {
+            packets.extend_from_slice(&(body.len() as u32).to_be_bytes());
+            packets.extend_from_slice(body);
+        }
+        let good = packets.len();
+        packets.extend_from_slice(&[0xff; 64]);
+
+        let mut framed = PacketFraming::new(&packets[..], Span::none());
+        let mut read = Vec::new();
+        let mut chunk = [0u8; 7];
+        loop {
+            let n = framed.read(&mut chunk).await.unwrap();
+            if n == 0 {
+                break;
+            }
+            read.extend_from_slice(&chunk[..n]);
+        }
+        assert_eq!(read, &packets[..good]);
     }
 }

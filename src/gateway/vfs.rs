@@ -9,6 +9,11 @@
 //!   directory (clients resolve their own against `REALPATH(".")`) and FTP front ends join
 //!   their working directory before calling in. A normalised path cannot name anything
 //!   outside the home.
+//! - A path component that begins or ends with whitespace (in the Unicode sense) is
+//!   refused with [`VfsError::UntrimmedName`]. OpenDAL trims whitespace from both ends of
+//!   every key, so such a name cannot be stored faithfully anyway, and `"leaf "` would be
+//!   checked as one file and opened as another. Every key is also checked to be exactly
+//!   the key OpenDAL will use ([`storage::is_faithful_key`]) before any check runs on it.
 //! - Symbolic links are never followed. The fs backend would follow them, so before a
 //!   path is used every existing component of it, from the volume root down, is checked
 //!   with `symlink_metadata` ([`Volume::refuse_symlinks`]); a path through a link fails
@@ -17,8 +22,14 @@
 //! - The storage's hidden upload directory ([`crate::storage::UPLOADS_DIR`]) is neither
 //!   listed nor reachable, even for a user whose home is the volume root.
 //! - Every operation checks the user's [`Permission`]s before touching storage.
-//! - Uploads are streamed and atomic: a [`FileWriter`] publishes the file under its name
-//!   only on [`FileWriter::close`]; dropping it unclosed discards the upload.
+//! - Uploads are streamed and atomic: a [`FileWriter`] writes to a temporary file in the
+//!   storage's upload directory and publishes it under its name only on
+//!   [`FileWriter::close`]; dropping it unclosed discards the upload.
+//! - Exclusive creation ([`WriteMode::CreateNew`]) and rename never replace anything, and
+//!   this is decided by the final move on the volume itself ([`Volume::publish`],
+//!   [`Volume::rename`]), not by a check before it: of two clients racing for one name,
+//!   exactly one succeeds. An exclusive upload whose name was taken while it was being
+//!   written fails on close.
 //! - Errors are one enum, [`VfsError`]; [`VfsError::reply`] tells a front end which
 //!   protocol reply to send, and its message never contains a storage path.
 
@@ -62,6 +73,9 @@ pub enum VfsError {
     /// The path contains a NUL byte or moves a directory into itself.
     #[error("invalid path")]
     InvalidPath,
+    /// A component of the path begins or ends with whitespace.
+    #[error("invalid path: file names cannot begin or end with whitespace")]
+    UntrimmedName,
     /// The user's home directory is not usable.
     #[error("home directory {0} is reserved")]
     ReservedHome(String),
@@ -127,15 +141,23 @@ impl VfsError {
     }
 
     fn from_volume(error: StorageError) -> Self {
-        match error {
-            StorageError::Symlink { .. } => Self::Symlink,
-            other => Self::Volume(other),
+        use std::io::ErrorKind as Io;
+        match (&error, error.io_kind()) {
+            (StorageError::Symlink { .. }, _) => Self::Symlink,
+            (StorageError::Exists { .. }, _) => Self::AlreadyExists,
+            (StorageError::Move { .. }, Some(Io::NotFound)) => Self::NotFound,
+            (StorageError::Move { .. }, Some(Io::IsADirectory)) => Self::IsADirectory,
+            (StorageError::Move { .. }, Some(Io::NotADirectory)) => Self::NotADirectory,
+            // A directory's new name was reserved and then filled by someone else.
+            (StorageError::Move { .. }, Some(Io::DirectoryNotEmpty)) => Self::AlreadyExists,
+            _ => Self::Volume(error),
         }
     }
 }
 
 /// Normalises a client path to an absolute path inside the home: `""`, `"."` and `"/"`
-/// give `/`; `"a/../b"` gives `/b`; `"../../etc"` gives `/etc`.
+/// give `/`; `"a/../b"` gives `/b`; `"../../etc"` gives `/etc`. Fails on a NUL byte and
+/// on a component that begins or ends with whitespace.
 pub fn normalize(path: &str) -> Result<String, VfsError> {
     if path.contains('\0') {
         return Err(VfsError::InvalidPath);
@@ -146,6 +168,11 @@ pub fn normalize(path: &str) -> Result<String, VfsError> {
             "" | "." => {}
             ".." => {
                 components.pop();
+            }
+            name if name.starts_with(char::is_whitespace)
+                || name.ends_with(char::is_whitespace) =>
+            {
+                return Err(VfsError::UntrimmedName);
             }
             name => components.push(name),
         }
@@ -250,6 +277,9 @@ impl Vfs {
     /// Opens `user`'s view of `volume`, creating the home directory if it is missing.
     pub async fn open(volume: Volume, user: &GatewayUser) -> Result<Self, VfsError> {
         let home = normalize(&user.home)?.trim_start_matches('/').to_owned();
+        if !storage::is_faithful_key(&home) {
+            return Err(VfsError::InvalidPath);
+        }
         if storage::is_reserved(&home) {
             return Err(VfsError::ReservedHome(user.home.clone()));
         }
@@ -356,14 +386,18 @@ impl Vfs {
             Err(other) => return Err(other),
         }
 
+        let staged = storage::staging_key();
         let writer = self
             .operator()
-            .writer_with(&target.key)
-            .if_not_exists(mode == WriteMode::CreateNew)
+            .writer(&staged)
             .await
             .map_err(VfsError::from_storage)?;
         Ok(FileWriter {
             writer: Some(writer),
+            volume: self.volume.clone(),
+            staged,
+            key: target.key,
+            mode,
             path: target.path,
             bytes_written: 0,
         })
@@ -437,18 +471,12 @@ impl Vfs {
 
         self.entry(&source).await?;
         self.require_parent_dir(&destination).await?;
-        // Checked first, then renamed: two clients racing onto the same new name can
-        // still both succeed, the later one replacing the earlier one's file.
-        if self.exists(&destination).await? {
-            return Err(VfsError::AlreadyExists);
-        }
-
-        // Keys without a trailing `/`: OpenDAL's rename takes file keys, and the fs service
-        // renames a directory given its key the same way.
-        self.operator()
+        // Not through OpenDAL, whose rename replaces: the volume's rename fails by itself
+        // if the destination exists, however close two clients race for it.
+        self.volume
             .rename(&source.key, &destination.key)
             .await
-            .map_err(VfsError::from_storage)
+            .map_err(VfsError::from_volume)
     }
 
     fn operator(&self) -> &Operator {
@@ -466,6 +494,11 @@ impl Vfs {
     /// Normalises `path`, maps it onto the volume and checks it for links.
     async fn locate(&self, path: &str) -> Result<Target, VfsError> {
         let target = self.target(normalize(path)?);
+        // What follows checks the key on the volume; it must be the key OpenDAL opens.
+        // `normalize` already refuses what OpenDAL would change; this keeps it so.
+        if !storage::is_faithful_key(&target.key) {
+            return Err(VfsError::InvalidPath);
+        }
         if storage::is_reserved(&target.key) {
             return Err(VfsError::NotFound);
         }
@@ -609,7 +642,12 @@ impl FileReader {
 
 /// An upload in progress. Close it to publish the file; dropping it discards the upload.
 pub struct FileWriter {
+    /// Writes the temporary file at `staged`; `None` once closed or aborted.
     writer: Option<opendal::Writer>,
+    volume: Volume,
+    staged: String,
+    key: String,
+    mode: WriteMode,
     path: String,
     bytes_written: u64,
 }
@@ -633,10 +671,23 @@ impl FileWriter {
         Ok(())
     }
 
-    /// Publishes the file under its name and returns its size.
+    /// Publishes the file under its name and returns its size. On failure the upload is
+    /// discarded; with [`WriteMode::CreateNew`] that includes the name having been taken
+    /// since the upload started ([`VfsError::AlreadyExists`]).
     pub async fn close(mut self) -> Result<u64, VfsError> {
-        if let Some(mut writer) = self.writer.take() {
-            writer.close().await.map_err(VfsError::from_storage)?;
+        let Some(mut writer) = self.writer.take() else {
+            return Err(VfsError::NotFound);
+        };
+        if let Err(error) = writer.close().await {
+            let _ = writer.abort().await;
+            return Err(VfsError::from_storage(error));
+        }
+
+        let replace = self.mode == WriteMode::Replace;
+        let published = self.volume.publish(&self.staged, &self.key, replace).await;
+        if let Err(error) = published {
+            self.volume.discard(&self.staged).await;
+            return Err(VfsError::from_volume(error));
         }
         Ok(self.bytes_written)
     }
@@ -737,6 +788,109 @@ mod tests {
             assert_eq!(normalize(input).unwrap(), expected, "{input:?}");
         }
         assert!(matches!(normalize("a\0b"), Err(VfsError::InvalidPath)));
+    }
+
+    #[test]
+    fn names_that_begin_or_end_with_whitespace_are_refused() {
+        for input in [
+            "leaf ",
+            "leaf\t",
+            "leaf\u{3000}",
+            " /.sluice-uploads",
+            "a/ b/c",
+            "\u{a0}x",
+            "dir\n/x",
+            " ",
+        ] {
+            assert!(
+                matches!(normalize(input), Err(VfsError::UntrimmedName)),
+                "{input:?}"
+            );
+        }
+        assert_eq!(normalize("a b/c\u{3000}d").unwrap(), "/a b/c\u{3000}d");
+    }
+
+    #[cfg(unix)]
+    #[tokio::test]
+    async fn a_link_cannot_be_reached_through_a_name_opendal_would_trim() {
+        let dir = tempfile::tempdir().unwrap();
+        let outside = tempfile::tempdir().unwrap();
+        std::fs::write(outside.path().join("secret"), b"outside").unwrap();
+        let vfs = open(dir.path(), ALL).await;
+        let home = dir.path().join("cucm");
+        std::os::unix::fs::symlink(outside.path().join("secret"), home.join("leaf")).unwrap();
+        std::os::unix::fs::symlink(outside.path(), home.join("dirlink")).unwrap();
+
+        for path in [
+            "leaf ",
+            "leaf\t",
+            "leaf\u{3000}",
+            "\u{2003}leaf",
+            "dirlink /secret",
+        ] {
+            assert!(
+                matches!(vfs.open_read(path).await, Err(VfsError::UntrimmedName)),
+                "{path:?}"
+            );
+        }
+        let root = Vfs::open(Volume::open_fs(dir.path()).unwrap(), &user("/", ALL))
+            .await
+            .unwrap();
+        for path in [" /.sluice-uploads", "\t/.sluice-uploads/x"] {
+            assert!(matches!(
+                root.stat(path).await,
+                Err(VfsError::UntrimmedName)
+            ));
+            assert!(matches!(
+                root.rename(path, "stolen").await,
+                Err(VfsError::UntrimmedName)
+            ));
+        }
+        let untrimmed = user("/x ", ALL);
+        let untrimmed_home = Vfs::open(Volume::open_fs(dir.path()).unwrap(), &untrimmed).await;
+        assert!(untrimmed_home.is_err());
+    }
+
+    #[tokio::test]
+    async fn of_two_exclusive_uploads_to_one_name_only_the_first_closed_is_published() {
+        let dir = tempfile::tempdir().unwrap();
+        let vfs = open(dir.path(), ALL).await;
+
+        let mut first = vfs.create("race", WriteMode::CreateNew).await.unwrap();
+        let mut second = vfs.create("race", WriteMode::CreateNew).await.unwrap();
+        first.write_at(0, b"first".to_vec()).await.unwrap();
+        second.write_at(0, b"second".to_vec()).await.unwrap();
+
+        assert_eq!(first.close().await.unwrap(), 5);
+        assert!(matches!(second.close().await, Err(VfsError::AlreadyExists)));
+        assert_eq!(
+            std::fs::read(dir.path().join("cucm/race")).unwrap(),
+            b"first"
+        );
+        let uploads = dir.path().join(storage::UPLOADS_DIR);
+        assert_eq!(std::fs::read_dir(uploads).unwrap().count(), 0);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn of_racing_renames_onto_one_name_exactly_one_succeeds() {
+        let dir = tempfile::tempdir().unwrap();
+        let vfs = open(dir.path(), ALL).await;
+        for i in 0..16 {
+            upload(&vfs, &format!("f{i}"), b"x").await;
+        }
+
+        let renames = (0..16).map(|i| {
+            let vfs = vfs.clone();
+            tokio::spawn(async move { vfs.rename(&format!("f{i}"), "target").await })
+        });
+        let results = futures::future::join_all(renames).await;
+        let succeeded = results.iter().filter(|r| matches!(r, Ok(Ok(())))).count();
+        assert_eq!(succeeded, 1, "{results:?}");
+        assert!(
+            results
+                .iter()
+                .all(|r| matches!(r, Ok(Ok(()) | Err(VfsError::AlreadyExists))))
+        );
     }
 
     #[tokio::test]

@@ -48,7 +48,10 @@ impl EventPublisher {
         let regarding = object.object_ref(&());
         // Cluster-scoped objects (policies) get their Events in `default`, as kubectl
         // describe looks for them there.
-        let namespace = regarding.namespace.clone().unwrap_or_else(|| "default".into());
+        let namespace = regarding
+            .namespace
+            .clone()
+            .unwrap_or_else(|| "default".into());
         let name = regarding.name.clone().unwrap_or_default();
         let event = Event {
             metadata: ObjectMeta {

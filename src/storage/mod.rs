@@ -20,6 +20,18 @@
 //!   the link, so a link would be listed as its target (and a link to a directory trips a
 //!   debug assertion in OpenDAL). Reading the directory directly reports links as
 //!   [`ListedKind::Other`].
+//! - Every check made on the volume directly (links, the reserved directory) must concern
+//!   the file OpenDAL then opens. OpenDAL normalises each key before use, and among other
+//!   things trims whitespace from both ends of it, so `"leaf "` would be checked as one
+//!   file and opened as another. Callers use only keys for which [`is_faithful_key`]
+//!   holds: keys OpenDAL leaves exactly as they are.
+//! - Moves that must not replace anything are single filesystem operations, not a check
+//!   followed by a rename, because OpenDAL's rename and atomic writes always replace:
+//!   [`Volume::publish`] and [`Volume::rename`] move a file with `link` (which fails if the
+//!   name is taken) and then remove the old name, and move a directory by creating the
+//!   target directory (which fails if the name is taken) and renaming onto that empty
+//!   directory. On a volume without hard links they fall back to a check followed by a
+//!   rename, which two clients racing for one name can both pass.
 
 use std::io;
 use std::path::{Path, PathBuf};
@@ -73,6 +85,35 @@ pub enum StorageError {
         #[source]
         source: io::Error,
     },
+    /// A move that must not replace anything found its target taken.
+    #[error("{key} already exists on the volume")]
+    Exists {
+        /// The target key, relative to the volume root.
+        key: String,
+    },
+    /// A file or directory could not be moved.
+    #[error("failed to move {from} to {to} on the volume")]
+    Move {
+        /// The source key, relative to the volume root.
+        from: String,
+        /// The target key, relative to the volume root.
+        to: String,
+        /// What the filesystem reported.
+        #[source]
+        source: io::Error,
+    },
+}
+
+impl StorageError {
+    /// The kind of the underlying filesystem error, if there is one.
+    pub fn io_kind(&self) -> Option<io::ErrorKind> {
+        match self {
+            Self::List { source, .. }
+            | Self::Inspect { source, .. }
+            | Self::Move { source, .. } => Some(source.kind()),
+            Self::Open { .. } | Self::Symlink { .. } | Self::Exists { .. } => None,
+        }
+    }
 }
 
 /// The storage of one gateway: an OpenDAL operator plus what the gateway needs to know
@@ -118,9 +159,65 @@ impl Volume {
     /// because nothing that talks to the gateway can create a link; the check exists for
     /// links planted on the volume by other means (a restored backup, another pod).
     pub async fn refuse_symlinks(&self, key: &str) -> Result<(), StorageError> {
-        let root = self.local_root.clone();
         let key = key.to_owned();
-        tokio::task::spawn_blocking(move || check_components(&root, &key))
+        self.on_volume(move |root| check_components(root, &key))
+            .await
+    }
+
+    /// Moves the finished upload at `staged` (a key under [`UPLOADS_DIR`]) to `key`. With
+    /// `replace` an existing file at `key` is replaced in one step; without it the move
+    /// fails with [`StorageError::Exists`] if anything is at `key`, checked by the move
+    /// itself.
+    pub async fn publish(
+        &self,
+        staged: &str,
+        key: &str,
+        replace: bool,
+    ) -> Result<(), StorageError> {
+        let (staged, key) = (staged.to_owned(), key.to_owned());
+        self.on_volume(move |root| {
+            let target = Move::new(root, &staged, &key);
+            if replace {
+                target.replacing()
+            } else {
+                target.file_without_replacing()
+            }
+        })
+        .await
+    }
+
+    /// Renames the file or directory at `from` to `to`, failing with
+    /// [`StorageError::Exists`] if anything is at `to`, checked by the rename itself.
+    pub async fn rename(&self, from: &str, to: &str) -> Result<(), StorageError> {
+        let (from, to) = (from.to_owned(), to.to_owned());
+        self.on_volume(move |root| Move::new(root, &from, &to).without_replacing())
+            .await
+    }
+
+    /// Removes the file at `key`, if it is there; for temporary uploads that will not be
+    /// published. A failure is logged, not returned: the file is removed as stale later.
+    pub async fn discard(&self, key: &str) {
+        let key = key.to_owned();
+        let removed = self
+            .on_volume(move |root| match std::fs::remove_file(root.join(&key)) {
+                Err(source) if source.kind() != io::ErrorKind::NotFound => {
+                    Err(StorageError::Inspect { key, source })
+                }
+                _ => Ok(()),
+            })
+            .await;
+        if let Err(error) = removed {
+            tracing::warn!(%error, "Failed to discard unfinished upload");
+        }
+    }
+
+    /// Runs `work` on the volume root on a blocking thread.
+    async fn on_volume<T: Send + 'static>(
+        &self,
+        work: impl FnOnce(&Path) -> Result<T, StorageError> + Send + 'static,
+    ) -> Result<T, StorageError> {
+        let root = self.local_root.clone();
+        tokio::task::spawn_blocking(move || work(&root))
             .await
             .unwrap_or_else(|join| {
                 Err(StorageError::Inspect {
@@ -240,6 +337,115 @@ pub fn is_reserved(key: &str) -> bool {
     key.split('/').find(|c| !c.is_empty()) == Some(UPLOADS_DIR)
 }
 
+/// Whether OpenDAL uses `key` exactly as given, so that what is checked on the volume
+/// under that name is what OpenDAL opens. The empty key (the volume root) and directory
+/// keys ending in `/` qualify; keys with a leading `/`, empty components or whitespace at
+/// either end do not.
+pub fn is_faithful_key(key: &str) -> bool {
+    key.is_empty() || opendal::raw::normalize_path(key) == key
+}
+
+/// A key under [`UPLOADS_DIR`], not used before, to stage an upload at.
+pub fn staging_key() -> String {
+    format!("{UPLOADS_DIR}/upload-{:016x}", rand::random::<u64>())
+}
+
+/// One move on the volume, by key and by path.
+struct Move<'a> {
+    from_key: &'a str,
+    to_key: &'a str,
+    from: PathBuf,
+    to: PathBuf,
+}
+
+impl<'a> Move<'a> {
+    fn new(root: &Path, from_key: &'a str, to_key: &'a str) -> Self {
+        Self {
+            from_key,
+            to_key,
+            from: root.join(from_key),
+            to: root.join(to_key),
+        }
+    }
+
+    fn failed(&self, source: io::Error) -> StorageError {
+        StorageError::Move {
+            from: self.from_key.to_owned(),
+            to: self.to_key.to_owned(),
+            source,
+        }
+    }
+
+    fn taken(&self) -> StorageError {
+        StorageError::Exists {
+            key: self.to_key.to_owned(),
+        }
+    }
+
+    fn replacing(&self) -> Result<(), StorageError> {
+        std::fs::rename(&self.from, &self.to).map_err(|e| self.failed(e))
+    }
+
+    fn without_replacing(&self) -> Result<(), StorageError> {
+        let meta = std::fs::symlink_metadata(&self.from).map_err(|e| self.failed(e))?;
+        if meta.is_dir() {
+            self.directory_without_replacing()
+        } else {
+            self.file_without_replacing()
+        }
+    }
+
+    /// `link` fails if the target name is taken, by anything, links included; only then
+    /// is the old name removed.
+    fn file_without_replacing(&self) -> Result<(), StorageError> {
+        match std::fs::hard_link(&self.from, &self.to) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => return Err(self.taken()),
+            Err(e) if without_hard_links(&e) => return self.checked_then_renamed(),
+            Err(e) => return Err(self.failed(e)),
+        }
+        if let Err(source) = std::fs::remove_file(&self.from) {
+            // Most likely another client moved the source away meanwhile: take back the
+            // new name so that the file does not end up under two names.
+            let _ = std::fs::remove_file(&self.to);
+            return Err(self.failed(source));
+        }
+        Ok(())
+    }
+
+    /// Creating the target directory reserves the name; renaming a directory onto an
+    /// empty one replaces it in one step.
+    fn directory_without_replacing(&self) -> Result<(), StorageError> {
+        match std::fs::create_dir(&self.to) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => return Err(self.taken()),
+            Err(e) => return Err(self.failed(e)),
+        }
+        if let Err(source) = std::fs::rename(&self.from, &self.to) {
+            let _ = std::fs::remove_dir(&self.to);
+            return Err(self.failed(source));
+        }
+        Ok(())
+    }
+
+    fn checked_then_renamed(&self) -> Result<(), StorageError> {
+        match std::fs::symlink_metadata(&self.to) {
+            Ok(_) => Err(self.taken()),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => self.replacing(),
+            Err(e) => Err(self.failed(e)),
+        }
+    }
+}
+
+/// Whether `link` failed because the filesystem has no hard links (`EPERM` or
+/// `EOPNOTSUPP`, depending on the filesystem).
+fn without_hard_links(error: &io::Error) -> bool {
+    matches!(
+        error.kind(),
+        io::ErrorKind::Unsupported | io::ErrorKind::PermissionDenied
+    )
+}
+
 fn check_components(root: &Path, key: &str) -> Result<(), StorageError> {
     let mut path = root.to_path_buf();
     let mut walked = String::new();
@@ -310,6 +516,91 @@ mod tests {
         assert!(!is_reserved("home/.sluice-uploads"));
         assert!(!is_reserved(".sluice-uploads-not"));
         assert!(!is_reserved(""));
+    }
+
+    #[test]
+    fn faithful_keys_are_those_opendal_leaves_unchanged() {
+        for key in ["", "a", "home/a b/c", "home/.x", "a/\u{3000}x\u{3000}/b"] {
+            assert!(is_faithful_key(key), "{key:?}");
+        }
+        for key in [
+            "leaf ",
+            " leaf",
+            "home/leaf\t",
+            "leaf\u{3000}",
+            "/a",
+            "a//b",
+        ] {
+            assert!(!is_faithful_key(key), "{key:?}");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_rename_never_replaces_a_file_or_directory() {
+        let dir = tempfile::tempdir().unwrap();
+        let volume = Volume::open_fs(dir.path()).unwrap();
+        for name in ["a", "b"] {
+            std::fs::write(dir.path().join(name), name).unwrap();
+        }
+        for name in ["d", "e"] {
+            std::fs::create_dir(dir.path().join(name)).unwrap();
+        }
+
+        for (from, to) in [("a", "b"), ("a", "e"), ("d", "e"), ("d", "b")] {
+            let refused = volume.rename(from, to).await;
+            assert!(
+                matches!(refused, Err(StorageError::Exists { .. })),
+                "{from} -> {to}"
+            );
+        }
+        assert_eq!(std::fs::read(dir.path().join("b")).unwrap(), b"b");
+
+        volume.rename("a", "e/a").await.unwrap();
+        volume.rename("d", "e/d").await.unwrap();
+        assert_eq!(std::fs::read(dir.path().join("e/a")).unwrap(), b"a");
+        assert!(dir.path().join("e/d").is_dir());
+        assert!(!dir.path().join("a").exists() && !dir.path().join("d").exists());
+        let missing = volume.rename("a", "f").await.unwrap_err();
+        assert_eq!(missing.io_kind(), Some(io::ErrorKind::NotFound));
+        assert!(!dir.path().join("f").exists());
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn of_many_racing_renames_onto_one_name_exactly_one_succeeds() {
+        let dir = tempfile::tempdir().unwrap();
+        let volume = Volume::open_fs(dir.path()).unwrap();
+        for i in 0..16 {
+            std::fs::write(dir.path().join(format!("f{i}")), format!("{i}")).unwrap();
+        }
+
+        let renames = (0..16).map(|i| {
+            let volume = volume.clone();
+            tokio::spawn(async move { volume.rename(&format!("f{i}"), "target").await })
+        });
+        let results = futures::future::join_all(renames).await;
+        let succeeded = results
+            .into_iter()
+            .filter(|r| matches!(r, Ok(Ok(()))))
+            .count();
+        assert_eq!(succeeded, 1);
+        let left = std::fs::read_dir(dir.path()).unwrap().count();
+        assert_eq!(left, 17, "15 sources, the target and the uploads directory");
+    }
+
+    #[tokio::test]
+    async fn publishing_without_replacing_refuses_a_taken_name() {
+        let dir = tempfile::tempdir().unwrap();
+        let volume = Volume::open_fs(dir.path()).unwrap();
+        std::fs::write(dir.path().join("taken"), b"first").unwrap();
+        let staged = staging_key();
+        std::fs::write(dir.path().join(&staged), b"second").unwrap();
+
+        let refused = volume.publish(&staged, "taken", false).await;
+        assert!(matches!(refused, Err(StorageError::Exists { .. })));
+        assert_eq!(std::fs::read(dir.path().join("taken")).unwrap(), b"first");
+        volume.publish(&staged, "taken", true).await.unwrap();
+        assert_eq!(std::fs::read(dir.path().join("taken")).unwrap(), b"second");
+        assert!(!dir.path().join(&staged).exists());
     }
 
     #[tokio::test]

@@ -1,6 +1,7 @@
-//! Runs the SFTP gateway in-process on 127.0.0.1 for one test, with a temporary
-//! configuration, freshly generated host keys and a temporary volume, and drives paramiko
-//! against it.
+//! Runs the gateway in-process on 127.0.0.1 for one test, with a temporary configuration,
+//! freshly generated host keys and a temporary volume, and drives paramiko against it. An
+//! FTPS gateway also gets a throwaway certificate authority ([`TestPki`]) whose server
+//! certificate names `localhost` and `127.0.0.1`.
 //!
 //! Tests use the current-thread runtime: the gateway's tasks then run on the test's
 //! thread, so [`capture_logs`] sees exactly that test's log events. Blocking clients must
@@ -18,7 +19,11 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail};
 use sluice::api::Permission;
 use sluice::gateway::auth::hash_password;
-use sluice::gateway::config::{GatewayConfig, GatewayUser, ResidencyStamp};
+use sluice::gateway::config::{
+    FtpsSettings, GatewayConfig, GatewayUser, PassivePorts, ResidencyStamp, SessionReuse,
+    TlsVersion,
+};
+use sluice::gateway::ftps::tls::{CERT_FILE, KEY_FILE};
 use sluice::gateway::{Gateway, GatewayArgs, host_keys};
 use tempfile::TempDir;
 use tokio::sync::oneshot;
@@ -34,11 +39,17 @@ pub const ALL: &[Permission] = &[
     Permission::Rename,
 ];
 
-/// A gateway serving SFTP on 127.0.0.1 until [`TestGateway::stop`].
+/// A gateway serving SFTP, and FTPS if asked to, on 127.0.0.1 until [`TestGateway::stop`].
 pub struct TestGateway {
     dir: TempDir,
     /// Where the SFTP server listens.
     pub addr: SocketAddr,
+    /// Where explicit FTPS listens, if it is served.
+    pub ftps: Option<SocketAddr>,
+    /// Where implicit FTPS listens, if it is served.
+    pub ftps_implicit: Option<SocketAddr>,
+    ftps_settings: Mutex<Option<FtpsSettings>>,
+    pki: Option<TestPki>,
     stop: Option<oneshot::Sender<()>>,
     serving: Option<JoinHandle<()>>,
 }
@@ -46,6 +57,33 @@ pub struct TestGateway {
 impl TestGateway {
     /// Starts a gateway whose configuration holds `users`.
     pub async fn start(users: Vec<GatewayUser>) -> Result<Self> {
+        Self::start_with(users, None, None).await
+    }
+
+    /// Starts a gateway that also serves FTPS as `settings` say, with a certificate from a
+    /// fresh test CA valid until [`VALID_UNTIL`].
+    pub async fn start_ftps(users: Vec<GatewayUser>, settings: FtpsSettings) -> Result<Self> {
+        let pki = TestPki::new()?;
+        let certificate = pki.issue(VALID_UNTIL)?;
+        Self::start_with(users, Some(settings), Some((pki, certificate))).await
+    }
+
+    /// Like [`TestGateway::start_ftps`], with the given certificate (PEM chain, PEM key)
+    /// from `pki` in the TLS directory.
+    pub async fn start_ftps_with_certificate(
+        users: Vec<GatewayUser>,
+        settings: FtpsSettings,
+        pki: TestPki,
+        certificate: (String, String),
+    ) -> Result<Self> {
+        Self::start_with(users, Some(settings), Some((pki, certificate))).await
+    }
+
+    async fn start_with(
+        users: Vec<GatewayUser>,
+        ftps: Option<FtpsSettings>,
+        tls: Option<(TestPki, (String, String))>,
+    ) -> Result<Self> {
         let dir = tempfile::tempdir()?;
         let host_keys = dir.path().join("host-keys");
         std::fs::create_dir(&host_keys)?;
@@ -54,19 +92,33 @@ impl TestGateway {
             std::fs::write(&path, pem)?;
             std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
         }
+        let tls_dir = dir.path().join("tls");
+        std::fs::create_dir(&tls_dir)?;
+        let pki = match tls {
+            Some((pki, certificate)) => {
+                std::fs::write(dir.path().join(CA_FILE), &pki.ca_pem)?;
+                install_certificate(&tls_dir, &certificate)?;
+                Some(pki)
+            }
+            None => None,
+        };
         let args = GatewayArgs {
             config: dir.path().join("config.json"),
             host_keys,
             data_dir: dir.path().join("data"),
             sftp_listen: "127.0.0.1:0".parse()?,
+            ftps_listen: "127.0.0.1:0".parse()?,
+            ftps_implicit_listen: "127.0.0.1:0".parse()?,
+            tls_dir: Some(tls_dir),
         };
-        write_config(&args.config, users)?;
+        write_config(&args.config, users, ftps.clone())?;
 
         let gateway = Gateway::bind(&args)
             .await?
             .with_poll_interval(Duration::from_millis(200))
             .with_shutdown_grace(Duration::from_secs(1));
         let addr = gateway.sftp_addr()?;
+        let (ftps_addr, ftps_implicit) = (gateway.ftps_addr(), gateway.ftps_implicit_addr());
         let (stop, stopped) = oneshot::channel::<()>();
         let serving = tokio::spawn(gateway.serve(async {
             let _ = stopped.await;
@@ -74,9 +126,40 @@ impl TestGateway {
         Ok(Self {
             dir,
             addr,
+            ftps: ftps_addr,
+            ftps_implicit,
+            ftps_settings: Mutex::new(ftps),
+            pki,
             stop: Some(stop),
             serving: Some(serving),
         })
+    }
+
+    /// The explicit FTPS address; fails if FTPS is not served.
+    pub fn ftps_addr(&self) -> Result<SocketAddr> {
+        self.ftps
+            .context("the gateway does not serve explicit FTPS")
+    }
+
+    /// The implicit FTPS address; fails if FTPS is not served.
+    pub fn ftps_implicit_addr(&self) -> Result<SocketAddr> {
+        self.ftps_implicit
+            .context("the gateway does not serve implicit FTPS")
+    }
+
+    /// The test CA's certificate (PEM), for clients to trust.
+    pub fn ca_file(&self) -> PathBuf {
+        self.dir.path().join(CA_FILE)
+    }
+
+    /// The test CA, to issue further certificates.
+    pub fn pki(&self) -> Result<&TestPki> {
+        self.pki.as_ref().context("the gateway has no test CA")
+    }
+
+    /// Replaces the FTPS certificate the way the kubelet updates a mounted Secret.
+    pub fn set_certificate(&self, certificate: &(String, String)) -> Result<()> {
+        install_certificate(&self.dir.path().join("tls"), certificate)
     }
 
     /// Root of the gateway's volume.
@@ -94,14 +177,22 @@ impl TestGateway {
     /// Replaces the configuration the way the kubelet updates a mounted Secret: the new
     /// content appears under the same name in one rename.
     pub fn set_users(&self, users: Vec<GatewayUser>) -> Result<()> {
-        write_config(&self.config_path(), users)
+        let ftps = self.ftps_settings.lock().unwrap().clone();
+        write_config(&self.config_path(), users, ftps)
+    }
+
+    /// Replaces the configuration like [`TestGateway::set_users`], with new FTPS settings.
+    pub fn set_ftps(&self, users: Vec<GatewayUser>, settings: FtpsSettings) -> Result<()> {
+        *self.ftps_settings.lock().unwrap() = Some(settings.clone());
+        write_config(&self.config_path(), users, Some(settings))
     }
 
     /// Writes a configuration holding `users` next to the live one, for a client to
     /// rename over it at a moment of its choosing; returns the staged file.
     pub fn stage_users(&self, users: Vec<GatewayUser>) -> Result<PathBuf> {
         let staged = self.dir.path().join("config.next.json");
-        std::fs::write(&staged, serde_json::to_vec_pretty(&config(users))?)?;
+        let next = config(users, self.ftps_settings.lock().unwrap().clone());
+        std::fs::write(&staged, serde_json::to_vec_pretty(&next)?)?;
         Ok(staged)
     }
 
@@ -134,7 +225,7 @@ impl Drop for TestGateway {
     }
 }
 
-fn config(users: Vec<GatewayUser>) -> GatewayConfig {
+fn config(users: Vec<GatewayUser>, ftps: Option<FtpsSettings>) -> GatewayConfig {
     GatewayConfig {
         server: "tests/sftp".into(),
         region: "cn-shanghai".into(),
@@ -144,14 +235,95 @@ fn config(users: Vec<GatewayUser>) -> GatewayConfig {
             allowed_regions: vec![],
         },
         users,
-        ftps: None,
+        ftps,
     }
 }
 
-fn write_config(path: &Path, users: Vec<GatewayUser>) -> Result<()> {
+fn write_config(path: &Path, users: Vec<GatewayUser>, ftps: Option<FtpsSettings>) -> Result<()> {
     let staged = path.with_extension("staged");
-    std::fs::write(&staged, serde_json::to_vec_pretty(&config(users))?)?;
+    std::fs::write(&staged, serde_json::to_vec_pretty(&config(users, ftps))?)?;
     std::fs::rename(&staged, path)?;
+    Ok(())
+}
+
+/// File name of the test CA's certificate in the gateway's temporary directory.
+const CA_FILE: &str = "ca.pem";
+/// notAfter of the certificates [`TestGateway::start_ftps`] installs.
+pub const VALID_UNTIL: (i32, u8, u8) = (2099, 12, 31);
+
+/// FTPS as the operator renders it by default: explicit and implicit, TLS 1.2 and up,
+/// session reuse allowed, no plaintext, and 100 passive ports from a random base (ranges
+/// of parallel tests may overlap: each port is bound by one listener at a time).
+pub fn ftps_settings() -> FtpsSettings {
+    let base = 20_000 + 100 * (rand::random::<u16>() % 100);
+    FtpsSettings {
+        explicit: true,
+        implicit: true,
+        passive_ports: PassivePorts {
+            first: base,
+            count: 100,
+        },
+        passive_address: None,
+        allow_plaintext: false,
+        session_reuse: SessionReuse::Allow,
+        min_tls_version: TlsVersion::V1_2,
+    }
+}
+
+/// A throwaway certificate authority for one test.
+pub struct TestPki {
+    params: rcgen::CertificateParams,
+    key: rcgen::KeyPair,
+    /// The CA certificate, PEM.
+    pub ca_pem: String,
+}
+
+impl TestPki {
+    /// A new CA with a fresh key.
+    pub fn new() -> Result<Self> {
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new())?;
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, "Sluice test CA");
+        params.key_usages = vec![
+            rcgen::KeyUsagePurpose::KeyCertSign,
+            rcgen::KeyUsagePurpose::CrlSign,
+        ];
+        let key = rcgen::KeyPair::generate()?;
+        let ca_pem = params.self_signed(&key)?.pem();
+        Ok(Self {
+            params,
+            key,
+            ca_pem,
+        })
+    }
+
+    /// A server certificate for `localhost` and 127.0.0.1 valid until `not_after`
+    /// (year, month, day): (PEM chain, PEM key).
+    pub fn issue(&self, not_after: (i32, u8, u8)) -> Result<(String, String)> {
+        let names = vec!["localhost".to_owned(), "127.0.0.1".to_owned()];
+        let mut params = rcgen::CertificateParams::new(names)?;
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, "sluice gateway");
+        params.not_before = rcgen::date_time_ymd(2020, 1, 1);
+        params.not_after = rcgen::date_time_ymd(not_after.0, not_after.1, not_after.2);
+        let key = rcgen::KeyPair::generate()?;
+        let issuer = rcgen::Issuer::from_params(&self.params, &self.key);
+        let cert = params.signed_by(&key, &issuer)?;
+        Ok((cert.pem(), key.serialize_pem()))
+    }
+}
+
+/// Writes a certificate and key into `dir` under the Secret's file names, each appearing
+/// in one rename.
+fn install_certificate(dir: &Path, (cert, key): &(String, String)) -> Result<()> {
+    for (name, content) in [(KEY_FILE, key), (CERT_FILE, cert)] {
+        let staged = dir.join(format!(".{name}.staged"));
+        std::fs::write(&staged, content)?;
+        std::fs::rename(&staged, dir.join(name))?;
+    }
     Ok(())
 }
 

@@ -279,7 +279,10 @@ impl RunningPod {
         let words: Vec<String> = words.iter().map(|w| apply(w)).collect();
         let program = resolve_command(words.first().context("container without a command")?)?;
 
-        let log = std::fs::File::options().create(true).append(true).open(self.log_path())?;
+        let log = std::fs::File::options()
+            .create(true)
+            .append(true)
+            .open(self.log_path())?;
         let mut command = Command::new(program);
         command
             .args(&words[1..])

@@ -1,0 +1,494 @@
+//! The libunftp side of a session: its storage back end, mapping every call onto the
+//! logged-in user's [`Vfs`], and the user object libunftp carries.
+//!
+//! Contract:
+//! - libunftp hands each call the [`FtpUser`] it got at login; the user owns the session's
+//!   [`Vfs`], so permissions, confinement and storage are exactly those of SFTP.
+//! - Errors map through [`VfsError::reply`]: not found, denied and other permanent
+//!   failures become 550 (553 for an unusable name), storage hiccups that may pass become
+//!   450, unsupported requests 502. libunftp's reply texts are fixed per kind, so the
+//!   [`VfsError`]'s own message (which never names a storage path) is left in the session
+//!   context for the front end to send instead.
+//! - Uploads stream into a [`FileWriter`] and are published only when the data connection
+//!   ends cleanly; an upload at an offset (REST + STOR, APPE) is refused. Downloads honour
+//!   REST through ranged reads.
+//! - Completed transfers are logged at info with their byte counts; storage failures at
+//!   warn; refused requests at debug.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use async_trait::async_trait;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use unftp_core::auth::UserDetail;
+use unftp_core::storage::{
+    Error, ErrorKind, FEATURE_RESTART, Fileinfo, Metadata, Permissions, Result, StorageBackend,
+};
+
+use crate::gateway::ErrorChain;
+use crate::gateway::ftps::engine::SessionContext;
+use crate::gateway::vfs::{Entry, Reply, Vfs, VfsError, WriteMode};
+
+/// Bytes read from storage or the data connection at a time.
+const CHUNK: usize = 256 * 1024;
+/// Entries fetched from a directory listing at a time.
+const LIST_BATCH: usize = 512;
+
+/// A logged-in user as libunftp sees it: the name and the session's view of the volume.
+pub struct FtpUser {
+    name: String,
+    vfs: Vfs,
+}
+
+impl FtpUser {
+    /// The user `name`, working on `vfs`.
+    pub fn new(name: String, vfs: Vfs) -> Self {
+        Self { name, vfs }
+    }
+}
+
+impl UserDetail for FtpUser {}
+
+impl fmt::Display for FtpUser {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.name)
+    }
+}
+
+impl fmt::Debug for FtpUser {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("FtpUser").field("name", &self.name).finish()
+    }
+}
+
+/// File attributes for listings, `SIZE`, `MDTM` and `MLST`.
+#[derive(Debug)]
+pub struct Meta(Entry);
+
+impl Metadata for Meta {
+    fn len(&self) -> u64 {
+        self.0.size
+    }
+
+    fn is_dir(&self) -> bool {
+        self.0.is_dir()
+    }
+
+    fn is_file(&self) -> bool {
+        !self.0.is_dir()
+    }
+
+    fn is_symlink(&self) -> bool {
+        false
+    }
+
+    fn modified(&self) -> Result<SystemTime> {
+        self.0
+            .modified
+            .ok_or_else(|| ErrorKind::PermanentFileNotAvailable.into())
+    }
+
+    fn gid(&self) -> u32 {
+        0
+    }
+
+    fn uid(&self) -> u32 {
+        0
+    }
+
+    fn permissions(&self) -> Permissions {
+        Permissions(if self.0.is_dir() { 0o755 } else { 0o644 })
+    }
+}
+
+/// One session's storage back end. libunftp creates it before login; every call carries
+/// the logged-in [`FtpUser`].
+pub struct VfsBackend {
+    context: Arc<SessionContext>,
+}
+
+impl fmt::Debug for VfsBackend {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("VfsBackend")
+    }
+}
+
+impl VfsBackend {
+    /// A back end reporting into `context`.
+    pub fn new(context: Arc<SessionContext>) -> Self {
+        Self { context }
+    }
+
+    /// The error libunftp turns into a reply, logging it and leaving its message for the
+    /// front end.
+    fn refuse(&self, operation: &'static str, path: &str, error: VfsError) -> Error {
+        let span = self.context.span();
+        if error.is_internal() {
+            tracing::warn!(
+                parent: span,
+                operation,
+                path,
+                error = %ErrorChain(&error),
+                "Storage operation failed"
+            );
+        } else {
+            tracing::debug!(parent: span, operation, path, %error, "Request refused");
+        }
+        self.context.set_reply_text(error.to_string());
+        let directory = matches!(operation, "cwd" | "list" | "rmd");
+        Error::new(error_kind(&error, directory), error)
+    }
+
+    async fn upload<R>(&self, vfs: &Vfs, path: &str, mut input: R) -> Result<u64>
+    where
+        R: AsyncRead + Unpin,
+    {
+        let mut writer = match vfs.create(path, WriteMode::Replace).await {
+            Ok(writer) => writer,
+            Err(error) => return Err(self.refuse("stor", path, error)),
+        };
+        let mut buffer = Vec::with_capacity(CHUNK);
+        loop {
+            let read = (&mut input)
+                .take(CHUNK as u64)
+                .read_to_end(&mut buffer)
+                .await;
+            match read {
+                Ok(0) => break,
+                Ok(_) => {}
+                Err(error) => {
+                    // The front end resets the connection when the client's did not end
+                    // cleanly, so a truncated upload is never published.
+                    let text = "upload interrupted: the data connection did not end cleanly; \
+                                nothing was stored";
+                    self.context.set_reply_text(text.into());
+                    tracing::info!(
+                        parent: self.context.span(),
+                        path,
+                        bytes = writer.bytes_written(),
+                        %error,
+                        "Upload interrupted"
+                    );
+                    let _ = writer.abort().await;
+                    return Err(Error::new(ErrorKind::ConnectionClosed, error));
+                }
+            }
+            let offset = writer.bytes_written();
+            let data = std::mem::replace(&mut buffer, Vec::with_capacity(CHUNK));
+            if let Err(error) = writer.write_at(offset, data).await {
+                let _ = writer.abort().await;
+                return Err(self.refuse("stor", path, error));
+            }
+        }
+
+        match writer.close().await {
+            Ok(bytes) => {
+                tracing::info!(parent: self.context.span(), path, bytes, "Upload completed");
+                Ok(bytes)
+            }
+            Err(error) => Err(self.refuse("stor", path, error)),
+        }
+    }
+
+    async fn download<W>(&self, vfs: &Vfs, path: &str, offset: u64, output: &mut W) -> Result<u64>
+    where
+        W: AsyncWrite + Unpin + ?Sized,
+    {
+        let mut reader = match vfs.open_read(path).await {
+            Ok(reader) => reader,
+            Err(error) => return Err(self.refuse("retr", path, error)),
+        };
+        let mut position = offset;
+        loop {
+            let chunk = match reader.read_at(position, CHUNK as u32).await {
+                Ok(chunk) if chunk.is_empty() => break,
+                Ok(chunk) => chunk,
+                Err(error) => return Err(self.refuse("retr", path, error)),
+            };
+            if let Err(error) = output.write_all(&chunk).await {
+                tracing::info!(
+                    parent: self.context.span(),
+                    path,
+                    bytes = reader.bytes_read(),
+                    %error,
+                    "Download interrupted"
+                );
+                return Err(error.into());
+            }
+            position += chunk.len() as u64;
+        }
+        output.flush().await?;
+
+        let bytes = reader.bytes_read();
+        tracing::info!(
+            parent: self.context.span(),
+            path,
+            bytes,
+            offset,
+            size = reader.size(),
+            "Download completed"
+        );
+        Ok(bytes)
+    }
+}
+
+/// The libunftp error kind (and so the reply code) for a [`VfsError`].
+fn error_kind(error: &VfsError, directory: bool) -> ErrorKind {
+    match error.reply() {
+        Reply::NotFound if directory => ErrorKind::PermanentDirectoryNotAvailable,
+        Reply::NotFound => ErrorKind::PermanentFileNotAvailable,
+        Reply::PermissionDenied => ErrorKind::PermissionDenied,
+        Reply::Unsupported => ErrorKind::CommandNotImplemented,
+        Reply::Failure if error.is_transient() => ErrorKind::TransientFileNotAvailable,
+        Reply::Failure => match error {
+            VfsError::NotEmpty => ErrorKind::PermanentDirectoryNotEmpty,
+            VfsError::InvalidPath | VfsError::UntrimmedName => ErrorKind::FileNameNotAllowedError,
+            VfsError::NotADirectory if directory => ErrorKind::PermanentDirectoryNotAvailable,
+            _ => ErrorKind::PermanentFileNotAvailable,
+        },
+    }
+}
+
+/// libunftp builds paths from client strings, so they are always UTF-8.
+fn client_path(path: &Path) -> Result<&str> {
+    path.to_str()
+        .ok_or_else(|| ErrorKind::FileNameNotAllowedError.into())
+}
+
+#[async_trait]
+impl StorageBackend<FtpUser> for VfsBackend {
+    type Metadata = Meta;
+
+    fn supported_features(&self) -> u32 {
+        FEATURE_RESTART
+    }
+
+    async fn metadata<P>(&self, user: &FtpUser, path: P) -> Result<Meta>
+    where
+        P: AsRef<Path> + Send + fmt::Debug,
+    {
+        let path = client_path(path.as_ref())?;
+        match user.vfs.stat(path).await {
+            Ok(entry) => Ok(Meta(entry)),
+            Err(error) => Err(self.refuse("stat", path, error)),
+        }
+    }
+
+    async fn list<P>(&self, user: &FtpUser, path: P) -> Result<Vec<Fileinfo<PathBuf, Meta>>>
+    where
+        P: AsRef<Path> + Send + fmt::Debug,
+    {
+        let path = client_path(path.as_ref())?;
+        let mut listing = match user.vfs.list(path).await {
+            Ok(listing) => listing,
+            // `LIST file` lists that one file, as FTP servers traditionally do.
+            Err(VfsError::NotADirectory) => {
+                let entry = user.vfs.stat(path).await;
+                let entry = entry.map_err(|error| self.refuse("list", path, error))?;
+                return Ok(vec![file_info(entry)]);
+            }
+            Err(error) => return Err(self.refuse("list", path, error)),
+        };
+
+        let mut entries = Vec::new();
+        loop {
+            let batch = listing.next_batch(LIST_BATCH).await;
+            let batch = batch.map_err(|error| self.refuse("list", path, error))?;
+            if batch.is_empty() {
+                return Ok(entries);
+            }
+            entries.extend(batch.into_iter().map(file_info));
+        }
+    }
+
+    async fn get_into<'a, P, W>(
+        &self,
+        user: &FtpUser,
+        path: P,
+        start_pos: u64,
+        output: &'a mut W,
+    ) -> Result<u64>
+    where
+        W: AsyncWrite + Unpin + Sync + Send + ?Sized,
+        P: AsRef<Path> + Send + fmt::Debug,
+    {
+        let path = client_path(path.as_ref())?;
+        self.download(&user.vfs, path, start_pos, output).await
+    }
+
+    async fn get<P>(
+        &self,
+        user: &FtpUser,
+        path: P,
+        start_pos: u64,
+    ) -> Result<Box<dyn AsyncRead + Send + Sync + Unpin>>
+    where
+        P: AsRef<Path> + Send + fmt::Debug,
+    {
+        // libunftp downloads through `get_into`; this serves anything else that asks for a
+        // reader, through a pipe fed by ranged reads.
+        let path = client_path(path.as_ref())?.to_owned();
+        let reader = user.vfs.open_read(&path).await;
+        let mut reader = reader.map_err(|error| self.refuse("retr", &path, error))?;
+        let (mut feed, pipe) = tokio::io::duplex(CHUNK);
+        tokio::spawn(async move {
+            let mut position = start_pos;
+            while let Ok(chunk) = reader.read_at(position, CHUNK as u32).await {
+                if chunk.is_empty() || feed.write_all(&chunk).await.is_err() {
+                    break;
+                }
+                position += chunk.len() as u64;
+            }
+        });
+        Ok(Box::new(pipe))
+    }
+
+    async fn put<P, R>(&self, user: &FtpUser, input: R, path: P, start_pos: u64) -> Result<u64>
+    where
+        P: AsRef<Path> + Send + fmt::Debug,
+        R: AsyncRead + Send + Sync + Unpin + 'static,
+    {
+        let path = client_path(path.as_ref())?;
+        if start_pos != 0 {
+            self.context
+                .set_reply_text("uploads cannot resume at an offset: upload the whole file".into());
+            return Err(ErrorKind::CommandNotImplemented.into());
+        }
+        self.upload(&user.vfs, path, input).await
+    }
+
+    async fn del<P>(&self, user: &FtpUser, path: P) -> Result<()>
+    where
+        P: AsRef<Path> + Send + fmt::Debug,
+    {
+        let path = client_path(path.as_ref())?;
+        user.vfs
+            .remove(path)
+            .await
+            .map_err(|error| self.refuse("dele", path, error))?;
+        tracing::info!(parent: self.context.span(), path, "Removed file");
+        Ok(())
+    }
+
+    async fn mkd<P>(&self, user: &FtpUser, path: P) -> Result<()>
+    where
+        P: AsRef<Path> + Send + fmt::Debug,
+    {
+        let path = client_path(path.as_ref())?;
+        user.vfs
+            .mkdir(path)
+            .await
+            .map_err(|error| self.refuse("mkd", path, error))
+    }
+
+    async fn rename<P>(&self, user: &FtpUser, from: P, to: P) -> Result<()>
+    where
+        P: AsRef<Path> + Send + fmt::Debug,
+    {
+        let (from, to) = (client_path(from.as_ref())?, client_path(to.as_ref())?);
+        user.vfs
+            .rename(from, to)
+            .await
+            .map_err(|error| self.refuse("rename", from, error))?;
+        tracing::info!(parent: self.context.span(), from, to, "Renamed");
+        Ok(())
+    }
+
+    async fn rmd<P>(&self, user: &FtpUser, path: P) -> Result<()>
+    where
+        P: AsRef<Path> + Send + fmt::Debug,
+    {
+        let path = client_path(path.as_ref())?;
+        user.vfs
+            .rmdir(path)
+            .await
+            .map_err(|error| self.refuse("rmd", path, error))
+    }
+
+    async fn cwd<P>(&self, user: &FtpUser, path: P) -> Result<()>
+    where
+        P: AsRef<Path> + Send + fmt::Debug,
+    {
+        let path = client_path(path.as_ref())?;
+        match user.vfs.stat(path).await {
+            Ok(entry) if entry.is_dir() => Ok(()),
+            Ok(_) => Err(self.refuse("cwd", path, VfsError::NotADirectory)),
+            Err(error) => Err(self.refuse("cwd", path, error)),
+        }
+    }
+}
+
+fn file_info(entry: Entry) -> Fileinfo<PathBuf, Meta> {
+    Fileinfo {
+        path: PathBuf::from(&entry.name),
+        metadata: Meta(entry),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::api::Permission;
+
+    #[test]
+    fn vfs_errors_map_to_transient_and_permanent_replies() {
+        let kind = |error: VfsError| error_kind(&error, false);
+        assert_eq!(
+            kind(VfsError::NotFound),
+            ErrorKind::PermanentFileNotAvailable
+        );
+        assert_eq!(
+            error_kind(&VfsError::NotFound, true),
+            ErrorKind::PermanentDirectoryNotAvailable
+        );
+        assert_eq!(
+            kind(VfsError::Denied(Permission::Write)),
+            ErrorKind::PermissionDenied
+        );
+        assert_eq!(kind(VfsError::Symlink), ErrorKind::PermissionDenied);
+        assert_eq!(
+            kind(VfsError::NotEmpty),
+            ErrorKind::PermanentDirectoryNotEmpty
+        );
+        assert_eq!(
+            kind(VfsError::InvalidPath),
+            ErrorKind::FileNameNotAllowedError
+        );
+        assert_eq!(
+            kind(VfsError::AlreadyExists),
+            ErrorKind::PermanentFileNotAvailable
+        );
+        let temporary = opendal::Error::new(opendal::ErrorKind::Unexpected, "busy").set_temporary();
+        assert_eq!(
+            kind(VfsError::Storage(temporary)),
+            ErrorKind::TransientFileNotAvailable
+        );
+        let permanent = opendal::Error::new(opendal::ErrorKind::Unexpected, "broken");
+        assert_eq!(
+            kind(VfsError::Storage(permanent)),
+            ErrorKind::PermanentFileNotAvailable
+        );
+        let offset = VfsError::NonSequentialWrite {
+            expected: 0,
+            got: 1,
+        };
+        assert_eq!(kind(offset), ErrorKind::CommandNotImplemented);
+    }
+
+    #[test]
+    fn listings_show_directories_and_files_with_plain_modes() {
+        let entry = |name: &str, kind| Entry {
+            name: name.into(),
+            kind,
+            size: 7,
+            modified: Some(SystemTime::UNIX_EPOCH),
+        };
+        let file = file_info(entry("a.txt", crate::gateway::vfs::EntryKind::File));
+        let dir = file_info(entry("d", crate::gateway::vfs::EntryKind::Directory));
+        assert!(file.to_string().starts_with("-rw-r--r--"), "{file}");
+        assert!(file.to_string().ends_with(" a.txt"), "{file}");
+        assert!(dir.to_string().starts_with("drwxr-xr-x"), "{dir}");
+    }
+}

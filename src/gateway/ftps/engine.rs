@@ -1,0 +1,198 @@
+//! libunftp as the FTP engine behind the front end: one libunftp session per client
+//! session, reached over a loopback connection, with TLS off.
+//!
+//! Contract:
+//! - [`Engine::start`] builds a libunftp server for one session (its storage back end,
+//!   authenticator and user provider all report into that session's [`SessionContext`])
+//!   and hands it one end of a fresh loopback TCP connection; the front end keeps the
+//!   other end. libunftp listens for its passive data connections on 127.0.0.1 only, in
+//!   [`INTERNAL_PASSIVE_PORTS`], and only the front end connects there.
+//! - libunftp's own log lines (slog) are passed to `tracing` under the target `libunftp`:
+//!   its errors at warn, everything else at debug or below. The front end and the back
+//!   end log what operators need; libunftp never sees a password it could log except in
+//!   PASS, which it redacts.
+
+use std::io;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::ops::RangeInclusive;
+use std::sync::{Arc, Mutex};
+
+use libunftp::options::{PassiveHost, SiteMd5};
+use slog::Drain;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Semaphore;
+use tokio::task::JoinHandle;
+use tracing::{Instrument, Span};
+
+use crate::gateway::auth::{LiveLogins, Login};
+use crate::gateway::ftps::backend::{FtpUser, VfsBackend};
+use crate::gateway::ftps::login::PasswordLogin;
+use crate::storage::Volume;
+
+/// Ports libunftp listens on, on 127.0.0.1, for the data connections the front end relays.
+/// Above Linux's default ephemeral range, so outgoing connections rarely hold one.
+pub const INTERNAL_PASSIVE_PORTS: RangeInclusive<u16> = 61000..=65535;
+/// Seconds a logged-in session may sit idle before libunftp closes it.
+pub const IDLE_SESSION_SECS: u64 = 600;
+/// The greeting, deliberately without product or version.
+const GREETING: &str = "Sluice FTPS ready";
+/// Connections accepted on a fresh loopback listener before giving up on seeing our own.
+const LOOPBACK_ACCEPTS: usize = 4;
+
+/// What one client session shares between the front end and its libunftp session.
+pub struct SessionContext {
+    span: Span,
+    login: Mutex<Option<Arc<Login>>>,
+    reply_text: Mutex<Option<String>>,
+}
+
+impl SessionContext {
+    /// A context whose events are logged under `span`.
+    pub fn new(span: Span) -> Arc<Self> {
+        Arc::new(Self {
+            span,
+            login: Mutex::new(None),
+            reply_text: Mutex::new(None),
+        })
+    }
+
+    /// The session's span: libunftp runs our code from tasks of its own, outside it, so
+    /// every event names it as its parent.
+    pub fn span(&self) -> &Span {
+        &self.span
+    }
+
+    /// Hands a checked login from the authenticator to the user provider.
+    pub(super) fn set_login(&self, login: Arc<Login>) {
+        *lock(&self.login) = Some(login);
+    }
+
+    pub(super) fn take_login(&self) -> Option<Arc<Login>> {
+        lock(&self.login).take()
+    }
+
+    /// Leaves the text for the error reply libunftp is about to send.
+    pub(super) fn set_reply_text(&self, text: String) {
+        *lock(&self.reply_text) = Some(text);
+    }
+
+    /// The text left for the error reply being forwarded, if any.
+    pub fn take_reply_text(&self) -> Option<String> {
+        lock(&self.reply_text).take()
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// Starts libunftp sessions.
+#[derive(Clone)]
+pub struct Engine {
+    logins: LiveLogins,
+    volume: Volume,
+    password_checks: Arc<Semaphore>,
+    logger: slog::Logger,
+}
+
+impl Engine {
+    /// An engine serving `volume` to `logins`.
+    pub fn new(logins: LiveLogins, volume: Volume) -> Self {
+        // Each Argon2id check holds 19 MiB and a core; bound them so a burst of login
+        // attempts cannot exhaust the pod.
+        let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
+        Self {
+            logins,
+            volume,
+            password_checks: Arc::new(Semaphore::new(cores * 2)),
+            logger: slog::Logger::root(TracingDrain.fuse(), slog::o!()),
+        }
+    }
+
+    /// Starts a libunftp session for `context` and returns the front end's end of its
+    /// control connection, and the task running it.
+    pub async fn start(
+        &self,
+        context: Arc<SessionContext>,
+    ) -> io::Result<(TcpStream, JoinHandle<()>)> {
+        let server = self.server(context.clone())?;
+        let (ours, theirs) = loopback_pair().await?;
+        let task = tokio::spawn(
+            async move {
+                // Errors here are the connection ending; the front end reports those.
+                let _ = server.service(theirs).await;
+            }
+            .instrument(context.span().clone()),
+        );
+        Ok((ours, task))
+    }
+
+    fn server(
+        &self,
+        context: Arc<SessionContext>,
+    ) -> io::Result<libunftp::Server<VfsBackend, FtpUser>> {
+        let login = Arc::new(PasswordLogin::new(
+            self.logins.clone(),
+            self.volume.clone(),
+            self.password_checks.clone(),
+            context.clone(),
+        ));
+        let backend = move || VfsBackend::new(context.clone());
+        libunftp::ServerBuilder::<VfsBackend, FtpUser>::with_user_detail_provider(
+            Box::new(backend),
+            login.clone(),
+        )
+        .authenticator(login)
+        .greeting(GREETING)
+        .passive_host(PassiveHost::FromConnection)
+        .passive_ports(INTERNAL_PASSIVE_PORTS)
+        .sitemd5(SiteMd5::None)
+        .idle_session_timeout(IDLE_SESSION_SECS)
+        .logger(self.logger.clone())
+        .build()
+        .map_err(io::Error::other)
+    }
+}
+
+/// Both ends of a new TCP connection on 127.0.0.1: (connecting end, accepted end).
+async fn loopback_pair() -> io::Result<(TcpStream, TcpStream)> {
+    let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).await?;
+    let ours = TcpStream::connect(listener.local_addr()?).await?;
+    let expected: SocketAddr = ours.local_addr()?;
+    // Anything else on the machine could connect to the fresh port first; only our own
+    // connection is handed to libunftp.
+    for _ in 0..LOOPBACK_ACCEPTS {
+        let (theirs, from) = listener.accept().await?;
+        if from == expected {
+            return Ok((ours, theirs));
+        }
+    }
+    Err(io::Error::other("loopback connection was not accepted"))
+}
+
+/// Passes libunftp's slog records to `tracing`. Its "errors" are mostly clients going
+/// away, so nothing is logged above warn; its info lines repeat what the front end logs.
+struct TracingDrain;
+
+impl Drain for TracingDrain {
+    type Ok = ();
+    type Err = slog::Never;
+
+    fn log(&self, record: &slog::Record<'_>, _: &slog::OwnedKVList) -> Result<(), slog::Never> {
+        let message = record.msg();
+        match record.level() {
+            slog::Level::Critical | slog::Level::Error => {
+                tracing::warn!(target: "libunftp", %message)
+            }
+            slog::Level::Warning | slog::Level::Info => {
+                tracing::debug!(target: "libunftp", %message)
+            }
+            slog::Level::Debug | slog::Level::Trace => {
+                tracing::trace!(target: "libunftp", %message)
+            }
+        }
+        Ok(())
+    }
+}
