@@ -11,9 +11,10 @@ pub enum LogFormat {
     Json,
 }
 
-/// Filter used when `RUST_LOG` is unset. russh logs every packet at debug level, so it
-/// is held to warnings unless asked for explicitly.
-const DEFAULT_FILTER: &str = "info,russh=warn";
+/// Filter used when `RUST_LOG` is unset. russh logs every packet at debug level and
+/// libunftp's per-command spans are as chatty, so both are held to warnings unless asked
+/// for explicitly.
+const DEFAULT_FILTER: &str = "info,russh=warn,libunftp=warn";
 
 /// Installs the global subscriber. The level comes from `RUST_LOG` (default
 /// [`DEFAULT_FILTER`]).
