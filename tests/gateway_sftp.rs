@@ -625,12 +625,11 @@ print(json.dumps("disconnected"), flush=True)
         "paramiko said {last:?}"
     );
     client.wait().await?;
-    ensure!(
-        logs.text()
-            .contains("Disconnecting remaining SFTP sessions"),
-        "{}",
-        logs.text()
-    );
+    let disconnecting = logs
+        .text()
+        .lines()
+        .any(|l| l.contains("Disconnecting remaining sessions") && l.contains("protocol=Sftp"));
+    ensure!(disconnecting, "{}", logs.text());
     Ok(())
 }
 

@@ -61,13 +61,12 @@ use crate::gateway::ftps::control::{Mode, Policy, SessionSetup};
 use crate::gateway::ftps::engine::Engine;
 use crate::gateway::ftps::protocol::Reply;
 use crate::gateway::ftps::tls::{CertificateInfo, CertificateStore};
+use crate::gateway::sessions::{self, Protocol};
 use crate::gateway::{ErrorChain, stopped};
 use crate::storage::Volume;
 
 pub use crate::gateway::ftps::tls::certificate_info;
 
-/// Time after the grace period that disconnected sessions get to wind down.
-const DISCONNECT_WAIT: Duration = Duration::from_secs(2);
 /// Time to wait before accepting again after the OS refused an accept (out of files).
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 
@@ -202,7 +201,7 @@ impl FtpsServer {
             let (mode, accepted) = tokio::select! {
                 () = stopped(&mut shutdown) => break,
                 Some(ended) = sessions.join_next(), if !sessions.is_empty() => {
-                    report_panic(ended);
+                    sessions::report_panic(Protocol::Ftps, ended);
                     continue;
                 }
                 accepted = accept(self.explicit.as_ref()) => (Mode::Explicit, accepted),
@@ -222,7 +221,7 @@ impl FtpsServer {
         }
         drop((self.explicit, self.implicit));
 
-        drain(sessions, grace, disconnect_tx).await;
+        sessions::drain(Protocol::Ftps, sessions, grace, disconnect_tx).await;
         let _ = watcher.await;
     }
 }
@@ -350,43 +349,6 @@ async fn refuse_without_certificate(mode: Mode, mut stream: TcpStream) {
             "FTPS is unavailable: the server has no valid certificate",
         );
         let _ = stream.write_all(&refusal.encode()).await;
-    }
-}
-
-/// A session task that panicked is a bug worth an error; its connection is gone.
-fn report_panic(ended: Result<(), tokio::task::JoinError>) {
-    if let Err(error) = ended
-        && error.is_panic()
-    {
-        tracing::error!(%error, "FTPS session panicked");
-    }
-}
-
-async fn drain(mut sessions: JoinSet<()>, grace: Duration, disconnect: watch::Sender<bool>) {
-    if sessions.is_empty() {
-        return;
-    }
-    tracing::info!(
-        sessions = sessions.len(),
-        ?grace,
-        "Waiting for FTPS sessions to end"
-    );
-    let all_ended = async { while sessions.join_next().await.is_some() {} };
-    if tokio::time::timeout(grace, all_ended).await.is_ok() {
-        return;
-    }
-
-    tracing::info!(
-        sessions = sessions.len(),
-        "Disconnecting remaining FTPS sessions"
-    );
-    let _ = disconnect.send(true);
-    let all_ended = async { while sessions.join_next().await.is_some() {} };
-    if tokio::time::timeout(DISCONNECT_WAIT, all_ended)
-        .await
-        .is_err()
-    {
-        sessions.abort_all();
     }
 }
 

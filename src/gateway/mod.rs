@@ -20,6 +20,7 @@ pub mod auth;
 pub mod config;
 pub mod ftps;
 pub mod host_keys;
+mod sessions;
 pub mod sftp;
 pub mod vfs;
 

@@ -52,6 +52,7 @@ use tracing::{Instrument, Span, field};
 
 use crate::api::Permission;
 use crate::gateway::auth::{LiveLogins, Login, Logins};
+use crate::gateway::sessions::{self, DISCONNECT_WAIT, Protocol};
 use crate::gateway::vfs::{
     DirStream, Entry, EntryKind, FileReader, FileWriter, Reply, Vfs, VfsError, WriteMode,
 };
@@ -66,8 +67,6 @@ const READDIR_BATCH: usize = 128;
 const MAX_READ: u32 = 256 * 1024;
 /// Open file and directory handles one SFTP channel may hold.
 const MAX_HANDLES: usize = 64;
-/// Time after the grace period that disconnected sessions get to wind down.
-const DISCONNECT_WAIT: Duration = Duration::from_secs(2);
 /// Message sent on stderr when a client asks for anything but SFTP.
 const SFTP_ONLY: &str = "This service allows SFTP connections only.\r\n";
 
@@ -176,7 +175,7 @@ impl SftpServer {
             tokio::select! {
                 () = stopped(&mut shutdown) => break,
                 Some(ended) = sessions.join_next(), if !sessions.is_empty() => {
-                    report_panic(ended);
+                    sessions::report_panic(Protocol::Sftp, ended);
                 }
                 accepted = listener.accept() => match accepted {
                     Ok((stream, peer)) => {
@@ -200,7 +199,7 @@ impl SftpServer {
         }
         drop(listener);
 
-        drain(sessions, grace, disconnect_tx).await;
+        sessions::drain(Protocol::Sftp, sessions, grace, disconnect_tx).await;
     }
 }
 
@@ -286,43 +285,6 @@ impl ConnectionLimiter {
 impl Drop for ConnectionSlot {
     fn drop(&mut self) {
         self.limiter.release(self.ip);
-    }
-}
-
-/// A session task that panicked is a bug worth an error; its connection is gone.
-fn report_panic(ended: Result<(), tokio::task::JoinError>) {
-    if let Err(error) = ended
-        && error.is_panic()
-    {
-        tracing::error!(%error, "SFTP session panicked");
-    }
-}
-
-async fn drain(mut sessions: JoinSet<()>, grace: Duration, disconnect: watch::Sender<bool>) {
-    if sessions.is_empty() {
-        return;
-    }
-    tracing::info!(
-        sessions = sessions.len(),
-        ?grace,
-        "Waiting for SFTP sessions to end"
-    );
-    let all_ended = async { while sessions.join_next().await.is_some() {} };
-    if tokio::time::timeout(grace, all_ended).await.is_ok() {
-        return;
-    }
-
-    tracing::info!(
-        sessions = sessions.len(),
-        "Disconnecting remaining SFTP sessions"
-    );
-    let _ = disconnect.send(true);
-    let all_ended = async { while sessions.join_next().await.is_some() {} };
-    if tokio::time::timeout(DISCONNECT_WAIT, all_ended)
-        .await
-        .is_err()
-    {
-        sessions.abort_all();
     }
 }
 
