@@ -40,7 +40,8 @@ pub async fn ensure_host_keys(
         .await
     {
         Ok(_) => {
-            tracing::info!(secret = %super::names::host_keys(&server.name_any()), "Generated SSH host keys");
+            let secret = super::names::host_keys(&server.name_any());
+            tracing::info!(%secret, "Generated SSH host keys");
             Ok(material)
         }
         Err(kube::Error::Api(status)) if status.code == 409 => {
