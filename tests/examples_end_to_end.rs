@@ -397,56 +397,60 @@ async fn restart_operator_writes_nothing(client: &Client, operator: Operator) ->
 
 async fn resource_versions(client: &Client) -> Result<BTreeMap<String, String>> {
     let mut versions = BTreeMap::new();
-    let mut record = |kind: &str, name: String, version: Option<String>| {
-        versions.insert(format!("{kind}/{name}"), version.unwrap_or_default());
-    };
-    let lp = ListParams::default();
-    for o in Api::<TransferServer>::namespaced(client.clone(), NAMESPACE)
-        .list(&lp)
-        .await?
-    {
-        record("TransferServer", o.name_any(), o.resource_version());
-    }
-    for o in Api::<TransferUser>::namespaced(client.clone(), NAMESPACE)
-        .list(&lp)
-        .await?
-    {
-        record("TransferUser", o.name_any(), o.resource_version());
-    }
-    for o in Api::<sluice::api::DataResidencyPolicy>::all(client.clone())
-        .list(&lp)
-        .await?
-    {
-        record("DataResidencyPolicy", o.name_any(), o.resource_version());
-    }
-    for o in Api::<Secret>::namespaced(client.clone(), NAMESPACE)
-        .list(&lp)
-        .await?
-    {
-        record("Secret", o.name_any(), o.resource_version());
-    }
-    for o in Api::<Service>::namespaced(client.clone(), NAMESPACE)
-        .list(&lp)
-        .await?
-    {
-        record("Service", o.name_any(), o.resource_version());
-    }
-    for o in Api::<PersistentVolumeClaim>::namespaced(client.clone(), NAMESPACE)
-        .list(&lp)
-        .await?
-    {
-        record("PersistentVolumeClaim", o.name_any(), o.resource_version());
-    }
+    record(
+        &mut versions,
+        Api::<TransferServer>::namespaced(client.clone(), NAMESPACE),
+    )
+    .await?;
+    record(
+        &mut versions,
+        Api::<TransferUser>::namespaced(client.clone(), NAMESPACE),
+    )
+    .await?;
+    record(
+        &mut versions,
+        Api::<sluice::api::DataResidencyPolicy>::all(client.clone()),
+    )
+    .await?;
+    record(
+        &mut versions,
+        Api::<Secret>::namespaced(client.clone(), NAMESPACE),
+    )
+    .await?;
+    record(
+        &mut versions,
+        Api::<Service>::namespaced(client.clone(), NAMESPACE),
+    )
+    .await?;
+    record(
+        &mut versions,
+        Api::<PersistentVolumeClaim>::namespaced(client.clone(), NAMESPACE),
+    )
+    .await?;
     // The Deployment's status is the deployment controller's to write; its spec is ours.
-    for o in Api::<Deployment>::namespaced(client.clone(), NAMESPACE)
-        .list(&lp)
-        .await?
-    {
-        record(
-            "Deployment.generation",
-            o.name_any(),
-            o.metadata.generation.map(|g| g.to_string()),
+    let deployments = Api::<Deployment>::namespaced(client.clone(), NAMESPACE);
+    for o in deployments.list(&ListParams::default()).await? {
+        let generation = o
+            .metadata
+            .generation
+            .map(|g| g.to_string())
+            .unwrap_or_default();
+        versions.insert(
+            format!("Deployment.generation/{}", o.name_any()),
+            generation,
         );
     }
     Ok(versions)
+}
+
+/// Records `Kind/name -> resourceVersion` of every object `api` lists.
+async fn record<K>(versions: &mut BTreeMap<String, String>, api: Api<K>) -> Result<()>
+where
+    K: kube::Resource<DynamicType = ()> + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+{
+    for o in api.list(&ListParams::default()).await? {
+        let key = format!("{}/{}", K::kind(&()), o.name_any());
+        versions.insert(key, o.resource_version().unwrap_or_default());
+    }
+    Ok(())
 }

@@ -19,9 +19,6 @@ pub enum Error {
     /// Rendering the owned objects did not complete (the worker thread panicked).
     #[error("failed to render the gateway objects: {0}")]
     Render(String),
-    /// An object could not be serialised for apply.
-    #[error("failed to serialise {0}")]
-    Serialise(String, #[source] serde_json::Error),
 }
 
 impl Error {

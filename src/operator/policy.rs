@@ -6,7 +6,6 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::time::Duration;
 
 use futures::Stream;
 use k8s_openapi::api::core::v1::Namespace;
@@ -16,15 +15,15 @@ use kube::runtime::controller::Action;
 use kube::runtime::{Controller, watcher};
 use kube::{Api, ResourceExt};
 
-use super::reconciler::{apply_status, error_policy, every_object_in, log_outcomes, object_key};
+use super::reconciler::{
+    RESYNC, apply_status, error_policy, every_object_in, log_outcomes, object_key,
+};
 use super::{Context, Error};
 use crate::api::{
     ConditionType, DataResidencyPolicy, DataResidencyPolicyStatus, GovernedServer, Reason,
     TransferServer, set_condition,
 };
 use crate::residency;
-
-const RESYNC: Duration = Duration::from_secs(600);
 
 /// The controller's stream of reconcile results; drive it to run the controller.
 pub fn controller(

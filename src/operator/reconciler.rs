@@ -16,6 +16,9 @@ use serde::de::DeserializeOwned;
 use super::error::chain;
 use super::{Context, Error, FIELD_MANAGER};
 
+/// How often a converged object is reconciled anyway, to repair drift nobody announced.
+pub const RESYNC: std::time::Duration = std::time::Duration::from_secs(600);
+
 /// Server-side applies `status` to `object` unless it already has exactly that status,
 /// so a converged object is never written. Empty lists are skipped by the status types,
 /// so a status with no conditions yet never claims ownership of an empty list (C23).

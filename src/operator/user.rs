@@ -5,7 +5,6 @@
 //! why a login is missing, without waiting for the server.
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use futures::Stream;
 use k8s_openapi::api::core::v1::Secret;
@@ -15,15 +14,13 @@ use kube::runtime::reflector::ObjectRef;
 use kube::runtime::{Controller, watcher};
 use kube::{Api, ResourceExt};
 
-use super::reconciler::{apply_status, error_policy, log_outcomes, object_key};
+use super::reconciler::{RESYNC, apply_status, error_policy, log_outcomes, object_key};
 use super::server::dereference::password_secret;
 use super::server::validate::{UserProblem, validate_user};
 use super::{Context, Error};
 use crate::api::{
     ConditionType, Reason, TransferServer, TransferUser, TransferUserStatus, set_condition,
 };
-
-const RESYNC: Duration = Duration::from_secs(600);
 
 /// The controller's stream of reconcile results; drive it to run the controller.
 pub fn controller(

@@ -29,12 +29,11 @@ use kube::{Api, ResourceExt};
 use self::build::BuildSettings;
 use self::status::Outcome;
 use self::validate::Blocked;
-use super::reconciler::{apply_status, error_policy, every_object_in, log_outcomes, object_key};
+use super::reconciler::{
+    RESYNC, apply_status, error_policy, every_object_in, log_outcomes, object_key,
+};
 use super::{Context, Error};
 use crate::api::{ConditionType, DataResidencyPolicy, Reason, TransferServer, TransferUser};
-
-/// How often a converged server is reconciled anyway, to repair drift nobody announced.
-const RESYNC: Duration = Duration::from_secs(600);
 
 /// The controller's stream of reconcile results; drive it to run the controller.
 pub fn controller(
