@@ -87,6 +87,78 @@ pub struct FtpsSettings {
     /// Oldest TLS version accepted.
     #[serde(default)]
     pub min_tls_version: TlsVersion,
+    /// With more than one gateway pod: the passive sub-range (and address) of each pod,
+    /// indexed by the pod's ordinal. Each pod is reached on its own sub-range through a
+    /// Service of its own, so a data connection always lands on the pod whose control
+    /// connection announced it. Empty for a single pod, which serves all of
+    /// `passive_ports`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub replicas: Vec<ReplicaPassive>,
+}
+
+/// The passive ports and advertised address of one gateway pod.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ReplicaPassive {
+    /// The pod's share of the server's passive range.
+    pub passive_ports: PassivePorts,
+    /// Address this pod advertises in `PASV` replies, when it differs from the server's
+    /// `passive_address` (each pod has a load balancer of its own).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub passive_address: Option<String>,
+}
+
+/// Why a pod cannot tell which passive ports are its own.
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+pub enum ReplicaError {
+    /// The configuration splits the range per pod, but the pod's ordinal is unknown.
+    #[error(
+        "the passive range is split between {0} pods but this pod's ordinal is unknown \
+         (set SLUICE_POD_NAME to the pod name, which ends in -ORDINAL)"
+    )]
+    UnknownOrdinal(usize),
+    /// The pod's ordinal has no share of the range (the server was scaled down and this
+    /// pod is about to be removed, or the configuration is older than the scale-up).
+    #[error("pod ordinal {ordinal} has no passive sub-range (the range is split {count} ways)")]
+    NoShare {
+        /// The pod's ordinal.
+        ordinal: usize,
+        /// Number of shares.
+        count: usize,
+    },
+}
+
+impl FtpsSettings {
+    /// The settings pod `ordinal` serves: all of them for a single pod, or with its own
+    /// passive sub-range and address when the range is split between pods.
+    pub fn for_replica(&self, ordinal: Option<usize>) -> Result<FtpsSettings, ReplicaError> {
+        if self.replicas.is_empty() {
+            return Ok(self.clone());
+        }
+        let ordinal = ordinal.ok_or(ReplicaError::UnknownOrdinal(self.replicas.len()))?;
+        let share = self.replicas.get(ordinal).ok_or(ReplicaError::NoShare {
+            ordinal,
+            count: self.replicas.len(),
+        })?;
+        Ok(FtpsSettings {
+            passive_ports: share.passive_ports,
+            passive_address: share
+                .passive_address
+                .clone()
+                .or_else(|| self.passive_address.clone()),
+            replicas: Vec::new(),
+            ..self.clone()
+        })
+    }
+}
+
+/// The ordinal of a StatefulSet pod from its name (`NAME-gateway-3` is 3).
+pub fn ordinal_of_pod(pod_name: &str) -> Option<usize> {
+    let (_, digits) = pod_name.rsplit_once('-')?;
+    let canonical = !digits.is_empty()
+        && digits.bytes().all(|b| b.is_ascii_digit())
+        && (digits == "0" || !digits.starts_with('0'));
+    if canonical { digits.parse().ok() } else { None }
 }
 
 /// A range of TCP ports: `first`, `first + 1`, ..., `first + count - 1`.
@@ -190,6 +262,63 @@ mod tests {
         value["ftps"]["minTlsVersion"] = "1.3".into();
         value["ftps"]["bounce"] = true.into();
         assert!(serde_json::from_value::<GatewayConfig>(value).is_err());
+    }
+
+    fn split_settings() -> FtpsSettings {
+        let share = |first, address: Option<&str>| ReplicaPassive {
+            passive_ports: PassivePorts { first, count: 8 },
+            passive_address: address.map(String::from),
+        };
+        FtpsSettings {
+            explicit: true,
+            implicit: false,
+            passive_ports: PassivePorts {
+                first: 30000,
+                count: 16,
+            },
+            passive_address: Some("203.0.113.9".into()),
+            allow_plaintext: false,
+            session_reuse: SessionReuse::Allow,
+            min_tls_version: TlsVersion::V1_2,
+            replicas: vec![share(30000, None), share(30008, Some("198.51.100.2"))],
+        }
+    }
+
+    #[test]
+    fn each_pod_serves_its_own_share_of_a_split_range() {
+        let settings = split_settings();
+        let first = settings.for_replica(Some(0)).unwrap();
+        assert_eq!(first.passive_ports, PassivePorts { first: 30000, count: 8 });
+        assert_eq!(first.passive_address.as_deref(), Some("203.0.113.9"));
+        assert!(first.replicas.is_empty());
+        let second = settings.for_replica(Some(1)).unwrap();
+        assert_eq!(second.passive_ports, PassivePorts { first: 30008, count: 8 });
+        assert_eq!(second.passive_address.as_deref(), Some("198.51.100.2"));
+    }
+
+    #[test]
+    fn a_pod_without_a_share_or_an_ordinal_is_refused() {
+        let settings = split_settings();
+        assert_eq!(
+            settings.for_replica(Some(2)),
+            Err(ReplicaError::NoShare { ordinal: 2, count: 2 })
+        );
+        assert_eq!(settings.for_replica(None), Err(ReplicaError::UnknownOrdinal(2)));
+        let single = FtpsSettings {
+            replicas: Vec::new(),
+            ..settings
+        };
+        assert_eq!(single.for_replica(None).unwrap(), single);
+    }
+
+    #[test]
+    fn pod_ordinals_come_from_the_last_dash_separated_number() {
+        assert_eq!(ordinal_of_pod("files-gateway-0"), Some(0));
+        assert_eq!(ordinal_of_pod("files-gateway-12"), Some(12));
+        assert_eq!(ordinal_of_pod("files-gateway-012"), None);
+        assert_eq!(ordinal_of_pod("files-gateway-7d9f8"), None);
+        assert_eq!(ordinal_of_pod("files-gateway-"), None);
+        assert_eq!(ordinal_of_pod("gateway"), None);
     }
 
     #[test]

@@ -83,6 +83,17 @@ pub struct GatewayArgs {
     /// mounts them (`tls.crt`, `tls.key`). Without it FTPS is not served.
     #[arg(long, env = "SLUICE_TLS_DIR")]
     pub tls_dir: Option<PathBuf>,
+
+    /// This pod's name (`NAME-gateway-ORDINAL`). When the configuration splits the
+    /// passive port range between pods, the ordinal picks this pod's share.
+    #[arg(long, env = "SLUICE_POD_NAME")]
+    pub pod_name: Option<String>,
+}
+
+impl GatewayArgs {
+    fn ordinal(&self) -> Option<usize> {
+        self.pod_name.as_deref().and_then(config::ordinal_of_pod)
+    }
 }
 
 /// Errors that stop a gateway.
@@ -138,6 +149,7 @@ pub struct Gateway {
     sftp: SftpServer,
     listener: TcpListener,
     ftps: Option<FtpsServer>,
+    ordinal: Option<usize>,
     poll_interval: Duration,
     grace: Duration,
 }
@@ -168,6 +180,7 @@ impl Gateway {
             logins,
             listener,
             ftps,
+            ordinal: args.ordinal(),
             poll_interval: CONFIG_POLL_INTERVAL,
             grace: SHUTDOWN_GRACE,
         })
@@ -210,6 +223,7 @@ impl Gateway {
                 hash: self.config_hash,
                 logins: self.logins,
                 ftps: self.ftps.as_ref().map(FtpsServer::handle),
+                ordinal: self.ordinal,
                 interval: self.poll_interval,
             },
             stop_rx.clone(),
@@ -244,6 +258,13 @@ async fn bind_ftps(
     let Some(settings) = &config.ftps else {
         return Ok(None);
     };
+    let settings = match settings.for_replica(args.ordinal()) {
+        Ok(settings) => settings,
+        Err(error) => {
+            tracing::error!(error = %ErrorChain(&error), "Cannot serve FTPS; serving SFTP only");
+            return Ok(None);
+        }
+    };
     let Some(tls_dir) = &args.tls_dir else {
         tracing::error!("FTPS is configured but no TLS directory is given; serving SFTP only");
         return Ok(None);
@@ -252,7 +273,7 @@ async fn bind_ftps(
         explicit: args.ftps_listen,
         implicit: args.ftps_implicit_listen,
     };
-    match FtpsServer::bind(settings, tls_dir, addrs, logins, volume).await {
+    match FtpsServer::bind(&settings, tls_dir, addrs, logins, volume).await {
         Ok(server) => {
             tracing::info!(
                 explicit = ?server.explicit_addr(),
@@ -299,6 +320,7 @@ struct ConfigWatch {
     hash: [u8; 32],
     logins: LiveLogins,
     ftps: Option<FtpsHandle>,
+    ordinal: Option<usize>,
     interval: Duration,
 }
 
@@ -337,7 +359,13 @@ async fn watch_config(mut watch: ConfigWatch, mut stop: watch::Receiver<bool>) {
                 watch.logins.replace(Logins::new(&config.users));
                 tracing::info!(users = config.users.len(), "Reloaded configuration");
                 match &watch.ftps {
-                    Some(ftps) => ftps.apply(config.ftps.as_ref()),
+                    Some(ftps) => match config.ftps.map(|f| f.for_replica(watch.ordinal)) {
+                        Some(Err(error)) => {
+                            let error = ErrorChain(&error);
+                            tracing::warn!(%error, "Keeping the previous FTPS settings");
+                        }
+                        settings => ftps.apply(settings.and_then(Result::ok).as_ref()),
+                    },
                     None if config.ftps.is_some() => {
                         tracing::warn!(
                             "FTPS was added to the configuration; restart the gateway to serve it"

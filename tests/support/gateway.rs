@@ -110,6 +110,7 @@ impl TestGateway {
             ftps_listen: "127.0.0.1:0".parse()?,
             ftps_implicit_listen: "127.0.0.1:0".parse()?,
             tls_dir: Some(tls_dir),
+            pod_name: None,
         };
         write_config(&args.config, users, ftps.clone())?;
 
@@ -267,6 +268,7 @@ pub fn ftps_settings() -> FtpsSettings {
         allow_plaintext: false,
         session_reuse: SessionReuse::Allow,
         min_tls_version: TlsVersion::V1_2,
+        replicas: Vec::new(),
     }
 }
 
