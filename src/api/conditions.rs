@@ -19,6 +19,8 @@ pub enum ConditionType {
     Stalled,
     /// The server's region and storage satisfy the governing residency policy.
     ResidencyCompliant,
+    /// The FTPS certificate exists, parses and is within its validity period.
+    TlsCertificateValid,
 }
 
 impl ConditionType {
@@ -29,6 +31,7 @@ impl ConditionType {
             Self::Reconciling => "Reconciling",
             Self::Stalled => "Stalled",
             Self::ResidencyCompliant => "ResidencyCompliant",
+            Self::TlsCertificateValid => "TlsCertificateValid",
         }
     }
 }
@@ -56,6 +59,12 @@ pub enum Reason {
     NameConflict,
     ConfigTooLarge,
     Evaluated,
+    PlaintextNotAllowed,
+    CertificateValid,
+    CertificateMissing,
+    CertificateInvalid,
+    CertificateExpired,
+    WaitingForLoadBalancer,
 }
 
 impl Reason {
@@ -81,6 +90,12 @@ impl Reason {
             Self::NameConflict => "NameConflict",
             Self::ConfigTooLarge => "ConfigTooLarge",
             Self::Evaluated => "Evaluated",
+            Self::PlaintextNotAllowed => "PlaintextNotAllowed",
+            Self::CertificateValid => "CertificateValid",
+            Self::CertificateMissing => "CertificateMissing",
+            Self::CertificateInvalid => "CertificateInvalid",
+            Self::CertificateExpired => "CertificateExpired",
+            Self::WaitingForLoadBalancer => "WaitingForLoadBalancer",
         }
     }
 }

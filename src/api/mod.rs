@@ -15,8 +15,9 @@ pub use policy::{
     GovernedServer,
 };
 pub use server::{
-    HostKeyFingerprint, Protocols, ServiceExposure, ServiceType, SftpProtocol, Storage,
-    TransferServer, TransferServerSpec, TransferServerStatus, VolumeStorage,
+    FtpsPort, FtpsProtocol, HostKeyFingerprint, PassivePortRange, Protocols, ServiceExposure,
+    ServiceType, SessionReuse, SftpProtocol, Storage, TlsCertificateStatus, TlsSecretReference,
+    TlsVersion, TransferServer, TransferServerSpec, TransferServerStatus, VolumeStorage,
 };
 pub use user::{
     Permission, SecretKeySelector, ServerReference, TransferUser, TransferUserSpec,

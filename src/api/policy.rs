@@ -52,6 +52,12 @@ pub struct DataResidencyPolicySpec {
     /// `topology.kubernetes.io/region`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub region_label: Option<String>,
+
+    /// Whether governed servers may offer FTP without TLS (`ftps.allowPlaintext`), which
+    /// sends passwords and files in the clear. Defaults to false: such a server violates
+    /// the policy (not rolled out under `Enforce`, reported under `Audit`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub allow_plaintext_ftp: Option<bool>,
 }
 
 /// How strictly a policy is applied. `Enforce` (the default): a server that does not

@@ -18,7 +18,7 @@ use serde::{Deserialize, Serialize};
     status = "TransferServerStatus",
     shortname = "tsrv",
     category = "sluice",
-    doc = "A file-transfer gateway (SFTP) pinned to one region, with its storage.",
+    doc = "A file-transfer gateway (SFTP, FTPS) pinned to one region, with its storage.",
     printcolumn = r#"{"name":"Region","type":"string","jsonPath":".spec.region"}"#,
     printcolumn = r#"{"name":"Protocols","type":"string","jsonPath":".status.protocols"}"#,
     printcolumn = r#"{"name":"Ready","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].status"}"#,
@@ -40,7 +40,11 @@ pub struct TransferServerSpec {
     /// Where the gateway stores files.
     pub storage: Storage,
 
-    /// Number of gateway pods. Defaults to 1.
+    /// Number of gateway pods. Defaults to 1. The pods form a StatefulSet
+    /// (`NAME-gateway-0`, `NAME-gateway-1`, ...). With FTPS behind a NodePort or
+    /// LoadBalancer Service and more than one pod, the passive port range is split evenly
+    /// between the pods and each pod gets a Service of its own (`NAME-gateway-ORDINAL`)
+    /// for its share, so a data connection always reaches the pod that announced it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 0, max = 32))]
     pub replicas: Option<i32>,
@@ -54,13 +58,17 @@ pub struct TransferServerSpec {
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 #[schemars(extend("x-kubernetes-validations" = [{
-    "rule": "has(self.sftp)",
-    "message": "at least one protocol must be enabled (protocols.sftp)"
+    "rule": "has(self.sftp) || has(self.ftps)",
+    "message": "at least one protocol must be enabled (protocols.sftp or protocols.ftps)"
 }]))]
 pub struct Protocols {
     /// SFTP (SSH File Transfer Protocol). Present means enabled.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sftp: Option<SftpProtocol>,
+
+    /// FTPS (FTP over TLS), explicit and/or implicit. Present means enabled.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ftps: Option<FtpsProtocol>,
 }
 
 /// SFTP settings.
@@ -71,6 +79,142 @@ pub struct SftpProtocol {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1, max = 65535))]
     pub port: Option<i32>,
+}
+
+/// FTPS settings. Files, users and permissions are the same as over SFTP.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+#[schemars(extend("x-kubernetes-validations" = [
+    {
+        "rule": "has(self.explicit) || has(self.implicit)",
+        "message": "ftps needs explicit, implicit or both"
+    },
+    {
+        "rule": "!has(self.allowPlaintext) || !self.allowPlaintext || has(self.explicit)",
+        "message": "allowPlaintext applies to the explicit port only; enable ftps.explicit"
+    }
+]))]
+pub struct FtpsProtocol {
+    /// Explicit FTPS: clients connect in plain text and switch to TLS with `AUTH TLS`
+    /// before logging in (curl `ftp://` with `--ssl-reqd`, lftp, FileZilla "Require
+    /// explicit FTP over TLS"). Present means enabled; the port defaults to 21.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub explicit: Option<FtpsPort>,
+
+    /// Implicit FTPS: TLS from the first byte (curl `ftps://`, FileZilla "Require
+    /// implicit FTP over TLS"). Present means enabled; the port defaults to 990.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub implicit: Option<FtpsPort>,
+
+    /// The Secret of type `kubernetes.io/tls` (keys `tls.crt` and `tls.key`, as
+    /// cert-manager writes them) holding the server certificate and its key. A renewed
+    /// certificate is used for new connections within seconds, without a restart. While
+    /// the Secret is missing or its certificate is expired, FTPS connections are refused
+    /// and the server reports `TlsCertificateValid=False`; SFTP is not affected.
+    pub tls_secret_ref: TlsSecretReference,
+
+    /// Ports for passive data connections. Every port is exposed on the gateway
+    /// container and its Service. Defaults to 16 ports from 30000.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub passive_ports: Option<PassivePortRange>,
+
+    /// Address (IPv4 or DNS name) that `PASV` replies announce, for clients outside the
+    /// cluster: a node address with a NodePort Service (required there), or a fixed
+    /// load-balancer address. Without it a LoadBalancer Service's assigned address is
+    /// announced once it is known, and inside the cluster the pod's own address.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(
+        length(min = 1, max = 253),
+        regex(pattern = r"^[A-Za-z0-9]([A-Za-z0-9.-]*[A-Za-z0-9])?$")
+    )]
+    pub passive_address: Option<String>,
+
+    /// Allow logins and transfers without TLS on the explicit port. Off by default; a
+    /// DataResidencyPolicy refuses it unless the policy sets `allowPlaintextFtp`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub allow_plaintext: Option<bool>,
+
+    /// TLS session reuse on data connections: `Allow` (the default), `Require` or
+    /// `Never`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub session_reuse: Option<SessionReuse>,
+
+    /// Oldest TLS version accepted: `"1.2"` (the default) or `"1.3"`. Only AEAD cipher
+    /// suites are offered.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min_tls_version: Option<TlsVersion>,
+}
+
+/// An FTPS control port.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct FtpsPort {
+    /// Port the Service exposes it on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 65535))]
+    pub port: Option<i32>,
+}
+
+/// A Secret in the server's namespace.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct TlsSecretReference {
+    /// Name of the Secret.
+    #[schemars(length(min = 1, max = 253))]
+    pub name: String,
+}
+
+/// A range of TCP ports: `first` to `first + count - 1`.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+#[schemars(extend("x-kubernetes-validations" = [{
+    "rule": "self.first + self.count - 1 <= 65535",
+    "message": "the passive range must end at or below port 65535"
+}]))]
+pub struct PassivePortRange {
+    /// First port. At least 1024, since the gateway does not run as root.
+    #[schemars(range(min = 1024, max = 65535))]
+    pub first: i32,
+    /// Number of ports: how many passive transfers can be set up at once per pod.
+    #[schemars(range(min = 1, max = 1024))]
+    pub count: i32,
+}
+
+/// TLS session reuse on FTPS data connections. `Allow` (the default): a data connection
+/// may resume the control connection's TLS session, as curl, lftp and FileZilla do, or
+/// make a full handshake. `Require`: a data connection must resume the control
+/// connection's session, which proves it comes from the client that logged in; any other
+/// is refused with a clear reply (curl over TLS 1.3 cannot do this for a second transfer
+/// in one command). `Never`: every data connection makes a full handshake.
+//
+// `Never` rather than `Off`: YAML 1.1, which kubectl's parser follows, reads an unquoted
+// `Off` as the boolean false, so `sessionReuse: Off` would reach the API server as
+// `false` and be refused.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub enum SessionReuse {
+    /// Sessions are never resumed: every data connection makes a full handshake.
+    Never,
+    /// Data connections may resume the control connection's session, or make a full
+    /// handshake.
+    #[default]
+    Allow,
+    /// Data connections must resume the control connection's session.
+    Require,
+}
+
+/// Oldest TLS version accepted on FTPS: `"1.2"` (the default) or `"1.3"` (quote it, or
+/// YAML reads a number). Only AEAD cipher suites are offered in either.
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize, JsonSchema,
+)]
+pub enum TlsVersion {
+    /// TLS 1.2.
+    #[default]
+    #[serde(rename = "1.2")]
+    V1_2,
+    /// TLS 1.3.
+    #[serde(rename = "1.3")]
+    V1_3,
 }
 
 /// A Kubernetes resource quantity, as the API server parses it.
@@ -164,9 +308,19 @@ pub struct TransferServerStatus {
     pub protocols: Option<String>,
 
     /// Address clients connect to, for example
-    /// `sftp://cucm-backup.telephony.svc:22`.
+    /// `sftp://cucm-backup.telephony.svc:22` (the first of `endpoints`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub endpoint: Option<String>,
+
+    /// Every protocol's address: `sftp://HOST:PORT`, `ftpes://HOST:PORT` for explicit
+    /// FTPS (connect with `ftp://` and require TLS) and `ftps://HOST:PORT` for implicit
+    /// FTPS.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub endpoints: Vec<String>,
+
+    /// The FTPS certificate in `ftps.tlsSecretRef`, as last read.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls_certificate: Option<TlsCertificateStatus>,
 
     /// SHA256 fingerprints of the gateway's SSH host keys, as `ssh-keygen -l` prints
     /// them. Compare them with what a client shows on first connection.
@@ -176,6 +330,16 @@ pub struct TransferServerStatus {
     /// Number of TransferUsers attached to this server and ready.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub users: Option<i32>,
+}
+
+/// What is known of the FTPS server certificate. Never holds key material.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct TlsCertificateStatus {
+    /// End of the certificate's validity, RFC 3339.
+    pub not_after: String,
+    /// SHA-256 fingerprint of the (leaf) certificate, as `AB:CD:...`.
+    pub sha256: String,
 }
 
 /// One SSH host key's fingerprint.

@@ -100,8 +100,8 @@ pub fn governed_servers(
         .filter_map(|server| {
             let namespace = server.namespace().unwrap_or_default();
             let labels = namespaces.get(&namespace).unwrap_or(&empty);
-            let verdict =
-                residency::evaluate(&server.spec.region, labels, std::slice::from_ref(policy));
+            let subject = residency::Subject::of(&server.spec);
+            let verdict = residency::evaluate(subject, labels, std::slice::from_ref(policy));
             verdict.governing.contains(&name).then(|| GovernedServer {
                 namespace,
                 name: server.name_any(),

@@ -13,7 +13,42 @@ use std::collections::BTreeMap;
 
 pub use selector::{SelectorError, matches};
 
-use crate::api::{DEFAULT_REGION_LABEL, DataResidencyPolicy, Enforcement};
+use crate::api::{DEFAULT_REGION_LABEL, DataResidencyPolicy, Enforcement, TransferServerSpec};
+
+/// What a policy judges of a server.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Subject<'a> {
+    /// The region the server declares.
+    pub region: &'a str,
+    /// Whether the server offers FTP without TLS (`ftps.allowPlaintext`).
+    pub plaintext_ftp: bool,
+}
+
+impl<'a> Subject<'a> {
+    /// What a policy judges of the server `spec` declares.
+    pub fn of(spec: &'a TransferServerSpec) -> Self {
+        let plaintext_ftp = spec
+            .protocols
+            .ftps
+            .as_ref()
+            .and_then(|f| f.allow_plaintext)
+            .unwrap_or(false);
+        Self {
+            region: &spec.region,
+            plaintext_ftp,
+        }
+    }
+}
+
+/// A server known only by its region.
+impl<'a> From<&'a str> for Subject<'a> {
+    fn from(region: &'a str) -> Self {
+        Self {
+            region,
+            plaintext_ftp: false,
+        }
+    }
+}
 
 /// The outcome of evaluating one server against every policy.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -33,13 +68,39 @@ pub struct ResidencyVerdict {
 pub struct Violation {
     /// Name of the violated policy.
     pub policy: String,
+    /// The rule that is broken (the first, when the server breaks several).
+    pub rule: Rule,
     /// How the violated policy is applied.
     pub enforcement: Enforcement,
     /// Human-readable explanation naming region and policy.
     pub message: String,
 }
 
+/// A rule of a policy that a server can break.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Rule {
+    /// The policy cannot be evaluated, so it allows nothing.
+    Unevaluable,
+    /// The server's region is not among the allowed regions.
+    Region,
+    /// The server offers plaintext FTP and the policy does not allow it.
+    PlaintextFtp,
+}
+
 impl ResidencyVerdict {
+    /// The rule broken by the first violation, if any.
+    pub fn broken_rule(&self) -> Option<Rule> {
+        self.violations.first().map(|v| v.rule)
+    }
+
+    /// The condition reason for a non-compliant verdict: what rule is broken.
+    pub fn violation_reason(&self) -> crate::api::Reason {
+        match self.broken_rule() {
+            Some(Rule::PlaintextFtp) => crate::api::Reason::PlaintextNotAllowed,
+            _ => crate::api::Reason::RegionNotAllowed,
+        }
+    }
+
     /// Whether the server satisfies every governing policy.
     pub fn compliant(&self) -> bool {
         self.violations.is_empty()
@@ -73,11 +134,12 @@ impl ResidencyVerdict {
 /// `namespace_labels` are the labels of the server's namespace. A policy whose selector
 /// cannot be evaluated (an unknown operator, say) governs nothing and is reported by
 /// the policy controller, not here.
-pub fn evaluate(
-    region: &str,
+pub fn evaluate<'a>(
+    subject: impl Into<Subject<'a>>,
     namespace_labels: &BTreeMap<String, String>,
     policies: &[DataResidencyPolicy],
 ) -> ResidencyVerdict {
+    let subject = subject.into();
     // A policy whose selector cannot be evaluated governs every server, so a typo in a
     // compliance control blocks roll-outs instead of silently allowing any region.
     let mut governing: Vec<(&DataResidencyPolicy, Option<SelectorError>)> = policies
@@ -94,7 +156,7 @@ pub fn evaluate(
 
     let violations = governing
         .iter()
-        .filter_map(|(p, selector_error)| violation(p, selector_error.as_ref(), region))
+        .filter_map(|(p, selector_error)| violation(p, selector_error.as_ref(), subject))
         .collect();
     let governing: Vec<&DataResidencyPolicy> = governing.into_iter().map(|(p, _)| p).collect();
 
@@ -115,28 +177,44 @@ pub fn evaluate(
 fn violation(
     policy: &DataResidencyPolicy,
     selector_error: Option<&SelectorError>,
-    region: &str,
+    subject: Subject,
 ) -> Option<Violation> {
     let name = policy_name(policy);
-    let message = match selector_error {
-        Some(error) => format!(
+    let region = subject.region;
+    let mut broken = Vec::new();
+    if let Some(error) = selector_error {
+        let message = format!(
             "DataResidencyPolicy {name} cannot be evaluated ({error}); \
              no server is rolled out until it is fixed"
-        ),
-        None if policy.spec.allowed_regions.iter().any(|r| r == region) => return None,
-        None => format!(
-            "region {region} is not allowed by DataResidencyPolicy {name} (allowed: {})",
-            policy.spec.allowed_regions.join(", ")
-        ),
+        );
+        broken.push((Rule::Unevaluable, message));
+    } else {
+        if !policy.spec.allowed_regions.iter().any(|r| r == region) {
+            let message = format!(
+                "region {region} is not allowed by DataResidencyPolicy {name} (allowed: {})",
+                policy.spec.allowed_regions.join(", ")
+            );
+            broken.push((Rule::Region, message));
+        }
+        if subject.plaintext_ftp && policy.spec.allow_plaintext_ftp != Some(true) {
+            let message = format!(
+                "plaintext FTP (ftps.allowPlaintext) is not allowed by DataResidencyPolicy \
+                 {name} (the policy would need allowPlaintextFtp: true)"
+            );
+            broken.push((Rule::PlaintextFtp, message));
+        }
+    }
+    let rule = broken.first()?.0;
+    let enforcement = match rule {
+        Rule::Unevaluable => Enforcement::Enforce,
+        _ => policy.spec.enforcement.unwrap_or_default(),
     };
-    let enforcement = match selector_error {
-        Some(_) => Enforcement::Enforce,
-        None => policy.spec.enforcement.unwrap_or_default(),
-    };
+    let messages: Vec<String> = broken.into_iter().map(|(_, m)| m).collect();
     Some(Violation {
         policy: name.to_string(),
+        rule,
         enforcement,
-        message,
+        message: messages.join("; "),
     })
 }
 
@@ -185,6 +263,7 @@ mod tests {
                 allowed_regions: regions.iter().map(|r| r.to_string()).collect(),
                 enforcement: Some(mode),
                 region_label: None,
+                allow_plaintext_ftp: None,
             },
         );
         p.metadata.name = Some(name.to_string());
@@ -299,5 +378,73 @@ mod tests {
         assert_eq!(verdict.violations.len(), 1);
         assert_eq!(verdict.violations[0].policy, "narrow");
         assert!(verdict.blocks_rollout());
+    }
+
+    fn plaintext(region: &str) -> Subject<'_> {
+        Subject {
+            region,
+            plaintext_ftp: true,
+        }
+    }
+
+    #[test]
+    fn plaintext_ftp_is_refused_unless_the_policy_allows_it() {
+        let mut china = policy("china", CN_SELECTOR, &["cn-shanghai"], Enforcement::Enforce);
+        let verdict = evaluate(
+            plaintext("cn-shanghai"),
+            &cn(),
+            std::slice::from_ref(&china),
+        );
+        assert!(verdict.blocks_rollout());
+        assert_eq!(verdict.broken_rule(), Some(Rule::PlaintextFtp));
+        assert_eq!(
+            verdict.message("cn-shanghai"),
+            "plaintext FTP (ftps.allowPlaintext) is not allowed by DataResidencyPolicy china \
+             (the policy would need allowPlaintextFtp: true)"
+        );
+
+        china.spec.allow_plaintext_ftp = Some(true);
+        let verdict = evaluate(
+            plaintext("cn-shanghai"),
+            &cn(),
+            std::slice::from_ref(&china),
+        );
+        assert!(verdict.compliant(), "{verdict:?}");
+    }
+
+    #[test]
+    fn a_server_breaking_region_and_plaintext_rules_reports_both_and_the_region_first() {
+        let policies = [policy(
+            "china",
+            CN_SELECTOR,
+            &["cn-shanghai"],
+            Enforcement::Audit,
+        )];
+        let verdict = evaluate(plaintext("cn-hongkong"), &cn(), &policies);
+        assert!(!verdict.compliant());
+        assert!(!verdict.blocks_rollout());
+        assert_eq!(verdict.broken_rule(), Some(Rule::Region));
+        let message = verdict.message("cn-hongkong");
+        assert!(
+            message.starts_with("region cn-hongkong is not allowed"),
+            "{message}"
+        );
+        assert!(message.contains("plaintext FTP"), "{message}");
+    }
+
+    #[test]
+    fn plaintext_ftp_on_an_ungoverned_server_is_not_a_violation() {
+        let policies = [policy(
+            "china",
+            CN_SELECTOR,
+            &["cn-shanghai"],
+            Enforcement::Enforce,
+        )];
+        let verdict = evaluate(
+            plaintext("cn-shanghai"),
+            &labels(&[("team", "x")]),
+            &policies,
+        );
+        assert!(verdict.compliant());
     }
 }
