@@ -13,8 +13,9 @@ pub enum LogFormat {
 
 /// Filter used when `RUST_LOG` is unset. russh logs every packet at debug level and
 /// libunftp's per-command spans are as chatty, so both are held to warnings unless asked
-/// for explicitly.
-const DEFAULT_FILTER: &str = "info,russh=warn,libunftp=warn";
+/// for explicitly; rustls warns about what clients send (lftp and curl put an IP
+/// address in SNI on every connection), so it is held to errors.
+const DEFAULT_FILTER: &str = "info,russh=warn,libunftp=warn,rustls=error";
 
 /// Installs the global subscriber. The level comes from `RUST_LOG` (default
 /// [`DEFAULT_FILTER`]).
@@ -30,6 +31,12 @@ pub fn init_logging(format: LogFormat) {
         .with_writer(std::io::stderr);
     let _ = match format {
         LogFormat::Text => builder.try_init(),
-        LogFormat::Json => builder.json().flatten_event(true).try_init(),
+        // The current span (session, peer, user) only: the list of enclosing spans would
+        // repeat it and add libunftp's spans, whose fields are whole debug dumps.
+        LogFormat::Json => builder
+            .json()
+            .flatten_event(true)
+            .with_span_list(false)
+            .try_init(),
     };
 }

@@ -9,6 +9,8 @@
 
 use serde::{Deserialize, Serialize};
 
+pub use crate::api::{SessionReuse, TlsVersion};
+
 /// Key of the gateway-config Secret that holds the JSON document.
 pub const CONFIG_KEY: &str = "config.json";
 
@@ -24,9 +26,21 @@ pub struct GatewayConfig {
     pub residency: ResidencyStamp,
     /// Logins, sorted by name.
     pub users: Vec<GatewayUser>,
+    /// Whether the gateway serves SFTP. Left out (and so true) unless the server offers
+    /// FTPS alone.
+    #[serde(default = "serves_sftp", skip_serializing_if = "is_true")]
+    pub sftp: bool,
     /// FTPS, if the server offers it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ftps: Option<FtpsSettings>,
+}
+
+fn serves_sftp() -> bool {
+    true
+}
+
+fn is_true(value: &bool) -> bool {
+    *value
 }
 
 /// The operator's residency decision, stamped into the configuration so the data plane
@@ -180,33 +194,6 @@ impl PassivePorts {
     }
 }
 
-/// TLS session resumption on data connections.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub enum SessionReuse {
-    /// Sessions are never resumed: every data connection makes a full handshake.
-    Off,
-    /// Data connections may resume the control connection's session (what common clients
-    /// such as curl, lftp and FileZilla do), or make a full handshake.
-    #[default]
-    Allow,
-    /// Data connections must resume the control connection's session; any other data
-    /// connection is refused. This proves the data connection comes from the client that
-    /// logged in.
-    Require,
-}
-
-/// A TLS protocol version.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
-pub enum TlsVersion {
-    /// TLS 1.2.
-    #[default]
-    #[serde(rename = "1.2")]
-    V1_2,
-    /// TLS 1.3.
-    #[serde(rename = "1.3")]
-    V1_3,
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -224,6 +211,7 @@ mod tests {
     fn a_configuration_without_ftps_round_trips_unchanged() {
         let config: GatewayConfig = serde_json::from_value(minimal()).unwrap();
         assert_eq!(config.ftps, None);
+        assert!(config.sftp);
         assert_eq!(serde_json::to_value(&config).unwrap(), minimal());
     }
 
@@ -288,11 +276,23 @@ mod tests {
     fn each_pod_serves_its_own_share_of_a_split_range() {
         let settings = split_settings();
         let first = settings.for_replica(Some(0)).unwrap();
-        assert_eq!(first.passive_ports, PassivePorts { first: 30000, count: 8 });
+        assert_eq!(
+            first.passive_ports,
+            PassivePorts {
+                first: 30000,
+                count: 8
+            }
+        );
         assert_eq!(first.passive_address.as_deref(), Some("203.0.113.9"));
         assert!(first.replicas.is_empty());
         let second = settings.for_replica(Some(1)).unwrap();
-        assert_eq!(second.passive_ports, PassivePorts { first: 30008, count: 8 });
+        assert_eq!(
+            second.passive_ports,
+            PassivePorts {
+                first: 30008,
+                count: 8
+            }
+        );
         assert_eq!(second.passive_address.as_deref(), Some("198.51.100.2"));
     }
 
@@ -301,9 +301,15 @@ mod tests {
         let settings = split_settings();
         assert_eq!(
             settings.for_replica(Some(2)),
-            Err(ReplicaError::NoShare { ordinal: 2, count: 2 })
+            Err(ReplicaError::NoShare {
+                ordinal: 2,
+                count: 2
+            })
         );
-        assert_eq!(settings.for_replica(None), Err(ReplicaError::UnknownOrdinal(2)));
+        assert_eq!(
+            settings.for_replica(None),
+            Err(ReplicaError::UnknownOrdinal(2))
+        );
         let single = FtpsSettings {
             replicas: Vec::new(),
             ..settings

@@ -147,7 +147,7 @@ pub struct Gateway {
     config_hash: [u8; 32],
     logins: LiveLogins,
     sftp: SftpServer,
-    listener: TcpListener,
+    listener: Option<TcpListener>,
     ftps: Option<FtpsServer>,
     ordinal: Option<usize>,
     poll_interval: Duration,
@@ -163,14 +163,23 @@ impl Gateway {
         let config = parse_config(&args.config, &bytes)?;
         let host_keys = host_keys::load(&args.host_keys)?;
         let volume = Volume::open_fs(&args.data_dir)?;
-        let listener = TcpListener::bind(args.sftp_listen)
-            .await
-            .map_err(|source| GatewayError::Listen {
-                addr: args.sftp_listen,
-                source,
-            })?;
+        let listener = match config.sftp {
+            true => Some(
+                TcpListener::bind(args.sftp_listen)
+                    .await
+                    .map_err(|source| GatewayError::Listen {
+                        addr: args.sftp_listen,
+                        source,
+                    })?,
+            ),
+            false => None,
+        };
 
-        log_startup(&config, &host_keys, listener.local_addr().ok());
+        log_startup(
+            &config,
+            &host_keys,
+            listener.as_ref().and_then(|l| l.local_addr().ok()),
+        );
         let logins = LiveLogins::new(Logins::new(&config.users));
         let ftps = bind_ftps(args, &config, logins.clone(), volume.clone()).await?;
         Ok(Self {
@@ -186,9 +195,15 @@ impl Gateway {
         })
     }
 
-    /// The address the SFTP server is bound to.
+    /// The address the SFTP server is bound to; an error if SFTP is not served.
     pub fn sftp_addr(&self) -> io::Result<SocketAddr> {
-        self.listener.local_addr()
+        match &self.listener {
+            Some(listener) => listener.local_addr(),
+            None => Err(io::Error::new(
+                io::ErrorKind::NotFound,
+                "SFTP is not served",
+            )),
+        }
     }
 
     /// The address explicit FTPS is bound to, if it is served.
@@ -229,7 +244,12 @@ impl Gateway {
             stop_rx.clone(),
         ));
 
-        let sftp = self.sftp.serve(self.listener, stop_rx.clone(), self.grace);
+        let sftp_stop = stop_rx.clone();
+        let sftp = async {
+            if let Some(listener) = self.listener {
+                self.sftp.serve(listener, sftp_stop, self.grace).await;
+            }
+        };
         let ftps = async {
             if let Some(ftps) = self.ftps {
                 ftps.serve(stop_rx, self.grace, self.poll_interval).await;

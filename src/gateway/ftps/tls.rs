@@ -14,7 +14,7 @@
 //!   operator to show on the server's status.
 //! - [`server_config`]: TLS 1.2 and 1.3 only, ECDHE with AEAD cipher suites only, the
 //!   configured minimum version. [`session_config`] gives every FTPS session a copy with
-//!   a session cache and ticket keys of its own (unless reuse is [`SessionReuse::Off`]),
+//!   a session cache and ticket keys of its own (unless reuse is [`SessionReuse::Never`]),
 //!   so a data connection can resume only the session of its own control connection:
 //!   resumption then proves the data connection comes from the client that logged in.
 //! - Private keys are never logged.
@@ -398,7 +398,7 @@ pub fn session_config(
     policy: &Arc<ServerConfig>,
     reuse: SessionReuse,
 ) -> Result<SessionTls, rustls::Error> {
-    if reuse == SessionReuse::Off {
+    if reuse == SessionReuse::Never {
         return Ok(SessionTls {
             control: policy.clone(),
             quiet: policy.clone(),
@@ -549,7 +549,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = CertificateStore::open(dir.path());
         let policy = server_config(store, TlsVersion::V1_3).unwrap();
-        let off = session_config(&policy, SessionReuse::Off).unwrap();
+        let off = session_config(&policy, SessionReuse::Never).unwrap();
         assert_eq!(off.control.send_tls13_tickets, 0);
         assert!(!off.control.session_storage.can_cache());
         assert!(!off.quiet.ticketer.enabled());

@@ -2,9 +2,9 @@
 
 use std::fmt::Debug;
 
-use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::core::v1::{PersistentVolumeClaim, Secret, Service};
-use kube::api::{Patch, PatchParams, PostParams};
+use kube::api::{DeleteParams, Patch, PatchParams, PostParams};
 use kube::{Api, Client, Resource, ResourceExt};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -66,20 +66,41 @@ fn material_of(secret: &Secret) -> Result<HostKeyMaterial, Error> {
     })
 }
 
-/// Applies every owned object. Unchanged objects are not written by the API server.
-pub async fn apply(client: &Client, namespace: &str, objects: GatewayObjects) -> Result<(), Error> {
+/// Applies every owned object, then deletes the per-pod Services in `owned_pod_services`
+/// that are no longer wanted (after a scale-down, or when the passive range stops being
+/// split). Unchanged objects are not written by the API server.
+pub async fn apply(
+    client: &Client,
+    namespace: &str,
+    objects: GatewayObjects,
+    owned_pod_services: &[String],
+) -> Result<(), Error> {
     let GatewayObjects {
         host_keys,
         config,
         volume_claim,
-        deployment,
+        statefulset,
         service,
+        pod_services,
     } = objects;
     apply_one::<Secret>(client, namespace, &host_keys).await?;
     apply_one::<Secret>(client, namespace, &config).await?;
     apply_one::<PersistentVolumeClaim>(client, namespace, &volume_claim).await?;
     apply_one::<Service>(client, namespace, &service).await?;
-    apply_one::<Deployment>(client, namespace, &deployment).await?;
+    for pod_service in &pod_services {
+        apply_one::<Service>(client, namespace, pod_service).await?;
+    }
+    apply_one::<StatefulSet>(client, namespace, &statefulset).await?;
+
+    let services = Api::<Service>::namespaced(client.clone(), namespace);
+    let wanted: Vec<String> = pod_services.iter().map(ResourceExt::name_any).collect();
+    for stale in owned_pod_services.iter().filter(|n| !wanted.contains(n)) {
+        match services.delete(stale, &DeleteParams::default()).await {
+            Ok(_) => tracing::info!(service = %stale, "Removed per-pod Service"),
+            Err(kube::Error::Api(status)) if status.code == 404 => {}
+            Err(e) => return Err(Error::kube(format!("delete Service {stale}"))(e)),
+        }
+    }
     Ok(())
 }
 

@@ -7,25 +7,29 @@
 use std::collections::BTreeMap;
 
 use k8s_openapi::ByteString;
-use k8s_openapi::api::apps::v1::{Deployment, DeploymentSpec, DeploymentStrategy};
+use k8s_openapi::api::apps::v1::{StatefulSet, StatefulSetSpec};
 use k8s_openapi::api::core::v1::{
-    Affinity, Capabilities, Container, ContainerPort, EmptyDirVolumeSource, EnvVar, KeyToPath,
-    NodeAffinity, NodeSelector, NodeSelectorRequirement, NodeSelectorTerm, PersistentVolumeClaim,
-    PersistentVolumeClaimSpec, PersistentVolumeClaimVolumeSource, PodSecurityContext, PodSpec,
-    PodTemplateSpec, Probe, SeccompProfile, Secret, SecretVolumeSource, SecurityContext, Service,
-    ServicePort, ServiceSpec, TCPSocketAction, Volume, VolumeMount, VolumeResourceRequirements,
+    Affinity, Capabilities, Container, ContainerPort, EmptyDirVolumeSource, EnvVar, EnvVarSource,
+    KeyToPath, NodeAffinity, NodeSelector, NodeSelectorRequirement, NodeSelectorTerm,
+    ObjectFieldSelector, PersistentVolumeClaim, PersistentVolumeClaimSpec,
+    PersistentVolumeClaimVolumeSource, PodSecurityContext, PodSpec, PodTemplateSpec, Probe,
+    SeccompProfile, Secret, SecretVolumeSource, SecurityContext, Service, ServicePort, ServiceSpec,
+    TCPSocketAction, Volume, VolumeMount, VolumeResourceRequirements,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta, OwnerReference};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::{Resource, ResourceExt};
 
+use super::ftps::{self, EXPLICIT_CONTAINER_PORT, FtpsPlan, IMPLICIT_CONTAINER_PORT, TLS_DIR};
 use super::host_keys::HostKeyMaterial;
 use super::names;
 use super::passwords::PasswordHashes;
 use super::validate::{ValidServer, ValidUser};
-use crate::api::{ServiceType, TransferServer};
-use crate::gateway::config::{CONFIG_KEY, GatewayConfig, GatewayUser, ResidencyStamp};
+use crate::api::TransferServer;
+use crate::gateway::config::{
+    CONFIG_KEY, GatewayConfig, GatewayUser, PassivePorts, ResidencyStamp,
+};
 
 /// Port the gateway container listens on for SFTP (unprivileged, so it runs as non-root).
 pub const SFTP_CONTAINER_PORT: i32 = 2222;
@@ -62,9 +66,12 @@ pub struct GatewayObjects {
     /// The storage volume claim.
     pub volume_claim: PersistentVolumeClaim,
     /// The gateway pods.
-    pub deployment: Deployment,
-    /// The SFTP Service.
+    pub statefulset: StatefulSet,
+    /// The Service clients connect to.
     pub service: Service,
+    /// One Service per pod for its share of the passive FTPS ports, by ordinal; empty
+    /// unless the range is split between pods.
+    pub pod_services: Vec<Service>,
 }
 
 /// Operator-wide settings that shape the objects.
@@ -90,8 +97,9 @@ pub fn build(
         host_keys: build_host_keys(server, keys),
         config: build_config_secret(valid, keys, settings.hashes),
         volume_claim: build_volume_claim(server),
-        deployment: build_deployment(server, &valid.verdict.region_label, settings),
-        service: build_service(server),
+        statefulset: build_statefulset(valid, settings),
+        service: build_service(server, valid.ftps.as_ref()),
+        pod_services: build_pod_services(server, valid.ftps.as_ref()),
     }
 }
 
@@ -168,7 +176,11 @@ pub fn gateway_config(
             .iter()
             .map(|u| gateway_user(u, keys, hashes))
             .collect(),
-        ftps: None,
+        sftp: server.spec.protocols.sftp.is_some(),
+        ftps: valid
+            .ftps
+            .as_ref()
+            .map(|plan| ftps::settings(server, plan, valid.service.as_ref(), &valid.pod_services)),
     }
 }
 
@@ -219,54 +231,69 @@ fn default_access_mode(server: &TransferServer) -> &'static str {
     }
 }
 
-fn build_deployment(
-    server: &TransferServer,
-    region_label: &str,
-    settings: &BuildSettings,
-) -> Deployment {
+fn build_statefulset(valid: &ValidServer, settings: &BuildSettings) -> StatefulSet {
+    let server = &valid.server;
     let name = server.name_any();
-    let single_writer = build_volume_claim(server)
-        .spec
-        .and_then(|s| s.access_modes)
-        .is_some_and(|modes| {
-            modes
-                .iter()
-                .any(|m| m == "ReadWriteOnce" || m == "ReadWriteOncePod")
-        });
-    // A ReadWriteOnce volume cannot be attached to an old and a new pod at once, so a
-    // rolling update would wait forever; replace the pod instead.
-    let strategy = single_writer.then(|| DeploymentStrategy {
-        type_: Some("Recreate".into()),
-        rolling_update: None,
-    });
-    Deployment {
-        metadata: owned_meta(server, names::deployment(&name)),
-        spec: Some(DeploymentSpec {
+    // Pods start and stop together rather than one by one; a rolling update still
+    // replaces one pod at a time, deleting it before starting its successor, so a
+    // ReadWriteOnce volume is never needed by two pods at once.
+    StatefulSet {
+        metadata: owned_meta(server, names::statefulset(&name)),
+        spec: Some(StatefulSetSpec {
             replicas: Some(replicas(server)),
             selector: LabelSelector {
                 match_labels: Some(names::selector_labels(&name)),
                 match_expressions: None,
             },
-            strategy,
+            service_name: Some(names::service(&name)),
+            pod_management_policy: Some("Parallel".into()),
             template: PodTemplateSpec {
                 metadata: Some(ObjectMeta {
                     labels: Some(names::labels(&name)),
                     ..ObjectMeta::default()
                 }),
-                spec: Some(pod_spec(server, region_label, settings)),
+                spec: Some(pod_spec(valid, settings)),
             },
-            ..DeploymentSpec::default()
+            ..StatefulSetSpec::default()
         }),
         status: None,
     }
 }
 
-fn pod_spec(server: &TransferServer, region_label: &str, settings: &BuildSettings) -> PodSpec {
+fn pod_spec(valid: &ValidServer, settings: &BuildSettings) -> PodSpec {
+    let server = &valid.server;
     let name = server.name_any();
+    let region_label = &valid.verdict.region_label;
+    let mut volumes = vec![
+        secret_volume("host-keys", names::host_keys(&name), host_key_items()),
+        secret_volume("config", names::gateway_config(&name), None),
+        Volume {
+            name: "data".into(),
+            persistent_volume_claim: Some(PersistentVolumeClaimVolumeSource {
+                claim_name: names::volume_claim(&name),
+                read_only: None,
+            }),
+            ..Volume::default()
+        },
+        Volume {
+            name: "tmp".into(),
+            empty_dir: Some(EmptyDirVolumeSource::default()),
+            ..Volume::default()
+        },
+    ];
+    if let Some(tls) = ftps::spec(server) {
+        // Optional, so a pod whose certificate is not issued yet still starts and serves
+        // SFTP; the kubelet fills the volume in once the Secret appears.
+        let mut volume = secret_volume("tls", tls.tls_secret_ref.name.clone(), tls_items());
+        if let Some(secret) = volume.secret.as_mut() {
+            secret.optional = Some(true);
+        }
+        volumes.push(volume);
+    }
     PodSpec {
         affinity: Some(region_affinity(region_label, &server.spec.region)),
         automount_service_account_token: Some(false),
-        containers: vec![gateway_container(settings)],
+        containers: vec![gateway_container(server, valid.ftps.as_ref(), settings)],
         enable_service_links: Some(false),
         security_context: Some(PodSecurityContext {
             run_as_non_root: Some(true),
@@ -279,23 +306,7 @@ fn pod_spec(server: &TransferServer, region_label: &str, settings: &BuildSetting
             }),
             ..PodSecurityContext::default()
         }),
-        volumes: Some(vec![
-            secret_volume("host-keys", names::host_keys(&name), host_key_items()),
-            secret_volume("config", names::gateway_config(&name), None),
-            Volume {
-                name: "data".into(),
-                persistent_volume_claim: Some(PersistentVolumeClaimVolumeSource {
-                    claim_name: names::volume_claim(&name),
-                    read_only: None,
-                }),
-                ..Volume::default()
-            },
-            Volume {
-                name: "tmp".into(),
-                empty_dir: Some(EmptyDirVolumeSource::default()),
-                ..Volume::default()
-            },
-        ]),
+        volumes: Some(volumes),
         ..PodSpec::default()
     }
 }
@@ -340,6 +351,20 @@ fn host_key_items() -> Option<Vec<KeyToPath>> {
     )
 }
 
+fn tls_items() -> Option<Vec<KeyToPath>> {
+    let files = ["tls.crt", "tls.key"];
+    Some(
+        files
+            .iter()
+            .map(|f| KeyToPath {
+                key: f.to_string(),
+                path: f.to_string(),
+                mode: None,
+            })
+            .collect(),
+    )
+}
+
 fn secret_volume(volume: &str, secret: String, items: Option<Vec<KeyToPath>>) -> Volume {
     Volume {
         name: volume.into(),
@@ -353,58 +378,85 @@ fn secret_volume(volume: &str, secret: String, items: Option<Vec<KeyToPath>>) ->
     }
 }
 
-fn gateway_container(settings: &BuildSettings) -> Container {
+fn gateway_container(
+    server: &TransferServer,
+    ftps: Option<&FtpsPlan>,
+    settings: &BuildSettings,
+) -> Container {
     let mount = |name: &str, path: &str, read_only: bool| VolumeMount {
         name: name.into(),
         mount_path: path.into(),
         read_only: read_only.then_some(true),
         ..VolumeMount::default()
     };
+    let ports = container_ports(server, ftps);
+    // A TCP connect on the first control port: no protocol handshake, so probes leave
+    // nothing in the protocol logs.
     let probe = Probe {
         tcp_socket: Some(TCPSocketAction {
-            port: IntOrString::String("sftp".into()),
+            port: IntOrString::String(ports[0].name.clone().unwrap_or_default()),
             host: None,
         }),
         period_seconds: Some(10),
         ..Probe::default()
     };
+    let mut args = [
+        "gateway",
+        "--config",
+        &format!("{CONFIG_DIR}/{CONFIG_KEY}"),
+        "--host-keys",
+        HOST_KEYS_DIR,
+        "--data-dir",
+        DATA_DIR,
+        "--sftp-listen",
+        &format!("0.0.0.0:{SFTP_CONTAINER_PORT}"),
+    ]
+    .map(String::from)
+    .to_vec();
+    let mut mounts = vec![
+        mount("host-keys", HOST_KEYS_DIR, true),
+        mount("config", CONFIG_DIR, true),
+        mount("data", DATA_DIR, false),
+        mount("tmp", "/tmp", false),
+    ];
+    if ftps.is_some() {
+        args.extend([
+            "--ftps-listen".into(),
+            format!("0.0.0.0:{EXPLICIT_CONTAINER_PORT}"),
+            "--ftps-implicit-listen".into(),
+            format!("0.0.0.0:{IMPLICIT_CONTAINER_PORT}"),
+            "--tls-dir".into(),
+            TLS_DIR.into(),
+        ]);
+        mounts.push(mount("tls", TLS_DIR, true));
+    }
+    let env = |name: &str, value: &str| EnvVar {
+        name: name.into(),
+        value: Some(value.into()),
+        value_from: None,
+    };
     Container {
         name: "gateway".into(),
         image: Some(settings.image.to_string()),
         command: Some(vec!["sluice".into()]),
-        args: Some(
-            [
-                "gateway",
-                "--config",
-                &format!("{CONFIG_DIR}/{CONFIG_KEY}"),
-                "--host-keys",
-                HOST_KEYS_DIR,
-                "--data-dir",
-                DATA_DIR,
-                "--sftp-listen",
-                &format!("0.0.0.0:{SFTP_CONTAINER_PORT}"),
-            ]
-            .map(String::from)
-            .to_vec(),
-        ),
+        args: Some(args),
+        // No RUST_LOG: the gateway's default filter keeps russh's and libunftp's chatter
+        // out of the log, which a plain `info` would let in.
         env: Some(vec![
+            env("SLUICE_LOG_FORMAT", "json"),
             EnvVar {
-                name: "RUST_LOG".into(),
-                value: Some("info".into()),
-                value_from: None,
-            },
-            EnvVar {
-                name: "SLUICE_LOG_FORMAT".into(),
-                value: Some("json".into()),
-                value_from: None,
+                name: "SLUICE_POD_NAME".into(),
+                value: None,
+                value_from: Some(EnvVarSource {
+                    field_ref: Some(ObjectFieldSelector {
+                        api_version: None,
+                        field_path: "metadata.name".into(),
+                    }),
+                    ..EnvVarSource::default()
+                }),
             },
         ]),
-        ports: Some(vec![ContainerPort {
-            name: Some("sftp".into()),
-            container_port: SFTP_CONTAINER_PORT,
-            protocol: Some("TCP".into()),
-            ..ContainerPort::default()
-        }]),
+        ports: Some(ports),
         readiness_probe: Some(probe.clone()),
         liveness_probe: Some(Probe {
             initial_delay_seconds: Some(10),
@@ -419,14 +471,42 @@ fn gateway_container(settings: &BuildSettings) -> Container {
             }),
             ..SecurityContext::default()
         }),
-        volume_mounts: Some(vec![
-            mount("host-keys", HOST_KEYS_DIR, true),
-            mount("config", CONFIG_DIR, true),
-            mount("data", DATA_DIR, false),
-            mount("tmp", "/tmp", false),
-        ]),
+        volume_mounts: Some(mounts),
         ..Container::default()
     }
+}
+
+/// The container's ports: one per enabled control port, then every passive port (a
+/// pod binds only its share, but exposing the whole range keeps the pods identical).
+fn container_ports(server: &TransferServer, ftps: Option<&FtpsPlan>) -> Vec<ContainerPort> {
+    let port = |name: String, container_port: i32| ContainerPort {
+        name: Some(name),
+        container_port,
+        protocol: Some("TCP".into()),
+        ..ContainerPort::default()
+    };
+    let mut ports = Vec::new();
+    if server.spec.protocols.sftp.is_some() {
+        ports.push(port("sftp".into(), SFTP_CONTAINER_PORT));
+    }
+    if let Some(plan) = ftps {
+        if plan.explicit_port.is_some() {
+            ports.push(port("ftps".into(), EXPLICIT_CONTAINER_PORT));
+        }
+        if plan.implicit_port.is_some() {
+            ports.push(port("ftps-implicit".into(), IMPLICIT_CONTAINER_PORT));
+        }
+        ports.extend(
+            plan.passive_ports()
+                .map(|p| port(passive_port_name(p), i32::from(p))),
+        );
+    }
+    ports
+}
+
+/// Name of a passive port on containers and Services (at most 15 characters).
+fn passive_port_name(port: u16) -> String {
+    format!("pasv-{port}")
 }
 
 /// The SFTP port the Service exposes.
@@ -440,28 +520,191 @@ pub fn sftp_port(server: &TransferServer) -> i32 {
         .unwrap_or(DEFAULT_SFTP_PORT)
 }
 
-fn build_service(server: &TransferServer) -> Service {
+fn service_port(name: &str, port: i32, target: &str) -> ServicePort {
+    ServicePort {
+        name: Some(name.into()),
+        port,
+        target_port: Some(IntOrString::String(target.into())),
+        protocol: Some("TCP".into()),
+        ..ServicePort::default()
+    }
+}
+
+/// Passive ports of `range` as Service ports; on a NodePort Service each is also the
+/// node port, because PASV replies announce the port clients must connect to.
+fn passive_service_ports(plan: &FtpsPlan, range: PassivePorts) -> Vec<ServicePort> {
+    ftps::ports_of(range)
+        .map(|p| ServicePort {
+            node_port: plan.node_ports.then_some(i32::from(p)),
+            ..service_port(&passive_port_name(p), i32::from(p), &passive_port_name(p))
+        })
+        .collect()
+}
+
+/// The Service clients connect to: every control port, and the passive ports unless each
+/// pod's share has a Service of its own.
+fn build_service(server: &TransferServer, ftps: Option<&FtpsPlan>) -> Service {
     let name = server.name_any();
-    let type_ = server
-        .spec
-        .service
-        .as_ref()
-        .and_then(|s| s.type_)
-        .unwrap_or(ServiceType::ClusterIP);
+    let mut ports = Vec::new();
+    if server.spec.protocols.sftp.is_some() {
+        ports.push(service_port("sftp", sftp_port(server), "sftp"));
+    }
+    if let Some(plan) = ftps {
+        if let Some(port) = plan.explicit_port {
+            ports.push(service_port("ftps", port, "ftps"));
+        }
+        if let Some(port) = plan.implicit_port {
+            ports.push(service_port("ftps-implicit", port, "ftps-implicit"));
+        }
+        if plan.shares.is_empty() {
+            ports.extend(passive_service_ports(plan, plan.passive));
+        }
+    }
     Service {
         metadata: owned_meta(server, names::service(&name)),
         spec: Some(ServiceSpec {
-            type_: Some(type_.as_str().into()),
+            type_: Some(ftps::service_type(server).as_str().into()),
             selector: Some(names::selector_labels(&name)),
-            ports: Some(vec![ServicePort {
-                name: Some("sftp".into()),
-                port: sftp_port(server),
-                target_port: Some(IntOrString::String("sftp".into())),
-                protocol: Some("TCP".into()),
-                ..ServicePort::default()
-            }]),
+            ports: Some(ports),
             ..ServiceSpec::default()
         }),
         status: None,
+    }
+}
+
+/// One Service per pod, selecting that pod by name, for its share of the passive ports.
+fn build_pod_services(server: &TransferServer, ftps: Option<&FtpsPlan>) -> Vec<Service> {
+    let Some(plan) = ftps else {
+        return Vec::new();
+    };
+    let name = server.name_any();
+    plan.shares
+        .iter()
+        .enumerate()
+        .map(|(ordinal, share)| {
+            let pod = names::pod(&name, ordinal);
+            let mut selector = names::selector_labels(&name);
+            selector.insert(names::POD_NAME_LABEL.into(), pod.clone());
+            Service {
+                metadata: owned_meta(server, pod),
+                spec: Some(ServiceSpec {
+                    type_: Some(ftps::service_type(server).as_str().into()),
+                    selector: Some(selector),
+                    ports: Some(passive_service_ports(plan, *share)),
+                    ..ServiceSpec::default()
+                }),
+                status: None,
+            }
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn server(replicas: i32, service: &str, sftp: bool) -> TransferServer {
+        let mut protocols = serde_json::json!({"ftps": {
+            "explicit": {"port": 2100},
+            "tlsSecretRef": {"name": "files-tls"},
+            "passiveAddress": "192.0.2.7",
+            "passivePorts": {"first": 31000, "count": 4},
+        }});
+        if sftp {
+            protocols["sftp"] = serde_json::json!({});
+        }
+        let spec = serde_json::json!({
+            "region": "cn-shanghai",
+            "replicas": replicas,
+            "protocols": protocols,
+            "storage": {"volume": {"storageClassName": "ssd", "size": "1Gi"}},
+            "service": {"type": service},
+        });
+        let mut server = TransferServer::new("files", serde_json::from_value(spec).unwrap());
+        server.metadata.namespace = Some("ns".into());
+        server
+    }
+
+    fn port_names(service: &Service) -> Vec<(String, i32, Option<i32>)> {
+        let ports = service.spec.as_ref().and_then(|s| s.ports.clone());
+        ports
+            .unwrap_or_default()
+            .into_iter()
+            .map(|p| (p.name.unwrap_or_default(), p.port, p.node_port))
+            .collect()
+    }
+
+    #[test]
+    fn an_ftps_only_server_exposes_no_sftp_port_and_probes_the_ftps_port() {
+        let server = server(1, "ClusterIP", false);
+        let plan = ftps::plan(&server).unwrap();
+        let ports = container_ports(&server, plan.as_ref());
+        let names: Vec<&str> = ports.iter().filter_map(|p| p.name.as_deref()).collect();
+        assert_eq!(
+            names,
+            [
+                "ftps",
+                "pasv-31000",
+                "pasv-31001",
+                "pasv-31002",
+                "pasv-31003"
+            ]
+        );
+        let settings = BuildSettings {
+            image: "sluice",
+            hashes: &PasswordHashes::default(),
+        };
+        let container = gateway_container(&server, plan.as_ref(), &settings);
+        let probe = container
+            .readiness_probe
+            .and_then(|p| p.tcp_socket)
+            .unwrap();
+        assert_eq!(probe.port, IntOrString::String("ftps".into()));
+        let args = container.args.unwrap();
+        assert!(
+            args.windows(2).any(|w| w == ["--tls-dir", TLS_DIR]),
+            "{args:?}"
+        );
+        assert_eq!(
+            port_names(&build_service(&server, plan.as_ref()))[0],
+            ("ftps".into(), 2100, None)
+        );
+    }
+
+    #[test]
+    fn node_port_passive_ports_are_their_own_node_ports_and_split_per_pod() {
+        let server = server(2, "NodePort", true);
+        let plan = ftps::plan(&server).unwrap();
+        let main = build_service(&server, plan.as_ref());
+        let main_ports: Vec<String> = port_names(&main).into_iter().map(|p| p.0).collect();
+        assert_eq!(main_ports, ["sftp", "ftps"]);
+
+        let pods = build_pod_services(&server, plan.as_ref());
+        assert_eq!(pods.len(), 2);
+        assert_eq!(pods[1].metadata.name.as_deref(), Some("files-gateway-1"));
+        assert_eq!(
+            port_names(&pods[1]),
+            [
+                ("pasv-31002".into(), 31002, Some(31002)),
+                ("pasv-31003".into(), 31003, Some(31003)),
+            ]
+        );
+        let selector = pods[1]
+            .spec
+            .as_ref()
+            .and_then(|s| s.selector.clone())
+            .unwrap();
+        assert_eq!(selector[names::POD_NAME_LABEL], "files-gateway-1");
+        assert_eq!(selector["app.kubernetes.io/instance"], "files");
+    }
+
+    #[test]
+    fn a_single_pod_keeps_the_passive_ports_on_the_main_service() {
+        let server = server(1, "NodePort", true);
+        let plan = ftps::plan(&server).unwrap();
+        assert!(build_pod_services(&server, plan.as_ref()).is_empty());
+        let ports = port_names(&build_service(&server, plan.as_ref()));
+        assert_eq!(ports.len(), 2 + 4);
+        assert_eq!(ports[5], ("pasv-31003".into(), 31003, Some(31003)));
     }
 }

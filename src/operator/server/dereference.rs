@@ -6,7 +6,7 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::core::v1::{Namespace, PersistentVolumeClaim, Secret, Service};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::api::ListParams;
@@ -28,10 +28,20 @@ pub struct ServerInputs {
     pub users: Vec<UserInputs>,
     /// The existing host-key Secret, if any.
     pub host_keys: Option<Secret>,
-    /// The existing gateway Deployment, for status.
-    pub deployment: Option<Deployment>,
-    /// The existing Service, for the endpoint.
+    /// The existing gateway StatefulSet, for status.
+    pub statefulset: Option<StatefulSet>,
+    /// The existing Service, for the endpoint and its load-balancer address.
     pub service: Option<Service>,
+    /// The existing per-pod Services `NAME-gateway-ORDINAL`, by ordinal up to the
+    /// declared number of replicas (read only for a server with FTPS and more than one
+    /// replica, the only servers that may have them).
+    pub pod_services: Vec<Option<Service>>,
+    /// Names of the per-pod Services this server owns, including any beyond the declared
+    /// replicas, so that those left over from a larger scale can be removed.
+    pub owned_pod_services: Vec<String>,
+    /// The TLS Secret `ftps.tlsSecretRef` names: `None` without FTPS, `Some(None)` when
+    /// it does not exist.
+    pub tls_secret: Option<Option<Secret>>,
     /// Metadata of every object that already has one of the names this server's owned
     /// objects take, as `(kind, metadata)`, so validation can refuse to take over
     /// objects that belong to someone else.
@@ -74,14 +84,37 @@ pub async fn dereference(
         .get_opt(&names::host_keys(&name))
         .await
         .map_err(Error::kube("read host-key Secret"))?;
-    let deployment = Api::<Deployment>::namespaced(client.clone(), &namespace)
-        .get_opt(&names::deployment(&name))
+    let statefulset = Api::<StatefulSet>::namespaced(client.clone(), &namespace)
+        .get_opt(&names::statefulset(&name))
         .await
-        .map_err(Error::kube("read gateway Deployment"))?;
-    let service = Api::<Service>::namespaced(client.clone(), &namespace)
+        .map_err(Error::kube("read gateway StatefulSet"))?;
+    let services = Api::<Service>::namespaced(client.clone(), &namespace);
+    let service = services
         .get_opt(&names::service(&name))
         .await
         .map_err(Error::kube("read gateway Service"))?;
+    let ftps = server.spec.protocols.ftps.as_ref();
+    let replicas = usize::try_from(server.spec.replicas.unwrap_or(1)).unwrap_or(0);
+    let mut pod_services = Vec::new();
+    if ftps.is_some() && replicas > 1 {
+        for ordinal in 0..replicas {
+            let pod_service = services
+                .get_opt(&names::pod(&name, ordinal))
+                .await
+                .map_err(Error::kube("read per-pod Service"))?;
+            pod_services.push(pod_service);
+        }
+    }
+    let owned_pod_services = owned_pod_services(&services, &server).await?;
+    let tls_secret = match ftps {
+        Some(ftps) => Some(
+            secrets
+                .get_opt(&ftps.tls_secret_ref.name)
+                .await
+                .map_err(Error::kube("read TLS Secret"))?,
+        ),
+        None => None,
+    };
     let config = secrets
         .get_metadata_opt(&names::gateway_config(&name))
         .await
@@ -95,12 +128,17 @@ pub async fn dereference(
         ("Secret", config.map(|o| o.metadata)),
         ("PersistentVolumeClaim", volume_claim.map(|o| o.metadata)),
         (
-            "Deployment",
-            deployment.as_ref().map(|o| o.metadata.clone()),
+            "StatefulSet",
+            statefulset.as_ref().map(|o| o.metadata.clone()),
         ),
         ("Service", service.as_ref().map(|o| o.metadata.clone())),
     ]
     .into_iter()
+    .chain(
+        pod_services
+            .iter()
+            .map(|s| ("Service", s.as_ref().map(|s| s.metadata.clone()))),
+    )
     .filter_map(|(kind, meta)| Some((kind, meta?)))
     .collect();
 
@@ -110,10 +148,46 @@ pub async fn dereference(
         policies,
         users,
         host_keys,
-        deployment,
+        statefulset,
         service,
+        pod_services,
+        owned_pod_services,
+        tls_secret,
         existing,
     })
+}
+
+/// Names of the per-pod Services that `server` controls.
+async fn owned_pod_services(
+    services: &Api<Service>,
+    server: &TransferServer,
+) -> Result<Vec<String>, Error> {
+    let name = server.name_any();
+    let selector = format!("app.kubernetes.io/instance={name},app.kubernetes.io/managed-by=sluice");
+    let prefix = format!("{}-", names::statefulset(&name));
+    let uid = server.uid();
+    let mut owned: Vec<String> = services
+        .list_metadata(&ListParams::default().labels(&selector))
+        .await
+        .map_err(Error::kube("list gateway Services"))?
+        .items
+        .into_iter()
+        .filter(|s| {
+            let controlled = s
+                .metadata
+                .owner_references
+                .iter()
+                .flatten()
+                .any(|o| o.controller == Some(true) && Some(&o.uid) == uid.as_ref());
+            let numbered = s.name_any().strip_prefix(&prefix).is_some_and(|ordinal| {
+                !ordinal.is_empty() && ordinal.bytes().all(|b| b.is_ascii_digit())
+            });
+            controlled && numbered
+        })
+        .map(|s| s.name_any())
+        .collect();
+    owned.sort();
+    Ok(owned)
 }
 
 async fn users_of(

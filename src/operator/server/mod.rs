@@ -8,6 +8,7 @@
 pub mod apply;
 pub mod build;
 pub mod dereference;
+pub mod ftps;
 pub mod host_keys;
 pub mod names;
 pub mod passwords;
@@ -18,8 +19,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::{Stream, StreamExt};
-use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::core::v1::{Namespace, PersistentVolumeClaim, Secret, Service};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 use k8s_openapi::jiff::Timestamp;
 use kube::runtime::controller::Action;
 use kube::runtime::reflector::{ObjectRef, Store};
@@ -65,7 +67,7 @@ pub fn controller(
     let servers = controller.store();
     let owned = watcher::Config::default().labels("app.kubernetes.io/managed-by=sluice");
     let results = controller
-        .owns(Api::<Deployment>::all(client.clone()), owned.clone())
+        .owns(Api::<StatefulSet>::all(client.clone()), owned.clone())
         .owns(Api::<Service>::all(client.clone()), owned.clone())
         .owns(Api::<Secret>::all(client.clone()), owned.clone())
         .owns(Api::<PersistentVolumeClaim>::all(client.clone()), owned)
@@ -80,7 +82,10 @@ pub fn controller(
         .watches(
             Api::<Secret>::all(client.clone()),
             watcher::Config::default(),
-            move |secret| servers_using_secret(&users, &secret),
+            {
+                let servers = servers.clone();
+                move |secret| servers_using_secret(&users, &servers, &secret)
+            },
         )
         .watches(
             Api::<Namespace>::all(client.clone()),
@@ -99,13 +104,21 @@ pub fn controller(
     futures::stream::select(log_outcomes(results), user_cache)
 }
 
-/// The servers with a user whose password comes from `secret`.
+/// The servers whose FTPS certificate is `secret`, or with a user whose password comes
+/// from it.
 fn servers_using_secret(
     users: &Store<TransferUser>,
+    servers: &Store<TransferServer>,
     secret: &Secret,
 ) -> Vec<ObjectRef<TransferServer>> {
     let namespace = secret.namespace();
     let name = secret.name_any();
+    let certified = servers
+        .state()
+        .into_iter()
+        .filter(|s| s.namespace() == namespace)
+        .filter(|s| ftps::spec(s).is_some_and(|f| f.tls_secret_ref.name == name))
+        .map(|s| ObjectRef::from_obj(s.as_ref()));
     let mut servers: Vec<ObjectRef<TransferServer>> = users
         .state()
         .iter()
@@ -119,6 +132,7 @@ fn servers_using_secret(
         .map(|u| {
             ObjectRef::new(&u.spec.server_ref.name).within(namespace.as_deref().unwrap_or_default())
         })
+        .chain(certified)
         .collect();
     servers.sort_by(|a, b| a.name.cmp(&b.name));
     servers.dedup();
@@ -184,20 +198,43 @@ async fn reconcile(server: Arc<TransferServer>, context: Arc<Context>) -> Result
         return stall(&context, blocked).await;
     }
     let namespace = server.namespace().unwrap_or_default();
-    apply::apply(client, &namespace, objects).await?;
+    let announced = valid.ftps.as_ref().is_none_or(|plan| {
+        let settings = ftps::settings(&server, plan, valid.service.as_ref(), &valid.pod_services);
+        ftps::addresses_known(&settings, &server)
+    });
+    apply::apply(client, &namespace, objects, &valid.owned_pod_services).await?;
 
+    let now = Timestamp::now();
+    let certificate = valid.ftps.as_ref().map(|_| {
+        let name = ftps::spec(&server).map(|f| f.tls_secret_ref.name.as_str());
+        let secret = valid.tls_secret.as_ref().and_then(Option::as_ref);
+        ftps::certificate_state(name.unwrap_or_default(), secret, now.into())
+    });
     let outcome = Outcome::RolledOut {
         verdict: &valid.verdict,
         keys: &keys,
-        deployment: valid.deployment.as_ref(),
+        statefulset: valid.statefulset.as_ref(),
         service: valid.service.as_ref(),
         users: valid.users.len(),
+        certificate: certificate.as_ref(),
+        passive_addresses_known: announced,
     };
-    let new_status = status::compute(&server, &outcome, Timestamp::now());
+    let new_status = status::compute(&server, &outcome, now);
     announce(&context, &server, &new_status, None).await;
     apply_status(&servers_api(&server, client), server.as_ref(), new_status).await?;
     context.backoff.succeed(&object_key(server.as_ref()));
-    Ok(Action::requeue(RESYNC))
+    Ok(Action::requeue(next_check(certificate.as_ref(), now)))
+}
+
+/// When to reconcile again unprompted: at the next resync, or just after the FTPS
+/// certificate expires if that comes first, so its expiry shows on the status.
+fn next_check(certificate: Option<&ftps::CertificateState>, now: Timestamp) -> Duration {
+    let Some(ftps::CertificateState::Valid(info)) = certificate else {
+        return RESYNC;
+    };
+    let now: std::time::SystemTime = now.into();
+    let until_expiry = info.not_after.duration_since(now).unwrap_or_default();
+    RESYNC.min(until_expiry + Duration::from_secs(1))
 }
 
 async fn stall(context: &Context, blocked: Blocked) -> Result<Action, Error> {
@@ -225,6 +262,20 @@ async fn stall(context: &Context, blocked: Blocked) -> Result<Action, Error> {
     })
 }
 
+/// Reasons of a `ResidencyCompliant=False` condition; the first is the fallback.
+const RESIDENCY_REASONS: [Reason; 3] = [
+    Reason::RegionNotAllowed,
+    Reason::PlaintextNotAllowed,
+    Reason::AuditOnly,
+];
+
+/// Reasons of a `TlsCertificateValid=False` condition; the first is the fallback.
+const CERTIFICATE_REASONS: [Reason; 3] = [
+    Reason::CertificateMissing,
+    Reason::CertificateInvalid,
+    Reason::CertificateExpired,
+];
+
 /// Publishes an Event for every condition whose status or reason changes in this
 /// reconcile, so a converged or still-stalled server publishes nothing new.
 async fn announce(
@@ -244,19 +295,30 @@ async fn announce(
         let same = was.is_some_and(|c| c.status == new.status && c.reason == new.reason);
         (!same).then_some(new)
     };
+    let reason_of = |c: &Condition, candidates: &[Reason]| {
+        candidates
+            .iter()
+            .copied()
+            .find(|r| r.as_str() == c.reason)
+            .unwrap_or(candidates[0])
+    };
     if let Some(c) = changed(ConditionType::ResidencyCompliant).filter(|c| c.status == "False") {
-        let reason = if c.reason == Reason::AuditOnly.as_str() {
-            Reason::AuditOnly
-        } else {
-            Reason::RegionNotAllowed
-        };
+        let reason = reason_of(c, &RESIDENCY_REASONS);
+        context
+            .events
+            .warning(server, reason, c.message.clone())
+            .await;
+    }
+    if let Some(c) = changed(ConditionType::TlsCertificateValid).filter(|c| c.status == "False") {
+        let reason = reason_of(c, &CERTIFICATE_REASONS);
         context
             .events
             .warning(server, reason, c.message.clone())
             .await;
     }
     let stalled = changed(ConditionType::Stalled).filter(|c| c.status == "True");
-    if let (Some(c), Some(reason)) = (stalled, blocked.filter(|r| *r != Reason::RegionNotAllowed)) {
+    let announced = |r: &Reason| RESIDENCY_REASONS.contains(r);
+    if let (Some(c), Some(reason)) = (stalled, blocked.filter(|r| !announced(r))) {
         context
             .events
             .warning(server, reason, c.message.clone())

@@ -6,10 +6,19 @@ use std::collections::BTreeMap;
 /// DNS-1035 label of at most 63 characters, and `-gateway-config` is the longest suffix).
 pub const MAX_SERVER_NAME: usize = 48;
 
-/// The gateway Deployment.
-pub fn deployment(server: &str) -> String {
+/// The gateway StatefulSet; its pods are `NAME-gateway-0`, `NAME-gateway-1`, ...
+pub fn statefulset(server: &str) -> String {
     format!("{server}-gateway")
 }
+
+/// The gateway pod with `ordinal`, and the Service of its own that exposes its share of
+/// the passive FTPS ports when the range is split between pods.
+pub fn pod(server: &str, ordinal: usize) -> String {
+    format!("{server}-gateway-{ordinal}")
+}
+
+/// The label the StatefulSet controller puts on each pod, naming it.
+pub const POD_NAME_LABEL: &str = "statefulset.kubernetes.io/pod-name";
 
 /// The Service; named like the server so its DNS name is the server's name.
 pub fn service(server: &str) -> String {

@@ -4,12 +4,13 @@
 //! one, and written only when it differs, so a resync of a converged server writes
 //! nothing. `lastTransitionTime` moves only when a condition's status changes.
 
-use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::jiff::Timestamp;
 use kube::ResourceExt;
 
 use super::build::sftp_port;
+use super::ftps::{self, CertificateState};
 use super::host_keys::HostKeyMaterial;
 use crate::api::{
     ConditionType, HostKeyFingerprint, Reason, TransferServer, TransferServerStatus, set_condition,
@@ -24,12 +25,16 @@ pub enum Outcome<'a> {
         verdict: &'a ResidencyVerdict,
         /// Host keys, for fingerprints.
         keys: &'a HostKeyMaterial,
-        /// The Deployment as last read.
-        deployment: Option<&'a Deployment>,
+        /// The StatefulSet as last read.
+        statefulset: Option<&'a StatefulSet>,
         /// The Service as last read.
         service: Option<&'a Service>,
         /// Number of users in the configuration.
         users: usize,
+        /// The FTPS certificate, when the server offers FTPS.
+        certificate: Option<&'a CertificateState>,
+        /// Whether every pod knows the passive address to announce.
+        passive_addresses_known: bool,
     },
     /// Not rolled out.
     Blocked {
@@ -47,6 +52,9 @@ pub fn compute(server: &TransferServer, outcome: &Outcome, now: Timestamp) -> Tr
     let current = server.status.clone().unwrap_or_default();
     let generation = server.metadata.generation;
     let mut conditions = current.conditions.clone();
+    if ftps::spec(server).is_none() {
+        conditions.retain(|c| c.type_ != ConditionType::TlsCertificateValid.as_str());
+    }
     let mut set = |type_, status, reason, message: &str| {
         set_condition(
             &mut conditions,
@@ -60,9 +68,10 @@ pub fn compute(server: &TransferServer, outcome: &Outcome, now: Timestamp) -> Tr
     };
     let mut status = TransferServerStatus {
         observed_generation: generation,
-        protocols: Some("SFTP".into()),
+        protocols: Some(protocols(server)),
         ..TransferServerStatus::default()
     };
+
     match outcome {
         Outcome::Blocked {
             verdict,
@@ -82,14 +91,18 @@ pub fn compute(server: &TransferServer, outcome: &Outcome, now: Timestamp) -> Tr
             set(ConditionType::Reconciling, false, *reason, "");
             set(ConditionType::Stalled, true, *reason, message);
             status.endpoint = current.endpoint;
+            status.endpoints = current.endpoints;
+            status.tls_certificate = current.tls_certificate;
             status.host_key_fingerprints = current.host_key_fingerprints;
         }
         Outcome::RolledOut {
             verdict,
             keys,
-            deployment,
+            statefulset,
             service,
             users,
+            certificate,
+            passive_addresses_known,
         } => {
             let (ok, why) = residency_condition(verdict);
             set(
@@ -98,16 +111,13 @@ pub fn compute(server: &TransferServer, outcome: &Outcome, now: Timestamp) -> Tr
                 why,
                 &verdict.message(&server.spec.region),
             );
-            if deployment.is_some_and(is_available) {
-                set(
-                    ConditionType::Ready,
-                    true,
-                    Reason::RolledOut,
-                    "gateway is available",
-                );
-                set(ConditionType::Reconciling, false, Reason::RolledOut, "");
-            } else {
-                let waiting = "waiting for the gateway Deployment to become available";
+            let certificate_problem = certificate.and_then(|state| {
+                let (ok, reason, message) = certificate_condition(state);
+                set(ConditionType::TlsCertificateValid, ok, reason, &message);
+                (!ok).then_some((reason, message))
+            });
+            if !statefulset.is_some_and(is_available) {
+                let waiting = "waiting for the gateway StatefulSet to become available";
                 set(
                     ConditionType::Ready,
                     false,
@@ -120,9 +130,27 @@ pub fn compute(server: &TransferServer, outcome: &Outcome, now: Timestamp) -> Tr
                     Reason::Progressing,
                     waiting,
                 );
+            } else if let Some((reason, message)) = certificate_problem {
+                // The gateway runs and waits for a usable certificate (cert-manager may
+                // still be issuing it): nothing for the operator to do meanwhile.
+                let message = format!("FTPS is not served: {message}");
+                set(ConditionType::Ready, false, reason, &message);
+                set(ConditionType::Reconciling, false, reason, "");
+            } else if !passive_addresses_known {
+                let waiting = "waiting for the load balancer address that passive FTPS \
+                               replies announce";
+                let reason = Reason::WaitingForLoadBalancer;
+                set(ConditionType::Ready, false, reason, waiting);
+                set(ConditionType::Reconciling, true, reason, waiting);
+            } else {
+                let available = "gateway is available";
+                set(ConditionType::Ready, true, Reason::RolledOut, available);
+                set(ConditionType::Reconciling, false, Reason::RolledOut, "");
             }
             set(ConditionType::Stalled, false, Reason::Reconciled, "");
-            status.endpoint = Some(endpoint(server, *service));
+            status.endpoints = endpoints(server, *service);
+            status.endpoint = status.endpoints.first().cloned();
+            status.tls_certificate = certificate.and_then(CertificateState::status);
             status.host_key_fingerprints = fingerprints(keys);
             status.users = Some(i32::try_from(*users).unwrap_or(i32::MAX));
         }
@@ -139,41 +167,84 @@ fn residency_condition(verdict: &ResidencyVerdict) -> (bool, Reason) {
     ) {
         (true, _, _) => (true, Reason::NoPolicy),
         (false, true, _) => (true, Reason::RegionAllowed),
-        (false, false, true) => (false, Reason::RegionNotAllowed),
+        (false, false, true) => (false, verdict.violation_reason()),
         (false, false, false) => (false, Reason::AuditOnly),
     }
 }
 
-/// Whether a Deployment has rolled out its current generation to every replica, by the
+fn certificate_condition(state: &CertificateState) -> (bool, Reason, String) {
+    match state {
+        CertificateState::Valid(info) => {
+            let message = format!("valid until {}", ftps::rfc3339(info.not_after));
+            (true, Reason::CertificateValid, message)
+        }
+        CertificateState::Expired(info) => {
+            let since = ftps::rfc3339(info.not_after);
+            let message = format!("the certificate expired at {since}; renew it");
+            (false, Reason::CertificateExpired, message)
+        }
+        CertificateState::Missing(message) => (false, Reason::CertificateMissing, message.clone()),
+        CertificateState::Invalid(message) => (false, Reason::CertificateInvalid, message.clone()),
+    }
+}
+
+/// The protocols a server offers, for display: `SFTP`, `FTPS`, `SFTP,FTPS`.
+fn protocols(server: &TransferServer) -> String {
+    let protocols = &server.spec.protocols;
+    let offered = [
+        ("SFTP", protocols.sftp.is_some()),
+        ("FTPS", protocols.ftps.is_some()),
+    ];
+    let names: Vec<&str> = offered
+        .iter()
+        .filter(|(_, on)| *on)
+        .map(|(n, _)| *n)
+        .collect();
+    names.join(",")
+}
+
+/// Whether a StatefulSet has rolled out its current revision to every replica, by the
 /// same rules as `kubectl rollout status`.
-pub fn is_available(deployment: &Deployment) -> bool {
-    let desired = deployment
+pub fn is_available(statefulset: &StatefulSet) -> bool {
+    let desired = statefulset
         .spec
         .as_ref()
         .and_then(|s| s.replicas)
         .unwrap_or(1);
-    let Some(status) = &deployment.status else {
+    let Some(status) = &statefulset.status else {
         return false;
     };
-    status.observed_generation >= deployment.metadata.generation
-        && status.updated_replicas.unwrap_or(0) >= desired
+    // Every pod runs the template's current revision once the update revision has become
+    // the current one.
+    let updated =
+        status.update_revision.is_some() && status.update_revision == status.current_revision;
+    status.observed_generation >= statefulset.metadata.generation
+        && updated
+        && status.ready_replicas.unwrap_or(0) >= desired
         && status.available_replicas.unwrap_or(0) >= desired
-        && status.replicas.unwrap_or(0) == desired
+        && status.replicas == desired
 }
 
-fn endpoint(server: &TransferServer, service: Option<&Service>) -> String {
-    let port = sftp_port(server);
-    let ingress = service
-        .and_then(|s| s.status.as_ref())
-        .and_then(|s| s.load_balancer.as_ref())
-        .and_then(|lb| lb.ingress.as_ref())
-        .and_then(|i| i.first())
-        .and_then(|i| i.hostname.clone().or_else(|| i.ip.clone()));
-    let host = ingress.unwrap_or_else(|| {
+/// Every protocol's address, on the load balancer's address once it is assigned and on
+/// the Service's DNS name otherwise.
+fn endpoints(server: &TransferServer, service: Option<&Service>) -> Vec<String> {
+    let host = ftps::load_balancer_address(service).unwrap_or_else(|| {
         let name = super::names::service(&server.name_any());
         format!("{name}.{}.svc", server.namespace().unwrap_or_default())
     });
-    format!("sftp://{host}:{port}")
+    let mut endpoints = Vec::new();
+    if server.spec.protocols.sftp.is_some() {
+        endpoints.push(format!("sftp://{host}:{}", sftp_port(server)));
+    }
+    if let Ok(Some(plan)) = ftps::plan(server) {
+        if let Some(port) = plan.explicit_port {
+            endpoints.push(format!("ftpes://{host}:{port}"));
+        }
+        if let Some(port) = plan.implicit_port {
+            endpoints.push(format!("ftps://{host}:{port}"));
+        }
+    }
+    endpoints
 }
 
 fn fingerprints(keys: &HostKeyMaterial) -> Vec<HostKeyFingerprint> {

@@ -6,16 +6,17 @@
 
 use std::sync::Arc;
 
-use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::core::v1::{Secret, Service};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::ResourceExt;
 use zeroize::Zeroizing;
 
 use super::dereference::{ServerInputs, UserInputs};
+use super::ftps::{self, FtpsPlan};
 use super::names::MAX_SERVER_NAME;
 use crate::api::{Permission, Reason, TransferServer, TransferUser};
-use crate::residency::{self, ResidencyVerdict};
+use crate::residency::{self, ResidencyVerdict, Subject};
 
 /// A server that passed validation, with the users that did.
 pub struct ValidServer {
@@ -29,10 +30,18 @@ pub struct ValidServer {
     pub rejected_users: Vec<(String, UserProblem)>,
     /// The existing host-key Secret, if any.
     pub host_keys: Option<Secret>,
-    /// The existing Deployment, for status.
-    pub deployment: Option<Deployment>,
-    /// The existing Service, for status.
+    /// The existing StatefulSet, for status.
+    pub statefulset: Option<StatefulSet>,
+    /// The existing Service, for status and its load-balancer address.
     pub service: Option<Service>,
+    /// How FTPS is exposed, if the server offers it.
+    pub ftps: Option<FtpsPlan>,
+    /// The existing per-pod Services by ordinal, for their load-balancer addresses.
+    pub pod_services: Vec<Option<Service>>,
+    /// Per-pod Services this server owns, by name, including ones no longer wanted.
+    pub owned_pod_services: Vec<String>,
+    /// The TLS Secret, when the server offers FTPS (`Some(None)`: it does not exist).
+    pub tls_secret: Option<Option<Secret>>,
 }
 
 /// Why a server cannot be rolled out.
@@ -117,8 +126,11 @@ pub fn validate(inputs: ServerInputs) -> Result<ValidServer, Box<Blocked>> {
         policies,
         users,
         host_keys,
-        deployment,
+        statefulset,
         service,
+        pod_services,
+        owned_pod_services,
+        tls_secret,
         existing,
     } = inputs;
     let name = server.name_any();
@@ -145,18 +157,18 @@ pub fn validate(inputs: ServerInputs) -> Result<ValidServer, Box<Blocked>> {
         }));
     }
 
-    let verdict = residency::evaluate(&server.spec.region, &namespace_labels, &policies);
+    let verdict = residency::evaluate(Subject::of(&server.spec), &namespace_labels, &policies);
     if verdict.blocks_rollout() {
         let mut message = verdict.message(&server.spec.region);
-        if deployment.is_some() {
+        if statefulset.is_some() {
             // Stopping writes on a gateway that falls out of compliance is the policy
             // engine's job; until then say plainly that the old roll-out stays.
             message.push_str(
-                "; the gateway rolled out before is left running unchanged until the region \
-                 is allowed again",
+                "; the gateway rolled out before is left running unchanged until the server \
+                 complies again",
             );
         }
-        let reason = Reason::RegionNotAllowed;
+        let reason = verdict.violation_reason();
         return Err(Box::new(Blocked {
             server,
             verdict: Some(verdict),
@@ -165,6 +177,18 @@ pub fn validate(inputs: ServerInputs) -> Result<ValidServer, Box<Blocked>> {
         }));
     }
 
+    let ftps = match ftps::plan(&server) {
+        Ok(plan) => plan,
+        Err(message) => {
+            return Err(Box::new(Blocked {
+                server,
+                verdict: Some(verdict),
+                reason: Reason::InvalidSpec,
+                message,
+            }));
+        }
+    };
+
     let (valid, rejected_users) = partition_users(users);
     Ok(ValidServer {
         server,
@@ -172,8 +196,12 @@ pub fn validate(inputs: ServerInputs) -> Result<ValidServer, Box<Blocked>> {
         users: valid,
         rejected_users,
         host_keys,
-        deployment,
+        statefulset,
         service,
+        ftps,
+        pod_services,
+        owned_pod_services,
+        tls_secret,
     })
 }
 

@@ -1,0 +1,525 @@
+//! FTPS exposure: which ports a server's pods and Services carry, how the passive range
+//! is shared between pods, what each pod announces in `PASV` replies, and the state of
+//! the certificate.
+//!
+//! Pure: needs no client. The clock is an argument.
+//!
+//! # Why passive ports are split between pods
+//!
+//! An FTP data connection must reach the pod whose control connection announced it. A
+//! Service balances each connection on its own, and kube-proxy's `ClientIP` affinity is
+//! kept per Service port, so it cannot tie a data port to the control port's pod. Inside
+//! the cluster this needs nothing: each pod announces its own address (the one the client
+//! reached through the ClusterIP Service) and the client connects to the pod directly.
+//! Behind a NodePort or LoadBalancer Service, where pod addresses are unreachable, the
+//! range is split evenly between the StatefulSet's pods and each pod's share is exposed by
+//! a Service of its own (`NAME-gateway-ORDINAL`, selecting that one pod): pod `i` announces
+//! only ports of share `i`, which only pod `i`'s Service forwards.
+
+use std::time::SystemTime;
+
+use k8s_openapi::api::core::v1::{Secret, Service};
+use k8s_openapi::jiff::Timestamp;
+
+use crate::api::{FtpsProtocol, ServiceType, TlsCertificateStatus, TransferServer};
+use crate::gateway::config::{FtpsSettings, PassivePorts, ReplicaPassive};
+use crate::gateway::ftps::tls::{CertificateInfo, certificate_info};
+
+/// Container port of explicit FTPS (unprivileged, so the gateway runs as non-root).
+pub const EXPLICIT_CONTAINER_PORT: i32 = 2121;
+/// Container port of implicit FTPS.
+pub const IMPLICIT_CONTAINER_PORT: i32 = 2990;
+/// Explicit FTPS port of the Service unless the spec names one.
+pub const DEFAULT_EXPLICIT_PORT: i32 = 21;
+/// Implicit FTPS port of the Service unless the spec names one.
+pub const DEFAULT_IMPLICIT_PORT: i32 = 990;
+/// Passive range unless the spec names one.
+pub const DEFAULT_PASSIVE_PORTS: PassivePorts = PassivePorts {
+    first: 30000,
+    count: 16,
+};
+/// Where the TLS Secret is mounted.
+pub const TLS_DIR: &str = "/etc/sluice/tls";
+/// Ports a NodePort Service may use unless the cluster was configured otherwise.
+const NODE_PORT_RANGE: std::ops::RangeInclusive<u16> = 30000..=32767;
+
+/// How a server's FTPS is exposed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FtpsPlan {
+    /// Service port of explicit FTPS, if served.
+    pub explicit_port: Option<i32>,
+    /// Service port of implicit FTPS, if served.
+    pub implicit_port: Option<i32>,
+    /// The whole passive range; every pod's container exposes all of it.
+    pub passive: PassivePorts,
+    /// Each pod's share of the range, by ordinal; empty when the range is not split.
+    pub shares: Vec<PassivePorts>,
+    /// Whether passive Service ports take the same node port (NodePort Services).
+    pub node_ports: bool,
+}
+
+impl FtpsPlan {
+    /// Every passive port, in order.
+    pub fn passive_ports(&self) -> impl Iterator<Item = u16> {
+        ports_of(self.passive)
+    }
+}
+
+/// Every port of `range`, in order.
+pub fn ports_of(range: PassivePorts) -> impl Iterator<Item = u16> {
+    (0..range.count).filter_map(move |i| range.first.checked_add(i))
+}
+
+/// The server's FTPS section, if it offers FTPS.
+pub fn spec(server: &TransferServer) -> Option<&FtpsProtocol> {
+    server.spec.protocols.ftps.as_ref()
+}
+
+/// The Service type of a server.
+pub fn service_type(server: &TransferServer) -> ServiceType {
+    server
+        .spec
+        .service
+        .as_ref()
+        .and_then(|s| s.type_)
+        .unwrap_or(ServiceType::ClusterIP)
+}
+
+/// The server's FTPS exposure, or why it cannot be exposed as written. `None` when the
+/// server does not offer FTPS.
+pub fn plan(server: &TransferServer) -> Result<Option<FtpsPlan>, String> {
+    let Some(ftps) = spec(server) else {
+        return Ok(None);
+    };
+    let passive = match ftps.passive_ports {
+        Some(range) => PassivePorts {
+            first: u16::try_from(range.first).map_err(|_| "passivePorts.first is too large")?,
+            count: u16::try_from(range.count).map_err(|_| "passivePorts.count is too large")?,
+        },
+        None => DEFAULT_PASSIVE_PORTS,
+    };
+    if passive.last().is_none() {
+        return Err("passivePorts must end at or below port 65535".into());
+    }
+    let type_ = service_type(server);
+    let replicas = u16::try_from(server.spec.replicas.unwrap_or(1).max(1)).unwrap_or(1);
+    let shares = if replicas > 1 && type_ != ServiceType::ClusterIP {
+        split(passive, replicas)?
+    } else {
+        Vec::new()
+    };
+    let node_ports = type_ == ServiceType::NodePort;
+    if node_ports {
+        if ftps.passive_address.is_none() {
+            return Err(
+                "a NodePort Service needs ftps.passiveAddress: the node address \
+                        clients reach, which PASV replies announce"
+                    .into(),
+            );
+        }
+        let last = passive.last().unwrap_or(passive.first);
+        if !NODE_PORT_RANGE.contains(&passive.first) || !NODE_PORT_RANGE.contains(&last) {
+            return Err(format!(
+                "with a NodePort Service, passive ports are node ports and must lie within \
+                 {}-{}; passivePorts is {}-{last}",
+                NODE_PORT_RANGE.start(),
+                NODE_PORT_RANGE.end(),
+                passive.first
+            ));
+        }
+    }
+    Ok(Some(FtpsPlan {
+        explicit_port: ftps
+            .explicit
+            .as_ref()
+            .map(|p| p.port.unwrap_or(DEFAULT_EXPLICIT_PORT)),
+        implicit_port: ftps
+            .implicit
+            .as_ref()
+            .map(|p| p.port.unwrap_or(DEFAULT_IMPLICIT_PORT)),
+        passive,
+        shares,
+        node_ports,
+    }))
+}
+
+/// Splits `range` into `pods` equal shares; ports left over at the end go unused.
+fn split(range: PassivePorts, pods: u16) -> Result<Vec<PassivePorts>, String> {
+    let per_pod = range.count / pods;
+    if per_pod == 0 {
+        return Err(format!(
+            "passivePorts.count ({}) must be at least replicas ({pods}): each pod needs \
+             passive ports of its own behind a NodePort or LoadBalancer Service",
+            range.count
+        ));
+    }
+    Ok((0..pods)
+        .map(|i| PassivePorts {
+            first: range.first + i * per_pod,
+            count: per_pod,
+        })
+        .collect())
+}
+
+/// The address a Service's load balancer was given, if any.
+pub fn load_balancer_address(service: Option<&Service>) -> Option<String> {
+    let ingress = service?
+        .status
+        .as_ref()?
+        .load_balancer
+        .as_ref()?
+        .ingress
+        .as_ref()?;
+    let first = ingress.first()?;
+    first.ip.clone().or_else(|| first.hostname.clone())
+}
+
+/// The `ftps` section of the gateway configuration. `service` is the server's Service
+/// and `pod_services` the per-pod Services by ordinal, as last read: with a
+/// LoadBalancer Service and no fixed `passiveAddress`, each pod announces the address its
+/// load balancer was given.
+pub fn settings(
+    server: &TransferServer,
+    plan: &FtpsPlan,
+    service: Option<&Service>,
+    pod_services: &[Option<Service>],
+) -> FtpsSettings {
+    let ftps = spec(server).expect("a plan exists only for a server that offers FTPS");
+    let load_balanced = service_type(server) == ServiceType::LoadBalancer;
+    let announced = |service: Option<&Service>| match &ftps.passive_address {
+        Some(fixed) => Some(fixed.clone()),
+        None if load_balanced => load_balancer_address(service),
+        None => None,
+    };
+    let replicas = plan
+        .shares
+        .iter()
+        .enumerate()
+        .map(|(i, share)| ReplicaPassive {
+            passive_ports: *share,
+            passive_address: announced(pod_services.get(i).and_then(Option::as_ref))
+                .filter(|a| Some(a) != ftps.passive_address.as_ref()),
+        })
+        .collect();
+    FtpsSettings {
+        explicit: plan.explicit_port.is_some(),
+        implicit: plan.implicit_port.is_some(),
+        passive_ports: plan.passive,
+        passive_address: match plan.shares.is_empty() {
+            true => announced(service),
+            false => ftps.passive_address.clone(),
+        },
+        allow_plaintext: ftps.allow_plaintext.unwrap_or(false),
+        session_reuse: ftps.session_reuse.unwrap_or_default(),
+        min_tls_version: ftps.min_tls_version.unwrap_or_default(),
+        replicas,
+    }
+}
+
+/// Whether every pod has an address to announce: false while a LoadBalancer Service
+/// (or, with split ranges, a pod's) waits for its address.
+pub fn addresses_known(settings: &FtpsSettings, server: &TransferServer) -> bool {
+    if service_type(server) != ServiceType::LoadBalancer {
+        return true;
+    }
+    match settings.replicas.is_empty() {
+        true => settings.passive_address.is_some(),
+        false => settings
+            .replicas
+            .iter()
+            .all(|r| r.passive_address.is_some() || settings.passive_address.is_some()),
+    }
+}
+
+/// What the operator found in the TLS Secret.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum CertificateState {
+    /// A certificate within its validity period, with a key beside it.
+    Valid(CertificateInfo),
+    /// The certificate has expired.
+    Expired(CertificateInfo),
+    /// The Secret or one of its keys is missing.
+    Missing(String),
+    /// The certificate does not parse.
+    Invalid(String),
+}
+
+impl CertificateState {
+    /// What the status shows of the certificate, when one was parsed.
+    pub fn status(&self) -> Option<TlsCertificateStatus> {
+        let info = match self {
+            Self::Valid(info) | Self::Expired(info) => info,
+            Self::Missing(_) | Self::Invalid(_) => return None,
+        };
+        Some(TlsCertificateStatus {
+            not_after: rfc3339(info.not_after),
+            sha256: info.sha256_fingerprint.clone(),
+        })
+    }
+}
+
+/// A time as RFC 3339 in UTC, as Kubernetes writes times.
+pub fn rfc3339(time: SystemTime) -> String {
+    Timestamp::try_from(time)
+        .map(|t| t.to_string())
+        .unwrap_or_default()
+}
+
+/// Judges the TLS Secret named `name` (`secret` is `None` when it does not exist) at
+/// `now`. Only `tls.crt` is parsed; `tls.key` is checked for presence and never read
+/// further, so no key material can reach a status or an Event.
+pub fn certificate_state(name: &str, secret: Option<&Secret>, now: SystemTime) -> CertificateState {
+    let Some(secret) = secret else {
+        return CertificateState::Missing(format!("TLS Secret {name} does not exist"));
+    };
+    let value = |key: &str| {
+        secret
+            .data
+            .as_ref()
+            .and_then(|d| d.get(key))
+            .filter(|v| !v.0.is_empty())
+    };
+    let (Some(certificate), Some(_)) = (value("tls.crt"), value("tls.key")) else {
+        return CertificateState::Missing(format!(
+            "TLS Secret {name} needs non-empty tls.crt and tls.key"
+        ));
+    };
+    match certificate_info(&certificate.0) {
+        Ok(info) if info.is_expired_at(now) => CertificateState::Expired(info),
+        Ok(info) => CertificateState::Valid(info),
+        Err(error) => CertificateState::Invalid(format!(
+            "tls.crt in TLS Secret {name} cannot be used: {error}"
+        )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use k8s_openapi::api::core::v1::{LoadBalancerIngress, LoadBalancerStatus, ServiceStatus};
+    use sha2::Digest;
+
+    use super::*;
+
+    fn server(replicas: i32, service: &str, ftps: serde_json::Value) -> TransferServer {
+        let spec = serde_json::json!({
+            "region": "cn-shanghai",
+            "replicas": replicas,
+            "protocols": {"ftps": ftps},
+            "storage": {"volume": {"storageClassName": "ssd", "size": "1Gi"}},
+            "service": {"type": service},
+        });
+        TransferServer::new("files", serde_json::from_value(spec).unwrap())
+    }
+
+    fn explicit() -> serde_json::Value {
+        serde_json::json!({"explicit": {}, "tlsSecretRef": {"name": "files-tls"}})
+    }
+
+    fn with_lb(ip: &str) -> Service {
+        Service {
+            status: Some(ServiceStatus {
+                load_balancer: Some(LoadBalancerStatus {
+                    ingress: Some(vec![LoadBalancerIngress {
+                        ip: Some(ip.into()),
+                        ..LoadBalancerIngress::default()
+                    }]),
+                }),
+                conditions: None,
+            }),
+            ..Service::default()
+        }
+    }
+
+    #[test]
+    fn one_pod_serves_the_default_range_on_the_default_ports() {
+        let plan = plan(&server(1, "ClusterIP", explicit())).unwrap().unwrap();
+        assert_eq!(plan.explicit_port, Some(21));
+        assert_eq!(plan.implicit_port, None);
+        assert_eq!(plan.passive, DEFAULT_PASSIVE_PORTS);
+        assert!(plan.shares.is_empty());
+        assert_eq!(plan.passive_ports().count(), 16);
+    }
+
+    #[test]
+    fn pods_inside_the_cluster_share_the_whole_range_and_announce_themselves() {
+        let server = server(3, "ClusterIP", explicit());
+        let plan = plan(&server).unwrap().unwrap();
+        assert!(plan.shares.is_empty());
+        let settings = settings(&server, &plan, None, &[]);
+        assert_eq!(settings.passive_address, None);
+        assert!(settings.replicas.is_empty());
+        assert!(addresses_known(&settings, &server));
+    }
+
+    #[test]
+    fn behind_a_load_balancer_each_pod_gets_a_share_and_its_own_address() {
+        let mut ftps = explicit();
+        ftps["passivePorts"] = serde_json::json!({"first": 31000, "count": 10});
+        let server = server(3, "LoadBalancer", ftps);
+        let plan = plan(&server).unwrap().unwrap();
+        let firsts: Vec<u16> = plan.shares.iter().map(|s| s.first).collect();
+        assert_eq!(firsts, [31000, 31003, 31006]);
+        assert!(plan.shares.iter().all(|s| s.count == 3));
+
+        let pods = [
+            Some(with_lb("198.51.100.1")),
+            None,
+            Some(with_lb("198.51.100.3")),
+        ];
+        let settings = settings(&server, &plan, Some(&with_lb("198.51.100.9")), &pods);
+        let addresses: Vec<Option<&str>> = settings
+            .replicas
+            .iter()
+            .map(|r| r.passive_address.as_deref())
+            .collect();
+        assert_eq!(
+            addresses,
+            [Some("198.51.100.1"), None, Some("198.51.100.3")]
+        );
+        assert_eq!(settings.passive_address, None);
+        assert!(
+            !addresses_known(&settings, &server),
+            "pod 1 has no address yet"
+        );
+    }
+
+    #[test]
+    fn a_fixed_passive_address_is_announced_by_every_pod() {
+        let mut ftps = explicit();
+        ftps["passiveAddress"] = "ftp.example.com".into();
+        let server = server(2, "LoadBalancer", ftps);
+        let plan = plan(&server).unwrap().unwrap();
+        let settings = settings(&server, &plan, None, &[None, None]);
+        assert_eq!(settings.passive_address.as_deref(), Some("ftp.example.com"));
+        assert!(
+            settings
+                .replicas
+                .iter()
+                .all(|r| r.passive_address.is_none())
+        );
+        assert!(addresses_known(&settings, &server));
+    }
+
+    #[test]
+    fn a_single_load_balanced_pod_announces_the_services_address() {
+        let server = server(1, "LoadBalancer", explicit());
+        let plan = plan(&server).unwrap().unwrap();
+        let pending = settings(&server, &plan, None, &[]);
+        assert!(!addresses_known(&pending, &server));
+        let assigned = settings(&server, &plan, Some(&with_lb("203.0.113.5")), &[]);
+        assert_eq!(assigned.passive_address.as_deref(), Some("203.0.113.5"));
+        assert!(addresses_known(&assigned, &server));
+    }
+
+    #[test]
+    fn node_ports_need_an_address_and_ports_in_the_node_port_range() {
+        let mut ftps = explicit();
+        let refused = plan(&server(1, "NodePort", ftps.clone())).unwrap_err();
+        assert!(refused.contains("passiveAddress"), "{refused}");
+
+        ftps["passiveAddress"] = "192.0.2.10".into();
+        ftps["passivePorts"] = serde_json::json!({"first": 20000, "count": 4});
+        let refused = plan(&server(1, "NodePort", ftps.clone())).unwrap_err();
+        assert!(refused.contains("30000-32767"), "{refused}");
+
+        ftps["passivePorts"] = serde_json::json!({"first": 32000, "count": 4});
+        let plan = plan(&server(2, "NodePort", ftps)).unwrap().unwrap();
+        assert!(plan.node_ports);
+        assert_eq!(plan.shares.len(), 2);
+    }
+
+    #[test]
+    fn more_pods_than_passive_ports_is_refused() {
+        let mut ftps = explicit();
+        ftps["passivePorts"] = serde_json::json!({"first": 31000, "count": 2});
+        let refused = plan(&server(3, "LoadBalancer", ftps)).unwrap_err();
+        assert!(refused.contains("at least replicas (3)"), "{refused}");
+    }
+
+    fn tls_secret(not_after: (i32, u8, u8)) -> (Secret, String) {
+        let mut params = rcgen::CertificateParams::new(vec!["localhost".to_string()]).unwrap();
+        params.not_before = rcgen::date_time_ymd(2020, 1, 1);
+        params.not_after = rcgen::date_time_ymd(not_after.0, not_after.1, not_after.2);
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = params.self_signed(&key).unwrap();
+        let fingerprint = sha2::Sha256::digest(cert.der())
+            .iter()
+            .map(|b| format!("{b:02X}"))
+            .collect::<Vec<_>>()
+            .join(":");
+        let data = [
+            ("tls.crt", cert.pem().into_bytes()),
+            ("tls.key", key.serialize_pem().into_bytes()),
+        ]
+        .map(|(k, v)| (k.to_string(), k8s_openapi::ByteString(v)));
+        let secret = Secret {
+            data: Some(data.into()),
+            ..Secret::default()
+        };
+        (secret, fingerprint)
+    }
+
+    #[test]
+    fn a_current_certificate_is_valid_with_its_expiry_and_fingerprint_and_later_expired() {
+        let (secret, fingerprint) = tls_secret((2030, 6, 1));
+        let before = SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(1_800_000_000);
+        let state = certificate_state("t", Some(&secret), before);
+        let CertificateState::Valid(_) = &state else {
+            panic!("{state:?}");
+        };
+        let shown = state.status().unwrap();
+        assert_eq!(shown.not_after, "2030-06-01T00:00:00Z");
+        assert_eq!(shown.sha256, fingerprint);
+
+        let after = SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(1_950_000_000);
+        let expired = certificate_state("t", Some(&secret), after);
+        assert!(
+            matches!(expired, CertificateState::Expired(_)),
+            "{expired:?}"
+        );
+        assert_eq!(expired.status(), Some(shown));
+    }
+
+    #[test]
+    fn a_missing_or_keyless_secret_is_missing_and_never_shows_key_material() {
+        let now = SystemTime::now();
+        assert_eq!(
+            certificate_state("t", None, now),
+            CertificateState::Missing("TLS Secret t does not exist".into())
+        );
+        let keyless = Secret {
+            data: Some(
+                [(
+                    "tls.crt".to_string(),
+                    k8s_openapi::ByteString(b"x".to_vec()),
+                )]
+                .into(),
+            ),
+            ..Secret::default()
+        };
+        assert!(matches!(
+            certificate_state("t", Some(&keyless), now),
+            CertificateState::Missing(_)
+        ));
+        let garbage = Secret {
+            data: Some(
+                [
+                    (
+                        "tls.crt".to_string(),
+                        k8s_openapi::ByteString(b"x".to_vec()),
+                    ),
+                    (
+                        "tls.key".to_string(),
+                        k8s_openapi::ByteString(b"SECRET".to_vec()),
+                    ),
+                ]
+                .into(),
+            ),
+            ..Secret::default()
+        };
+        let CertificateState::Invalid(message) = certificate_state("t", Some(&garbage), now) else {
+            panic!("garbage must be invalid");
+        };
+        assert!(!message.contains("SECRET"), "{message}");
+    }
+}
