@@ -1,5 +1,5 @@
 //! The main job on one machine: the operator reconciling `deploy/examples/` and a
-//! gateway serving real SFTP transfers.
+//! gateway serving real SFTP and FTPS transfers.
 //!
 //! With a reachable cluster (the current kubeconfig answers), the CRDs and examples are
 //! applied there and the operator runs against it; the cluster's kubelets run the
@@ -21,6 +21,7 @@ use kube::{Api, Client, ResourceExt};
 use sluice::api::TransferServer;
 use support::cluster::{Operator, apply, eventually, install_crds, read_yaml_dir};
 use support::controlplane::ControlPlane;
+use support::gateway::{TestPki, VALID_UNTIL};
 use support::kubelet::FakeKubelet;
 use support::sftp::generate_key;
 
@@ -60,7 +61,9 @@ async fn existing_cluster() -> Option<Client> {
 }
 
 /// Applies the CRDs and examples, with the `ops` user's key replaced by one generated
-/// into `work`, and returns the key's path.
+/// into `work`, and returns the key's path. The example server's FTPS certificate is
+/// issued here by a throwaway CA written to `work/ca.pem` (in a real cluster
+/// cert-manager writes that Secret); an existing Secret is left as it is.
 async fn apply_examples(client: &Client, work: &Path) -> Result<std::path::PathBuf> {
     install_crds(client).await?;
     let key = work.join("ops_ed25519");
@@ -75,6 +78,21 @@ async fn apply_examples(client: &Client, work: &Path) -> Result<std::path::PathB
         }
         apply(client, &object).await?;
     }
+    let secrets =
+        Api::<k8s_openapi::api::core::v1::Secret>::namespaced(client.clone(), "telephony");
+    if secrets.get_opt("cucm-backup-tls").await?.is_none() {
+        let pki = TestPki::new()?;
+        std::fs::write(work.join("ca.pem"), &pki.ca_pem)?;
+        let (cert, key) = pki.issue(VALID_UNTIL)?;
+        let tls = serde_json::json!({
+            "apiVersion": "v1",
+            "kind": "Secret",
+            "metadata": {"name": "cucm-backup-tls", "namespace": "telephony"},
+            "type": "kubernetes.io/tls",
+            "stringData": {"tls.crt": cert, "tls.key": key},
+        });
+        apply(client, &serde_json::from_value(tls)?).await?;
+    }
     Ok(key)
 }
 
@@ -86,6 +104,7 @@ async fn run_on_cluster(client: Client, work: &Path) -> Result<()> {
     println!("\nThe gateway is running in your cluster. To connect from this machine:");
     println!("  kubectl -n telephony port-forward svc/cucm-backup 2222:22 &");
     print_sftp_commands(2222, &key);
+    println!("Press Ctrl-C to stop.");
     wait_for_ctrl_c().await;
     operator.stop().await
 }
@@ -122,6 +141,11 @@ async fn run_locally(work: &Path) -> Result<()> {
         control_plane.kubeconfig_path().display()
     );
     print_sftp_commands(port, &key);
+    let ftps = [2121, 2990].map(|p| pod.ports.get(&p).map(|a| a.port()));
+    if let [Some(explicit), Some(implicit)] = ftps {
+        print_ftps_commands(explicit, implicit, &work.join("ca.pem"));
+    }
+    println!("Press Ctrl-C to stop.");
     // Like the kubelet, refresh the mounted Secrets, so users added or changed while the
     // demo runs reach the gateway (which reloads its configuration by itself).
     let ctrl_c = wait_for_ctrl_c();
@@ -162,7 +186,19 @@ fn print_sftp_commands(port: u16, key: &Path) {
         "  sftp -P {port} -i {} -o StrictHostKeyChecking=accept-new ops@127.0.0.1",
         key.display()
     );
-    println!("Press Ctrl-C to stop.");
+}
+
+fn print_ftps_commands(explicit: u16, implicit: u16, ca: &Path) {
+    let ca = ca.display();
+    println!("FTPS as the password user, explicit (AUTH TLS) and implicit:");
+    println!(
+        "  curl --ssl-reqd --cacert {ca} -u cucm:change-me-1f8e2c ftp://127.0.0.1:{explicit}/"
+    );
+    println!("  curl --cacert {ca} -u cucm:change-me-1f8e2c ftps://127.0.0.1:{implicit}/");
+    println!(
+        "  lftp -e 'set ssl:ca-file {ca}; set ftp:ssl-force yes' -u cucm,change-me-1f8e2c \
+         127.0.0.1:{explicit}"
+    );
 }
 
 async fn wait_for_ctrl_c() {

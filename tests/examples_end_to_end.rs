@@ -12,7 +12,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail, ensure};
-use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::core::v1::{PersistentVolumeClaim, Secret, Service};
 use kube::api::ListParams;
 use kube::{Api, Client, ResourceExt};
@@ -21,6 +21,7 @@ use sluice::gateway::config::GatewayConfig;
 
 use support::cluster::{Operator, apply, eventually, install_crds, read_yaml_dir};
 use support::controlplane::ControlPlane;
+use support::gateway::{TestPki, VALID_UNTIL};
 use support::kubelet::{FakeKubelet, RunningPod};
 use support::sftp::{
     Auth, SftpClient, generate_key, known_host_fingerprints, random_file, sha256_file,
@@ -36,6 +37,8 @@ struct Scenario {
     scratch: tempfile::TempDir,
     ops_key: std::path::PathBuf,
     password: String,
+    /// The CA of the FTPS certificate the test put in the example's TLS Secret.
+    ca: std::path::PathBuf,
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -61,6 +64,9 @@ async fn examples_roll_out_a_gateway_that_serves_sftp_and_converges_quietly() ->
     config_holds_hashes_never_passwords(&client, &scenario).await?;
 
     both_users_transfer_files_over_sftp(&scenario, &pod)
+        .await
+        .with_context(|| pod.log())?;
+    the_password_user_transfers_over_explicit_and_implicit_ftps(&scenario, &pod)
         .await
         .with_context(|| pod.log())?;
     host_key_survives_a_gateway_restart(&scenario, &mut pod)
@@ -91,11 +97,25 @@ async fn apply_examples(client: Client) -> Result<Scenario> {
         apply(&client, &object).await?;
     }
     let password = password.context("the example password Secret has no stringData.password")?;
+    // What cert-manager would write for the example's tlsSecretRef.
+    let pki = TestPki::new()?;
+    let ca = scratch.path().join("ca.pem");
+    std::fs::write(&ca, &pki.ca_pem)?;
+    let (cert, key) = pki.issue(VALID_UNTIL)?;
+    let tls = serde_json::json!({
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "metadata": {"name": "cucm-backup-tls", "namespace": NAMESPACE},
+        "type": "kubernetes.io/tls",
+        "stringData": {"tls.crt": cert, "tls.key": key},
+    });
+    apply(&client, &serde_json::from_value(tls)?).await?;
     Ok(Scenario {
         client,
         scratch,
         ops_key,
         password,
+        ca,
     })
 }
 
@@ -151,13 +171,34 @@ async fn server_becomes_ready_with_fingerprints(client: &Client) -> Result<()> {
         "endpoint {:?}",
         status.endpoint
     );
+    ensure!(
+        status.endpoints
+            == [
+                "sftp://cucm-backup.telephony.svc:22",
+                "ftpes://cucm-backup.telephony.svc:21",
+                "ftps://cucm-backup.telephony.svc:990",
+            ],
+        "endpoints {:?}",
+        status.endpoints
+    );
+    ensure!(status.protocols.as_deref() == Some("SFTP,FTPS"));
+    ensure!(
+        condition(&server, "TlsCertificateValid")
+            .map(|c| c.1)
+            .as_deref()
+            == Some("CertificateValid")
+    );
+    ensure!(
+        status.tls_certificate.is_some(),
+        "no certificate on the status"
+    );
     ensure!(status.users == Some(2), "users {:?}", status.users);
     Ok(())
 }
 
 async fn owned_objects_carry_labels_owner_and_affinity(client: &Client) -> Result<()> {
     let uid = server(client).await?.uid().context("server without uid")?;
-    let deployment = Api::<Deployment>::namespaced(client.clone(), NAMESPACE)
+    let statefulset = Api::<StatefulSet>::namespaced(client.clone(), NAMESPACE)
         .get("cucm-backup-gateway")
         .await?;
     let pvc = Api::<PersistentVolumeClaim>::namespaced(client.clone(), NAMESPACE)
@@ -168,7 +209,7 @@ async fn owned_objects_carry_labels_owner_and_affinity(client: &Client) -> Resul
         .await?;
     let secrets = Api::<Secret>::namespaced(client.clone(), NAMESPACE);
     let metas = [
-        deployment.metadata.clone(),
+        statefulset.metadata.clone(),
         pvc.metadata.clone(),
         service.metadata.clone(),
         secrets.get("cucm-backup-host-keys").await?.metadata,
@@ -208,7 +249,7 @@ async fn owned_objects_carry_labels_owner_and_affinity(client: &Client) -> Resul
     }
     let pvc_spec = pvc.spec.context("pvc spec")?;
     ensure!(pvc_spec.storage_class_name.as_deref() == Some("cn-shanghai-ssd"));
-    let pod = deployment
+    let pod = statefulset
         .spec
         .context("spec")?
         .template
@@ -275,6 +316,72 @@ async fn config_holds_hashes_never_passwords(client: &Client, scenario: &Scenari
         .context("cucm has no hash")?;
     ensure!(hash.starts_with("$argon2id$"), "hash format");
     ensure!(config.residency.compliant && config.residency.policies == ["mainland-china"]);
+    Ok(())
+}
+
+/// curl uploads, downloads and deletes as `cucm` over explicit (`ftp://` with
+/// `--ssl-reqd`) and implicit (`ftps://`) FTPS, comparing hashes.
+async fn the_password_user_transfers_over_explicit_and_implicit_ftps(
+    scenario: &Scenario,
+    pod: &RunningPod,
+) -> Result<()> {
+    let dir = scenario.scratch.path();
+    let local = dir.join("ftps-upload.bin");
+    let expected = random_file(&local, 500_001, 21)?;
+    let urls = [
+        format!(
+            "ftp://{}",
+            pod.ports.get(&2121).context("no explicit FTPS port")?
+        ),
+        format!(
+            "ftps://{}",
+            pod.ports.get(&2990).context("no implicit FTPS port")?
+        ),
+    ];
+    let stored = pod.volume_dir("data").join("cucm").join("ftps.bin");
+    for url in urls {
+        let curl = |args: &[&str]| {
+            let mut command = std::process::Command::new("curl");
+            command
+                .args(["--silent", "--show-error", "--max-time", "60", "--ssl-reqd"])
+                .arg("--cacert")
+                .arg(&scenario.ca)
+                .args(["--user", &format!("cucm:{}", scenario.password)])
+                .args(args);
+            command
+        };
+        let back = dir.join("ftps-download.bin");
+        let upload = curl(&[
+            "-T",
+            &local.display().to_string(),
+            &format!("{url}/ftps.bin"),
+        ]);
+        let download = curl(&[
+            "-o",
+            &back.display().to_string(),
+            &format!("{url}/ftps.bin"),
+        ]);
+        for mut command in [upload, download] {
+            let output = tokio::task::spawn_blocking(move || command.output()).await??;
+            ensure!(
+                output.status.success(),
+                "{url}: {}",
+                String::from_utf8_lossy(&output.stderr)
+            );
+        }
+        ensure!(
+            sha256_file(&stored)? == expected,
+            "{url}: stored bytes differ"
+        );
+        ensure!(
+            sha256_file(&back)? == expected,
+            "{url}: downloaded bytes differ"
+        );
+        let mut delete = curl(&["-Q", "DELE /ftps.bin", &format!("{url}/")]);
+        let output = tokio::task::spawn_blocking(move || delete.output()).await??;
+        ensure!(output.status.success(), "{url}: delete failed");
+        ensure!(!stored.exists(), "{url}: delete did not delete");
+    }
     Ok(())
 }
 
@@ -427,16 +534,16 @@ async fn resource_versions(client: &Client) -> Result<BTreeMap<String, String>> 
         Api::<PersistentVolumeClaim>::namespaced(client.clone(), NAMESPACE),
     )
     .await?;
-    // The Deployment's status is the deployment controller's to write; its spec is ours.
-    let deployments = Api::<Deployment>::namespaced(client.clone(), NAMESPACE);
-    for o in deployments.list(&ListParams::default()).await? {
+    // The StatefulSet's status is the statefulset controller's to write; its spec is ours.
+    let statefulsets = Api::<StatefulSet>::namespaced(client.clone(), NAMESPACE);
+    for o in statefulsets.list(&ListParams::default()).await? {
         let generation = o
             .metadata
             .generation
             .map(|g| g.to_string())
             .unwrap_or_default();
         versions.insert(
-            format!("Deployment.generation/{}", o.name_any()),
+            format!("StatefulSet.generation/{}", o.name_any()),
             generation,
         );
     }

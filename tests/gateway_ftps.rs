@@ -752,7 +752,7 @@ async fn require_refuses_a_data_connection_that_does_not_resume_with_a_clear_rep
 async fn session_reuse_off_makes_every_data_connection_a_full_handshake() -> Result<()> {
     for (reuse, expected) in [
         (SessionReuse::Allow, rustls::HandshakeKind::Resumed),
-        (SessionReuse::Off, rustls::HandshakeKind::Full),
+        (SessionReuse::Never, rustls::HandshakeKind::Full),
     ] {
         let gateway = gateway(FtpsSettings {
             session_reuse: reuse,

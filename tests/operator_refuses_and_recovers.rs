@@ -8,7 +8,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
-use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::core::v1::{Event, PersistentVolumeClaim, Secret, Service};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::api::{ApiResource, DeleteParams, DynamicObject, ListParams};
@@ -182,8 +182,8 @@ async fn objects_of_others_are_never_taken_over(client: &Client) -> Result<()> {
         "{reason}: {message}"
     );
     ensure!(
-        !exists::<Deployment>(client, "web-gateway").await?,
-        "a Deployment was created"
+        !exists::<StatefulSet>(client, "web-gateway").await?,
+        "a StatefulSet was created"
     );
 
     let servers = Api::<TransferServer>::namespaced(client.clone(), NS);
@@ -245,8 +245,8 @@ async fn hong_kong_server_is_refused_without_workload(client: &Client) -> Result
     // Give the operator a moment in which it could wrongly create something.
     tokio::time::sleep(Duration::from_secs(3)).await;
     ensure!(
-        !exists::<Deployment>(client, "hk-gw-gateway").await?,
-        "a Deployment was created"
+        !exists::<StatefulSet>(client, "hk-gw-gateway").await?,
+        "a StatefulSet was created"
     );
     ensure!(
         !exists::<Service>(client, "hk-gw").await?,
@@ -271,11 +271,11 @@ async fn moving_to_an_allowed_region_rolls_it_out(client: &Client) -> Result<()>
         condition(&server, "Reconciling").is_some_and(|c| c.0 == "True"),
         "no kubelet: still rolling out"
     );
-    let deployment = Api::<Deployment>::namespaced(client.clone(), NS)
+    let statefulset = Api::<StatefulSet>::namespaced(client.clone(), NS)
         .get("hk-gw-gateway")
         .await?;
     let affinity = serde_json::to_value(
-        deployment
+        statefulset
             .spec
             .and_then(|s| s.template.spec)
             .and_then(|p| p.affinity),
@@ -427,9 +427,9 @@ async fn recreated_server_is_fully_reconciled(client: &Client) -> Result<()> {
     apply_all(client, &[server("hk-gw", "cn-beijing")]).await?;
     let server = wait_condition(client, "hk-gw", "ResidencyCompliant", "True").await?;
     ensure!(server.uid() != old_uid, "the server was not recreated");
-    let deployments = Api::<Deployment>::namespaced(client.clone(), NS);
-    eventually("a Deployment owned by the new server", WAIT, || async {
-        let Some(d) = deployments.get_opt("hk-gw-gateway").await? else {
+    let statefulsets = Api::<StatefulSet>::namespaced(client.clone(), NS);
+    eventually("a StatefulSet owned by the new server", WAIT, || async {
+        let Some(d) = statefulsets.get_opt("hk-gw-gateway").await? else {
             return Ok(None);
         };
         let owner = d.owner_references().first().map(|o| o.uid.clone());
@@ -456,7 +456,7 @@ async fn deleting_the_server_removes_what_it_owned(client: &Client) -> Result<()
         Duration::from_secs(90),
         || async {
             let left = [
-                exists::<Deployment>(client, "hk-gw-gateway").await?,
+                exists::<StatefulSet>(client, "hk-gw-gateway").await?,
                 exists::<Service>(client, "hk-gw").await?,
                 exists::<PersistentVolumeClaim>(client, "hk-gw-data").await?,
                 exists::<Secret>(client, "hk-gw-host-keys").await?,

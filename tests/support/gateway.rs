@@ -236,6 +236,7 @@ fn config(users: Vec<GatewayUser>, ftps: Option<FtpsSettings>) -> GatewayConfig 
             allowed_regions: vec![],
         },
         users,
+        sftp: true,
         ftps,
     }
 }

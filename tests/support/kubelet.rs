@@ -1,16 +1,21 @@
 //! A stand-in for the kubelet, so end-to-end tests run the real gateway process from the
-//! Deployment the operator rendered.
+//! StatefulSet the operator rendered.
 //!
 //! The local control plane has no scheduler and no kubelet. [`FakeKubelet`] does their
 //! part for one pod: it registers a Node with the labels a test chooses, binds the pod to
 //! it only if the pod's required node affinity admits the node, materialises the pod's
 //! Secret, PVC and emptyDir volumes into a temporary directory, starts the container's
-//! exact command, args and environment, and reports the pod Running and Ready so the
-//! Deployment controller counts it available.
+//! exact command, args and environment (with `metadata.name` from the downward API),
+//! and reports the pod Running and Ready so the StatefulSet controller counts it
+//! available. An optional Secret volume whose Secret is missing stays empty until
+//! [`RunningPod::sync_secrets`] finds it, as with the kubelet.
 //!
 //! What is remapped, and nothing else: mount paths become directories under the
-//! temporary directory, `0.0.0.0:<containerPort>` becomes `127.0.0.1:<free port>`, and
-//! the command `sluice` resolves to the binary Cargo built for this test run.
+//! temporary directory, `0.0.0.0:<containerPort>` in the command line or environment
+//! becomes `127.0.0.1:<free port>` (ports the command line does not name, such as
+//! passive FTP ports the gateway binds by number from its configuration, keep their
+//! numbers), and the command `sluice` resolves to the binary Cargo built for this test
+//! run.
 
 #![allow(dead_code)]
 
@@ -217,10 +222,11 @@ impl RunningPod {
                 .secret_name
                 .as_deref()
                 .context("secret volume without a name")?;
-            let secret = secrets
-                .get(name)
-                .await
-                .with_context(|| format!("Secret {name}"))?;
+            let secret = match secrets.get_opt(name).await? {
+                Some(secret) => secret,
+                None if source.optional == Some(true) => continue,
+                None => bail!("Secret {name} of volume {} does not exist", volume.name),
+            };
             let data = secret.data.unwrap_or_default();
             let default_mode = source.default_mode.unwrap_or(0o644);
             let files: Vec<(String, String, i32)> = match &source.items {
@@ -261,7 +267,19 @@ impl RunningPod {
             let local = self.volume_dir(&mount.name);
             remap.push((mount.mount_path.clone(), local.display().to_string()));
         }
+        let mut words: Vec<String> = container.command.clone().unwrap_or_default();
+        words.extend(container.args.clone().unwrap_or_default());
+        let values = container
+            .env
+            .iter()
+            .flatten()
+            .filter_map(|v| v.value.clone());
+        let named: Vec<String> = words.iter().cloned().chain(values).collect();
         for port in container.ports.iter().flatten() {
+            let wildcard = format!("0.0.0.0:{}", port.container_port);
+            if !named.iter().any(|w| w.contains(&wildcard)) {
+                continue;
+            }
             let local = match self.ports.get(&port.container_port) {
                 Some(addr) => *addr,
                 None => free_local_address()?,
@@ -274,8 +292,6 @@ impl RunningPod {
         }
         let apply = |text: &str| remap_once(text, &remap);
 
-        let mut words: Vec<String> = container.command.clone().unwrap_or_default();
-        words.extend(container.args.clone().unwrap_or_default());
         let words: Vec<String> = words.iter().map(|w| apply(w)).collect();
         let program = resolve_command(words.first().context("container without a command")?)?;
 
@@ -293,7 +309,18 @@ impl RunningPod {
             .stderr(log)
             .kill_on_drop(true);
         for var in container.env.iter().flatten() {
-            command.env(&var.name, apply(var.value.as_deref().unwrap_or_default()));
+            let from_field = var
+                .value_from
+                .as_ref()
+                .and_then(|source| source.field_ref.as_ref())
+                .map(|field| field.field_path.as_str());
+            let value = match from_field {
+                Some("metadata.name") => self.name.clone(),
+                Some("metadata.namespace") => self.namespace.clone(),
+                Some(other) => bail!("the fake kubelet cannot provide field {other}"),
+                None => apply(var.value.as_deref().unwrap_or_default()),
+            };
+            command.env(&var.name, value);
         }
         self.child = Some(
             command
