@@ -59,6 +59,7 @@ async fn an_ftps_server_serves_both_modes_with_a_renewable_certificate_and_per_p
     let scratch = tempfile::tempdir()?;
 
     apply_all(&client, &[namespace(), policy(false), password_secret()]).await?;
+    malformed_ftps_specs_are_refused_or_stalled(&client).await?;
     plaintext_ftp_is_refused_until_the_policy_allows_it(&client).await?;
 
     // Passive ranges of parallel tests must not overlap: they are bound on 127.0.0.1.
@@ -102,6 +103,9 @@ async fn an_ftps_server_serves_both_modes_with_a_renewable_certificate_and_per_p
 
     passive_ports_are_split_between_load_balanced_pods(&client, &kubelet, &clients, passive)
         .await?;
+    an_expired_certificate_stops_ftps_with_a_condition_and_a_warning(&client, &pod, &pki)
+        .await
+        .with_context(|| pod.log())?;
     pod.stop().await;
     operator.stop().await?;
     Ok(())
@@ -252,6 +256,79 @@ async fn gateway_config(client: &Client, server: &str) -> Result<GatewayConfig> 
         .context("no config.json")?
         .0;
     Ok(serde_json::from_slice(raw)?)
+}
+
+/// Applies `object` and checks that the API server refuses it with `needle` in the error.
+async fn refused(client: &Client, object: Value, needle: &str) -> Result<()> {
+    let Err(error) = apply_all(client, &[object]).await else {
+        anyhow::bail!("an object that should be refused ({needle}) was accepted");
+    };
+    ensure!(format!("{error:#}").contains(needle), "{error:#}");
+    Ok(())
+}
+
+async fn malformed_ftps_specs_are_refused_or_stalled(client: &Client) -> Result<()> {
+    let with = |pointer: &str, value: Value| {
+        let mut object = server("bad", 1, "ClusterIP", 45_000, 4);
+        let (parent, key) = pointer.rsplit_once('/').expect("a JSON pointer");
+        let parent = object
+            .pointer_mut(parent)
+            .expect("the fixture has the parent");
+        parent[key] = value;
+        object
+    };
+    let ftps = "/spec/protocols/ftps";
+    let no_mode = with(ftps, json!({"tlsSecretRef": {"name": TLS_SECRET}}));
+    refused(client, no_mode, "ftps needs explicit, implicit or both").await?;
+    let implicit_plaintext = with(
+        ftps,
+        json!({"implicit": {}, "allowPlaintext": true, "tlsSecretRef": {"name": TLS_SECRET}}),
+    );
+    refused(
+        client,
+        implicit_plaintext,
+        "allowPlaintext applies to the explicit port",
+    )
+    .await?;
+    let no_secret = with(ftps, json!({"explicit": {}}));
+    refused(client, no_secret, "tlsSecretRef").await?;
+    let past_the_end = with(
+        &format!("{ftps}/passivePorts"),
+        json!({"first": 65530, "count": 10}),
+    );
+    refused(client, past_the_end, "must end at or below port 65535").await?;
+    let privileged = with(&format!("{ftps}/passivePorts/first"), json!(21));
+    refused(client, privileged, "passivePorts.first").await?;
+    // What kubectl sends for an unquoted `sessionReuse: Off` (YAML 1.1 reads a boolean).
+    let boolean = with(&format!("{ftps}/sessionReuse"), json!(false));
+    refused(client, boolean, "sessionReuse").await?;
+    refused(
+        client,
+        with("/spec/protocols", json!({})),
+        "at least one protocol",
+    )
+    .await?;
+
+    // Shapes only the operator can judge stall the server with the reason.
+    let mut node_port = server("bad-nodeport", 1, "NodePort", 31_000, 4);
+    let mut crowded = server("bad-crowded", 3, "LoadBalancer", 45_000, 2);
+    for (object, needle) in [
+        (&mut node_port, "passiveAddress"),
+        (&mut crowded, "at least replicas (3)"),
+    ] {
+        let name = object["metadata"]["name"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
+        apply_all(client, &[object.clone()]).await?;
+        let stalled = wait_condition(client, &name, "Stalled", "True", "InvalidSpec").await?;
+        let message = condition(&stalled, "Stalled").unwrap_or_default().2;
+        ensure!(message.contains(needle), "{name}: {message}");
+        Api::<TransferServer>::namespaced(client.clone(), NS)
+            .delete(&name, &Default::default())
+            .await?;
+    }
+    Ok(())
 }
 
 async fn plaintext_ftp_is_refused_until_the_policy_allows_it(client: &Client) -> Result<()> {
@@ -776,6 +853,40 @@ async fn passive_ports_are_split_between_load_balanced_pods(
         pod.stop().await;
     }
     Ok(())
+}
+
+async fn an_expired_certificate_stops_ftps_with_a_condition_and_a_warning(
+    client: &Client,
+    pod: &RunningPod,
+    pki: &TestPki,
+) -> Result<()> {
+    let expired = pki.issue((2021, 3, 1))?;
+    apply_all(client, &[tls_secret(&expired)]).await?;
+    pod.sync_secrets().await?;
+    let server = wait_condition(
+        client,
+        SERVER,
+        "TlsCertificateValid",
+        "False",
+        "CertificateExpired",
+    )
+    .await?;
+    let ready = condition(&server, "Ready").unwrap_or_default();
+    ensure!(
+        ready.0 == "False" && ready.1 == "CertificateExpired" && ready.2.contains("2021-03-01"),
+        "{ready:?}"
+    );
+    let message = warning_event(client, SERVER, "CertificateExpired").await?;
+    ensure!(message.contains("expired"), "{message}");
+    eventually(
+        "FTPS refused with the expired certificate",
+        WAIT,
+        || async {
+            let reply = ftp_greeting(pod.ports[&EXPLICIT]).await?;
+            Ok(reply.starts_with("421").then_some(()))
+        },
+    )
+    .await
 }
 
 /// Writes a load-balancer address into a Service's status, as a cloud controller would.
