@@ -33,8 +33,8 @@ pub struct ServerInputs {
     /// The existing Service, for the endpoint and its load-balancer address.
     pub service: Option<Service>,
     /// The existing per-pod Services `NAME-gateway-ORDINAL`, by ordinal up to the
-    /// declared number of replicas (read only for a server with FTPS and more than one
-    /// replica, the only servers that may have them).
+    /// declared number of replicas (read only for a server whose passive FTPS range is
+    /// split between pods, the only servers that want them).
     pub pod_services: Vec<Option<Service>>,
     /// Names of the per-pod Services this server owns, including any beyond the declared
     /// replicas, so that those left over from a larger scale can be removed.
@@ -94,9 +94,9 @@ pub async fn dereference(
         .await
         .map_err(Error::kube("read gateway Service"))?;
     let ftps = server.spec.protocols.ftps.as_ref();
-    let replicas = usize::try_from(server.spec.replicas.unwrap_or(1)).unwrap_or(0);
     let mut pod_services = Vec::new();
-    if ftps.is_some() && replicas > 1 {
+    if super::ftps::splits_passive_range(&server) {
+        let replicas = usize::try_from(server.spec.replicas.unwrap_or(1)).unwrap_or(0);
         for ordinal in 0..replicas {
             let pod_service = services
                 .get_opt(&names::pod(&name, ordinal))

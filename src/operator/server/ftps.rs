@@ -102,11 +102,9 @@ pub fn plan(server: &TransferServer) -> Result<Option<FtpsPlan>, String> {
         return Err("passivePorts must end at or below port 65535".into());
     }
     let type_ = service_type(server);
-    let replicas = u16::try_from(server.spec.replicas.unwrap_or(1).max(1)).unwrap_or(1);
-    let shares = if replicas > 1 && type_ != ServiceType::ClusterIP {
-        split(passive, replicas)?
-    } else {
-        Vec::new()
+    let shares = match splits_passive_range(server) {
+        true => split(passive, u16::try_from(replicas(server)).unwrap_or(u16::MAX))?,
+        false => Vec::new(),
     };
     let node_ports = type_ == ServiceType::NodePort;
     if node_ports {
@@ -141,6 +139,16 @@ pub fn plan(server: &TransferServer) -> Result<Option<FtpsPlan>, String> {
         shares,
         node_ports,
     }))
+}
+
+/// Whether the server's passive range is split between its pods: FTPS with more than
+/// one pod behind a NodePort or LoadBalancer Service.
+pub fn splits_passive_range(server: &TransferServer) -> bool {
+    spec(server).is_some() && replicas(server) > 1 && service_type(server) != ServiceType::ClusterIP
+}
+
+fn replicas(server: &TransferServer) -> usize {
+    usize::try_from(server.spec.replicas.unwrap_or(1)).unwrap_or(0)
 }
 
 /// Splits `range` into `pods` equal shares; ports left over at the end go unused.
