@@ -310,17 +310,17 @@ async fn malformed_ftps_specs_are_refused_or_stalled(client: &Client) -> Result<
     .await?;
 
     // Shapes only the operator can judge stall the server with the reason.
-    let mut node_port = server("bad-nodeport", 1, "NodePort", 31_000, 4);
-    let mut crowded = server("bad-crowded", 3, "LoadBalancer", 45_000, 2);
+    let node_port = server("bad-nodeport", 1, "NodePort", 31_000, 4);
+    let crowded = server("bad-crowded", 3, "LoadBalancer", 45_000, 2);
     for (object, needle) in [
-        (&mut node_port, "passiveAddress"),
-        (&mut crowded, "at least replicas (3)"),
+        (node_port, "passiveAddress"),
+        (crowded, "at least replicas (3)"),
     ] {
         let name = object["metadata"]["name"]
             .as_str()
             .unwrap_or_default()
             .to_string();
-        apply_all(client, &[object.clone()]).await?;
+        apply_all(client, std::slice::from_ref(&object)).await?;
         let stalled = wait_condition(client, &name, "Stalled", "True", "InvalidSpec").await?;
         let message = condition(&stalled, "Stalled").unwrap_or_default().2;
         ensure!(message.contains(needle), "{name}: {message}");
