@@ -1450,3 +1450,118 @@ async fn ftps_is_not_served_when_the_configuration_has_no_ftps_section() -> Resu
     let _: SocketAddr = gateway.addr;
     gateway.stop().await
 }
+
+#[tokio::test]
+async fn connections_beyond_the_per_address_limit_get_421_on_the_explicit_port_and_are_closed()
+-> Result<()> {
+    let logs = capture_logs();
+    let gateway = gateway(ftps_settings()).await?;
+    let limit = sluice::gateway::sftp::MAX_CONNECTIONS_PER_IP;
+
+    let mut admitted = Vec::new();
+    for _ in 0..limit {
+        let (ftp, greeting) = Ftp::explicit(&gateway).await?;
+        ensure!(greeting.code == 220, "{greeting:?}");
+        admitted.push(ftp);
+    }
+    let started = Instant::now();
+    let (mut refused, reply) = Ftp::explicit(&gateway).await?;
+    ensure!(
+        reply.code == 421 && reply.text.contains("Too many connections"),
+        "{reply:?}"
+    );
+    ensure!(refused.closed().await, "a refused connection stayed open");
+    let mut implicit = TcpStream::connect(gateway.ftps_implicit_addr()?).await?;
+    let mut received = Vec::new();
+    timeout(Duration::from_secs(5), implicit.read_to_end(&mut received)).await??;
+    ensure!(received.is_empty(), "refused, yet sent {received:?}");
+    ensure!(
+        started.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        started.elapsed()
+    );
+
+    // The places come back as sessions end.
+    drop(admitted);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut ftp = loop {
+        let (mut ftp, greeting) = Ftp::explicit(&gateway).await?;
+        if greeting.code == 220 {
+            ftp.secure().await?;
+            ftp.login(USER, PASSWORD).await?;
+            break ftp;
+        }
+        ensure!(Instant::now() < deadline, "no place was freed");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    ftp.expect("QUIT", 221).await?;
+    gateway.stop().await?;
+    let refusals = logs.at_level("WARN");
+    let refusals: Vec<_> = refusals
+        .iter()
+        .filter(|w| w.contains("Refusing connections") && w.contains("Ftps"))
+        .collect();
+    ensure!(refusals.len() == 1, "{refusals:#?}");
+    assert_clean_logs(&logs, &[PASSWORD])
+}
+
+#[tokio::test]
+async fn a_reload_that_removes_a_user_or_changes_their_password_closes_their_ftps_sessions()
+-> Result<()> {
+    const OTHER: &str = "ops";
+    const OTHER_PASSWORD: &str = "Other-Password-4";
+    let logs = capture_logs();
+    let cucm = password_user(USER, PASSWORD, ALL);
+    let ops = password_user(OTHER, OTHER_PASSWORD, ALL);
+    let gateway = TestGateway::start_ftps(vec![cucm.clone(), ops.clone()], ftps_settings()).await?;
+
+    let mut idle = Ftp::logged_in(&gateway).await?;
+    let mut uploading = Ftp::logged_in(&gateway).await?;
+    let (mut other, _) = Ftp::explicit(&gateway).await?;
+    other.secure().await?;
+    other.login(OTHER, OTHER_PASSWORD).await?;
+    let port = uploading.epsv().await?;
+    let data = uploading.connect_data(port).await?;
+    uploading.expect("STOR during-revocation.bin", 150).await?;
+    let mut data = uploading.secure_data(data).await?;
+    data.write_all(&[3u8; 200_000]).await?;
+    data.flush().await?;
+
+    // Only the key set changes for ops, which does not matter to a password login.
+    let mut ops_with_key = ops.clone();
+    ops_with_key.public_keys = vec![
+        "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIC6ovjeiYs++YnFewG7s9QMhdu57ek59CXgyiNgY3Uou".into(),
+    ];
+    let new_password = password_user(USER, "New-Password-After-Rotation-2", ALL);
+    gateway.set_users(vec![new_password, ops_with_key.clone()])?;
+    for ftp in [&mut idle, &mut uploading] {
+        let reply = ftp.reply().await?;
+        ensure!(
+            reply.code == 421 && reply.text.contains("revoked"),
+            "{reply:?}"
+        );
+        ensure!(ftp.closed().await, "a revoked session stayed open");
+    }
+    drop(data);
+    other.expect("NOOP", 200).await?;
+
+    gateway.set_users(vec![])?;
+    let reply = other.reply().await?;
+    ensure!(
+        reply.code == 421 && reply.text.contains("revoked"),
+        "{reply:?}"
+    );
+    ensure!(other.closed().await, "a removed user's session stayed open");
+    ensure!(
+        !stored(&gateway, "during-revocation.bin").exists(),
+        "the upload cut by the revocation was stored"
+    );
+    gateway.stop().await?;
+    let revoked = logs.at_level("INFO");
+    let revoked = revoked
+        .iter()
+        .filter(|l| l.contains("its login was revoked"))
+        .count();
+    ensure!(revoked == 3, "{revoked} revocations logged");
+    assert_clean_logs(&logs, &[PASSWORD, OTHER_PASSWORD])
+}

@@ -16,6 +16,9 @@
 //!   data connection is ready (secured and, if required, resumed); only then does libunftp
 //!   see it, so a refused data connection never starts, let alone half-writes, a transfer.
 //!   Its final reply is sent once the data connection has been relayed to its end.
+//! - A session ends with `421` when it has not logged in by its deadline or a reload
+//!   revokes its login (see [`crate::gateway::sessions::admission_ends`]); a transfer in
+//!   progress is cut, as at shutdown.
 //! - A command line longer than [`MAX_COMMAND_LINE`] gets a 500 and the connection is
 //!   closed; one that is not UTF-8 gets a 501 and is not sent on.
 //! - Logins and transfers are logged by the back end; this module logs only what it
@@ -24,6 +27,7 @@
 use std::collections::VecDeque;
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -36,6 +40,7 @@ use tokio::time::{Instant, sleep_until, timeout};
 use tokio_rustls::TlsAcceptor;
 use tracing::Span;
 
+use crate::gateway::auth::Logins;
 use crate::gateway::config::{FtpsSettings, SessionReuse};
 use crate::gateway::ftps::data::{
     DataChannel, DataEvent, DataFailure, DataState, DataTls, Direction,
@@ -47,6 +52,7 @@ use crate::gateway::ftps::protocol::{
 };
 use crate::gateway::ftps::stream::ClientStream;
 use crate::gateway::ftps::tls::{self, SessionTls};
+use crate::gateway::sessions::{Ending, admission_ends};
 use crate::gateway::stopped;
 
 /// Time a client gets to complete a TLS handshake on the control connection.
@@ -102,6 +108,8 @@ pub struct SessionSetup {
     pub policy: Arc<Policy>,
     /// Starts the session's libunftp engine.
     pub engine: Engine,
+    /// When the session is closed unless it has logged in.
+    pub login_deadline: Instant,
 }
 
 /// Serves one accepted connection to its end, or until `disconnect` turns true.
@@ -149,8 +157,14 @@ pub async fn run(
         }
     };
 
+    let admission = admission_ends(
+        context.watch_login(),
+        setup.engine.watch_logins(),
+        setup.login_deadline,
+        Logins::admits_password,
+    );
     let session = Session::new(setup, tls, peer, local, context, client, upstream);
-    if session.run(disconnect).await {
+    if session.run(disconnect, admission).await {
         tracing::info!("Session closed");
     }
     stop_engine(engine).await;
@@ -202,6 +216,8 @@ enum Event {
     DataDeadline,
     RelayDeadline,
     Disconnect,
+    /// The login deadline passed, or a reload revoked the login.
+    Ended(Ending),
 }
 
 /// One session's control connection state.
@@ -268,12 +284,18 @@ impl Session {
         }
     }
 
-    /// Serves the session to its end; returns whether the client had logged in.
-    async fn run(mut self, mut disconnect: watch::Receiver<bool>) -> bool {
+    /// Serves the session to its end, or until `admission` ends it; returns whether the
+    /// client had logged in.
+    async fn run(
+        mut self,
+        mut disconnect: watch::Receiver<bool>,
+        admission: impl Future<Output = Ending>,
+    ) -> bool {
+        tokio::pin!(admission);
         loop {
             let flow = match self.serve_queue().await {
                 Ok(Flow::Continue) => {
-                    let event = self.next_event(&mut disconnect).await;
+                    let event = self.next_event(&mut disconnect, admission.as_mut()).await;
                     self.handle(event).await
                 }
                 other => other,
@@ -323,7 +345,11 @@ impl Session {
         Ok(Flow::Continue)
     }
 
-    async fn next_event(&mut self, disconnect: &mut watch::Receiver<bool>) -> Event {
+    async fn next_event(
+        &mut self,
+        disconnect: &mut watch::Receiver<bool>,
+        admission: Pin<&mut impl Future<Output = Ending>>,
+    ) -> Event {
         let read_client = self.queue.len() < MAX_QUEUED;
         let data_deadline = self.data.as_ref().and_then(|data| match data.state {
             DataState::Connecting | DataState::Ready | DataState::Failed(_) => Some(data.deadline),
@@ -347,6 +373,7 @@ impl Session {
             () = sleep_until_some(data_deadline) => Event::DataDeadline,
             () = sleep_until_some(relay_deadline) => Event::RelayDeadline,
             () = stopped(disconnect) => Event::Disconnect,
+            ending = admission => Event::Ended(ending),
         }
     }
 
@@ -388,6 +415,16 @@ impl Session {
                 self.data = None;
                 self.reply(Reply::new(421, "The gateway is shutting down"))
                     .await?;
+                Ok(Flow::Close)
+            }
+            Event::Ended(ending) => {
+                ending.report();
+                self.data = None;
+                let text = match ending {
+                    Ending::NoLogin => "Login timed out; closing connection",
+                    Ending::Revoked => "Your login was revoked; closing connection",
+                };
+                self.reply(Reply::new(421, text)).await?;
                 Ok(Flow::Close)
             }
         }

@@ -20,11 +20,11 @@ use std::sync::{Arc, Mutex};
 use libunftp::options::{PassiveHost, SiteMd5};
 use slog::Drain;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::Semaphore;
+use tokio::sync::{Semaphore, watch};
 use tokio::task::JoinHandle;
 use tracing::{Instrument, Span};
 
-use crate::gateway::auth::{LiveLogins, Login};
+use crate::gateway::auth::{LiveLogins, Login, Logins};
 use crate::gateway::ftps::backend::{FtpUser, VfsBackend};
 use crate::gateway::ftps::login::PasswordLogin;
 use crate::storage::Volume;
@@ -43,6 +43,7 @@ const LOOPBACK_ACCEPTS: usize = 4;
 pub struct SessionContext {
     span: Span,
     login: Mutex<Option<Arc<Login>>>,
+    logged_in: watch::Sender<Option<Arc<Login>>>,
     reply_text: Mutex<Option<String>>,
 }
 
@@ -52,6 +53,7 @@ impl SessionContext {
         Arc::new(Self {
             span,
             login: Mutex::new(None),
+            logged_in: watch::Sender::new(None),
             reply_text: Mutex::new(None),
         })
     }
@@ -69,6 +71,16 @@ impl SessionContext {
 
     pub(super) fn take_login(&self) -> Option<Arc<Login>> {
         lock(&self.login).take()
+    }
+
+    /// Records the login the session now runs under, for [`SessionContext::watch_login`].
+    pub(super) fn set_logged_in(&self, login: Arc<Login>) {
+        self.logged_in.send_replace(Some(login));
+    }
+
+    /// Sees the session's login once it has one.
+    pub fn watch_login(&self) -> watch::Receiver<Option<Arc<Login>>> {
+        self.logged_in.subscribe()
     }
 
     /// Leaves the text for the error reply libunftp is about to send.
@@ -109,6 +121,11 @@ impl Engine {
             password_checks: Arc::new(Semaphore::new(cores * 2)),
             logger: slog::Logger::root(TracingDrain.fuse(), slog::o!()),
         }
+    }
+
+    /// Sees every reload of the logins in force.
+    pub fn watch_logins(&self) -> watch::Receiver<Arc<Logins>> {
+        self.logins.subscribe()
     }
 
     /// Starts a libunftp session for `context` and returns the front end's end of its
