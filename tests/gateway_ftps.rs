@@ -1565,3 +1565,28 @@ async fn a_reload_that_removes_a_user_or_changes_their_password_closes_their_ftp
     ensure!(revoked == 3, "{revoked} revocations logged");
     assert_clean_logs(&logs, &[PASSWORD, OTHER_PASSWORD])
 }
+
+#[tokio::test]
+async fn after_epsv_all_pasv_and_active_mode_are_refused_and_epsv_still_works() -> Result<()> {
+    let gateway = gateway(ftps_settings()).await?;
+    let mut ftp = Ftp::logged_in(&gateway).await?;
+    ftp.expect("PASV", 227).await?;
+    ftp.expect("EPSV ALL", 200).await?;
+    for line in [
+        "PASV",
+        "LPSV",
+        "PORT 127,0,0,1,4,1",
+        "EPRT |1|127.0.0.1|1025|",
+        "LPRT 4,4,127,0,0,1,2,4,1",
+    ] {
+        let reply = ftp.expect(line, 503).await?;
+        ensure!(reply.text.contains("EPSV ALL"), "{line}: {reply:?}");
+    }
+    ensure!(ftp.store(b"after-epsv-all.txt", b"epsv only").await?.code == 226);
+    let (listing, done) = ftp.fetch("NLST").await?;
+    ensure!(done.code == 226, "{done:?}");
+    ensure!(String::from_utf8(listing)?.trim_end() == "after-epsv-all.txt");
+    ftp.expect("QUIT", 221).await?;
+    ensure!(std::fs::read(stored(&gateway, "after-epsv-all.txt"))? == b"epsv only");
+    gateway.stop().await
+}

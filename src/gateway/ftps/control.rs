@@ -10,7 +10,9 @@
 //!   (`AUTH`, `PBSZ`, `PROT`, `CCC`, `PASV`, `EPSV`, `PORT` and its relatives, `FEAT`,
 //!   `SITE`, `STAT` without argument, `STOU`, `APPE`) and sends everything else on to
 //!   libunftp one command at a time, in order. Active mode is refused: the gateway never
-//!   connects anywhere on a client's behalf, so FTP bounce is impossible.
+//!   connects anywhere on a client's behalf, so FTP bounce is impossible. After `EPSV ALL`,
+//!   every other data connection setup (`PASV`, `LPSV`, `PORT`, `EPRT`, `LPRT`) gets `503`
+//!   (RFC 2428 section 4) for the rest of the session.
 //! - A passive request opens a data port of libunftp's and one of the front end's (see
 //!   [`super::data`]). A transfer command is held, after a 150 reply, until the client's
 //!   data connection is ready (secured and, if required, resumed); only then does libunftp
@@ -243,6 +245,8 @@ struct Session {
     logged_in: bool,
     /// A `REST` with a non-zero offset was sent and not yet used up.
     restart_pending: bool,
+    /// `EPSV ALL` was sent: only EPSV may set up data connections.
+    epsv_only: bool,
     data: Option<DataChannel>,
     /// A transfer command waiting for its data connection to be ready.
     held: Option<Command>,
@@ -278,6 +282,7 @@ impl Session {
             protect_data: false,
             logged_in: false,
             restart_pending: false,
+            epsv_only: false,
             data: None,
             held: None,
             finished: None,
@@ -477,6 +482,10 @@ impl Session {
                 let refusal = "The control connection stays encrypted";
                 self.reply(Reply::new(534, refusal)).await
             }
+            "PASV" | "LPSV" | "PORT" | "EPRT" | "LPRT" if self.epsv_only => {
+                let refusal = "EPSV ALL is in effect: only EPSV sets up data connections";
+                self.reply(Reply::new(503, refusal)).await
+            }
             "PORT" | "EPRT" | "LPRT" => {
                 tracing::info!(verb, "Refused active mode");
                 let refusal = "Active mode is not supported: use EPSV or PASV";
@@ -608,7 +617,10 @@ impl Session {
             IpAddr::V6(_) => "2",
         };
         match command.argument.trim().to_ascii_uppercase().as_str() {
-            "ALL" => self.reply(Reply::new(200, "EPSV ALL accepted")).await,
+            "ALL" => {
+                self.epsv_only = true;
+                self.reply(Reply::new(200, "EPSV ALL accepted")).await
+            }
             "" => self.passive(true).await,
             requested if requested == family => self.passive(true).await,
             _ => {
