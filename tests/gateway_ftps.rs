@@ -20,6 +20,7 @@ use rustls::pki_types::{CertificateDer, ServerName};
 use rustls::{ClientConfig, RootCertStore};
 use sluice::gateway::config::{FtpsSettings, SessionReuse, TlsVersion};
 use sluice::gateway::ftps::certificate_info;
+use sluice::storage::UPLOADS_DIR;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::time::timeout;
@@ -412,6 +413,19 @@ impl Ftp {
         timeout(CLIENT_TIMEOUT, data.read_to_end(&mut bytes)).await??;
         let done = self.reply().await?;
         Ok((bytes, done))
+    }
+
+    /// Sends an upload command (`STOR name`, `APPE name`) with `content` over EPSV and TLS;
+    /// returns the final reply. The server may refuse the upload once it starts, so
+    /// failing to send the content is not an error.
+    async fn store_with(&mut self, line: &str, content: &[u8]) -> Result<Reply> {
+        let port = self.epsv().await?;
+        let data = self.connect_data(port).await?;
+        self.expect(line, 150).await?;
+        let mut data = self.secure_data(data).await?;
+        let _ = data.write_all(content).await;
+        let _ = data.shutdown().await;
+        self.reply().await
     }
 
     /// `STOR`s `content` under `name` over EPSV and TLS; returns the final reply.
@@ -1588,5 +1602,129 @@ async fn after_epsv_all_pasv_and_active_mode_are_refused_and_epsv_still_works() 
     ensure!(String::from_utf8(listing)?.trim_end() == "after-epsv-all.txt");
     ftp.expect("QUIT", 221).await?;
     ensure!(std::fs::read(stored(&gateway, "after-epsv-all.txt"))? == b"epsv only");
+    gateway.stop().await
+}
+
+#[tokio::test]
+async fn curl_resume_and_append_and_lftp_put_continue_keep_the_stored_start_and_match_the_source()
+-> Result<()> {
+    let logs = capture_logs();
+    let gateway = gateway(ftps_settings()).await?;
+    let scratch = gateway.scratch("resume");
+
+    // curl -C - -T: SIZE, then APPE of what the server lacks.
+    let source = scratch.join("source.bin");
+    let sha = random_file(&source, 5 * 1024 * 1024 + 17, 11)?;
+    let first = scratch.join("first.bin");
+    std::fs::write(&first, &std::fs::read(&source)?[..2 * 1024 * 1024 + 5])?;
+    let mut upload = curl(&gateway);
+    upload
+        .arg("-T")
+        .arg(&first)
+        .arg(explicit_url(&gateway, "/curl.bin")?);
+    succeed(upload).await?;
+    let mut resume = curl(&gateway);
+    resume
+        .args(["-C", "-", "-T"])
+        .arg(&source)
+        .arg(explicit_url(&gateway, "/curl.bin")?);
+    succeed(resume).await?;
+    ensure!(
+        sha256_file(&stored(&gateway, "curl.bin"))? == sha,
+        "curl's resumed upload differs"
+    );
+
+    // lftp put -c: SIZE, then REST and STOR.
+    let source = scratch.join("lftp-source.bin");
+    let lftp_sha = random_file(&source, 3 * 1024 * 1024 + 3, 12)?;
+    let first = scratch.join("lftp-first.bin");
+    std::fs::write(&first, &std::fs::read(&source)?[..1024 * 1024 + 1])?;
+    let mut upload = curl(&gateway);
+    upload
+        .arg("-T")
+        .arg(&first)
+        .arg(explicit_url(&gateway, "/lftp.bin")?);
+    succeed(upload).await?;
+    let commands = format!("put -c {} -o lftp.bin", source.display());
+    succeed(lftp(&gateway, &explicit_url(&gateway, "")?, &commands)).await?;
+    ensure!(
+        sha256_file(&stored(&gateway, "lftp.bin"))? == lftp_sha,
+        "lftp's continued upload differs"
+    );
+
+    // curl --append: APPE of a whole file.
+    let line = scratch.join("line.txt");
+    std::fs::write(&line, b"second line\n")?;
+    std::fs::write(stored(&gateway, "log.txt"), b"first line\n")?;
+    let mut append = curl(&gateway);
+    append
+        .arg("--append")
+        .arg("-T")
+        .arg(&line)
+        .arg(explicit_url(&gateway, "/log.txt")?);
+    succeed(append).await?;
+    ensure!(std::fs::read(stored(&gateway, "log.txt"))? == b"first line\nsecond line\n");
+    let files = tree(&gateway.data().join(USER));
+    gateway.stop().await?;
+
+    let completed = logs.at_level("INFO");
+    let kept = |bytes: u64| {
+        completed
+            .iter()
+            .any(|l| l.contains("Upload completed") && l.contains(&format!("kept={bytes} ")))
+    };
+    ensure!(
+        kept(2 * 1024 * 1024 + 5),
+        "curl did not resume: {completed:#?}"
+    );
+    ensure!(kept(1024 * 1024 + 1), "lftp did not resume: {completed:#?}");
+    ensure!(kept(11), "curl did not append: {completed:#?}");
+    ensure!(files == ["curl.bin", "lftp.bin", "log.txt"], "{files:?}");
+    assert_clean_logs(&logs, &[PASSWORD])
+}
+
+#[tokio::test]
+async fn rest_beyond_the_end_is_refused_and_a_write_only_user_appends_and_resumes() -> Result<()> {
+    const DROP: &str = "drop";
+    const DROP_PASSWORD: &str = "Drop-Box-Password-3";
+    let users = vec![
+        password_user(USER, PASSWORD, ALL),
+        password_user(DROP, DROP_PASSWORD, &[sluice::api::Permission::Write]),
+    ];
+    let gateway = TestGateway::start_ftps(users, ftps_settings()).await?;
+    let (mut ftp, _) = Ftp::explicit(&gateway).await?;
+    ftp.secure().await?;
+    ftp.login(DROP, DROP_PASSWORD).await?;
+    let log = gateway.data().join(DROP).join("log");
+    std::fs::write(&log, b"one\n")?;
+
+    // Write-only: SIZE is denied, so libunftp's own APPE offset would be 0.
+    ftp.expect("SIZE log", 550).await?;
+    ensure!(ftp.store_with("APPE log", b"two\n").await?.code == 226);
+    ensure!(std::fs::read(&log)? == b"one\ntwo\n");
+    ftp.expect("REST 4", 350).await?;
+    ensure!(ftp.store_with("STOR log", b"2\n").await?.code == 226);
+    ensure!(std::fs::read(&log)? == b"one\n2\n");
+
+    ftp.expect("REST 99", 350).await?;
+    let refused = ftp.store_with("STOR log", b"never").await?;
+    ensure!(
+        refused.code == 550 && refused.text.contains("cannot resume at byte 99"),
+        "{refused:?}"
+    );
+    ensure!(
+        std::fs::read(&log)? == b"one\n2\n",
+        "a refused resume changed the file"
+    );
+    // The refused offset is not kept for the next upload.
+    ensure!(ftp.store_with("STOR log", b"whole\n").await?.code == 226);
+    ensure!(std::fs::read(&log)? == b"whole\n");
+    ftp.expect("QUIT", 221).await?;
+    // The staging directory is left empty: every refused or completed upload was cleared.
+    ensure!(
+        tree(&gateway.data()) == [UPLOADS_DIR, "drop", "drop/log"],
+        "{:?}",
+        tree(&gateway.data())
+    );
     gateway.stop().await
 }

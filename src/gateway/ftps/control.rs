@@ -8,11 +8,13 @@
 //!   be protected (`PROT P`).
 //! - The front end answers what concerns TLS, data connections and features itself
 //!   (`AUTH`, `PBSZ`, `PROT`, `CCC`, `PASV`, `EPSV`, `PORT` and its relatives, `FEAT`,
-//!   `SITE`, `STAT` without argument, `STOU`, `APPE`) and sends everything else on to
-//!   libunftp one command at a time, in order. Active mode is refused: the gateway never
-//!   connects anywhere on a client's behalf, so FTP bounce is impossible. After `EPSV ALL`,
-//!   every other data connection setup (`PASV`, `LPSV`, `PORT`, `EPRT`, `LPRT`) gets `503`
-//!   (RFC 2428 section 4) for the rest of the session.
+//!   `SITE`, `STAT` without argument, `STOU`) and sends everything else on to libunftp one
+//!   command at a time, in order. Active mode is refused: the gateway never connects
+//!   anywhere on a client's behalf, so FTP bounce is impossible. After `EPSV ALL`, every
+//!   other data connection setup (`PASV`, `LPSV`, `PORT`, `EPRT`, `LPRT`) gets `503` (RFC
+//!   2428 section 4) for the rest of the session.
+//! - `REST n` + `STOR` and `APPE` resume an upload (see [`super::backend`]); `REST` before
+//!   anything but `STOR` and `RETR` is kept by libunftp for the next of them.
 //! - A passive request opens a data port of libunftp's and one of the front end's (see
 //!   [`super::data`]). A transfer command is held, after a 150 reply, until the client's
 //!   data connection is ready (secured and, if required, resumed); only then does libunftp
@@ -70,8 +72,8 @@ const ENGINE_STOP_TIMEOUT: Duration = Duration::from_secs(5);
 /// Command lines read ahead of the one being served.
 const MAX_QUEUED: usize = 16;
 
-/// Commands that carry data over a data connection (STOU and APPE are refused).
-const TRANSFERS: [&str; 5] = ["RETR", "STOR", "LIST", "NLST", "MLSD"];
+/// Commands that carry data over a data connection (STOU is refused).
+const TRANSFERS: [&str; 6] = ["RETR", "STOR", "APPE", "LIST", "NLST", "MLSD"];
 /// Commands accepted before TLS when plaintext is not allowed.
 const BEFORE_TLS: [&str; 6] = ["AUTH", "FEAT", "SYST", "NOOP", "HELP", "QUIT"];
 
@@ -514,10 +516,6 @@ impl Session {
                 let refusal = "STOU is not supported: name the file with STOR";
                 self.reply(Reply::new(502, refusal)).await
             }
-            "APPE" => {
-                let refusal = "APPE is not supported: uploads replace the whole file";
-                self.reply(Reply::new(502, refusal)).await
-            }
             "OPTS" if command.argument.to_ascii_uppercase().starts_with("MLST") => {
                 // libunftp always sends these facts, whichever the client asks for.
                 self.reply(Reply::new(200, "MLST OPTS type;size;modify;"))
@@ -729,17 +727,12 @@ impl Session {
         if !self.data_allowed() {
             return self.reply(protection_required()).await;
         }
-        if command.verb == "STOR" && self.restart_pending {
-            self.reset_restart().await?;
-            let refusal = "Uploads cannot resume at an offset: upload the whole file";
-            return self.reply(Reply::new(554, refusal)).await;
-        }
         let Some(data) = self.data.as_ref() else {
             return self.reply(Reply::new(425, "Use PASV or EPSV first")).await;
         };
         let state = data.state;
         data.set_direction(match command.verb.as_str() {
-            "STOR" => Direction::Upload,
+            "STOR" | "APPE" => Direction::Upload,
             _ => Direction::Download,
         });
 
@@ -765,6 +758,7 @@ impl Session {
 
     /// Sends a transfer command on and starts relaying its data connection.
     async fn start_transfer(&mut self, command: Command) -> io::Result<Flow> {
+        self.engine_context.set_append(command.verb == "APPE");
         let flow = self.send_upstream(&command, Pending::Transfer).await?;
         if let Some(data) = self.data.as_mut() {
             data.start_relay();
@@ -826,6 +820,9 @@ impl Session {
     /// The final reply to a transfer, once its data connection is done.
     async fn finish_transfer(&mut self, reply: Reply) -> io::Result<Flow> {
         self.data = None;
+        // An APPE that libunftp ended before its upload began must not make the next
+        // STOR an append.
+        self.engine_context.set_append(false);
         if !reply.is_success() {
             // libunftp keeps a REST offset after a failed transfer; clients do not.
             self.reset_restart().await?;

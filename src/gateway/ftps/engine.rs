@@ -15,6 +15,7 @@
 use std::io;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::ops::RangeInclusive;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use libunftp::options::{PassiveHost, SiteMd5};
@@ -45,6 +46,7 @@ pub struct SessionContext {
     login: Mutex<Option<Arc<Login>>>,
     logged_in: watch::Sender<Option<Arc<Login>>>,
     reply_text: Mutex<Option<String>>,
+    append: AtomicBool,
 }
 
 impl SessionContext {
@@ -54,6 +56,7 @@ impl SessionContext {
             span,
             login: Mutex::new(None),
             logged_in: watch::Sender::new(None),
+            append: AtomicBool::new(false),
             reply_text: Mutex::new(None),
         })
     }
@@ -81,6 +84,17 @@ impl SessionContext {
     /// Sees the session's login once it has one.
     pub fn watch_login(&self) -> watch::Receiver<Option<Arc<Login>>> {
         self.logged_in.subscribe()
+    }
+
+    /// Says whether the upload libunftp runs next is an `APPE`: set by the front end before
+    /// it sends one on, cleared by its end.
+    pub fn set_append(&self, append: bool) {
+        self.append.store(append, Ordering::SeqCst);
+    }
+
+    /// Whether the upload starting now is an `APPE`; clears the mark.
+    pub(super) fn take_append(&self) -> bool {
+        self.append.swap(false, Ordering::SeqCst)
     }
 
     /// Leaves the text for the error reply libunftp is about to send.
