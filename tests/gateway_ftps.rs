@@ -1728,3 +1728,112 @@ async fn rest_beyond_the_end_is_refused_and_a_write_only_user_appends_and_resume
     );
     gateway.stop().await
 }
+
+#[tokio::test]
+async fn every_file_command_before_login_is_refused_with_530_and_writes_nothing() -> Result<()> {
+    let logs = capture_logs();
+    let gateway = gateway(ftps_settings()).await?;
+    let before = tree(&gateway.data());
+    let (mut ftp, _) = Ftp::explicit(&gateway).await?;
+    ftp.secure().await?;
+
+    for line in [
+        "STOR /x",
+        "APPE /x",
+        "STOU",
+        "MKD /made",
+        "RMD /",
+        "DELE /x",
+        "RNFR /x",
+        "RNTO /y",
+        "SIZE /x",
+        "MDTM /x",
+        "MLST /",
+        "MLSD",
+        "NLST",
+        "LIST",
+        "CWD ..",
+        "REST 5",
+    ] {
+        let reply = ftp.command(line).await?;
+        ensure!(
+            reply.code == 530 || (line == "STOU" && reply.code == 502),
+            "{line}: {reply:?}"
+        );
+    }
+    // A failed login changes nothing either.
+    ftp.expect(&format!("USER {USER}"), 331).await?;
+    ftp.expect("PASS wrong-password", 530).await?;
+    ftp.expect("MKD /made", 530).await?;
+    ftp.expect("QUIT", 221).await?;
+    ensure!(
+        tree(&gateway.data()) == before,
+        "files appeared: {:?}",
+        tree(&gateway.data())
+    );
+    gateway.stop().await?;
+    assert_clean_logs(&logs, &[PASSWORD, "wrong-password"])
+}
+
+#[tokio::test]
+async fn a_long_line_before_tls_and_garbage_on_a_data_port_get_a_clear_reply_or_a_close()
+-> Result<()> {
+    let logs = capture_logs();
+    let gateway = gateway(ftps_settings()).await?;
+
+    // Before TLS, and a line that never ends: refused once it passes the limit.
+    let (mut plain, _) = Ftp::explicit(&gateway).await?;
+    let endless = vec![b'U'; 64 * 1024];
+    plain.send_raw(&endless).await?;
+    let reply = plain.reply().await?;
+    ensure!(
+        reply.code == 500 && reply.text.contains("too long"),
+        "{reply:?}"
+    );
+    ensure!(plain.closed().await, "the connection stayed open");
+
+    // Garbage instead of a TLS handshake on a passive data port.
+    let mut ftp = Ftp::logged_in(&gateway).await?;
+    let before = tree(&gateway.data());
+    let port = ftp.epsv().await?;
+    let mut data = ftp.connect_data(port).await?;
+    data.write_all(b"\x16\x03\x01\x00\x05hello, not a ClientHello\r\n")
+        .await?;
+    let opening = ftp.command("STOR garbage.bin").await?;
+    let reply = match opening.code {
+        150 => ftp.reply().await?,
+        _ => opening,
+    };
+    ensure!(
+        reply.code == 425 && reply.text.contains("TLS handshake failed"),
+        "{reply:?}"
+    );
+    let mut rest = Vec::new();
+    let closed = timeout(Duration::from_secs(10), data.read_to_end(&mut rest)).await;
+    ensure!(
+        closed.is_ok(),
+        "the data port kept a garbage connection open"
+    );
+    ensure!(
+        tree(&gateway.data()) == before,
+        "{:?}",
+        tree(&gateway.data())
+    );
+
+    // The session goes on.
+    ensure!(ftp.store(b"after.txt", b"fine").await?.code == 226);
+    ftp.expect("QUIT", 221).await?;
+    ensure!(std::fs::read(stored(&gateway, "after.txt"))? == b"fine");
+    let expected = [
+        UPLOADS_DIR.to_owned(),
+        USER.into(),
+        format!("{USER}/after.txt"),
+    ];
+    ensure!(
+        tree(&gateway.data()) == expected,
+        "{:?}",
+        tree(&gateway.data())
+    );
+    gateway.stop().await?;
+    assert_clean_logs(&logs, &[PASSWORD])
+}
