@@ -1837,3 +1837,56 @@ async fn a_long_line_before_tls_and_garbage_on_a_data_port_get_a_clear_reply_or_
     gateway.stop().await?;
     assert_clean_logs(&logs, &[PASSWORD])
 }
+
+#[tokio::test]
+async fn an_lftp_upload_killed_midway_stores_nothing_and_put_continue_then_uploads_it_whole()
+-> Result<()> {
+    let logs = capture_logs();
+    let gateway = gateway(ftps_settings()).await?;
+    let scratch = gateway.scratch("killed");
+    let source = scratch.join("source.bin");
+    let sha = random_file(&source, 4 * 1024 * 1024 + 9, 13)?;
+
+    // About 16 s at this rate; killed after 2.
+    let commands = format!(
+        "set net:limit-rate 262144; put {} -o cut.bin",
+        source.display()
+    );
+    let mut slow = lftp(&gateway, &explicit_url(&gateway, "")?, &commands);
+    let mut child = slow.stdin(Stdio::null()).kill_on_drop(true).spawn()?;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    ensure!(
+        child.try_wait()?.is_none(),
+        "lftp ended before it was killed"
+    );
+    ensure!(
+        !stored(&gateway, "cut.bin").exists(),
+        "the name appeared mid-upload"
+    );
+    child.start_kill()?;
+    child.wait().await?;
+
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !logs.text().contains("Upload interrupted") {
+        ensure!(Instant::now() < deadline, "the upload was not ended");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    ensure!(
+        !stored(&gateway, "cut.bin").exists(),
+        "a killed upload was stored"
+    );
+
+    let commands = format!("put -c {} -o cut.bin", source.display());
+    succeed(lftp(&gateway, &explicit_url(&gateway, "")?, &commands)).await?;
+    ensure!(
+        sha256_file(&stored(&gateway, "cut.bin"))? == sha,
+        "the upload after the killed one differs"
+    );
+    let uploads = gateway.data().join(UPLOADS_DIR);
+    ensure!(
+        std::fs::read_dir(uploads)?.count() == 0,
+        "a temporary file was left"
+    );
+    gateway.stop().await?;
+    assert_clean_logs(&logs, &[PASSWORD])
+}
