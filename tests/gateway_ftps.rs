@@ -20,6 +20,7 @@ use rustls::pki_types::{CertificateDer, ServerName};
 use rustls::{ClientConfig, RootCertStore};
 use sluice::gateway::config::{FtpsSettings, SessionReuse, TlsVersion};
 use sluice::gateway::ftps::certificate_info;
+use sluice::storage::UPLOADS_DIR;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::time::timeout;
@@ -412,6 +413,19 @@ impl Ftp {
         timeout(CLIENT_TIMEOUT, data.read_to_end(&mut bytes)).await??;
         let done = self.reply().await?;
         Ok((bytes, done))
+    }
+
+    /// Sends an upload command (`STOR name`, `APPE name`) with `content` over EPSV and TLS;
+    /// returns the final reply. The server may refuse the upload once it starts, so
+    /// failing to send the content is not an error.
+    async fn store_with(&mut self, line: &str, content: &[u8]) -> Result<Reply> {
+        let port = self.epsv().await?;
+        let data = self.connect_data(port).await?;
+        self.expect(line, 150).await?;
+        let mut data = self.secure_data(data).await?;
+        let _ = data.write_all(content).await;
+        let _ = data.shutdown().await;
+        self.reply().await
     }
 
     /// `STOR`s `content` under `name` over EPSV and TLS; returns the final reply.
@@ -1449,4 +1463,430 @@ async fn ftps_is_not_served_when_the_configuration_has_no_ftps_section() -> Resu
     ensure!(gateway.ftps.is_none() && gateway.ftps_implicit.is_none());
     let _: SocketAddr = gateway.addr;
     gateway.stop().await
+}
+
+#[tokio::test]
+async fn connections_beyond_the_per_address_limit_get_421_on_the_explicit_port_and_are_closed()
+-> Result<()> {
+    let logs = capture_logs();
+    let gateway = gateway(ftps_settings()).await?;
+    let limit = sluice::gateway::sftp::MAX_CONNECTIONS_PER_IP;
+
+    let mut admitted = Vec::new();
+    for _ in 0..limit {
+        let (ftp, greeting) = Ftp::explicit(&gateway).await?;
+        ensure!(greeting.code == 220, "{greeting:?}");
+        admitted.push(ftp);
+    }
+    let started = Instant::now();
+    let (mut refused, reply) = Ftp::explicit(&gateway).await?;
+    ensure!(
+        reply.code == 421 && reply.text.contains("Too many connections"),
+        "{reply:?}"
+    );
+    ensure!(refused.closed().await, "a refused connection stayed open");
+    let mut implicit = TcpStream::connect(gateway.ftps_implicit_addr()?).await?;
+    let mut received = Vec::new();
+    timeout(Duration::from_secs(5), implicit.read_to_end(&mut received)).await??;
+    ensure!(received.is_empty(), "refused, yet sent {received:?}");
+    ensure!(
+        started.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        started.elapsed()
+    );
+
+    // The places come back as sessions end.
+    drop(admitted);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut ftp = loop {
+        let (mut ftp, greeting) = Ftp::explicit(&gateway).await?;
+        if greeting.code == 220 {
+            ftp.secure().await?;
+            ftp.login(USER, PASSWORD).await?;
+            break ftp;
+        }
+        ensure!(Instant::now() < deadline, "no place was freed");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    ftp.expect("QUIT", 221).await?;
+    gateway.stop().await?;
+    let refusals = logs.at_level("WARN");
+    let refusals: Vec<_> = refusals
+        .iter()
+        .filter(|w| w.contains("Refusing connections") && w.contains("Ftps"))
+        .collect();
+    ensure!(refusals.len() == 1, "{refusals:#?}");
+    assert_clean_logs(&logs, &[PASSWORD])
+}
+
+#[tokio::test]
+async fn a_reload_that_removes_a_user_or_changes_their_password_closes_their_ftps_sessions()
+-> Result<()> {
+    const OTHER: &str = "ops";
+    const OTHER_PASSWORD: &str = "Other-Password-4";
+    let logs = capture_logs();
+    let cucm = password_user(USER, PASSWORD, ALL);
+    let ops = password_user(OTHER, OTHER_PASSWORD, ALL);
+    let gateway = TestGateway::start_ftps(vec![cucm.clone(), ops.clone()], ftps_settings()).await?;
+
+    let mut idle = Ftp::logged_in(&gateway).await?;
+    let mut uploading = Ftp::logged_in(&gateway).await?;
+    let (mut other, _) = Ftp::explicit(&gateway).await?;
+    other.secure().await?;
+    other.login(OTHER, OTHER_PASSWORD).await?;
+    let port = uploading.epsv().await?;
+    let data = uploading.connect_data(port).await?;
+    uploading.expect("STOR during-revocation.bin", 150).await?;
+    let mut data = uploading.secure_data(data).await?;
+    data.write_all(&[3u8; 200_000]).await?;
+    data.flush().await?;
+
+    // Only the key set changes for ops, which does not matter to a password login.
+    let mut ops_with_key = ops.clone();
+    ops_with_key.public_keys = vec![
+        "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIC6ovjeiYs++YnFewG7s9QMhdu57ek59CXgyiNgY3Uou".into(),
+    ];
+    let new_password = password_user(USER, "New-Password-After-Rotation-2", ALL);
+    gateway.set_users(vec![new_password, ops_with_key.clone()])?;
+    for ftp in [&mut idle, &mut uploading] {
+        let reply = ftp.reply().await?;
+        ensure!(
+            reply.code == 421 && reply.text.contains("revoked"),
+            "{reply:?}"
+        );
+        ensure!(ftp.closed().await, "a revoked session stayed open");
+    }
+    drop(data);
+    other.expect("NOOP", 200).await?;
+
+    gateway.set_users(vec![])?;
+    let reply = other.reply().await?;
+    ensure!(
+        reply.code == 421 && reply.text.contains("revoked"),
+        "{reply:?}"
+    );
+    ensure!(other.closed().await, "a removed user's session stayed open");
+    ensure!(
+        !stored(&gateway, "during-revocation.bin").exists(),
+        "the upload cut by the revocation was stored"
+    );
+    gateway.stop().await?;
+    let revoked = logs.at_level("INFO");
+    let revoked = revoked
+        .iter()
+        .filter(|l| l.contains("its login was revoked"))
+        .count();
+    ensure!(revoked == 3, "{revoked} revocations logged");
+    assert_clean_logs(&logs, &[PASSWORD, OTHER_PASSWORD])
+}
+
+#[tokio::test]
+async fn after_epsv_all_pasv_and_active_mode_are_refused_and_epsv_still_works() -> Result<()> {
+    let gateway = gateway(ftps_settings()).await?;
+    let mut ftp = Ftp::logged_in(&gateway).await?;
+    ftp.expect("PASV", 227).await?;
+    ftp.expect("EPSV ALL", 200).await?;
+    for line in [
+        "PASV",
+        "LPSV",
+        "PORT 127,0,0,1,4,1",
+        "EPRT |1|127.0.0.1|1025|",
+        "LPRT 4,4,127,0,0,1,2,4,1",
+    ] {
+        let reply = ftp.expect(line, 503).await?;
+        ensure!(reply.text.contains("EPSV ALL"), "{line}: {reply:?}");
+    }
+    ensure!(ftp.store(b"after-epsv-all.txt", b"epsv only").await?.code == 226);
+    let (listing, done) = ftp.fetch("NLST").await?;
+    ensure!(done.code == 226, "{done:?}");
+    ensure!(String::from_utf8(listing)?.trim_end() == "after-epsv-all.txt");
+    ftp.expect("QUIT", 221).await?;
+    ensure!(std::fs::read(stored(&gateway, "after-epsv-all.txt"))? == b"epsv only");
+    gateway.stop().await
+}
+
+#[tokio::test]
+async fn curl_resume_and_append_and_lftp_put_continue_keep_the_stored_start_and_match_the_source()
+-> Result<()> {
+    let logs = capture_logs();
+    let gateway = gateway(ftps_settings()).await?;
+    let scratch = gateway.scratch("resume");
+
+    // curl -C - -T: SIZE, then APPE of what the server lacks.
+    let source = scratch.join("source.bin");
+    let sha = random_file(&source, 5 * 1024 * 1024 + 17, 11)?;
+    let first = scratch.join("first.bin");
+    std::fs::write(&first, &std::fs::read(&source)?[..2 * 1024 * 1024 + 5])?;
+    let mut upload = curl(&gateway);
+    upload
+        .arg("-T")
+        .arg(&first)
+        .arg(explicit_url(&gateway, "/curl.bin")?);
+    succeed(upload).await?;
+    let mut resume = curl(&gateway);
+    resume
+        .args(["-C", "-", "-T"])
+        .arg(&source)
+        .arg(explicit_url(&gateway, "/curl.bin")?);
+    succeed(resume).await?;
+    ensure!(
+        sha256_file(&stored(&gateway, "curl.bin"))? == sha,
+        "curl's resumed upload differs"
+    );
+
+    // lftp put -c: SIZE, then REST and STOR.
+    let source = scratch.join("lftp-source.bin");
+    let lftp_sha = random_file(&source, 3 * 1024 * 1024 + 3, 12)?;
+    let first = scratch.join("lftp-first.bin");
+    std::fs::write(&first, &std::fs::read(&source)?[..1024 * 1024 + 1])?;
+    let mut upload = curl(&gateway);
+    upload
+        .arg("-T")
+        .arg(&first)
+        .arg(explicit_url(&gateway, "/lftp.bin")?);
+    succeed(upload).await?;
+    let commands = format!("put -c {} -o lftp.bin", source.display());
+    succeed(lftp(&gateway, &explicit_url(&gateway, "")?, &commands)).await?;
+    ensure!(
+        sha256_file(&stored(&gateway, "lftp.bin"))? == lftp_sha,
+        "lftp's continued upload differs"
+    );
+
+    // curl --append: APPE of a whole file.
+    let line = scratch.join("line.txt");
+    std::fs::write(&line, b"second line\n")?;
+    std::fs::write(stored(&gateway, "log.txt"), b"first line\n")?;
+    let mut append = curl(&gateway);
+    append
+        .arg("--append")
+        .arg("-T")
+        .arg(&line)
+        .arg(explicit_url(&gateway, "/log.txt")?);
+    succeed(append).await?;
+    ensure!(std::fs::read(stored(&gateway, "log.txt"))? == b"first line\nsecond line\n");
+    let files = tree(&gateway.data().join(USER));
+    gateway.stop().await?;
+
+    let completed = logs.at_level("INFO");
+    let kept = |bytes: u64| {
+        completed
+            .iter()
+            .any(|l| l.contains("Upload completed") && l.contains(&format!("kept={bytes} ")))
+    };
+    ensure!(
+        kept(2 * 1024 * 1024 + 5),
+        "curl did not resume: {completed:#?}"
+    );
+    ensure!(kept(1024 * 1024 + 1), "lftp did not resume: {completed:#?}");
+    ensure!(kept(11), "curl did not append: {completed:#?}");
+    ensure!(files == ["curl.bin", "lftp.bin", "log.txt"], "{files:?}");
+    assert_clean_logs(&logs, &[PASSWORD])
+}
+
+#[tokio::test]
+async fn rest_beyond_the_end_is_refused_and_a_write_only_user_appends_and_resumes() -> Result<()> {
+    const DROP: &str = "drop";
+    const DROP_PASSWORD: &str = "Drop-Box-Password-3";
+    let users = vec![
+        password_user(USER, PASSWORD, ALL),
+        password_user(DROP, DROP_PASSWORD, &[sluice::api::Permission::Write]),
+    ];
+    let gateway = TestGateway::start_ftps(users, ftps_settings()).await?;
+    let (mut ftp, _) = Ftp::explicit(&gateway).await?;
+    ftp.secure().await?;
+    ftp.login(DROP, DROP_PASSWORD).await?;
+    let log = gateway.data().join(DROP).join("log");
+    std::fs::write(&log, b"one\n")?;
+
+    // Write-only: SIZE is denied, so libunftp's own APPE offset would be 0.
+    ftp.expect("SIZE log", 550).await?;
+    ensure!(ftp.store_with("APPE log", b"two\n").await?.code == 226);
+    ensure!(std::fs::read(&log)? == b"one\ntwo\n");
+    ftp.expect("REST 4", 350).await?;
+    ensure!(ftp.store_with("STOR log", b"2\n").await?.code == 226);
+    ensure!(std::fs::read(&log)? == b"one\n2\n");
+
+    ftp.expect("REST 99", 350).await?;
+    let refused = ftp.store_with("STOR log", b"never").await?;
+    ensure!(
+        refused.code == 550 && refused.text.contains("cannot resume at byte 99"),
+        "{refused:?}"
+    );
+    ensure!(
+        std::fs::read(&log)? == b"one\n2\n",
+        "a refused resume changed the file"
+    );
+    // The refused offset is not kept for the next upload.
+    ensure!(ftp.store_with("STOR log", b"whole\n").await?.code == 226);
+    ensure!(std::fs::read(&log)? == b"whole\n");
+    ftp.expect("QUIT", 221).await?;
+    // The staging directory is left empty: every refused or completed upload was cleared.
+    ensure!(
+        tree(&gateway.data()) == [UPLOADS_DIR, "drop", "drop/log"],
+        "{:?}",
+        tree(&gateway.data())
+    );
+    gateway.stop().await
+}
+
+#[tokio::test]
+async fn every_file_command_before_login_is_refused_with_530_and_writes_nothing() -> Result<()> {
+    let logs = capture_logs();
+    let gateway = gateway(ftps_settings()).await?;
+    let before = tree(&gateway.data());
+    let (mut ftp, _) = Ftp::explicit(&gateway).await?;
+    ftp.secure().await?;
+
+    for line in [
+        "STOR /x",
+        "APPE /x",
+        "STOU",
+        "MKD /made",
+        "RMD /",
+        "DELE /x",
+        "RNFR /x",
+        "RNTO /y",
+        "SIZE /x",
+        "MDTM /x",
+        "MLST /",
+        "MLSD",
+        "NLST",
+        "LIST",
+        "CWD ..",
+        "REST 5",
+    ] {
+        let reply = ftp.command(line).await?;
+        ensure!(
+            reply.code == 530 || (line == "STOU" && reply.code == 502),
+            "{line}: {reply:?}"
+        );
+    }
+    // A failed login changes nothing either.
+    ftp.expect(&format!("USER {USER}"), 331).await?;
+    ftp.expect("PASS wrong-password", 530).await?;
+    ftp.expect("MKD /made", 530).await?;
+    ftp.expect("QUIT", 221).await?;
+    ensure!(
+        tree(&gateway.data()) == before,
+        "files appeared: {:?}",
+        tree(&gateway.data())
+    );
+    gateway.stop().await?;
+    assert_clean_logs(&logs, &[PASSWORD, "wrong-password"])
+}
+
+#[tokio::test]
+async fn a_long_line_before_tls_and_garbage_on_a_data_port_get_a_clear_reply_or_a_close()
+-> Result<()> {
+    let logs = capture_logs();
+    let gateway = gateway(ftps_settings()).await?;
+
+    // Before TLS, and a line that never ends: refused once it passes the limit.
+    let (mut plain, _) = Ftp::explicit(&gateway).await?;
+    let endless = vec![b'U'; 64 * 1024];
+    plain.send_raw(&endless).await?;
+    let reply = plain.reply().await?;
+    ensure!(
+        reply.code == 500 && reply.text.contains("too long"),
+        "{reply:?}"
+    );
+    ensure!(plain.closed().await, "the connection stayed open");
+
+    // Garbage instead of a TLS handshake on a passive data port.
+    let mut ftp = Ftp::logged_in(&gateway).await?;
+    let before = tree(&gateway.data());
+    let port = ftp.epsv().await?;
+    let mut data = ftp.connect_data(port).await?;
+    data.write_all(b"\x16\x03\x01\x00\x05hello, not a ClientHello\r\n")
+        .await?;
+    let opening = ftp.command("STOR garbage.bin").await?;
+    let reply = match opening.code {
+        150 => ftp.reply().await?,
+        _ => opening,
+    };
+    ensure!(
+        reply.code == 425 && reply.text.contains("TLS handshake failed"),
+        "{reply:?}"
+    );
+    let mut rest = Vec::new();
+    let closed = timeout(Duration::from_secs(10), data.read_to_end(&mut rest)).await;
+    ensure!(
+        closed.is_ok(),
+        "the data port kept a garbage connection open"
+    );
+    ensure!(
+        tree(&gateway.data()) == before,
+        "{:?}",
+        tree(&gateway.data())
+    );
+
+    // The session goes on.
+    ensure!(ftp.store(b"after.txt", b"fine").await?.code == 226);
+    ftp.expect("QUIT", 221).await?;
+    ensure!(std::fs::read(stored(&gateway, "after.txt"))? == b"fine");
+    let expected = [
+        UPLOADS_DIR.to_owned(),
+        USER.into(),
+        format!("{USER}/after.txt"),
+    ];
+    ensure!(
+        tree(&gateway.data()) == expected,
+        "{:?}",
+        tree(&gateway.data())
+    );
+    gateway.stop().await?;
+    assert_clean_logs(&logs, &[PASSWORD])
+}
+
+#[tokio::test]
+async fn an_lftp_upload_killed_midway_stores_nothing_and_put_continue_then_uploads_it_whole()
+-> Result<()> {
+    let logs = capture_logs();
+    let gateway = gateway(ftps_settings()).await?;
+    let scratch = gateway.scratch("killed");
+    let source = scratch.join("source.bin");
+    let sha = random_file(&source, 4 * 1024 * 1024 + 9, 13)?;
+
+    // About 16 s at this rate; killed after 2.
+    let commands = format!(
+        "set net:limit-rate 262144; put {} -o cut.bin",
+        source.display()
+    );
+    let mut slow = lftp(&gateway, &explicit_url(&gateway, "")?, &commands);
+    let mut child = slow.stdin(Stdio::null()).kill_on_drop(true).spawn()?;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    ensure!(
+        child.try_wait()?.is_none(),
+        "lftp ended before it was killed"
+    );
+    ensure!(
+        !stored(&gateway, "cut.bin").exists(),
+        "the name appeared mid-upload"
+    );
+    child.start_kill()?;
+    child.wait().await?;
+
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !logs.text().contains("Upload interrupted") {
+        ensure!(Instant::now() < deadline, "the upload was not ended");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    ensure!(
+        !stored(&gateway, "cut.bin").exists(),
+        "a killed upload was stored"
+    );
+
+    let commands = format!("put -c {} -o cut.bin", source.display());
+    succeed(lftp(&gateway, &explicit_url(&gateway, "")?, &commands)).await?;
+    ensure!(
+        sha256_file(&stored(&gateway, "cut.bin"))? == sha,
+        "the upload after the killed one differs"
+    );
+    let uploads = gateway.data().join(UPLOADS_DIR);
+    ensure!(
+        std::fs::read_dir(uploads)?.count() == 0,
+        "a temporary file was left"
+    );
+    gateway.stop().await?;
+    assert_clean_logs(&logs, &[PASSWORD])
 }

@@ -17,7 +17,8 @@
 //! - Public keys are compared as keys (algorithm and key data), never as strings, so
 //!   comments and whitespace in `authorized_keys` lines do not matter.
 //! - [`Logins::admits`] tells whether a login made earlier still holds under the logins in
-//!   force: the user still exists with the same password hash and the same set of keys.
+//!   force: the user still exists with the same password hash and the same set of keys;
+//!   [`Logins::admits_password`] asks the same of a password login, keys aside.
 //! - Nothing here logs a password, a hash or key material. An unusable hash or key line is
 //!   reported with the user's name, the line's position and at most the key type.
 
@@ -417,6 +418,14 @@ impl Logins {
             .is_some_and(|current| current.same_credentials(login))
     }
 
+    /// Whether `login`, a password login made under earlier logins, still holds: the user
+    /// exists with the same password hash. A change of keys does not affect it.
+    pub fn admits_password(&self, login: &Login) -> bool {
+        self.by_name.get(&login.user.name).is_some_and(|current| {
+            current.has_password() && current.user.password_hash == login.user.password_hash
+        })
+    }
+
     /// Whether any user may log in with a password.
     pub fn any_password(&self) -> bool {
         self.by_name.values().any(|login| login.has_password())
@@ -651,6 +660,21 @@ mod tests {
         assert!(!Logins::new(&[new_password]).admits(&login));
         assert!(!Logins::new(&[user(Some(phc.clone()), vec![])]).admits(&login));
         assert!(!Logins::new(&[user(None, vec![ED25519.into()])]).admits(&login));
+    }
+
+    #[test]
+    fn a_password_login_holds_until_its_user_is_removed_or_its_password_hash_changes() {
+        let phc = hash_password(b"pw", &[1; 16]);
+        let login = Logins::new(&[user(Some(phc.clone()), vec![])])
+            .get("cucm")
+            .unwrap();
+        let new_key = user(Some(phc.clone()), vec![ED25519.into()]);
+        assert!(Logins::new(&[new_key]).admits_password(&login));
+
+        assert!(!Logins::new(&[]).admits_password(&login));
+        let new_password = user(Some(hash_password(b"pw", &[2; 16])), vec![]);
+        assert!(!Logins::new(&[new_password]).admits_password(&login));
+        assert!(!Logins::new(&[user(None, vec![ED25519.into()])]).admits_password(&login));
     }
 
     #[tokio::test]

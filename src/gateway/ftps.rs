@@ -13,6 +13,16 @@
 //!   minimum TLS version) apply to sessions started after a configuration reload; which
 //!   listeners exist is fixed at start, and a change to it is reported as needing a
 //!   restart.
+//! - Connections are bounded as SFTP's are ([`sessions`]): at most
+//!   [`MAX_CONNECTIONS`](sessions::MAX_CONNECTIONS) at once and
+//!   [`MAX_CONNECTIONS_PER_IP`](sessions::MAX_CONNECTIONS_PER_IP) from one address, counted
+//!   apart from SFTP's. A connection beyond either gets `421` and is closed at once on the
+//!   explicit port, and is closed at once on the implicit port (no TLS is spent on it).
+//!   A session not logged in [`LOGIN_DEADLINE`](sessions::LOGIN_DEADLINE) after its accept
+//!   gets `421` and is closed (a TLS handshake in progress at that moment gets its own
+//!   15 s first), and so is a session whose user is removed, or whose password hash
+//!   changes, by a configuration reload: its transfer in progress, if any, is cut and an
+//!   upload discarded.
 //! - [`FtpsServer::serve`] stops accepting when told to, lets sessions finish for a grace
 //!   period, then tells the rest the gateway is shutting down and closes them.
 //!
@@ -53,6 +63,7 @@ use std::time::Duration;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio::task::JoinSet;
+use tokio::time::Instant;
 use tracing::{Instrument, field};
 
 use crate::gateway::auth::LiveLogins;
@@ -61,7 +72,9 @@ use crate::gateway::ftps::control::{Mode, Policy, SessionSetup};
 use crate::gateway::ftps::engine::Engine;
 use crate::gateway::ftps::protocol::Reply;
 use crate::gateway::ftps::tls::{CertificateInfo, CertificateStore};
-use crate::gateway::sessions::{self, Protocol};
+use crate::gateway::sessions::{
+    self, ConnectionLimiter, ConnectionLimits, ConnectionSlot, Protocol,
+};
 use crate::gateway::{ErrorChain, stopped};
 use crate::storage::Volume;
 
@@ -106,6 +119,7 @@ struct Shared {
     policy: RwLock<Arc<Policy>>,
     explicit: bool,
     implicit: bool,
+    limits: ConnectionLimits,
 }
 
 impl Shared {
@@ -159,12 +173,22 @@ impl FtpsServer {
             policy: RwLock::new(Arc::new(policy)),
             explicit: settings.explicit,
             implicit: settings.implicit,
+            limits: ConnectionLimits::default(),
         };
         Ok(Self {
             shared: Arc::new(shared),
             explicit,
             implicit,
         })
+    }
+
+    /// The same server with other connection limits than the default ones.
+    pub fn with_limits(self, limits: ConnectionLimits) -> Self {
+        let shared = Arc::into_inner(self.shared).map(|shared| Shared { limits, ..shared });
+        Self {
+            shared: Arc::new(shared.expect("no handle is taken before the server is configured")),
+            ..self
+        }
     }
 
     /// The address explicit FTPS is bound to, if it is served.
@@ -196,6 +220,7 @@ impl FtpsServer {
         let certificates = self.shared.certificates.clone();
         let watcher = tokio::spawn(certificates.watch(poll_interval, shutdown.clone()));
         let (disconnect_tx, disconnect_rx) = watch::channel(false);
+        let limiter = ConnectionLimiter::new(Protocol::Ftps, self.shared.limits);
         let mut sessions = JoinSet::new();
         loop {
             let (mode, accepted) = tokio::select! {
@@ -209,9 +234,19 @@ impl FtpsServer {
             };
             match accepted {
                 Ok((stream, peer)) => {
-                    let shared = self.shared.clone();
-                    let disconnect = disconnect_rx.clone();
-                    sessions.spawn(serve_connection(shared, mode, stream, peer, disconnect));
+                    let Some(slot) = limiter.admit(peer.ip()) else {
+                        refuse_over_limit(mode, stream);
+                        continue;
+                    };
+                    let connection = Connection {
+                        shared: self.shared.clone(),
+                        mode,
+                        peer,
+                        accepted: Instant::now(),
+                        disconnect: disconnect_rx.clone(),
+                        _slot: slot,
+                    };
+                    sessions.spawn(serve_connection(connection, stream));
                 }
                 Err(error) => {
                     tracing::warn!(%error, "Failed to accept FTPS connection");
@@ -312,17 +347,32 @@ async fn accept(listener: Option<&TcpListener>) -> io::Result<(TcpStream, Socket
     }
 }
 
-/// Serves one connection to its end, under a span carrying the peer and, after login, the
-/// user.
-async fn serve_connection(
+/// A connection beyond a limit is refused without a task: the explicit port's client is
+/// told why if its socket takes the reply at once, and the connection is closed.
+fn refuse_over_limit(mode: Mode, stream: TcpStream) {
+    if mode == Mode::Explicit {
+        let refusal = Reply::new(421, "Too many connections; try again later");
+        let _ = stream.try_write(&refusal.encode());
+    }
+}
+
+/// One accepted connection, holding its place under the limits until it ends.
+struct Connection {
     shared: Arc<Shared>,
     mode: Mode,
-    stream: TcpStream,
     peer: SocketAddr,
+    accepted: Instant,
     disconnect: watch::Receiver<bool>,
-) {
+    _slot: ConnectionSlot,
+}
+
+/// Serves one connection to its end, under a span carrying the peer and, after login, the
+/// user.
+async fn serve_connection(connection: Connection, stream: TcpStream) {
+    let (mode, peer) = (connection.mode, connection.peer);
     let span = tracing::info_span!("ftps", %peer, mode = mode.as_str(), user = field::Empty);
     async move {
+        let shared = &connection.shared;
         if shared.certificates.current().is_none() {
             refuse_without_certificate(mode, stream).await;
             return;
@@ -331,8 +381,9 @@ async fn serve_connection(
             mode,
             policy: shared.policy(),
             engine: shared.engine.clone(),
+            login_deadline: connection.accepted + shared.limits.login_deadline,
         };
-        control::run(setup, stream, peer, disconnect).await;
+        control::run(setup, stream, peer, connection.disconnect).await;
     }
     .instrument(span)
     .await
@@ -354,8 +405,11 @@ async fn refuse_without_certificate(mode: Mode, mut stream: TcpStream) {
 
 #[cfg(test)]
 mod tests {
+    use tokio::io::AsyncReadExt;
+
     use super::*;
     use crate::gateway::config::{PassivePorts, SessionReuse, TlsVersion};
+    use crate::gateway::ftps::tls::{CERT_FILE, KEY_FILE};
 
     fn settings() -> FtpsSettings {
         FtpsSettings {
@@ -414,5 +468,118 @@ mod tests {
         assert!(server.explicit_addr().is_some());
         assert!(server.implicit_addr().is_none());
         assert!(server.handle().certificate().is_none());
+    }
+
+    /// An explicit-only server on 127.0.0.1 with a self-signed certificate and `limits`.
+    struct TestServer {
+        addr: SocketAddr,
+        stop: watch::Sender<bool>,
+        serving: tokio::task::JoinHandle<()>,
+        _dir: tempfile::TempDir,
+    }
+
+    impl TestServer {
+        async fn start(limits: ConnectionLimits) -> Self {
+            let dir = tempfile::tempdir().unwrap();
+            let certified = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
+            std::fs::write(dir.path().join(CERT_FILE), certified.cert.pem()).unwrap();
+            let key = certified.signing_key.serialize_pem();
+            std::fs::write(dir.path().join(KEY_FILE), key).unwrap();
+            let volume = Volume::open_fs(&dir.path().join("data")).unwrap();
+            let localhost = "127.0.0.1:0".parse().unwrap();
+            let addrs = FtpsAddrs {
+                explicit: localhost,
+                implicit: localhost,
+            };
+            let logins = LiveLogins::default();
+            let server = FtpsServer::bind(&settings(), dir.path(), addrs, logins, volume)
+                .await
+                .unwrap()
+                .with_limits(limits);
+            let addr = server.explicit_addr().unwrap();
+            let (stop, stopped) = watch::channel(false);
+            let grace = Duration::from_millis(100);
+            let serving = tokio::spawn(server.serve(stopped, grace, Duration::from_secs(60)));
+            Self {
+                addr,
+                stop,
+                serving,
+                _dir: dir,
+            }
+        }
+
+        async fn stop(self) {
+            let _ = self.stop.send(true);
+            self.serving.await.unwrap();
+        }
+    }
+
+    /// Everything the server sends until it closes the connection, and how long that took;
+    /// fails if it is still open after 10 s.
+    async fn read_until_closed(stream: &mut TcpStream) -> (String, Duration) {
+        let started = Instant::now();
+        let mut received = Vec::new();
+        let read = tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut received));
+        read.await.expect("still open after 10 s").unwrap();
+        (String::from_utf8(received).unwrap(), started.elapsed())
+    }
+
+    #[tokio::test]
+    async fn a_connection_that_does_not_log_in_gets_421_at_the_deadline() {
+        let limits = ConnectionLimits {
+            login_deadline: Duration::from_secs(1),
+            ..ConnectionLimits::default()
+        };
+        let server = TestServer::start(limits).await;
+
+        let mut silent = TcpStream::connect(server.addr).await.unwrap();
+        let (received, after) = read_until_closed(&mut silent).await;
+        assert_eq!(
+            received,
+            "220 Sluice FTPS ready\r\n421 Login timed out; closing connection\r\n"
+        );
+        assert!(
+            after >= Duration::from_millis(900) && after < Duration::from_secs(5),
+            "{after:?}"
+        );
+        server.stop().await;
+    }
+
+    #[tokio::test]
+    async fn connections_over_the_limit_get_421_and_are_closed_at_once() {
+        let limits = ConnectionLimits {
+            total: 2,
+            per_ip: 2,
+            ..ConnectionLimits::default()
+        };
+        let server = TestServer::start(limits).await;
+
+        let mut admitted = Vec::new();
+        for _ in 0..2 {
+            let mut stream = TcpStream::connect(server.addr).await.unwrap();
+            let mut greeting = [0u8; 23];
+            stream.read_exact(&mut greeting).await.unwrap();
+            assert_eq!(&greeting, b"220 Sluice FTPS ready\r\n");
+            admitted.push(stream);
+        }
+        let mut refused = TcpStream::connect(server.addr).await.unwrap();
+        let (received, after) = read_until_closed(&mut refused).await;
+        assert_eq!(received, "421 Too many connections; try again later\r\n");
+        assert!(after < Duration::from_secs(1), "{after:?}");
+
+        // The places are freed as the sessions end.
+        drop(admitted);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let mut again = TcpStream::connect(server.addr).await.unwrap();
+            let mut greeting = [0u8; 23];
+            again.read_exact(&mut greeting).await.unwrap();
+            if &greeting == b"220 Sluice FTPS ready\r\n" {
+                break;
+            }
+            assert!(Instant::now() < deadline, "no place was freed");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        server.stop().await;
     }
 }

@@ -6,7 +6,8 @@
 //! Ctrl-C. It re-reads the configuration file every [`CONFIG_POLL_INTERVAL`] and, when the
 //! content changed and parses, swaps the set of logins in one step; sessions already
 //! logged in keep running, except SFTP sessions whose user is gone or whose password hash
-//! or keys changed, which are disconnected ([`sftp`]). The kubelet replaces mounted Secret
+//! or keys changed, and FTPS sessions whose user is gone or whose password hash changed,
+//! which are disconnected ([`sftp`], [`ftps`]). The kubelet replaces mounted Secret
 //! files by swapping symlinks, which file-change notifications on the file itself miss,
 //! hence polling by content hash (the FTPS certificate is polled the same way).
 //!

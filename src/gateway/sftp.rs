@@ -11,7 +11,8 @@
 //!   closed as soon as it is accepted. A connection that has not logged in
 //!   [`LOGIN_DEADLINE`] after it was accepted is disconnected, and so is a session whose
 //!   login no longer holds after a configuration reload (user removed, password hash or
-//!   key set changed). A connection may have at most [`MAX_CHANNELS`] channels open.
+//!   key set changed); the mechanism is shared with FTPS ([`crate::gateway::sessions`]).
+//!   A connection may have at most [`MAX_CHANNELS`] channels open.
 //! - Only the `sftp` subsystem is served. Shell, exec and pty requests are refused with a
 //!   message on the channel's stderr; forwarding of any kind is refused (russh's default).
 //!   An SFTP channel whose client sends a packet longer than [`MAX_SFTP_PACKET`] (which is
@@ -28,10 +29,10 @@
 
 use std::collections::HashMap;
 use std::io;
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll, ready};
 use std::time::{Duration, UNIX_EPOCH};
 
@@ -52,7 +53,9 @@ use tracing::{Instrument, Span, field};
 
 use crate::api::Permission;
 use crate::gateway::auth::{LiveLogins, Login, Logins};
-use crate::gateway::sessions::{self, DISCONNECT_WAIT, Protocol};
+use crate::gateway::sessions::{
+    self, ConnectionLimiter, ConnectionSlot, DISCONNECT_WAIT, Protocol, admission_ends,
+};
 use crate::gateway::vfs::{
     DirStream, Entry, EntryKind, FileReader, FileWriter, Reply, Vfs, VfsError, WriteMode,
 };
@@ -70,20 +73,9 @@ const MAX_HANDLES: usize = 64;
 /// Message sent on stderr when a client asks for anything but SFTP.
 const SFTP_ONLY: &str = "This service allows SFTP connections only.\r\n";
 
-/// Connections served at once, at most. Each costs a socket, a task and, once logged in,
-/// up to [`MAX_CHANNELS`] × 64 open files; 512 keeps that within the file-descriptor
-/// limit of a container while leaving room for far more partners than a gateway serves.
-pub const MAX_CONNECTIONS: usize = 512;
-
-/// Connections from one client address at once, at most, so that one client cannot take
-/// every slot. Behind a load balancer that does not preserve client addresses (a
-/// Kubernetes Service with `externalTrafficPolicy: Cluster`) every client shares a few
-/// node addresses, and this becomes a limit for all of them together.
-pub const MAX_CONNECTIONS_PER_IP: usize = 64;
-
-/// Time from accepting a connection to a successful login, at most. Interactive users
-/// type a password well within it; clients that never authenticate are cut off.
-pub const LOGIN_DEADLINE: Duration = Duration::from_secs(30);
+pub use crate::gateway::sessions::{
+    ConnectionLimits, LOGIN_DEADLINE, MAX_CONNECTIONS, MAX_CONNECTIONS_PER_IP,
+};
 
 /// Session channels one connection may have open at once. SFTP clients use one, a few
 /// open a second for parallel transfers.
@@ -92,28 +84,6 @@ pub const MAX_CHANNELS: usize = 4;
 /// Longest SFTP packet accepted from a client, length prefix excluded: 256 KiB, the limit
 /// of OpenSSH's sftp-server, enough for any client's largest write.
 pub const MAX_SFTP_PACKET: u32 = 256 * 1024;
-
-/// The limits a server enforces on connections; [`Default`] gives the documented
-/// constants.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct ConnectionLimits {
-    /// Connections at once, at most ([`MAX_CONNECTIONS`]).
-    pub total: usize,
-    /// Connections at once from one address, at most ([`MAX_CONNECTIONS_PER_IP`]).
-    pub per_ip: usize,
-    /// Time from accept to login, at most ([`LOGIN_DEADLINE`]).
-    pub login_deadline: Duration,
-}
-
-impl Default for ConnectionLimits {
-    fn default() -> Self {
-        Self {
-            total: MAX_CONNECTIONS,
-            per_ip: MAX_CONNECTIONS_PER_IP,
-            login_deadline: LOGIN_DEADLINE,
-        }
-    }
-}
 
 /// The SSH server of a gateway.
 #[derive(Clone)]
@@ -169,7 +139,7 @@ impl SftpServer {
         // `run_on_socket`: that one gives no per-connection span, reports session errors
         // only through a callback, and cannot let sessions drain before disconnecting them.
         let (disconnect_tx, disconnect_rx) = watch::channel(false);
-        let limiter = ConnectionLimiter::new(self.shared.limits);
+        let limiter = ConnectionLimiter::new(Protocol::Sftp, self.shared.limits);
         let mut sessions = JoinSet::new();
         loop {
             tokio::select! {
@@ -203,91 +173,6 @@ impl SftpServer {
     }
 }
 
-/// Counts open connections, in total and per client address, against the limits.
-#[derive(Clone)]
-struct ConnectionLimiter {
-    limits: ConnectionLimits,
-    open: Arc<Mutex<OpenConnections>>,
-}
-
-#[derive(Default)]
-struct OpenConnections {
-    total: usize,
-    by_ip: HashMap<IpAddr, usize>,
-    /// Whether the refusals of the current spell at the total limit were reported.
-    total_reported: bool,
-    /// Addresses at their limit whose refusals were reported.
-    ips_reported: std::collections::HashSet<IpAddr>,
-}
-
-/// One admitted connection; its place is freed when this is dropped.
-struct ConnectionSlot {
-    limiter: ConnectionLimiter,
-    ip: IpAddr,
-}
-
-impl ConnectionLimiter {
-    fn new(limits: ConnectionLimits) -> Self {
-        Self {
-            limits,
-            open: Arc::default(),
-        }
-    }
-
-    fn open(&self) -> std::sync::MutexGuard<'_, OpenConnections> {
-        self.open.lock().unwrap_or_else(PoisonError::into_inner)
-    }
-
-    /// A slot for a connection from `ip`, or `None` if a limit is reached. The first
-    /// refusal of each spell at a limit is a warning, the others are debug.
-    fn admit(&self, ip: IpAddr) -> Option<ConnectionSlot> {
-        let mut open = self.open();
-        if open.total >= self.limits.total {
-            if !std::mem::replace(&mut open.total_reported, true) {
-                let limit = self.limits.total;
-                tracing::warn!(limit, "Refusing connections: the gateway is at its limit");
-            }
-            tracing::debug!(%ip, "Refused connection: too many connections");
-            return None;
-        }
-        let from_ip = open.by_ip.get(&ip).copied().unwrap_or(0);
-        if from_ip >= self.limits.per_ip {
-            if open.ips_reported.insert(ip) {
-                let limit = self.limits.per_ip;
-                tracing::warn!(%ip, limit, "Refusing connections: the address is at its limit");
-            }
-            tracing::debug!(%ip, "Refused connection: too many connections from one address");
-            return None;
-        }
-
-        open.total += 1;
-        open.by_ip.insert(ip, from_ip + 1);
-        Some(ConnectionSlot {
-            limiter: self.clone(),
-            ip,
-        })
-    }
-
-    fn release(&self, ip: IpAddr) {
-        let mut open = self.open();
-        open.total = open.total.saturating_sub(1);
-        open.total_reported &= open.total >= self.limits.total;
-        let from_ip = open.by_ip.remove(&ip).unwrap_or(1).saturating_sub(1);
-        if from_ip > 0 {
-            open.by_ip.insert(ip, from_ip);
-        }
-        if from_ip < self.limits.per_ip {
-            open.ips_reported.remove(&ip);
-        }
-    }
-}
-
-impl Drop for ConnectionSlot {
-    fn drop(&mut self) {
-        self.limiter.release(self.ip);
-    }
-}
-
 /// The SSH configuration for a new connection: the host keys, and only the authentication
 /// methods that some current login can complete.
 fn ssh_config(shared: &Shared) -> Arc<russh::server::Config> {
@@ -317,34 +202,6 @@ struct Connection {
     peer: SocketAddr,
     disconnect: watch::Receiver<bool>,
     _slot: ConnectionSlot,
-}
-
-/// Why the gateway ends a session that the client has not ended.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Ending {
-    /// No login within the deadline.
-    NoLogin,
-    /// The login no longer holds after a configuration reload.
-    Revoked,
-}
-
-impl Ending {
-    fn report(self) {
-        match self {
-            Self::NoLogin => tracing::debug!("Disconnecting: no login before the deadline"),
-            Self::Revoked => tracing::info!(
-                reason = "user removed or credentials changed",
-                "Disconnecting session: its login was revoked"
-            ),
-        }
-    }
-
-    fn message(self) -> String {
-        match self {
-            Self::NoLogin => "authentication timed out".into(),
-            Self::Revoked => "your login was revoked".into(),
-        }
-    }
 }
 
 impl Connection {
@@ -386,7 +243,7 @@ impl Connection {
             let ending = tokio::select! {
                 result = &mut session => return log_connection_end(result),
                 () = stopped(&mut self.disconnect) => None,
-                ending = admission_ends(login_rx, logins, deadline) => Some(ending),
+                ending = admission_ends(login_rx, logins, deadline, Logins::admits) => Some(ending),
             };
 
             let reason = match ending {
@@ -470,37 +327,6 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Severable<S> {
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
-    }
-}
-
-/// Completes when the session must end: no login by `deadline`, or, after the login, a
-/// change of `logins` under which it no longer holds.
-async fn admission_ends(
-    mut login: watch::Receiver<Option<Arc<Login>>>,
-    mut logins: watch::Receiver<Arc<Logins>>,
-    deadline: Instant,
-) -> Ending {
-    let logged_in = tokio::time::timeout_at(deadline, login.wait_for(Option::is_some))
-        .await
-        // Taken out of the watch's guard at once: the guard must not live across an await.
-        .map(|waited| waited.ok().and_then(|login| login.clone()));
-    let Ok(login) = logged_in else {
-        return Ending::NoLogin;
-    };
-    let Some(login) = login else {
-        // The handler is gone, so the session is ending by itself.
-        return std::future::pending().await;
-    };
-
-    loop {
-        // Checked once right away too: the logins may have changed during the login.
-        let holds = logins.borrow_and_update().admits(&login);
-        if !holds {
-            return Ending::Revoked;
-        }
-        if logins.changed().await.is_err() {
-            return std::future::pending().await;
-        }
     }
 }
 
@@ -1387,27 +1213,6 @@ mod tests {
             per_ip,
             login_deadline,
         }
-    }
-
-    #[test]
-    fn connections_are_limited_in_total_and_per_address() {
-        let limiter = ConnectionLimiter::new(limits(3, 2, LOGIN_DEADLINE));
-        let [a, b, c]: [IpAddr; 3] =
-            ["192.0.2.1", "192.0.2.2", "192.0.2.3"].map(|ip| ip.parse().unwrap());
-
-        let a1 = limiter.admit(a).unwrap();
-        let _a2 = limiter.admit(a).unwrap();
-        assert!(limiter.admit(a).is_none(), "a third from one address");
-        let b1 = limiter.admit(b).unwrap();
-        assert!(limiter.admit(c).is_none(), "a fourth in total");
-
-        drop(a1);
-        let _c1 = limiter.admit(c).unwrap();
-        assert!(limiter.admit(a).is_none());
-        drop(b1);
-        let _a3 = limiter.admit(a);
-        assert!(limiter.admit(a).is_none());
-        assert_eq!(limiter.open().by_ip.get(&b), None);
     }
 
     /// A server on 127.0.0.1 with one password user and the given limits.

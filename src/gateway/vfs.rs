@@ -25,6 +25,13 @@
 //! - Uploads are streamed and atomic: a [`FileWriter`] writes to a temporary file in the
 //!   storage's upload directory and publishes it under its name only on
 //!   [`FileWriter::close`]; dropping it unclosed discards the upload.
+//! - A resumed upload ([`Vfs::resume`]: FTP `REST` + `STOR`, `APPE`) is an upload like any
+//!   other: the kept start of the existing file is copied into the temporary file first,
+//!   the client's bytes follow, and the whole replaces the file on close. Readers see the
+//!   old file or the complete new one, never a file growing; an interrupted resume leaves
+//!   the file as it was. The copy costs a read and a write of the kept bytes. If the file
+//!   is replaced by someone else meanwhile, the last upload to close wins, as for uploads
+//!   without resume.
 //! - Exclusive creation ([`WriteMode::CreateNew`]) and rename never replace anything, and
 //!   this is decided by the final move on the volume itself ([`Volume::publish`],
 //!   [`Volume::rename`]), not by a check before it: of two clients racing for one name,
@@ -79,6 +86,14 @@ pub enum VfsError {
     /// The user's home directory is not usable.
     #[error("home directory {0} is reserved")]
     ReservedHome(String),
+    /// A resumed upload asked to keep more bytes than the file has.
+    #[error("cannot resume at byte {offset}: the file has {size} bytes")]
+    BeyondEnd {
+        /// Bytes to keep that were asked for.
+        offset: u64,
+        /// Bytes the file has.
+        size: u64,
+    },
     /// An upload wrote somewhere other than where the previous write ended.
     #[error("uploads must be written sequentially (expected offset {expected}, got {got})")]
     NonSequentialWrite {
@@ -236,6 +251,18 @@ pub enum WriteMode {
     CreateNew,
 }
 
+/// Where a resumed upload ([`Vfs::resume`]) continues the existing file.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ResumeAt {
+    /// After its first bytes, this many (FTP `REST` + `STOR`); the file must have them.
+    Offset(u64),
+    /// After its last byte, or at the start if there is no file yet (FTP `APPE`).
+    End,
+}
+
+/// Bytes copied at a time when a resumed upload keeps the start of a file.
+const COPY_CHUNK: u64 = 1024 * 1024;
+
 /// A path resolved for one user: what the client calls it and where it is on the volume.
 #[derive(Clone, Debug)]
 struct Target {
@@ -386,6 +413,79 @@ impl Vfs {
             Err(other) => return Err(other),
         }
 
+        self.stage(target, mode).await
+    }
+
+    /// Starts an upload to `path` that keeps the start of the existing file, up to where
+    /// `at` says: those bytes are copied into the upload's temporary file, and the writer
+    /// continues after them ([`FileWriter::bytes_written`] says where). As with
+    /// [`Vfs::create`] and [`WriteMode::Replace`], the file changes only when the writer is
+    /// closed. Needs `write` only, as a whole upload would: the kept bytes are never shown
+    /// to the client.
+    pub async fn resume(&self, path: &str, at: ResumeAt) -> Result<FileWriter, VfsError> {
+        self.require(Permission::Write)?;
+        let target = self.locate(path).await?;
+        if target.is_home() {
+            return Err(VfsError::IsADirectory);
+        }
+        self.require_parent_dir(&target).await?;
+        let size = match self.entry(&target).await {
+            Ok(entry) if entry.is_dir() => return Err(VfsError::IsADirectory),
+            Ok(entry) => entry.size,
+            Err(VfsError::NotFound) => 0,
+            Err(other) => return Err(other),
+        };
+        let keep = match at {
+            ResumeAt::End => size,
+            ResumeAt::Offset(offset) if offset <= size => offset,
+            ResumeAt::Offset(offset) => return Err(VfsError::BeyondEnd { offset, size }),
+        };
+
+        let key = target.key.clone();
+        let mut writer = self.stage(target, WriteMode::Replace).await?;
+        if keep > 0
+            && let Err(error) = self.copy_prefix(&key, keep, &mut writer).await
+        {
+            let _ = writer.abort().await;
+            return Err(error);
+        }
+        Ok(writer)
+    }
+
+    /// Copies the first `keep` bytes of the file at `key` into `writer`.
+    async fn copy_prefix(
+        &self,
+        key: &str,
+        keep: u64,
+        writer: &mut FileWriter,
+    ) -> Result<(), VfsError> {
+        let reader = self
+            .operator()
+            .reader(key)
+            .await
+            .map_err(VfsError::from_storage)?;
+        while writer.bytes_written < keep {
+            let start = writer.bytes_written;
+            let end = keep.min(start + COPY_CHUNK);
+            let chunk = reader
+                .read(start..end)
+                .await
+                .map_err(VfsError::from_storage)?
+                .to_vec();
+            if chunk.is_empty() {
+                // Replaced by a shorter file since its size was read.
+                return Err(VfsError::BeyondEnd {
+                    offset: keep,
+                    size: start,
+                });
+            }
+            writer.write_at(start, chunk).await?;
+        }
+        Ok(())
+    }
+
+    /// An upload to `target` through a fresh temporary file.
+    async fn stage(&self, target: Target, mode: WriteMode) -> Result<FileWriter, VfsError> {
         let staged = storage::staging_key();
         let writer = self
             .operator()
@@ -1004,6 +1104,57 @@ mod tests {
         assert!(matches!(
             vfs.stat("partial.bin").await,
             Err(VfsError::NotFound)
+        ));
+    }
+
+    #[tokio::test]
+    async fn a_resumed_upload_keeps_the_start_of_the_file_and_replaces_it_only_on_close() {
+        let dir = tempfile::tempdir().unwrap();
+        let vfs = open(dir.path(), &[Permission::Write]).await;
+        let stored = dir.path().join("cucm/data");
+        upload(&vfs, "data", &[7; 3_000_000]).await;
+
+        let mut writer = vfs
+            .resume("data", ResumeAt::Offset(2_500_001))
+            .await
+            .unwrap();
+        assert_eq!(writer.bytes_written(), 2_500_001);
+        writer.write_at(2_500_001, b"tail".to_vec()).await.unwrap();
+        assert_eq!(std::fs::metadata(&stored).unwrap().len(), 3_000_000);
+        assert_eq!(writer.close().await.unwrap(), 2_500_005);
+        let content = std::fs::read(&stored).unwrap();
+        assert_eq!(content.len(), 2_500_005);
+        assert!(content[..2_500_001].iter().all(|b| *b == 7) && content.ends_with(b"tail"));
+
+        let mut append = vfs.resume("data", ResumeAt::End).await.unwrap();
+        append.write_at(2_500_005, b"+".to_vec()).await.unwrap();
+        drop(append);
+        assert_eq!(std::fs::metadata(&stored).unwrap().len(), 2_500_005);
+        let mut append = vfs.resume("data", ResumeAt::End).await.unwrap();
+        append.write_at(2_500_005, b"+".to_vec()).await.unwrap();
+        assert_eq!(append.close().await.unwrap(), 2_500_006);
+
+        let mut fresh = vfs.resume("new", ResumeAt::End).await.unwrap();
+        fresh.write_at(0, b"new".to_vec()).await.unwrap();
+        fresh.close().await.unwrap();
+        assert_eq!(std::fs::read(dir.path().join("cucm/new")).unwrap(), b"new");
+        assert!(matches!(
+            vfs.resume("data", ResumeAt::Offset(2_500_007))
+                .await
+                .map(drop),
+            Err(VfsError::BeyondEnd {
+                offset: 2_500_007,
+                size: 2_500_006
+            })
+        ));
+        assert!(matches!(
+            vfs.resume("missing", ResumeAt::Offset(1)).await.map(drop),
+            Err(VfsError::BeyondEnd { offset: 1, size: 0 })
+        ));
+        let read_only = open(dir.path(), &[Permission::Read]).await;
+        assert!(matches!(
+            read_only.resume("data", ResumeAt::End).await.map(drop),
+            Err(VfsError::Denied(Permission::Write))
         ));
     }
 

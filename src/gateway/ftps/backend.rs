@@ -10,8 +10,14 @@
 //!   [`VfsError`]'s own message (which never names a storage path) is left in the session
 //!   context for the front end to send instead.
 //! - Uploads stream into a [`FileWriter`] and are published only when the data connection
-//!   ends cleanly; an upload at an offset (REST + STOR, APPE) is refused. Downloads honour
-//!   REST through ranged reads.
+//!   ends cleanly. `REST n` + `STOR` keeps the file's first `n` bytes and `APPE` the whole
+//!   file, through [`Vfs::resume`]: the kept bytes are copied into the upload's temporary
+//!   file and the file is replaced when the upload completes, so readers never see it
+//!   grow, and a failed resume leaves it as it was. Which of the two a `put` is comes from
+//!   the front end ([`SessionContext::take_append`]), not from the offset libunftp passes:
+//!   libunftp computes an `APPE` offset from `metadata`, which fails without the list or
+//!   read permission and would make an append replace the file. Downloads honour REST
+//!   through ranged reads.
 //! - Completed transfers are logged at info with their byte counts; storage failures at
 //!   warn; refused requests at debug.
 
@@ -29,7 +35,7 @@ use unftp_core::storage::{
 
 use crate::gateway::ErrorChain;
 use crate::gateway::ftps::engine::SessionContext;
-use crate::gateway::vfs::{Entry, Reply, Vfs, VfsError, WriteMode};
+use crate::gateway::vfs::{Entry, Reply, ResumeAt, Vfs, VfsError, WriteMode};
 
 /// Bytes read from storage or the data connection at a time.
 const CHUNK: usize = 256 * 1024;
@@ -141,14 +147,26 @@ impl VfsBackend {
         Error::new(error_kind(&error, directory), error)
     }
 
-    async fn upload<R>(&self, vfs: &Vfs, path: &str, mut input: R) -> Result<u64>
+    /// Stores `input` at `path`, after the start of the existing file that `resume` keeps.
+    async fn upload<R>(
+        &self,
+        vfs: &Vfs,
+        path: &str,
+        resume: Option<ResumeAt>,
+        mut input: R,
+    ) -> Result<u64>
     where
         R: AsyncRead + Unpin,
     {
-        let mut writer = match vfs.create(path, WriteMode::Replace).await {
+        let writer = match resume {
+            None => vfs.create(path, WriteMode::Replace).await,
+            Some(at) => vfs.resume(path, at).await,
+        };
+        let mut writer = match writer {
             Ok(writer) => writer,
             Err(error) => return Err(self.refuse("stor", path, error)),
         };
+        let kept = writer.bytes_written();
         let mut buffer = Vec::with_capacity(CHUNK);
         loop {
             let read = (&mut input)
@@ -184,8 +202,10 @@ impl VfsBackend {
         }
 
         match writer.close().await {
-            Ok(bytes) => {
-                tracing::info!(parent: self.context.span(), path, bytes, "Upload completed");
+            Ok(size) => {
+                let bytes = size - kept;
+                let span = self.context.span();
+                tracing::info!(parent: span, path, bytes, kept, size, "Upload completed");
                 Ok(bytes)
             }
             Err(error) => Err(self.refuse("stor", path, error)),
@@ -351,12 +371,12 @@ impl StorageBackend<FtpUser> for VfsBackend {
         R: AsyncRead + Send + Sync + Unpin + 'static,
     {
         let path = client_path(path.as_ref())?;
-        if start_pos != 0 {
-            self.context
-                .set_reply_text("uploads cannot resume at an offset: upload the whole file".into());
-            return Err(ErrorKind::CommandNotImplemented.into());
-        }
-        self.upload(&user.vfs, path, input).await
+        let resume = match (self.context.take_append(), start_pos) {
+            (true, _) => Some(ResumeAt::End),
+            (false, 0) => None,
+            (false, offset) => Some(ResumeAt::Offset(offset)),
+        };
+        self.upload(&user.vfs, path, resume, input).await
     }
 
     async fn del<P>(&self, user: &FtpUser, path: P) -> Result<()>

@@ -8,14 +8,21 @@
 //!   be protected (`PROT P`).
 //! - The front end answers what concerns TLS, data connections and features itself
 //!   (`AUTH`, `PBSZ`, `PROT`, `CCC`, `PASV`, `EPSV`, `PORT` and its relatives, `FEAT`,
-//!   `SITE`, `STAT` without argument, `STOU`, `APPE`) and sends everything else on to
-//!   libunftp one command at a time, in order. Active mode is refused: the gateway never
-//!   connects anywhere on a client's behalf, so FTP bounce is impossible.
+//!   `SITE`, `STAT` without argument, `STOU`) and sends everything else on to libunftp one
+//!   command at a time, in order. Active mode is refused: the gateway never connects
+//!   anywhere on a client's behalf, so FTP bounce is impossible. After `EPSV ALL`, every
+//!   other data connection setup (`PASV`, `LPSV`, `PORT`, `EPRT`, `LPRT`) gets `503` (RFC
+//!   2428 section 4) for the rest of the session.
+//! - `REST n` + `STOR` and `APPE` resume an upload (see [`super::backend`]); `REST` before
+//!   anything but `STOR` and `RETR` is kept by libunftp for the next of them.
 //! - A passive request opens a data port of libunftp's and one of the front end's (see
 //!   [`super::data`]). A transfer command is held, after a 150 reply, until the client's
 //!   data connection is ready (secured and, if required, resumed); only then does libunftp
 //!   see it, so a refused data connection never starts, let alone half-writes, a transfer.
 //!   Its final reply is sent once the data connection has been relayed to its end.
+//! - A session ends with `421` when it has not logged in by its deadline or a reload
+//!   revokes its login (see [`crate::gateway::sessions::admission_ends`]); a transfer in
+//!   progress is cut, as at shutdown.
 //! - A command line longer than [`MAX_COMMAND_LINE`] gets a 500 and the connection is
 //!   closed; one that is not UTF-8 gets a 501 and is not sent on.
 //! - Logins and transfers are logged by the back end; this module logs only what it
@@ -24,6 +31,7 @@
 use std::collections::VecDeque;
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -36,6 +44,7 @@ use tokio::time::{Instant, sleep_until, timeout};
 use tokio_rustls::TlsAcceptor;
 use tracing::Span;
 
+use crate::gateway::auth::Logins;
 use crate::gateway::config::{FtpsSettings, SessionReuse};
 use crate::gateway::ftps::data::{
     DataChannel, DataEvent, DataFailure, DataState, DataTls, Direction,
@@ -47,6 +56,7 @@ use crate::gateway::ftps::protocol::{
 };
 use crate::gateway::ftps::stream::ClientStream;
 use crate::gateway::ftps::tls::{self, SessionTls};
+use crate::gateway::sessions::{Ending, admission_ends};
 use crate::gateway::stopped;
 
 /// Time a client gets to complete a TLS handshake on the control connection.
@@ -62,8 +72,8 @@ const ENGINE_STOP_TIMEOUT: Duration = Duration::from_secs(5);
 /// Command lines read ahead of the one being served.
 const MAX_QUEUED: usize = 16;
 
-/// Commands that carry data over a data connection (STOU and APPE are refused).
-const TRANSFERS: [&str; 5] = ["RETR", "STOR", "LIST", "NLST", "MLSD"];
+/// Commands that carry data over a data connection (STOU is refused).
+const TRANSFERS: [&str; 6] = ["RETR", "STOR", "APPE", "LIST", "NLST", "MLSD"];
 /// Commands accepted before TLS when plaintext is not allowed.
 const BEFORE_TLS: [&str; 6] = ["AUTH", "FEAT", "SYST", "NOOP", "HELP", "QUIT"];
 
@@ -102,6 +112,8 @@ pub struct SessionSetup {
     pub policy: Arc<Policy>,
     /// Starts the session's libunftp engine.
     pub engine: Engine,
+    /// When the session is closed unless it has logged in.
+    pub login_deadline: Instant,
 }
 
 /// Serves one accepted connection to its end, or until `disconnect` turns true.
@@ -149,8 +161,14 @@ pub async fn run(
         }
     };
 
+    let admission = admission_ends(
+        context.watch_login(),
+        setup.engine.watch_logins(),
+        setup.login_deadline,
+        Logins::admits_password,
+    );
     let session = Session::new(setup, tls, peer, local, context, client, upstream);
-    if session.run(disconnect).await {
+    if session.run(disconnect, admission).await {
         tracing::info!("Session closed");
     }
     stop_engine(engine).await;
@@ -202,6 +220,8 @@ enum Event {
     DataDeadline,
     RelayDeadline,
     Disconnect,
+    /// The login deadline passed, or a reload revoked the login.
+    Ended(Ending),
 }
 
 /// One session's control connection state.
@@ -227,6 +247,8 @@ struct Session {
     logged_in: bool,
     /// A `REST` with a non-zero offset was sent and not yet used up.
     restart_pending: bool,
+    /// `EPSV ALL` was sent: only EPSV may set up data connections.
+    epsv_only: bool,
     data: Option<DataChannel>,
     /// A transfer command waiting for its data connection to be ready.
     held: Option<Command>,
@@ -262,18 +284,25 @@ impl Session {
             protect_data: false,
             logged_in: false,
             restart_pending: false,
+            epsv_only: false,
             data: None,
             held: None,
             finished: None,
         }
     }
 
-    /// Serves the session to its end; returns whether the client had logged in.
-    async fn run(mut self, mut disconnect: watch::Receiver<bool>) -> bool {
+    /// Serves the session to its end, or until `admission` ends it; returns whether the
+    /// client had logged in.
+    async fn run(
+        mut self,
+        mut disconnect: watch::Receiver<bool>,
+        admission: impl Future<Output = Ending>,
+    ) -> bool {
+        tokio::pin!(admission);
         loop {
             let flow = match self.serve_queue().await {
                 Ok(Flow::Continue) => {
-                    let event = self.next_event(&mut disconnect).await;
+                    let event = self.next_event(&mut disconnect, admission.as_mut()).await;
                     self.handle(event).await
                 }
                 other => other,
@@ -323,7 +352,11 @@ impl Session {
         Ok(Flow::Continue)
     }
 
-    async fn next_event(&mut self, disconnect: &mut watch::Receiver<bool>) -> Event {
+    async fn next_event(
+        &mut self,
+        disconnect: &mut watch::Receiver<bool>,
+        admission: Pin<&mut impl Future<Output = Ending>>,
+    ) -> Event {
         let read_client = self.queue.len() < MAX_QUEUED;
         let data_deadline = self.data.as_ref().and_then(|data| match data.state {
             DataState::Connecting | DataState::Ready | DataState::Failed(_) => Some(data.deadline),
@@ -347,6 +380,7 @@ impl Session {
             () = sleep_until_some(data_deadline) => Event::DataDeadline,
             () = sleep_until_some(relay_deadline) => Event::RelayDeadline,
             () = stopped(disconnect) => Event::Disconnect,
+            ending = admission => Event::Ended(ending),
         }
     }
 
@@ -388,6 +422,16 @@ impl Session {
                 self.data = None;
                 self.reply(Reply::new(421, "The gateway is shutting down"))
                     .await?;
+                Ok(Flow::Close)
+            }
+            Event::Ended(ending) => {
+                ending.report();
+                self.data = None;
+                let text = match ending {
+                    Ending::NoLogin => "Login timed out; closing connection",
+                    Ending::Revoked => "Your login was revoked; closing connection",
+                };
+                self.reply(Reply::new(421, text)).await?;
                 Ok(Flow::Close)
             }
         }
@@ -440,6 +484,10 @@ impl Session {
                 let refusal = "The control connection stays encrypted";
                 self.reply(Reply::new(534, refusal)).await
             }
+            "PASV" | "LPSV" | "PORT" | "EPRT" | "LPRT" if self.epsv_only => {
+                let refusal = "EPSV ALL is in effect: only EPSV sets up data connections";
+                self.reply(Reply::new(503, refusal)).await
+            }
             "PORT" | "EPRT" | "LPRT" => {
                 tracing::info!(verb, "Refused active mode");
                 let refusal = "Active mode is not supported: use EPSV or PASV";
@@ -466,10 +514,6 @@ impl Session {
             "STAT" if command.argument.trim().is_empty() => self.status().await,
             "STOU" => {
                 let refusal = "STOU is not supported: name the file with STOR";
-                self.reply(Reply::new(502, refusal)).await
-            }
-            "APPE" => {
-                let refusal = "APPE is not supported: uploads replace the whole file";
                 self.reply(Reply::new(502, refusal)).await
             }
             "OPTS" if command.argument.to_ascii_uppercase().starts_with("MLST") => {
@@ -571,7 +615,10 @@ impl Session {
             IpAddr::V6(_) => "2",
         };
         match command.argument.trim().to_ascii_uppercase().as_str() {
-            "ALL" => self.reply(Reply::new(200, "EPSV ALL accepted")).await,
+            "ALL" => {
+                self.epsv_only = true;
+                self.reply(Reply::new(200, "EPSV ALL accepted")).await
+            }
             "" => self.passive(true).await,
             requested if requested == family => self.passive(true).await,
             _ => {
@@ -680,17 +727,12 @@ impl Session {
         if !self.data_allowed() {
             return self.reply(protection_required()).await;
         }
-        if command.verb == "STOR" && self.restart_pending {
-            self.reset_restart().await?;
-            let refusal = "Uploads cannot resume at an offset: upload the whole file";
-            return self.reply(Reply::new(554, refusal)).await;
-        }
         let Some(data) = self.data.as_ref() else {
             return self.reply(Reply::new(425, "Use PASV or EPSV first")).await;
         };
         let state = data.state;
         data.set_direction(match command.verb.as_str() {
-            "STOR" => Direction::Upload,
+            "STOR" | "APPE" => Direction::Upload,
             _ => Direction::Download,
         });
 
@@ -716,6 +758,7 @@ impl Session {
 
     /// Sends a transfer command on and starts relaying its data connection.
     async fn start_transfer(&mut self, command: Command) -> io::Result<Flow> {
+        self.engine_context.set_append(command.verb == "APPE");
         let flow = self.send_upstream(&command, Pending::Transfer).await?;
         if let Some(data) = self.data.as_mut() {
             data.start_relay();
@@ -777,6 +820,9 @@ impl Session {
     /// The final reply to a transfer, once its data connection is done.
     async fn finish_transfer(&mut self, reply: Reply) -> io::Result<Flow> {
         self.data = None;
+        // An APPE that libunftp ended before its upload began must not make the next
+        // STOR an append.
+        self.engine_context.set_append(false);
         if !reply.is_success() {
             // libunftp keeps a REST offset after a failed transfer; clients do not.
             self.reset_restart().await?;

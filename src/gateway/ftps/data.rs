@@ -67,7 +67,7 @@ pub struct DataTls {
 pub enum Direction {
     /// To the client: RETR, LIST, NLST, MLSD.
     Download,
-    /// From the client: STOR.
+    /// From the client: STOR, APPE.
     Upload,
 }
 

@@ -15,16 +15,17 @@
 use std::io;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::ops::RangeInclusive;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use libunftp::options::{PassiveHost, SiteMd5};
 use slog::Drain;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::Semaphore;
+use tokio::sync::{Semaphore, watch};
 use tokio::task::JoinHandle;
 use tracing::{Instrument, Span};
 
-use crate::gateway::auth::{LiveLogins, Login};
+use crate::gateway::auth::{LiveLogins, Login, Logins};
 use crate::gateway::ftps::backend::{FtpUser, VfsBackend};
 use crate::gateway::ftps::login::PasswordLogin;
 use crate::storage::Volume;
@@ -43,7 +44,9 @@ const LOOPBACK_ACCEPTS: usize = 4;
 pub struct SessionContext {
     span: Span,
     login: Mutex<Option<Arc<Login>>>,
+    logged_in: watch::Sender<Option<Arc<Login>>>,
     reply_text: Mutex<Option<String>>,
+    append: AtomicBool,
 }
 
 impl SessionContext {
@@ -52,6 +55,8 @@ impl SessionContext {
         Arc::new(Self {
             span,
             login: Mutex::new(None),
+            logged_in: watch::Sender::new(None),
+            append: AtomicBool::new(false),
             reply_text: Mutex::new(None),
         })
     }
@@ -69,6 +74,27 @@ impl SessionContext {
 
     pub(super) fn take_login(&self) -> Option<Arc<Login>> {
         lock(&self.login).take()
+    }
+
+    /// Records the login the session now runs under, for [`SessionContext::watch_login`].
+    pub(super) fn set_logged_in(&self, login: Arc<Login>) {
+        self.logged_in.send_replace(Some(login));
+    }
+
+    /// Sees the session's login once it has one.
+    pub fn watch_login(&self) -> watch::Receiver<Option<Arc<Login>>> {
+        self.logged_in.subscribe()
+    }
+
+    /// Says whether the upload libunftp runs next is an `APPE`: set by the front end before
+    /// it sends one on, cleared by its end.
+    pub fn set_append(&self, append: bool) {
+        self.append.store(append, Ordering::SeqCst);
+    }
+
+    /// Whether the upload starting now is an `APPE`; clears the mark.
+    pub(super) fn take_append(&self) -> bool {
+        self.append.swap(false, Ordering::SeqCst)
     }
 
     /// Leaves the text for the error reply libunftp is about to send.
@@ -109,6 +135,11 @@ impl Engine {
             password_checks: Arc::new(Semaphore::new(cores * 2)),
             logger: slog::Logger::root(TracingDrain.fuse(), slog::o!()),
         }
+    }
+
+    /// Sees every reload of the logins in force.
+    pub fn watch_logins(&self) -> watch::Receiver<Arc<Logins>> {
+        self.logins.subscribe()
     }
 
     /// Starts a libunftp session for `context` and returns the front end's end of its

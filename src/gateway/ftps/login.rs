@@ -8,7 +8,8 @@
 //! - A failed attempt is logged at warn (user and reason) and answered only after
 //!   [`REJECTION_DELAY`]. The password is never logged or kept.
 //! - A successful one opens the user's [`Vfs`] (creating the home directory), records the
-//!   user on the session span and logs "Logged in" at info.
+//!   user on the session span and the login in the [`SessionContext`] (which the front end
+//!   watches for revocation), and logs "Logged in" at info.
 
 use std::fmt;
 use std::sync::Arc;
@@ -122,6 +123,7 @@ impl UserDetailProvider for PasswordLogin {
                 let span = self.context.span();
                 span.record("user", user.name.as_str());
                 tracing::info!(parent: span, method = "password", "Logged in");
+                self.context.set_logged_in(login.clone());
                 Ok(FtpUser::new(user.name.clone(), vfs))
             }
             Err(error) => {
