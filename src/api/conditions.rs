@@ -64,6 +64,7 @@ pub enum Reason {
     CertificateMissing,
     CertificateInvalid,
     CertificateExpired,
+    CertificateNotYetValid,
     WaitingForLoadBalancer,
 }
 
@@ -95,6 +96,7 @@ impl Reason {
             Self::CertificateMissing => "CertificateMissing",
             Self::CertificateInvalid => "CertificateInvalid",
             Self::CertificateExpired => "CertificateExpired",
+            Self::CertificateNotYetValid => "CertificateNotYetValid",
             Self::WaitingForLoadBalancer => "WaitingForLoadBalancer",
         }
     }

@@ -77,6 +77,8 @@ pub enum TlsError {
 /// What the operator shows about a certificate.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct CertificateInfo {
+    /// Start of the leaf certificate's validity (X.509 notBefore).
+    pub not_before: SystemTime,
     /// End of the leaf certificate's validity (X.509 notAfter).
     pub not_after: SystemTime,
     /// SHA-256 of the leaf certificate's DER encoding, as colon-separated upper-case hex
@@ -88,6 +90,17 @@ impl CertificateInfo {
     /// Whether the certificate has expired at `now`.
     pub fn is_expired_at(&self, now: SystemTime) -> bool {
         now > self.not_after
+    }
+
+    /// Whether `now` lies within the certificate's validity period. Clients refuse a
+    /// certificate outside it, so it is not served.
+    pub fn is_valid_at(&self, now: SystemTime) -> bool {
+        self.not_before <= now && now <= self.not_after
+    }
+
+    /// notBefore as an RFC 3339 UTC timestamp.
+    pub fn not_before_rfc3339(&self) -> String {
+        rfc3339(self.not_before)
     }
 
     /// notAfter as an RFC 3339 UTC timestamp, such as `2031-04-01T12:00:00Z`.
@@ -113,19 +126,42 @@ fn parse_chain(cert_pem: &[u8]) -> Result<Vec<CertificateDer<'static>>, TlsError
     Ok(chain)
 }
 
+/// Checks that `key_pem` holds a private key usable with the leaf of `cert_pem` and
+/// returns what is known about the certificate. Errors never contain key material.
+pub fn check_pair(cert_pem: &[u8], key_pem: &[u8]) -> Result<CertificateInfo, TlsError> {
+    load_pair(cert_pem, key_pem, &Arc::new(crypto_provider())).map(|loaded| loaded.info)
+}
+
+fn load_pair(
+    cert_pem: &[u8],
+    key_pem: &[u8],
+    provider: &Arc<CryptoProvider>,
+) -> Result<Loaded, TlsError> {
+    let chain = parse_chain(cert_pem)?;
+    let info = leaf_info(&chain[0])?;
+    let key = PrivateKeyDer::from_pem_slice(key_pem).map_err(|_| TlsError::NoKey)?;
+    let key = CertifiedKey::from_der(chain, key, provider).map_err(TlsError::Key)?;
+    Ok(Loaded {
+        key: Arc::new(key),
+        info,
+    })
+}
+
 fn leaf_info(leaf: &CertificateDer<'_>) -> Result<CertificateInfo, TlsError> {
     let (_, parsed) = x509_parser::parse_x509_certificate(leaf).map_err(TlsError::Parse)?;
-    let seconds = parsed.validity().not_after.timestamp();
-    let not_after = match u64::try_from(seconds) {
+    let time = |seconds: i64| match u64::try_from(seconds) {
         Ok(seconds) => UNIX_EPOCH + Duration::from_secs(seconds),
         Err(_) => UNIX_EPOCH,
     };
+    let not_before = time(parsed.validity().not_before.timestamp());
+    let not_after = time(parsed.validity().not_after.timestamp());
     let fingerprint = Sha256::digest(leaf)
         .iter()
         .map(|byte| format!("{byte:02X}"))
         .collect::<Vec<_>>()
         .join(":");
     Ok(CertificateInfo {
+        not_before,
         not_after,
         sha256_fingerprint: fingerprint,
     })
@@ -173,10 +209,13 @@ impl CertificateStore {
         Arc::new(store)
     }
 
-    /// The certificate to present now, if there is one and it has not expired.
+    /// The certificate to present now, if there is one within its validity period.
     pub fn current(&self) -> Option<Arc<CertifiedKey>> {
         let loaded = self.loaded()?;
-        (!loaded.info.is_expired_at(SystemTime::now())).then(|| loaded.key.clone())
+        loaded
+            .info
+            .is_valid_at(SystemTime::now())
+            .then(|| loaded.key.clone())
     }
 
     /// What is known about the certificate loaded last, expired or not.
@@ -243,13 +282,22 @@ impl CertificateStore {
                     fingerprint = %loaded.info.sha256_fingerprint,
                     "Loaded FTPS certificate"
                 );
-                let expired = loaded.info.is_expired_at(SystemTime::now());
+                let now = SystemTime::now();
+                let expired = loaded.info.is_expired_at(now);
+                let early = !expired && !loaded.info.is_valid_at(now);
+                let not_before = loaded.info.not_before_rfc3339();
                 *self
                     .loaded
                     .write()
                     .unwrap_or_else(|poisoned| poisoned.into_inner()) = Some(Arc::new(loaded));
                 if expired {
                     self.log_expired();
+                }
+                if early {
+                    tracing::error!(
+                        %not_before,
+                        "FTPS certificate is not valid yet; FTPS connections are refused until then"
+                    );
                 }
                 Ok(())
             }
@@ -267,14 +315,7 @@ impl CertificateStore {
     }
 
     fn parse(&self, cert_pem: &[u8], key_pem: &[u8]) -> Result<Loaded, TlsError> {
-        let chain = parse_chain(cert_pem)?;
-        let info = leaf_info(&chain[0])?;
-        let key = PrivateKeyDer::from_pem_slice(key_pem).map_err(|_| TlsError::NoKey)?;
-        let key = CertifiedKey::from_der(chain, key, &self.provider).map_err(TlsError::Key)?;
-        Ok(Loaded {
-            key: Arc::new(key),
-            info,
-        })
+        load_pair(cert_pem, key_pem, &self.provider)
     }
 
     fn log_expired(&self) {
@@ -507,6 +548,23 @@ mod tests {
         let expired = CertificateStore::open(dir.path());
         assert!(expired.current().is_none());
         assert!(expired.info().is_some());
+    }
+
+    #[test]
+    fn a_certificate_whose_validity_has_not_begun_is_not_served() {
+        let mut params = rcgen::CertificateParams::new(vec!["localhost".to_owned()]).unwrap();
+        params.not_before = rcgen::date_time_ymd(2090, 1, 1);
+        params.not_after = rcgen::date_time_ymd(2095, 1, 1);
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = params.self_signed(&key).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        write(dir.path(), &(cert.pem(), key.serialize_pem()));
+        let early = CertificateStore::open(dir.path());
+        assert!(early.current().is_none());
+        assert_eq!(
+            early.info().unwrap().not_before_rfc3339(),
+            "2090-01-01T00:00:00Z"
+        );
     }
 
     #[test]

@@ -19,11 +19,10 @@
 use std::time::SystemTime;
 
 use k8s_openapi::api::core::v1::{Secret, Service};
-use k8s_openapi::jiff::Timestamp;
 
 use crate::api::{FtpsProtocol, ServiceType, TlsCertificateStatus, TransferServer};
 use crate::gateway::config::{FtpsSettings, PassivePorts, ReplicaPassive};
-use crate::gateway::ftps::tls::{CertificateInfo, certificate_info};
+use crate::gateway::ftps::tls::{CertificateInfo, TlsError, check_pair};
 
 /// Container port of explicit FTPS (unprivileged, so the gateway runs as non-root).
 pub const EXPLICIT_CONTAINER_PORT: i32 = 2121;
@@ -242,10 +241,12 @@ pub fn addresses_known(settings: &FtpsSettings, server: &TransferServer) -> bool
 /// What the operator found in the TLS Secret.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum CertificateState {
-    /// A certificate within its validity period, with a key beside it.
+    /// A certificate within its validity period, with its key.
     Valid(CertificateInfo),
     /// The certificate has expired.
     Expired(CertificateInfo),
+    /// The certificate's validity has not begun.
+    NotYetValid(CertificateInfo),
     /// The Secret or one of its keys is missing.
     Missing(String),
     /// The certificate does not parse.
@@ -256,26 +257,20 @@ impl CertificateState {
     /// What the status shows of the certificate, when one was parsed.
     pub fn status(&self) -> Option<TlsCertificateStatus> {
         let info = match self {
-            Self::Valid(info) | Self::Expired(info) => info,
+            Self::Valid(info) | Self::Expired(info) | Self::NotYetValid(info) => info,
             Self::Missing(_) | Self::Invalid(_) => return None,
         };
         Some(TlsCertificateStatus {
-            not_after: rfc3339(info.not_after),
+            not_after: info.not_after_rfc3339(),
             sha256: info.sha256_fingerprint.clone(),
         })
     }
 }
 
-/// A time as RFC 3339 in UTC, as Kubernetes writes times.
-pub fn rfc3339(time: SystemTime) -> String {
-    Timestamp::try_from(time)
-        .map(|t| t.to_string())
-        .unwrap_or_default()
-}
-
 /// Judges the TLS Secret named `name` (`secret` is `None` when it does not exist) at
-/// `now`. Only `tls.crt` is parsed; `tls.key` is checked for presence and never read
-/// further, so no key material can reach a status or an Event.
+/// `now`, as the gateway will: the key must belong to the certificate and the
+/// certificate must be within its validity period. Messages name the Secret and what is
+/// wrong, never any key material.
 pub fn certificate_state(name: &str, secret: Option<&Secret>, now: SystemTime) -> CertificateState {
     let Some(secret) = secret else {
         return CertificateState::Missing(format!("TLS Secret {name} does not exist"));
@@ -287,14 +282,18 @@ pub fn certificate_state(name: &str, secret: Option<&Secret>, now: SystemTime) -
             .and_then(|d| d.get(key))
             .filter(|v| !v.0.is_empty())
     };
-    let (Some(certificate), Some(_)) = (value("tls.crt"), value("tls.key")) else {
+    let (Some(certificate), Some(key)) = (value("tls.crt"), value("tls.key")) else {
         return CertificateState::Missing(format!(
             "TLS Secret {name} needs non-empty tls.crt and tls.key"
         ));
     };
-    match certificate_info(&certificate.0) {
+    match check_pair(&certificate.0, &key.0) {
         Ok(info) if info.is_expired_at(now) => CertificateState::Expired(info),
+        Ok(info) if !info.is_valid_at(now) => CertificateState::NotYetValid(info),
         Ok(info) => CertificateState::Valid(info),
+        Err(error @ (TlsError::NoKey | TlsError::Key(_))) => CertificateState::Invalid(format!(
+            "tls.key in TLS Secret {name} is not a private key for tls.crt: {error}"
+        )),
         Err(error) => CertificateState::Invalid(format!(
             "tls.crt in TLS Secret {name} cannot be used: {error}"
         )),
@@ -444,9 +443,9 @@ mod tests {
         assert!(refused.contains("at least replicas (3)"), "{refused}");
     }
 
-    fn tls_secret(not_after: (i32, u8, u8)) -> (Secret, String) {
+    fn tls_secret(not_before: (i32, u8, u8), not_after: (i32, u8, u8)) -> (Secret, String) {
         let mut params = rcgen::CertificateParams::new(vec!["localhost".to_string()]).unwrap();
-        params.not_before = rcgen::date_time_ymd(2020, 1, 1);
+        params.not_before = rcgen::date_time_ymd(not_before.0, not_before.1, not_before.2);
         params.not_after = rcgen::date_time_ymd(not_after.0, not_after.1, not_after.2);
         let key = rcgen::KeyPair::generate().unwrap();
         let cert = params.self_signed(&key).unwrap();
@@ -469,7 +468,7 @@ mod tests {
 
     #[test]
     fn a_current_certificate_is_valid_with_its_expiry_and_fingerprint_and_later_expired() {
-        let (secret, fingerprint) = tls_secret((2030, 6, 1));
+        let (secret, fingerprint) = tls_secret((2020, 1, 1), (2030, 6, 1));
         let before = SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(1_800_000_000);
         let state = certificate_state("t", Some(&secret), before);
         let CertificateState::Valid(_) = &state else {
@@ -486,6 +485,31 @@ mod tests {
             "{expired:?}"
         );
         assert_eq!(expired.status(), Some(shown));
+    }
+
+    #[test]
+    fn a_key_of_another_certificate_or_a_validity_yet_to_begin_is_not_valid() {
+        let now = SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(1_800_000_000);
+        let (mut secret, _) = tls_secret((2020, 1, 1), (2030, 6, 1));
+        let (other, _) = tls_secret((2020, 1, 1), (2030, 6, 1));
+        let data = secret.data.as_mut().unwrap();
+        let other_key = other.data.unwrap()["tls.key"].clone();
+        data.insert("tls.key".into(), other_key.clone());
+        let CertificateState::Invalid(message) = certificate_state("t", Some(&secret), now) else {
+            panic!("a mismatched key must be invalid");
+        };
+        assert!(message.starts_with("tls.key in TLS Secret t"), "{message}");
+        let key_pem = String::from_utf8(other_key.0).unwrap();
+        let key_body = key_pem.lines().nth(1).unwrap();
+        assert!(!message.contains(key_body), "{message}");
+
+        let (early, _) = tls_secret((2029, 1, 1), (2030, 6, 1));
+        let state = certificate_state("t", Some(&early), now);
+        assert!(
+            matches!(state, CertificateState::NotYetValid(_)),
+            "{state:?}"
+        );
+        assert!(state.status().is_some());
     }
 
     #[test]

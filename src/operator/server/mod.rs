@@ -227,14 +227,16 @@ async fn reconcile(server: Arc<TransferServer>, context: Arc<Context>) -> Result
 }
 
 /// When to reconcile again unprompted: at the next resync, or just after the FTPS
-/// certificate expires if that comes first, so its expiry shows on the status.
+/// certificate's validity begins or ends if that comes first, so the status follows.
 fn next_check(certificate: Option<&ftps::CertificateState>, now: Timestamp) -> Duration {
-    let Some(ftps::CertificateState::Valid(info)) = certificate else {
-        return RESYNC;
+    let change = match certificate {
+        Some(ftps::CertificateState::Valid(info)) => info.not_after,
+        Some(ftps::CertificateState::NotYetValid(info)) => info.not_before,
+        _ => return RESYNC,
     };
     let now: std::time::SystemTime = now.into();
-    let until_expiry = info.not_after.duration_since(now).unwrap_or_default();
-    RESYNC.min(until_expiry + Duration::from_secs(1))
+    let until = change.duration_since(now).unwrap_or_default();
+    RESYNC.min(until + Duration::from_secs(1))
 }
 
 async fn stall(context: &Context, blocked: Blocked) -> Result<Action, Error> {
@@ -270,10 +272,11 @@ const RESIDENCY_REASONS: [Reason; 3] = [
 ];
 
 /// Reasons of a `TlsCertificateValid=False` condition; the first is the fallback.
-const CERTIFICATE_REASONS: [Reason; 3] = [
+const CERTIFICATE_REASONS: [Reason; 4] = [
     Reason::CertificateMissing,
     Reason::CertificateInvalid,
     Reason::CertificateExpired,
+    Reason::CertificateNotYetValid,
 ];
 
 /// Publishes an Event for every condition whose status or reason changes in this

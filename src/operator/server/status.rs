@@ -175,13 +175,18 @@ fn residency_condition(verdict: &ResidencyVerdict) -> (bool, Reason) {
 fn certificate_condition(state: &CertificateState) -> (bool, Reason, String) {
     match state {
         CertificateState::Valid(info) => {
-            let message = format!("valid until {}", ftps::rfc3339(info.not_after));
+            let message = format!("valid until {}", info.not_after_rfc3339());
             (true, Reason::CertificateValid, message)
         }
         CertificateState::Expired(info) => {
-            let since = ftps::rfc3339(info.not_after);
+            let since = info.not_after_rfc3339();
             let message = format!("the certificate expired at {since}; renew it");
             (false, Reason::CertificateExpired, message)
+        }
+        CertificateState::NotYetValid(info) => {
+            let from = info.not_before_rfc3339();
+            let message = format!("the certificate is not valid before {from}");
+            (false, Reason::CertificateNotYetValid, message)
         }
         CertificateState::Missing(message) => (false, Reason::CertificateMissing, message.clone()),
         CertificateState::Invalid(message) => (false, Reason::CertificateInvalid, message.clone()),
