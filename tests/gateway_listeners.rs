@@ -87,12 +87,12 @@ fn free_address() -> Result<SocketAddr> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?)
 }
 
-/// Lists `/` over explicit FTPS with PASV (not EPSV); returns the port the `227` reply
-/// announced.
-async fn announced_port(addr: SocketAddr, ca: &Path) -> Result<u16> {
+/// Lists `/` over explicit FTPS with curl, verbosely; returns what curl printed.
+async fn list_verbosely(addr: SocketAddr, ca: &Path, extra: &[&str]) -> Result<String> {
     let output = tokio::process::Command::new("curl")
         .args(["--silent", "--show-error", "--verbose", "--max-time", "30"])
-        .args(["--ssl-reqd", "--disable-epsv"])
+        .arg("--ssl-reqd")
+        .args(extra)
         .arg("--cacert")
         .arg(ca)
         .args(["--user", &format!("{USER}:{PASSWORD}")])
@@ -101,8 +101,15 @@ async fn announced_port(addr: SocketAddr, ca: &Path) -> Result<u16> {
         .kill_on_drop(true)
         .output()
         .await?;
-    let verbose = String::from_utf8_lossy(&output.stderr);
+    let verbose = String::from_utf8_lossy(&output.stderr).into_owned();
     ensure!(output.status.success(), "curl failed:\n{verbose}");
+    Ok(verbose)
+}
+
+/// Lists `/` over explicit FTPS with PASV (not EPSV); returns the port the `227` reply
+/// announced.
+async fn announced_port(addr: SocketAddr, ca: &Path) -> Result<u16> {
+    let verbose = list_verbosely(addr, ca, &["--disable-epsv"]).await?;
     let line = verbose
         .lines()
         .find(|l| l.contains("227 Entering Passive Mode"))
@@ -186,5 +193,33 @@ async fn a_pod_announces_only_its_own_share_and_a_pod_without_one_serves_no_ftps
         ensure!(gateway.ftps_addr().is_none(), "{name:?} serves FTPS");
         ensure!(gateway.sftp_addr().is_ok(), "{name:?} serves no SFTP");
     }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn where_epsv_could_reach_another_pod_it_is_refused_and_curl_falls_back_to_pasv() -> Result<()>
+{
+    let mut config = config(true, Vec::new());
+    if let Some(ftps) = config.ftps.as_mut() {
+        ftps.epsv = false;
+    }
+    let pod = Pod::new(&config, None)?;
+    let gateway = Gateway::bind(&pod.args).await?;
+    let explicit = gateway.ftps_addr().context("no explicit FTPS")?;
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let serving = tokio::spawn(gateway.serve(async {
+        let _ = stopped.await;
+    }));
+
+    // curl tries EPSV first by default.
+    let verbose = list_verbosely(explicit, &pod.ca(), &[]).await?;
+    ensure!(
+        verbose.contains("< 502 EPSV is not available on this server: use PASV"),
+        "{verbose}"
+    );
+    ensure!(verbose.contains("< 227 Entering Passive Mode"), "{verbose}");
+
+    let _ = stop.send(());
+    tokio::time::timeout(Duration::from_secs(10), serving).await??;
     Ok(())
 }

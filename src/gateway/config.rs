@@ -28,14 +28,14 @@ pub struct GatewayConfig {
     pub users: Vec<GatewayUser>,
     /// Whether the gateway serves SFTP. Left out (and so true) unless the server offers
     /// FTPS alone.
-    #[serde(default = "serves_sftp", skip_serializing_if = "is_true")]
+    #[serde(default = "yes", skip_serializing_if = "is_true")]
     pub sftp: bool,
     /// FTPS, if the server offers it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ftps: Option<FtpsSettings>,
 }
 
-fn serves_sftp() -> bool {
+fn yes() -> bool {
     true
 }
 
@@ -101,6 +101,12 @@ pub struct FtpsSettings {
     /// Oldest TLS version accepted.
     #[serde(default)]
     pub min_tls_version: TlsVersion,
+    /// Whether `EPSV` is offered. An EPSV data connection goes to the address the client
+    /// reached the control port on, so it is off where that address is a Service shared
+    /// by several pods (the data connection could reach another pod); clients then use
+    /// `PASV`, whose reply names the pod's own address. Left out (and so true) unless off.
+    #[serde(default = "yes", skip_serializing_if = "is_true")]
+    pub epsv: bool,
     /// With more than one gateway pod: the passive sub-range (and address) of each pod,
     /// indexed by the pod's ordinal. Each pod is reached on its own sub-range through a
     /// Service of its own, so a data connection always lands on the pod whose control
@@ -268,6 +274,7 @@ mod tests {
             allow_plaintext: false,
             session_reuse: SessionReuse::Allow,
             min_tls_version: TlsVersion::V1_2,
+            epsv: true,
             replicas: vec![share(30000, None), share(30008, Some("198.51.100.2"))],
         }
     }

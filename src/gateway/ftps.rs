@@ -423,6 +423,7 @@ mod tests {
             allow_plaintext: false,
             session_reuse: SessionReuse::Allow,
             min_tls_version: TlsVersion::V1_2,
+            epsv: true,
             replicas: Vec::new(),
         }
     }

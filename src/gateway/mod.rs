@@ -282,12 +282,14 @@ async fn bind_ftps(
     let settings = match settings.for_replica(args.ordinal()) {
         Ok(settings) => settings,
         Err(error) => {
-            tracing::error!(error = %ErrorChain(&error), "Cannot serve FTPS; serving SFTP only");
+            tracing::error!(error = %ErrorChain(&error), "Cannot serve FTPS; serving the other protocols");
             return Ok(None);
         }
     };
     let Some(tls_dir) = &args.tls_dir else {
-        tracing::error!("FTPS is configured but no TLS directory is given; serving SFTP only");
+        tracing::error!(
+            "FTPS is configured but no TLS directory is given; serving the other protocols"
+        );
         return Ok(None);
     };
     let addrs = FtpsAddrs {
@@ -305,7 +307,7 @@ async fn bind_ftps(
         }
         Err(FtpsError::Listen { addr, source }) => Err(GatewayError::Listen { addr, source }),
         Err(error) => {
-            tracing::error!(error = %ErrorChain(&error), "Cannot serve FTPS; serving SFTP only");
+            tracing::error!(error = %ErrorChain(&error), "Cannot serve FTPS; serving the other protocols");
             Ok(None)
         }
     }

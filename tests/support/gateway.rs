@@ -269,6 +269,7 @@ pub fn ftps_settings() -> FtpsSettings {
         allow_plaintext: false,
         session_reuse: SessionReuse::Allow,
         min_tls_version: TlsVersion::V1_2,
+        epsv: true,
         replicas: Vec::new(),
     }
 }

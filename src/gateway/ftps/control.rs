@@ -498,7 +498,7 @@ impl Session {
                     .await
             }
             "FEAT" => {
-                let reply = feat_reply(self.mode == Mode::Explicit);
+                let reply = feat_reply(self.mode == Mode::Explicit, self.policy.settings.epsv);
                 self.reply(reply).await
             }
             "SITE" => {
@@ -610,6 +610,12 @@ impl Session {
     }
 
     async fn extended_passive(&mut self, command: &Command) -> io::Result<Flow> {
+        if !self.policy.settings.epsv {
+            // EPSV makes the client connect to the address it reached the control port
+            // on, which behind a Service shared by several pods may be another pod.
+            let refusal = "EPSV is not available on this server: use PASV";
+            return self.reply(Reply::new(502, refusal)).await;
+        }
         let family = match self.local.ip().to_canonical() {
             IpAddr::V4(_) => "1",
             IpAddr::V6(_) => "2",

@@ -290,14 +290,16 @@ pub fn epsv_reply(port: u16) -> Reply {
 
 /// The reply to `FEAT`: only what this front end and libunftp together really do.
 /// `AUTH TLS` is listed where it can be used, on the explicit port.
-pub fn feat_reply(offer_auth_tls: bool) -> Reply {
+pub fn feat_reply(offer_auth_tls: bool, offer_epsv: bool) -> Reply {
     let mut lines = vec!["Features:".to_owned()];
     if offer_auth_tls {
         lines.push(" AUTH TLS".to_owned());
     }
+    if offer_epsv {
+        lines.push(" EPSV".to_owned());
+    }
     lines.extend(
         [
-            " EPSV",
             " MDTM",
             " MLST type*;size*;modify*;",
             " PBSZ",
@@ -380,17 +382,19 @@ mod tests {
     #[test]
     fn replies_encode_with_the_code_on_the_first_and_last_line() {
         assert_eq!(Reply::new(200, "OK").encode(), b"200 OK\r\n");
-        let feat = String::from_utf8(feat_reply(true).encode()).unwrap();
+        let feat = String::from_utf8(feat_reply(true, true).encode()).unwrap();
         assert!(
             feat.starts_with("211-Features:\r\n AUTH TLS\r\n EPSV\r\n"),
             "{feat}"
         );
         assert!(feat.ends_with(" UTF8\r\n211 End\r\n"), "{feat}");
         assert!(
-            !String::from_utf8(feat_reply(false).encode())
+            !String::from_utf8(feat_reply(false, true).encode())
                 .unwrap()
                 .contains("AUTH")
         );
+        let without_epsv = String::from_utf8(feat_reply(true, false).encode()).unwrap();
+        assert!(!without_epsv.contains("EPSV"), "{without_epsv}");
         let numbered = Reply::multiline(211, vec!["a".into(), "250 b".into(), "c".into()]);
         assert_eq!(numbered.encode(), b"211-a\r\n 250 b\r\n211 c\r\n");
     }
