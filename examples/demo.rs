@@ -135,6 +135,7 @@ async fn run_locally(work: &Path) -> Result<()> {
         "Files land in {} (removed when the demo stops)",
         pod.volume_dir("data").display()
     );
+    println!("The gateway logs to {}", pod.log_path().display());
     println!("Inspect the resources with:");
     println!(
         "  kubectl --kubeconfig {} get sluice -A",

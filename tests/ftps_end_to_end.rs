@@ -14,9 +14,10 @@ use std::process::{Output, Stdio};
 use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
+use futures::StreamExt;
 use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::core::v1::{Event, Secret, Service};
-use kube::api::{DynamicObject, ListParams, Patch, PatchParams};
+use kube::api::{DynamicObject, ListParams, Patch, PatchParams, WatchEvent, WatchParams};
 use kube::{Api, Client};
 use serde_json::{Value, json};
 use sluice::api::TransferServer;
@@ -101,11 +102,14 @@ async fn an_ftps_server_serves_both_modes_with_a_renewable_certificate_and_per_p
             .await
             .with_context(|| pod.log())?;
 
+    a_gateway_deployment_of_an_earlier_version_is_removed(&client).await?;
+    node_ports_show_in_the_endpoints_and_a_taken_one_stalls_the_server(&client).await?;
     passive_ports_are_split_between_load_balanced_pods(&client, &kubelet, &clients, passive)
         .await?;
     an_expired_certificate_stops_ftps_with_a_condition_and_a_warning(&client, &pod, &pki)
         .await
         .with_context(|| pod.log())?;
+    a_new_pod_template_is_not_ready_before_its_pods_are(&client, &pod, &pki, passive).await?;
     pod.stop().await;
     operator.stop().await?;
     Ok(())
@@ -434,6 +438,7 @@ async fn the_rendered_objects_expose_every_ftps_port(client: &Client, passive: u
     ensure!(ftps.explicit && ftps.implicit && !ftps.allow_plaintext);
     ensure!(ftps.passive_ports.first == passive && ftps.passive_ports.count == 16);
     ensure!(ftps.replicas.is_empty(), "one pod serves the whole range");
+    ensure!(ftps.epsv, "one pod: EPSV reaches it");
     Ok(())
 }
 
@@ -798,6 +803,10 @@ async fn passive_ports_are_split_between_load_balanced_pods(
     })
     .await?;
     ensure!(config.replicas[1].passive_ports.first == first + 4);
+    ensure!(
+        !config.epsv,
+        "EPSV through the shared address could reach the other pod"
+    );
 
     for pod in &pods {
         let ordinal: usize = pod.name.rsplit('-').next().unwrap_or_default().parse()?;
@@ -887,6 +896,146 @@ async fn an_expired_certificate_stops_ftps_with_a_condition_and_a_warning(
         },
     )
     .await
+}
+
+/// Versions before the StatefulSet ran the gateway as a Deployment of the same name; its
+/// pods would share the Service and hold the volume, so the operator removes it.
+async fn a_gateway_deployment_of_an_earlier_version_is_removed(client: &Client) -> Result<()> {
+    let server = get_server(client, SERVER).await?;
+    let uid = server.metadata.uid.clone().context("no uid")?;
+    let deployment = json!({
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": {
+            "name": format!("{SERVER}-gateway"),
+            "namespace": NS,
+            "ownerReferences": [{
+                "apiVersion": "sluice.dev/v1alpha1",
+                "kind": "TransferServer",
+                "name": SERVER,
+                "uid": uid,
+                "controller": true,
+            }],
+        },
+        "spec": {
+            "replicas": 0,
+            "selector": {"matchLabels": {"legacy": SERVER}},
+            "template": {
+                "metadata": {"labels": {"legacy": SERVER}},
+                "spec": {"containers": [{"name": "gateway", "image": "sluice"}]},
+            },
+        },
+    });
+    apply_all(client, &[deployment]).await?;
+    // Any change to the server makes the operator look again.
+    let touch = json!({"metadata": {"annotations": {"sluice.dev/test-touch": "1"}}});
+    Api::<TransferServer>::namespaced(client.clone(), NS)
+        .patch(SERVER, &PatchParams::default(), &Patch::Merge(&touch))
+        .await?;
+    let deployments = Api::<k8s_openapi::api::apps::v1::Deployment>::namespaced(client.clone(), NS);
+    eventually("the legacy Deployment removed", WAIT, || async {
+        let gone = deployments
+            .get_opt(&format!("{SERVER}-gateway"))
+            .await?
+            .is_none();
+        Ok(gone.then_some(()))
+    })
+    .await
+}
+
+async fn node_ports_show_in_the_endpoints_and_a_taken_one_stalls_the_server(
+    client: &Client,
+) -> Result<()> {
+    // Node ports belong to this test's own control plane, and nothing binds them here.
+    let first = 30_000;
+    let mut one = server("np-one", 1, "NodePort", first, 4);
+    one["spec"]["protocols"]["ftps"]["passiveAddress"] = "127.0.0.1".into();
+    let mut two = one.clone();
+    two["metadata"]["name"] = "np-two".into();
+    apply_all(client, &[one]).await?;
+
+    let services = Api::<Service>::namespaced(client.clone(), NS);
+    let (endpoints, node_port) = eventually("NodePort endpoints", WAIT, || async {
+        let server = get_server(client, "np-one").await?;
+        let endpoints = server.status.map(|s| s.endpoints).unwrap_or_default();
+        let Some(service) = services.get_opt("np-one").await? else {
+            return Ok(None);
+        };
+        let node_port = service
+            .spec
+            .and_then(|s| s.ports)
+            .unwrap_or_default()
+            .into_iter()
+            .find(|p| p.name.as_deref() == Some("ftps"))
+            .and_then(|p| p.node_port);
+        let expected = node_port.map(|p| format!("ftpes://127.0.0.1:{p}"));
+        let shown = expected.is_some_and(|e| endpoints.contains(&e));
+        Ok(shown.then_some((endpoints, node_port)))
+    })
+    .await?;
+    ensure!(
+        endpoints.len() == 3,
+        "{endpoints:?} (node port {node_port:?})"
+    );
+
+    apply_all(client, &[two.clone()]).await?;
+    let stalled = wait_condition(client, "np-two", "Stalled", "True", "Rejected").await?;
+    let message = condition(&stalled, "Stalled").unwrap_or_default().2;
+    ensure!(
+        message.contains("already allocated") && message.contains(&first.to_string()),
+        "{message}"
+    );
+    warning_event(client, "np-two", "Rejected").await?;
+
+    two["spec"]["protocols"]["ftps"]["passivePorts"]["first"] = (first + 10).into();
+    apply_all(client, &[two]).await?;
+    wait_condition(client, "np-two", "Stalled", "False", "Reconciled").await?;
+    let servers = Api::<TransferServer>::namespaced(client.clone(), NS);
+    for name in ["np-one", "np-two"] {
+        servers.delete(name, &Default::default()).await?;
+    }
+    Ok(())
+}
+
+/// A change to the pod template (here the passive range) makes the StatefulSet replace
+/// its pod; until the new pod is ready, the new generation must not be reported Ready
+/// (`kubectl wait`, Flux and Argo CD would take it as rolled out). The stand-in kubelet
+/// does not run the replacement, so the server must settle on WaitingForGateway.
+async fn a_new_pod_template_is_not_ready_before_its_pods_are(
+    client: &Client,
+    pod: &RunningPod,
+    pki: &TestPki,
+    passive: u16,
+) -> Result<()> {
+    apply_all(client, &[tls_secret(&pki.issue(VALID_UNTIL)?)]).await?;
+    pod.sync_secrets().await?;
+    wait_condition(client, SERVER, "Ready", "True", "RolledOut").await?;
+
+    // Watch every write of the server from now on, so no short-lived status is missed.
+    let servers = Api::<TransferServer>::namespaced(client.clone(), NS);
+    let before = get_server(client, SERVER).await?.metadata;
+    let version = before.resource_version.context("no resourceVersion")?;
+    let params = WatchParams::default().fields(&format!("metadata.name={SERVER}"));
+    let mut writes = servers.watch(&params, &version).await?.boxed();
+    apply_all(client, &[server(SERVER, 1, "ClusterIP", passive, 12)]).await?;
+
+    let mut seen = Vec::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while let Ok(Some(event)) = tokio::time::timeout_at(deadline, writes.next()).await {
+        let WatchEvent::Modified(server) = event? else {
+            continue;
+        };
+        let generation = server.metadata.generation;
+        let observed = server.status.as_ref().and_then(|s| s.observed_generation);
+        let ready = condition(&server, "Ready").unwrap_or_default();
+        ensure!(
+            !(generation > before.generation && observed == generation && ready.0 == "True"),
+            "generation {generation:?} reported Ready before its pod ran: {ready:?}"
+        );
+        seen.push(ready.1);
+    }
+    ensure!(seen.iter().any(|r| r == "WaitingForGateway"), "{seen:?}");
+    Ok(())
 }
 
 /// Writes a load-balancer address into a Service's status, as a cloud controller would.

@@ -66,6 +66,7 @@ pub enum Reason {
     CertificateExpired,
     CertificateNotYetValid,
     WaitingForLoadBalancer,
+    Rejected,
 }
 
 impl Reason {
@@ -98,6 +99,7 @@ impl Reason {
             Self::CertificateExpired => "CertificateExpired",
             Self::CertificateNotYetValid => "CertificateNotYetValid",
             Self::WaitingForLoadBalancer => "WaitingForLoadBalancer",
+            Self::Rejected => "Rejected",
         }
     }
 }

@@ -7,7 +7,7 @@ use serde::{Deserialize, Serialize};
 
 /// A file-transfer gateway pinned to one region.
 ///
-/// The operator runs it as a Deployment of `sluice gateway` pods scheduled only onto
+/// The operator runs it as a StatefulSet of `sluice gateway` pods scheduled only onto
 /// nodes of `region`, stores its files in `storage`, and exposes it through a Service.
 #[derive(CustomResource, Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[kube(
@@ -298,7 +298,8 @@ pub struct TransferServerStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
 
-    /// Ready, Reconciling, Stalled and ResidencyCompliant conditions.
+    /// Ready, Reconciling, Stalled, ResidencyCompliant and (with FTPS) TlsCertificateValid
+    /// conditions.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
     pub conditions: Vec<Condition>,

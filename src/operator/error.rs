@@ -7,7 +7,7 @@ pub enum Error {
     /// An API call failed.
     #[error("failed to {action}")]
     Kube {
-        /// What was being done, for example `apply Deployment`.
+        /// What was being done, for example `apply StatefulSet`.
         action: String,
         /// The client error.
         #[source]

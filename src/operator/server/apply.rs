@@ -2,7 +2,7 @@
 
 use std::fmt::Debug;
 
-use k8s_openapi::api::apps::v1::StatefulSet;
+use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
 use k8s_openapi::api::core::v1::{PersistentVolumeClaim, Secret, Service};
 use kube::api::{DeleteParams, Patch, PatchParams, PostParams};
 use kube::{Api, Client, Resource, ResourceExt};
@@ -66,15 +66,24 @@ fn material_of(secret: &Secret) -> Result<HostKeyMaterial, Error> {
     })
 }
 
-/// Applies every owned object, then deletes the per-pod Services in `owned_pod_services`
-/// that are no longer wanted (after a scale-down, or when the passive range stops being
-/// split). Unchanged objects are not written by the API server.
+/// What an earlier roll-out left that this one replaces.
+pub struct Leftovers<'a> {
+    /// Per-pod Services the server owns; those not wanted any more (after a scale-down,
+    /// or when the passive range stops being split) are deleted.
+    pub pod_services: &'a [String],
+    /// The gateway Deployment of versions before the StatefulSet, if the server owns one.
+    pub deployment: Option<&'a str>,
+}
+
+/// Applies every owned object, then deletes the leftovers. Unchanged objects are not
+/// written by the API server. Returns the StatefulSet as applied (its generation is the
+/// one whose roll-out the status must wait for).
 pub async fn apply(
     client: &Client,
     namespace: &str,
     objects: GatewayObjects,
-    owned_pod_services: &[String],
-) -> Result<(), Error> {
+    leftovers: Leftovers<'_>,
+) -> Result<StatefulSet, Error> {
     let GatewayObjects {
         host_keys,
         config,
@@ -90,21 +99,40 @@ pub async fn apply(
     for pod_service in &pod_services {
         apply_one::<Service>(client, namespace, pod_service).await?;
     }
-    apply_one::<StatefulSet>(client, namespace, &statefulset).await?;
+    // The Deployment's pods would hold a ReadWriteOnce volume the StatefulSet's need.
+    if let Some(deployment) = leftovers.deployment {
+        let deployments = Api::<Deployment>::namespaced(client.clone(), namespace);
+        delete(&deployments, deployment).await?;
+        tracing::info!(%deployment, "Removed the gateway Deployment the StatefulSet replaces");
+    }
+    let applied = apply_one::<StatefulSet>(client, namespace, &statefulset).await?;
 
     let services = Api::<Service>::namespaced(client.clone(), namespace);
     let wanted: Vec<String> = pod_services.iter().map(ResourceExt::name_any).collect();
-    for stale in owned_pod_services.iter().filter(|n| !wanted.contains(n)) {
-        match services.delete(stale, &DeleteParams::default()).await {
-            Ok(_) => tracing::info!(service = %stale, "Removed per-pod Service"),
-            Err(kube::Error::Api(status)) if status.code == 404 => {}
-            Err(e) => return Err(Error::kube(format!("delete Service {stale}"))(e)),
-        }
+    for stale in leftovers
+        .pod_services
+        .iter()
+        .filter(|n| !wanted.contains(n))
+    {
+        delete(&services, stale).await?;
+        tracing::info!(service = %stale, "Removed per-pod Service");
     }
-    Ok(())
+    Ok(applied)
 }
 
-async fn apply_one<K>(client: &Client, namespace: &str, object: &K) -> Result<(), Error>
+/// Deletes `name`; one already gone is fine.
+async fn delete<K>(api: &Api<K>, name: &str) -> Result<(), Error>
+where
+    K: Resource<DynamicType = ()> + Clone + DeserializeOwned + Debug,
+{
+    match api.delete(name, &DeleteParams::default()).await {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(status)) if status.code == 404 => Ok(()),
+        Err(e) => Err(Error::kube(format!("delete {} {name}", K::kind(&())))(e)),
+    }
+}
+
+async fn apply_one<K>(client: &Client, namespace: &str, object: &K) -> Result<K, Error>
 where
     K: Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>
         + Serialize
@@ -117,6 +145,5 @@ where
     let params = PatchParams::apply(FIELD_MANAGER).force();
     api.patch(&name, &params, &Patch::Apply(object))
         .await
-        .map_err(Error::kube(format!("apply {} {name}", K::kind(&()))))?;
-    Ok(())
+        .map_err(Error::kube(format!("apply {} {name}", K::kind(&()))))
 }

@@ -6,7 +6,7 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use k8s_openapi::api::apps::v1::StatefulSet;
+use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
 use k8s_openapi::api::core::v1::{Namespace, PersistentVolumeClaim, Secret, Service};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::api::ListParams;
@@ -42,6 +42,9 @@ pub struct ServerInputs {
     /// The TLS Secret `ftps.tlsSecretRef` names: `None` without FTPS, `Some(None)` when
     /// it does not exist.
     pub tls_secret: Option<Option<Secret>>,
+    /// The name of a gateway Deployment this server owns, which versions before the
+    /// StatefulSet rendered.
+    pub legacy_deployment: Option<String>,
     /// Metadata of every object that already has one of the names this server's owned
     /// objects take, as `(kind, metadata)`, so validation can refuse to take over
     /// objects that belong to someone else.
@@ -106,6 +109,12 @@ pub async fn dereference(
         }
     }
     let owned_pod_services = owned_pod_services(&services, &server).await?;
+    let legacy_deployment = Api::<Deployment>::namespaced(client.clone(), &namespace)
+        .get_metadata_opt(&names::statefulset(&name))
+        .await
+        .map_err(Error::kube("read legacy gateway Deployment"))?
+        .filter(|d| controlled_by(&d.metadata, &server))
+        .map(|d| d.name_any());
     let tls_secret = match ftps {
         Some(ftps) => Some(
             secrets
@@ -153,8 +162,18 @@ pub async fn dereference(
         pod_services,
         owned_pod_services,
         tls_secret,
+        legacy_deployment,
         existing,
     })
+}
+
+/// Whether `server` is the controller of the object with `meta`.
+fn controlled_by(meta: &ObjectMeta, server: &TransferServer) -> bool {
+    let uid = server.uid();
+    meta.owner_references
+        .iter()
+        .flatten()
+        .any(|o| o.controller == Some(true) && Some(&o.uid) == uid.as_ref())
 }
 
 /// Names of the per-pod Services that `server` controls.
@@ -165,7 +184,6 @@ async fn owned_pod_services(
     let name = server.name_any();
     let selector = format!("app.kubernetes.io/instance={name},app.kubernetes.io/managed-by=sluice");
     let prefix = format!("{}-", names::statefulset(&name));
-    let uid = server.uid();
     let mut owned: Vec<String> = services
         .list_metadata(&ListParams::default().labels(&selector))
         .await
@@ -173,12 +191,7 @@ async fn owned_pod_services(
         .items
         .into_iter()
         .filter(|s| {
-            let controlled = s
-                .metadata
-                .owner_references
-                .iter()
-                .flatten()
-                .any(|o| o.controller == Some(true) && Some(&o.uid) == uid.as_ref());
+            let controlled = controlled_by(&s.metadata, server);
             let numbered = s.name_any().strip_prefix(&prefix).is_some_and(|ordinal| {
                 !ordinal.is_empty() && ordinal.bytes().all(|b| b.is_ascii_digit())
             });

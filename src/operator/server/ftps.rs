@@ -100,6 +100,7 @@ pub fn plan(server: &TransferServer) -> Result<Option<FtpsPlan>, String> {
     if passive.last().is_none() {
         return Err("passivePorts must end at or below port 65535".into());
     }
+    check_ports(server, ftps, passive)?;
     let type_ = service_type(server);
     let shares = match splits_passive_range(server) {
         true => split(passive, u16::try_from(replicas(server)).unwrap_or(u16::MAX))?,
@@ -140,6 +141,59 @@ pub fn plan(server: &TransferServer) -> Result<Option<FtpsPlan>, String> {
     }))
 }
 
+/// Container ports of the gateway's own listeners, which passive ports must avoid.
+const LISTENER_PORTS: [i32; 3] = [
+    crate::operator::server::build::SFTP_CONTAINER_PORT,
+    EXPLICIT_CONTAINER_PORT,
+    IMPLICIT_CONTAINER_PORT,
+];
+
+/// Refuses ports that would collide: two control ports on one Service port, a control
+/// port inside the passive range, or a passive port on one of the gateway's own
+/// listening ports.
+fn check_ports(
+    server: &TransferServer,
+    ftps: &FtpsProtocol,
+    passive: PassivePorts,
+) -> Result<(), String> {
+    let sftp = server.spec.protocols.sftp.as_ref().map(|_| {
+        (
+            "sftp.port",
+            crate::operator::server::build::sftp_port(server),
+        )
+    });
+    let explicit = ftps.explicit.as_ref().map(|p| {
+        let port = p.port.unwrap_or(DEFAULT_EXPLICIT_PORT);
+        ("ftps.explicit.port", port)
+    });
+    let implicit = ftps.implicit.as_ref().map(|p| {
+        let port = p.port.unwrap_or(DEFAULT_IMPLICIT_PORT);
+        ("ftps.implicit.port", port)
+    });
+    let control: Vec<(&str, i32)> = [sftp, explicit, implicit].into_iter().flatten().collect();
+    for (i, (name, port)) in control.iter().enumerate() {
+        if let Some((other, _)) = control[..i].iter().find(|(_, p)| p == port) {
+            return Err(format!("{other} and {name} are both {port}"));
+        }
+    }
+    let last = i32::from(passive.last().unwrap_or(passive.first));
+    let range = i32::from(passive.first)..=last;
+    if let Some((name, port)) = control.iter().find(|(_, p)| range.contains(p)) {
+        return Err(format!(
+            "{name} {port} lies inside passivePorts ({}-{last})",
+            passive.first
+        ));
+    }
+    if let Some(port) = LISTENER_PORTS.iter().find(|p| range.contains(p)) {
+        return Err(format!(
+            "passivePorts ({}-{last}) must not include {port}: ports {}, {} and {} are the \
+             gateway's own listeners",
+            passive.first, LISTENER_PORTS[0], LISTENER_PORTS[1], LISTENER_PORTS[2]
+        ));
+    }
+    Ok(())
+}
+
 /// Whether the server's passive range is split between its pods: FTPS with more than
 /// one pod behind a NodePort or LoadBalancer Service.
 pub fn splits_passive_range(server: &TransferServer) -> bool {
@@ -168,17 +222,17 @@ fn split(range: PassivePorts, pods: u16) -> Result<Vec<PassivePorts>, String> {
         .collect())
 }
 
-/// The address a Service's load balancer was given, if any.
+/// The address a Service's load balancer was given, if any: its first IPv4 address, or
+/// else its first DNS name (PASV replies carry IPv4 only, so an IPv6 address is no use).
 pub fn load_balancer_address(service: Option<&Service>) -> Option<String> {
-    let ingress = service?
-        .status
-        .as_ref()?
-        .load_balancer
-        .as_ref()?
-        .ingress
-        .as_ref()?;
-    let first = ingress.first()?;
-    first.ip.clone().or_else(|| first.hostname.clone())
+    let status = service?.status.as_ref()?;
+    let ingress = status.load_balancer.as_ref()?.ingress.as_ref()?;
+    let ipv4 = ingress
+        .iter()
+        .filter_map(|i| i.ip.as_deref())
+        .find(|ip| ip.parse::<std::net::Ipv4Addr>().is_ok());
+    let hostname = || ingress.iter().find_map(|i| i.hostname.as_deref());
+    ipv4.or_else(hostname).map(String::from)
 }
 
 /// The `ftps` section of the gateway configuration. `service` is the server's Service
@@ -219,8 +273,18 @@ pub fn settings(
         allow_plaintext: ftps.allow_plaintext.unwrap_or(false),
         session_reuse: ftps.session_reuse.unwrap_or_default(),
         min_tls_version: ftps.min_tls_version.unwrap_or_default(),
+        epsv: epsv_reaches_the_pod(server),
         replicas,
     }
+}
+
+/// Whether an EPSV data connection, which goes to the address the client reached the
+/// control port on, lands on the pod that announced it: with one pod, or behind node
+/// ports (each passive node port leads to the one pod whose share it is). With several
+/// pods behind a ClusterIP or LoadBalancer address it could reach any pod, so EPSV is
+/// refused there and clients fall back to PASV.
+pub fn epsv_reaches_the_pod(server: &TransferServer) -> bool {
+    replicas(server) <= 1 || service_type(server) == ServiceType::NodePort
 }
 
 /// Whether every pod has an address to announce: false while a LoadBalancer Service
@@ -356,6 +420,27 @@ mod tests {
         assert_eq!(settings.passive_address, None);
         assert!(settings.replicas.is_empty());
         assert!(addresses_known(&settings, &server));
+        assert!(
+            !settings.epsv,
+            "EPSV through the ClusterIP could reach another pod"
+        );
+    }
+
+    #[test]
+    fn epsv_is_offered_only_where_it_reaches_the_announcing_pod() {
+        let epsv = |replicas, service| {
+            let mut ftps = explicit();
+            ftps["passiveAddress"] = "192.0.2.1".into();
+            ftps["passivePorts"] = serde_json::json!({"first": 31000, "count": 8});
+            let server = server(replicas, service, ftps);
+            let plan = plan(&server).unwrap().unwrap();
+            settings(&server, &plan, None, &[]).epsv
+        };
+        assert!(epsv(1, "ClusterIP"));
+        assert!(epsv(1, "LoadBalancer"));
+        assert!(epsv(2, "NodePort"));
+        assert!(!epsv(2, "LoadBalancer"));
+        assert!(!epsv(2, "ClusterIP"));
     }
 
     #[test]
@@ -387,6 +472,42 @@ mod tests {
         assert!(
             !addresses_known(&settings, &server),
             "pod 1 has no address yet"
+        );
+    }
+
+    #[test]
+    fn a_load_balancers_ipv4_address_is_preferred_to_ipv6_and_names() {
+        let ingress = |ip: Option<&str>, hostname: Option<&str>| LoadBalancerIngress {
+            ip: ip.map(String::from),
+            hostname: hostname.map(String::from),
+            ..LoadBalancerIngress::default()
+        };
+        let mut service = with_lb("2001:db8::1");
+        let status = service.status.as_mut().unwrap();
+        let ingresses = status
+            .load_balancer
+            .as_mut()
+            .unwrap()
+            .ingress
+            .as_mut()
+            .unwrap();
+        ingresses.push(ingress(None, Some("lb.example.com")));
+        assert_eq!(
+            load_balancer_address(Some(&service)).as_deref(),
+            Some("lb.example.com")
+        );
+        let status = service.status.as_mut().unwrap();
+        let ingresses = status
+            .load_balancer
+            .as_mut()
+            .unwrap()
+            .ingress
+            .as_mut()
+            .unwrap();
+        ingresses.push(ingress(Some("198.51.100.4"), None));
+        assert_eq!(
+            load_balancer_address(Some(&service)).as_deref(),
+            Some("198.51.100.4")
         );
     }
 
@@ -433,6 +554,42 @@ mod tests {
         let plan = plan(&server(2, "NodePort", ftps)).unwrap().unwrap();
         assert!(plan.node_ports);
         assert_eq!(plan.shares.len(), 2);
+    }
+
+    #[test]
+    fn colliding_ports_are_refused_with_the_fields_that_collide() {
+        let refused = |sftp: Option<i32>, ftps: serde_json::Value| {
+            let mut server = server(1, "ClusterIP", ftps);
+            if let Some(port) = sftp {
+                server.spec.protocols.sftp = Some(crate::api::SftpProtocol { port: Some(port) });
+            }
+            plan(&server).unwrap_err()
+        };
+        let secret = serde_json::json!({"name": "files-tls"});
+        let message = refused(
+            Some(21),
+            serde_json::json!({"explicit": {}, "tlsSecretRef": secret}),
+        );
+        assert_eq!(message, "sftp.port and ftps.explicit.port are both 21");
+        let both = serde_json::json!({
+            "explicit": {"port": 990}, "implicit": {}, "tlsSecretRef": secret,
+        });
+        assert_eq!(
+            refused(None, both),
+            "ftps.explicit.port and ftps.implicit.port are both 990"
+        );
+        let inside = serde_json::json!({
+            "implicit": {"port": 30003}, "tlsSecretRef": secret,
+        });
+        assert_eq!(
+            refused(None, inside),
+            "ftps.implicit.port 30003 lies inside passivePorts (30000-30015)"
+        );
+        let listeners = serde_json::json!({
+            "explicit": {}, "tlsSecretRef": secret,
+            "passivePorts": {"first": 2100, "count": 200},
+        });
+        assert!(refused(None, listeners).contains("must not include 2222"));
     }
 
     #[test]

@@ -202,7 +202,25 @@ async fn reconcile(server: Arc<TransferServer>, context: Arc<Context>) -> Result
         let settings = ftps::settings(&server, plan, valid.service.as_ref(), &valid.pod_services);
         ftps::addresses_known(&settings, &server)
     });
-    apply::apply(client, &namespace, objects, &valid.owned_pod_services).await?;
+    let leftovers = apply::Leftovers {
+        pod_services: &valid.owned_pod_services,
+        deployment: valid.legacy_deployment.as_deref(),
+    };
+    let statefulset = match apply::apply(client, &namespace, objects, leftovers).await {
+        Ok(statefulset) => statefulset,
+        Err(error) => {
+            let Some(message) = refused_by_the_api_server(&error) else {
+                return Err(error);
+            };
+            let blocked = Blocked {
+                server,
+                verdict: Some(valid.verdict),
+                reason: Reason::Rejected,
+                message,
+            };
+            return stall(&context, blocked).await;
+        }
+    };
 
     let now = Timestamp::now();
     let certificate = valid.ftps.as_ref().map(|_| {
@@ -213,7 +231,7 @@ async fn reconcile(server: Arc<TransferServer>, context: Arc<Context>) -> Result
     let outcome = Outcome::RolledOut {
         verdict: &valid.verdict,
         keys: &keys,
-        statefulset: valid.statefulset.as_ref(),
+        statefulset: Some(&statefulset),
         service: valid.service.as_ref(),
         users: valid.users.len(),
         certificate: certificate.as_ref(),
@@ -224,6 +242,20 @@ async fn reconcile(server: Arc<TransferServer>, context: Arc<Context>) -> Result
     apply_status(&servers_api(&server, client), server.as_ref(), new_status).await?;
     context.backoff.succeed(&object_key(server.as_ref()));
     Ok(Action::requeue(next_check(certificate.as_ref(), now)))
+}
+
+/// The API server's explanation when it refused a rendered object as invalid (422), which
+/// retrying cannot fix: a node port another Service holds, say. Other failures are
+/// transient and retried.
+fn refused_by_the_api_server(error: &Error) -> Option<String> {
+    let Error::Kube {
+        action,
+        source: kube::Error::Api(status),
+    } = error
+    else {
+        return None;
+    };
+    (status.code == 422).then(|| format!("the API server refused to {action}: {}", status.message))
 }
 
 /// When to reconcile again unprompted: at the next resync, or just after the FTPS
@@ -258,8 +290,9 @@ async fn stall(context: &Context, blocked: Blocked) -> Result<Action, Error> {
     context.backoff.succeed(&object_key(server.as_ref()));
     tracing::info!(reason = reason.as_str(), "Server not rolled out");
     Ok(match reason {
-        // The conflicting object may go away without any event this controller sees.
-        Reason::NameConflict => Action::requeue(Duration::from_secs(30)),
+        // The conflicting object (or the one holding a node port) may go away without any
+        // event this controller sees.
+        Reason::NameConflict | Reason::Rejected => Action::requeue(Duration::from_secs(30)),
         _ => Action::await_change(),
     })
 }

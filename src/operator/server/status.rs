@@ -13,7 +13,8 @@ use super::build::sftp_port;
 use super::ftps::{self, CertificateState};
 use super::host_keys::HostKeyMaterial;
 use crate::api::{
-    ConditionType, HostKeyFingerprint, Reason, TransferServer, TransferServerStatus, set_condition,
+    ConditionType, HostKeyFingerprint, Reason, ServiceType, TransferServer, TransferServerStatus,
+    set_condition,
 };
 use crate::residency::ResidencyVerdict;
 
@@ -143,7 +144,10 @@ pub fn compute(server: &TransferServer, outcome: &Outcome, now: Timestamp) -> Tr
                 set(ConditionType::Ready, false, reason, waiting);
                 set(ConditionType::Reconciling, true, reason, waiting);
             } else {
-                let available = "gateway is available";
+                let available = match server.spec.replicas {
+                    Some(0) => "scaled to zero replicas: no gateway pod runs",
+                    _ => "gateway is available",
+                };
                 set(ConditionType::Ready, true, Reason::RolledOut, available);
                 set(ConditionType::Reconciling, false, Reason::RolledOut, "");
             }
@@ -230,23 +234,41 @@ pub fn is_available(statefulset: &StatefulSet) -> bool {
         && status.replicas == desired
 }
 
-/// Every protocol's address, on the load balancer's address once it is assigned and on
-/// the Service's DNS name otherwise.
+/// Every protocol's address: on the load balancer's address once it is assigned, on
+/// `passiveAddress` and the node ports for a NodePort Service that names one, and on the
+/// Service's DNS name otherwise.
 fn endpoints(server: &TransferServer, service: Option<&Service>) -> Vec<String> {
-    let host = ftps::load_balancer_address(service).unwrap_or_else(|| {
+    let dns = || {
         let name = super::names::service(&server.name_any());
         format!("{name}.{}.svc", server.namespace().unwrap_or_default())
-    });
+    };
+    let node_address = ftps::spec(server)
+        .and_then(|f| f.passive_address.clone())
+        .filter(|_| ftps::service_type(server) == ServiceType::NodePort);
+    let node_port = |name: &str| {
+        let ports = service?.spec.as_ref()?.ports.as_ref()?;
+        ports
+            .iter()
+            .find(|p| p.name.as_deref() == Some(name))?
+            .node_port
+    };
+    let address = |name: &str, port: i32| match (&node_address, node_port(name)) {
+        (Some(node), Some(node_port)) => format!("{node}:{node_port}"),
+        _ => {
+            let host = ftps::load_balancer_address(service).unwrap_or_else(dns);
+            format!("{host}:{port}")
+        }
+    };
     let mut endpoints = Vec::new();
     if server.spec.protocols.sftp.is_some() {
-        endpoints.push(format!("sftp://{host}:{}", sftp_port(server)));
+        endpoints.push(format!("sftp://{}", address("sftp", sftp_port(server))));
     }
     if let Ok(Some(plan)) = ftps::plan(server) {
         if let Some(port) = plan.explicit_port {
-            endpoints.push(format!("ftpes://{host}:{port}"));
+            endpoints.push(format!("ftpes://{}", address("ftps", port)));
         }
         if let Some(port) = plan.implicit_port {
-            endpoints.push(format!("ftps://{host}:{port}"));
+            endpoints.push(format!("ftps://{}", address("ftps-implicit", port)));
         }
     }
     endpoints

@@ -42,6 +42,8 @@ pub struct ValidServer {
     pub owned_pod_services: Vec<String>,
     /// The TLS Secret, when the server offers FTPS (`Some(None)`: it does not exist).
     pub tls_secret: Option<Option<Secret>>,
+    /// A gateway Deployment of an earlier version this server owns, to be removed.
+    pub legacy_deployment: Option<String>,
 }
 
 /// Why a server cannot be rolled out.
@@ -131,6 +133,7 @@ pub fn validate(inputs: ServerInputs) -> Result<ValidServer, Box<Blocked>> {
         pod_services,
         owned_pod_services,
         tls_secret,
+        legacy_deployment,
         existing,
     } = inputs;
     let name = server.name_any();
@@ -202,6 +205,7 @@ pub fn validate(inputs: ServerInputs) -> Result<ValidServer, Box<Blocked>> {
         pod_services,
         owned_pod_services,
         tls_secret,
+        legacy_deployment,
     })
 }
 
