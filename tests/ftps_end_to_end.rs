@@ -316,9 +316,12 @@ async fn malformed_ftps_specs_are_refused_or_stalled(client: &Client) -> Result<
     // Shapes only the operator can judge stall the server with the reason.
     let node_port = server("bad-nodeport", 1, "NodePort", 31_000, 4);
     let crowded = server("bad-crowded", 3, "LoadBalancer", 45_000, 2);
+    let mut clash = server("bad-clash", 1, "ClusterIP", 45_000, 4);
+    clash["spec"]["protocols"]["sftp"]["port"] = 21.into();
     for (object, needle) in [
         (node_port, "passiveAddress"),
         (crowded, "at least replicas (3)"),
+        (clash, "sftp.port and ftps.explicit.port are both 21"),
     ] {
         let name = object["metadata"]["name"]
             .as_str()
@@ -328,6 +331,9 @@ async fn malformed_ftps_specs_are_refused_or_stalled(client: &Client) -> Result<
         let stalled = wait_condition(client, &name, "Stalled", "True", "InvalidSpec").await?;
         let message = condition(&stalled, "Stalled").unwrap_or_default().2;
         ensure!(message.contains(needle), "{name}: {message}");
+        let secrets = Api::<Secret>::namespaced(client.clone(), NS);
+        let config = secrets.get_opt(&format!("{name}-gateway-config")).await?;
+        ensure!(config.is_none(), "{name}: rendered although it stalled");
         Api::<TransferServer>::namespaced(client.clone(), NS)
             .delete(&name, &Default::default())
             .await?;
