@@ -19,8 +19,9 @@ use kube::{Api, Client, ResourceExt};
 use sluice::api::{TransferServer, TransferUser};
 use sluice::gateway::config::GatewayConfig;
 
-use support::cluster::{Operator, apply, eventually, install_crds, read_yaml_dir};
+use support::cluster::{Operator, apply, condition, eventually, install_crds, read_yaml_dir};
 use support::controlplane::ControlPlane;
+use support::ftp::{FtpClients, succeed};
 use support::gateway::{TestPki, VALID_UNTIL};
 use support::kubelet::{FakeKubelet, RunningPod};
 use support::sftp::{
@@ -123,12 +124,6 @@ async fn server(client: &Client) -> Result<TransferServer> {
     Ok(Api::<TransferServer>::namespaced(client.clone(), NAMESPACE)
         .get(SERVER)
         .await?)
-}
-
-fn condition(server: &TransferServer, type_: &str) -> Option<(String, String, String)> {
-    let status = server.status.as_ref()?;
-    let c = status.conditions.iter().find(|c| c.type_ == type_)?;
-    Some((c.status.clone(), c.reason.clone(), c.message.clone()))
 }
 
 async fn server_becomes_ready_with_fingerprints(client: &Client) -> Result<()> {
@@ -339,47 +334,30 @@ async fn the_password_user_transfers_over_explicit_and_implicit_ftps(
         ),
     ];
     let stored = pod.volume_dir("data").join("cucm").join("ftps.bin");
+    let clients = FtpClients {
+        ca: scenario.ca.clone(),
+        user: "cucm".into(),
+        password: scenario.password.clone(),
+    };
+    let back = dir.join("ftps-download.bin");
     for url in urls {
-        let curl = |args: &[&str]| {
-            let mut command = std::process::Command::new("curl");
-            command
-                .args(["--silent", "--show-error", "--max-time", "60", "--ssl-reqd"])
-                .arg("--cacert")
-                .arg(&scenario.ca)
-                .args(["--user", &format!("cucm:{}", scenario.password)])
-                .args(args);
-            command
-        };
-        let back = dir.join("ftps-download.bin");
-        let upload = curl(&[
-            "-T",
-            &local.display().to_string(),
-            &format!("{url}/ftps.bin"),
-        ]);
-        let download = curl(&[
-            "-o",
-            &back.display().to_string(),
-            &format!("{url}/ftps.bin"),
-        ]);
-        for mut command in [upload, download] {
-            let output = tokio::task::spawn_blocking(move || command.output()).await??;
-            ensure!(
-                output.status.success(),
-                "{url}: {}",
-                String::from_utf8_lossy(&output.stderr)
-            );
-        }
+        let mut upload = clients.curl();
+        upload.arg("-T").arg(&local).arg(format!("{url}/ftps.bin"));
+        succeed(upload).await?;
         ensure!(
             sha256_file(&stored)? == expected,
             "{url}: stored bytes differ"
         );
+        let mut download = clients.curl();
+        download.arg("-o").arg(&back).arg(format!("{url}/ftps.bin"));
+        succeed(download).await?;
         ensure!(
             sha256_file(&back)? == expected,
             "{url}: downloaded bytes differ"
         );
-        let mut delete = curl(&["-Q", "DELE /ftps.bin", &format!("{url}/")]);
-        let output = tokio::task::spawn_blocking(move || delete.output()).await??;
-        ensure!(output.status.success(), "{url}: delete failed");
+        let mut delete = clients.curl();
+        delete.args(["-Q", "DELE /ftps.bin"]).arg(format!("{url}/"));
+        succeed(delete).await?;
         ensure!(!stored.exists(), "{url}: delete did not delete");
     }
     Ok(())

@@ -10,22 +10,22 @@
 mod support;
 
 use std::path::{Path, PathBuf};
-use std::process::{Output, Stdio};
 use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
 use futures::StreamExt;
 use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::core::v1::{Event, Secret, Service};
-use kube::api::{DynamicObject, ListParams, Patch, PatchParams, WatchEvent, WatchParams};
+use kube::api::{ListParams, Patch, PatchParams, WatchEvent, WatchParams};
 use kube::{Api, Client};
 use serde_json::{Value, json};
 use sluice::api::TransferServer;
 use sluice::gateway::config::GatewayConfig;
 use sluice::gateway::ftps::certificate_info;
 
-use support::cluster::{Operator, apply, eventually, install_crds};
+use support::cluster::{Operator, apply_all, condition, eventually, install_crds, refused};
 use support::controlplane::ControlPlane;
+use support::ftp::{FtpClients, pasv_port, succeed, succeed_with_stderr};
 use support::gateway::{TestPki, VALID_UNTIL};
 use support::kubelet::{FakeKubelet, RunningPod};
 use support::sftp::{random_file, sha256_file};
@@ -39,7 +39,6 @@ const BALANCED_USER: &str = "globex";
 const PASSWORD: &str = "Ftps-e2e-7c1d";
 const REGION_LABEL: &str = "topology.kubernetes.io/region";
 const WAIT: Duration = Duration::from_secs(60);
-const CLIENT_TIMEOUT: Duration = Duration::from_secs(120);
 /// Container ports of explicit and implicit FTPS, as the operator renders them.
 const EXPLICIT: i32 = 2121;
 const IMPLICIT: i32 = 2990;
@@ -86,7 +85,11 @@ async fn an_ftps_server_serves_both_modes_with_a_renewable_certificate_and_per_p
     let certificate = pki.issue(VALID_UNTIL)?;
     certificate_is_reported_once_the_secret_exists(&client, &pod, &certificate).await?;
 
-    let clients = Clients { ca, user: USER };
+    let clients = FtpClients {
+        ca,
+        user: USER.into(),
+        password: PASSWORD.into(),
+    };
     let explicit = format!("ftp://{}", pod.ports[&EXPLICIT]);
     let implicit = format!("ftps://{}", pod.ports[&IMPLICIT]);
     for (mode, url) in [("explicit", &explicit), ("implicit", &implicit)] {
@@ -197,25 +200,10 @@ fn user(name: &str, server: &str) -> Value {
     })
 }
 
-async fn apply_all(client: &Client, objects: &[Value]) -> Result<()> {
-    for object in objects {
-        let object: DynamicObject = serde_json::from_value(object.clone())?;
-        apply(client, &object).await?;
-    }
-    Ok(())
-}
-
 async fn get_server(client: &Client, name: &str) -> Result<TransferServer> {
     Ok(Api::<TransferServer>::namespaced(client.clone(), NS)
         .get(name)
         .await?)
-}
-
-/// `(status, reason, message)` of a condition.
-fn condition(server: &TransferServer, type_: &str) -> Option<(String, String, String)> {
-    let status = server.status.as_ref()?;
-    let c = status.conditions.iter().find(|c| c.type_ == type_)?;
-    Some((c.status.clone(), c.reason.clone(), c.message.clone()))
 }
 
 async fn wait_condition(
@@ -260,15 +248,6 @@ async fn gateway_config(client: &Client, server: &str) -> Result<GatewayConfig> 
         .context("no config.json")?
         .0;
     Ok(serde_json::from_slice(raw)?)
-}
-
-/// Applies `object` and checks that the API server refuses it with `needle` in the error.
-async fn refused(client: &Client, object: Value, needle: &str) -> Result<()> {
-    let Err(error) = apply_all(client, &[object]).await else {
-        anyhow::bail!("an object that should be refused ({needle}) was accepted");
-    };
-    ensure!(format!("{error:#}").contains(needle), "{error:#}");
-    Ok(())
 }
 
 async fn malformed_ftps_specs_are_refused_or_stalled(client: &Client) -> Result<()> {
@@ -526,61 +505,6 @@ async fn ftp_greeting(addr: std::net::SocketAddr) -> Result<String> {
     line.context("the connection closed without a reply")
 }
 
-/// How clients reach the gateway: the CA they trust and the login they use.
-struct Clients {
-    ca: PathBuf,
-    user: &'static str,
-}
-
-impl Clients {
-    fn curl(&self) -> tokio::process::Command {
-        let mut command = tokio::process::Command::new("curl");
-        command
-            .args([
-                "--silent",
-                "--show-error",
-                "--max-time",
-                "120",
-                "--ssl-reqd",
-            ])
-            .arg("--cacert")
-            .arg(&self.ca)
-            .args(["--user", &format!("{}:{PASSWORD}", self.user)]);
-        command
-    }
-
-    fn lftp(&self, url: &str, commands: &str) -> tokio::process::Command {
-        let script = format!(
-            "set cmd:fail-exit yes; set net:max-retries 1; set net:timeout 20; \
-             set ssl:ca-file {ca}; set ssl:verify-certificate yes; \
-             set ftp:ssl-force yes; set ftp:ssl-protect-data yes; \
-             set ftp:ssl-protect-list yes; open -u {user},{PASSWORD} {url}; {commands}",
-            ca = self.ca.display(),
-            user = self.user,
-        );
-        let mut command = tokio::process::Command::new("lftp");
-        command.arg("-c").arg(script);
-        command
-    }
-}
-
-async fn succeed(mut command: tokio::process::Command) -> Result<String> {
-    let description = format!("{:?}", command.as_std());
-    command.stdin(Stdio::null()).kill_on_drop(true);
-    let output: Output = tokio::time::timeout(CLIENT_TIMEOUT, command.output())
-        .await
-        .context("the client did not finish in time")??;
-    ensure!(
-        output.status.success(),
-        "{description} failed ({}):\n{}\n{}",
-        output.status,
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    );
-    Ok(String::from_utf8_lossy(&output.stdout).into_owned()
-        + &String::from_utf8_lossy(&output.stderr))
-}
-
 fn stored(pod: &RunningPod, path: &str) -> PathBuf {
     pod.volume_dir("data").join(USER).join(path)
 }
@@ -588,7 +512,7 @@ fn stored(pod: &RunningPod, path: &str) -> PathBuf {
 /// Login, upload (hash checked on the volume), list, download, resumed download, rename
 /// and delete, with curl.
 async fn curl_round_trip(
-    clients: &Clients,
+    clients: &FtpClients,
     pod: &RunningPod,
     base: &str,
     dir: &Path,
@@ -657,7 +581,12 @@ async fn curl_round_trip(
 }
 
 /// Upload, listing, download, rename and removal with lftp.
-async fn lftp_round_trip(clients: &Clients, pod: &RunningPod, url: &str, dir: &Path) -> Result<()> {
+async fn lftp_round_trip(
+    clients: &FtpClients,
+    pod: &RunningPod,
+    url: &str,
+    dir: &Path,
+) -> Result<()> {
     let source = dir.join("lftp.csv");
     let sha = random_file(&source, 300_007, 12)?;
     let back = dir.join("lftp-back.csv");
@@ -686,7 +615,7 @@ async fn a_renewed_certificate_is_served_without_a_restart(
     pod: &RunningPod,
     url: &str,
     dir: &Path,
-) -> Result<Clients> {
+) -> Result<FtpClients> {
     // A renewal from another CA: only the new certificate satisfies a client that
     // trusts only the new CA, so a successful listing proves it is served.
     let pki = TestPki::new()?;
@@ -696,7 +625,11 @@ async fn a_renewed_certificate_is_served_without_a_restart(
     apply_all(client, &[tls_secret(&renewed)]).await?;
     pod.sync_secrets().await?;
 
-    let clients = Clients { ca, user: USER };
+    let clients = FtpClients {
+        ca,
+        user: USER.into(),
+        password: PASSWORD.into(),
+    };
     eventually("the renewed certificate served", WAIT, || async {
         let mut list = clients.curl();
         list.arg(format!("{url}/"));
@@ -724,13 +657,13 @@ async fn a_renewed_certificate_is_served_without_a_restart(
 async fn passive_ports_are_split_between_load_balanced_pods(
     client: &Client,
     kubelet: &FakeKubelet,
-    clients: &Clients,
+    clients: &FtpClients,
     passive: u16,
 ) -> Result<()> {
     let first = passive + 50;
-    let clients = Clients {
-        ca: clients.ca.clone(),
-        user: BALANCED_USER,
+    let clients = FtpClients {
+        user: BALANCED_USER.into(),
+        ..clients.clone()
     };
     apply_all(
         client,
@@ -824,8 +757,8 @@ async fn passive_ports_are_split_between_load_balanced_pods(
             let mut list = clients.curl();
             list.args(["--verbose", "--disable-epsv", "--no-ftp-skip-pasv-ip"])
                 .arg(format!("ftp://{}/", pod.ports[&EXPLICIT]));
-            match succeed(list).await {
-                Ok(out) => Ok(pasv_port(&out)),
+            match succeed_with_stderr(list).await {
+                Ok((_, verbose)) => Ok(pasv_port(&verbose)),
                 Err(error) => {
                     eprintln!("not yet: {error:#}");
                     Ok(None)
@@ -1051,20 +984,4 @@ async fn assign_load_balancer(services: &Api<Service>, name: &str) -> Result<()>
         .patch_status(name, &PatchParams::default(), &Patch::Merge(&status))
         .await?;
     Ok(())
-}
-
-/// The port of the first `227` reply in curl's verbose output.
-fn pasv_port(verbose: &str) -> Option<u16> {
-    let line = verbose
-        .lines()
-        .find(|l| l.contains("227 Entering Passive Mode"))?;
-    let inner = line.split('(').nth(1)?.split(')').next()?;
-    let numbers: Vec<u16> = inner
-        .split(',')
-        .filter_map(|n| n.trim().parse().ok())
-        .collect();
-    match numbers.as_slice() {
-        [_, _, _, _, high, low] => Some(high * 256 + low),
-        _ => None,
-    }
 }

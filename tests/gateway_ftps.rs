@@ -9,7 +9,7 @@ use std::io;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::Path;
 use std::pin::Pin;
-use std::process::{Output, Stdio};
+use std::process::Stdio;
 use std::sync::Arc;
 use std::task::{Context as TaskContext, Poll};
 use std::time::{Duration, Instant};
@@ -27,6 +27,7 @@ use tokio::time::timeout;
 use tokio_rustls::TlsConnector;
 use tokio_rustls::client::TlsStream;
 
+use support::ftp::{CLIENT_TIMEOUT, FtpClients, run, succeed};
 use support::gateway::{
     ALL, TestGateway, TestPki, VALID_UNTIL, capture_logs, ftps_settings, password_user,
 };
@@ -34,8 +35,6 @@ use support::sftp::{random_file, sha256_file};
 
 const USER: &str = "cucm";
 const PASSWORD: &str = "Correct-Horse-Battery-Staple-9";
-/// Longest any single client run or exchange may take.
-const CLIENT_TIMEOUT: Duration = Duration::from_secs(120);
 
 async fn gateway(settings: FtpsSettings) -> Result<TestGateway> {
     TestGateway::start_ftps(vec![password_user(USER, PASSWORD, ALL)], settings).await
@@ -61,60 +60,21 @@ fn encode(path: &str) -> String {
         .collect()
 }
 
-/// curl as the test user, requiring TLS and trusting the test CA.
+/// The test user's curl and lftp, trusting the gateway's test CA.
+fn clients(gateway: &TestGateway) -> FtpClients {
+    FtpClients {
+        ca: gateway.ca_file(),
+        user: USER.into(),
+        password: PASSWORD.into(),
+    }
+}
+
 fn curl(gateway: &TestGateway) -> tokio::process::Command {
-    let mut command = tokio::process::Command::new("curl");
-    command
-        .args([
-            "--silent",
-            "--show-error",
-            "--max-time",
-            "120",
-            "--ssl-reqd",
-        ])
-        .arg("--cacert")
-        .arg(gateway.ca_file())
-        .args(["--user", &format!("{USER}:{PASSWORD}")]);
-    command
+    clients(gateway).curl()
 }
 
-/// Runs a client to its end (at most [`CLIENT_TIMEOUT`]).
-async fn run(mut command: tokio::process::Command) -> Result<Output> {
-    command.stdin(Stdio::null()).kill_on_drop(true);
-    timeout(CLIENT_TIMEOUT, command.output())
-        .await
-        .context("the client did not finish in time")?
-        .context("cannot run the client")
-}
-
-/// Runs a client that must succeed; returns its standard output.
-async fn succeed(command: tokio::process::Command) -> Result<String> {
-    let description = format!("{:?}", command.as_std());
-    let output = run(command).await?;
-    ensure!(
-        output.status.success(),
-        "{description} failed ({}):\n{}\n{}",
-        output.status,
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    );
-    Ok(String::from_utf8_lossy(&output.stdout).into_owned())
-}
-
-/// lftp logged in at `url`, running `commands`, with TLS required on control and data
-/// connections and failures ending the script.
 fn lftp(gateway: &TestGateway, url: &str, commands: &str) -> tokio::process::Command {
-    let script = format!(
-        "set cmd:fail-exit yes; set net:max-retries 1; set net:timeout 20; \
-         set net:reconnect-interval-base 1; set dns:order inet; \
-         set ssl:ca-file {ca}; set ssl:verify-certificate yes; \
-         set ftp:ssl-force yes; set ftp:ssl-protect-data yes; set ftp:ssl-protect-list yes; \
-         open -u {USER},{PASSWORD} {url}; {commands}",
-        ca = gateway.ca_file().display()
-    );
-    let mut command = tokio::process::Command::new("lftp");
-    command.arg("-c").arg(script);
-    command
+    clients(gateway).lftp(url, commands)
 }
 
 fn stored(gateway: &TestGateway, path: &str) -> std::path::PathBuf {
@@ -601,6 +561,8 @@ async fn lftp_uploads_lists_downloads_renames_and_removes_over_explicit_and_impl
     assert_clean_logs(&logs, &[PASSWORD])
 }
 
+/// Case C12: curl with two URLs in one command, over TLS 1.2 and 1.3, and lftp, under
+/// the default and under `Require`.
 #[tokio::test]
 async fn data_connections_reuse_the_tls_session_with_curl_and_lftp_over_tls_1_2_and_1_3()
 -> Result<()> {
@@ -715,6 +677,7 @@ async fn reloaded_ftps_settings_apply_to_new_sessions_while_running_ones_keep_th
     gateway.stop().await
 }
 
+/// Case C12: under `Require`, a data connection that does not resume gets a clear reply.
 #[tokio::test]
 async fn require_refuses_a_data_connection_that_does_not_resume_with_a_clear_reply() -> Result<()> {
     let gateway = gateway(FtpsSettings {
@@ -793,6 +756,7 @@ async fn session_reuse_off_makes_every_data_connection_a_full_handshake() -> Res
     Ok(())
 }
 
+/// Case C13.
 #[tokio::test]
 async fn lftp_with_a_4096_byte_socket_buffer_stores_a_43277_byte_file_100_times_intact()
 -> Result<()> {
@@ -816,6 +780,7 @@ async fn lftp_with_a_4096_byte_socket_buffer_stores_a_43277_byte_file_100_times_
     gateway.stop().await
 }
 
+/// Case C14.
 #[tokio::test]
 async fn mlsd_listings_from_lftp_and_curl_are_correct_and_feat_advertises_only_what_works()
 -> Result<()> {
@@ -914,6 +879,7 @@ async fn mlsd_listings_from_lftp_and_curl_are_correct_and_feat_advertises_only_w
     gateway.stop().await
 }
 
+/// Case C15 (the rendered Service ports are checked in `ftps_end_to_end`).
 #[tokio::test]
 async fn pasv_replies_carry_the_configured_passive_address_and_epsv_works() -> Result<()> {
     // A documentation address (RFC 5737): the test never connects to it.
@@ -965,6 +931,7 @@ async fn pasv_replies_carry_the_configured_passive_address_and_epsv_works() -> R
     gateway.stop().await
 }
 
+/// Case C16, first half.
 #[tokio::test]
 async fn chinese_and_cyrillic_names_round_trip_with_and_without_opts_utf8() -> Result<()> {
     let gateway = gateway(ftps_settings()).await?;
@@ -1024,6 +991,7 @@ async fn chinese_and_cyrillic_names_round_trip_with_and_without_opts_utf8() -> R
     gateway.stop().await
 }
 
+/// Case C16, second half.
 #[tokio::test]
 async fn a_name_with_an_invalid_utf8_byte_is_refused_and_nothing_is_created() -> Result<()> {
     let gateway = gateway(ftps_settings()).await?;
@@ -1078,6 +1046,7 @@ async fn an_upload_cut_off_without_tls_close_notify_is_discarded_not_stored_shor
     gateway.stop().await
 }
 
+/// Case C17.
 #[tokio::test]
 async fn implicit_ftps_lists_uploads_and_downloads_with_curl_over_a_protected_data_channel()
 -> Result<()> {
@@ -1125,6 +1094,7 @@ async fn implicit_ftps_lists_uploads_and_downloads_with_curl_over_a_protected_da
     gateway.stop().await
 }
 
+/// Case C18.
 #[tokio::test]
 async fn a_100_mib_file_uploads_and_downloads_intact_over_ftps() -> Result<()> {
     let gateway = gateway(ftps_settings()).await?;

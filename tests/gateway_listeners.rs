@@ -6,18 +6,17 @@
 mod support;
 
 use std::net::SocketAddr;
-use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
-use std::process::Stdio;
 use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
 use sluice::gateway::config::{GatewayConfig, PassivePorts, ReplicaPassive, ResidencyStamp};
 use sluice::gateway::ftps::tls::{CERT_FILE, KEY_FILE};
-use sluice::gateway::{Gateway, GatewayArgs, host_keys};
+use sluice::gateway::{Gateway, GatewayArgs};
 use tempfile::TempDir;
 
-use support::gateway::{ALL, TestPki, VALID_UNTIL, ftps_settings, password_user};
+use support::ftp::{FtpClients, pasv_port, succeed_with_stderr};
+use support::gateway::{ALL, TestPki, VALID_UNTIL, ftps_settings, password_user, write_host_keys};
 
 const USER: &str = "mainframe";
 const PASSWORD: &str = "listeners-Pw-42";
@@ -31,13 +30,7 @@ struct Pod {
 impl Pod {
     fn new(config: &GatewayConfig, pod_name: Option<&str>) -> Result<Self> {
         let dir = tempfile::tempdir()?;
-        let host_keys = dir.path().join("host-keys");
-        std::fs::create_dir(&host_keys)?;
-        for (name, pem) in host_keys::generate()? {
-            let path = host_keys.join(name);
-            std::fs::write(&path, pem)?;
-            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
-        }
+        let host_keys = write_host_keys(dir.path())?;
         let pki = TestPki::new()?;
         let (cert, key) = pki.issue(VALID_UNTIL)?;
         let tls = dir.path().join("tls");
@@ -89,41 +82,23 @@ fn free_address() -> Result<SocketAddr> {
 
 /// Lists `/` over explicit FTPS with curl, verbosely; returns what curl printed.
 async fn list_verbosely(addr: SocketAddr, ca: &Path, extra: &[&str]) -> Result<String> {
-    let output = tokio::process::Command::new("curl")
-        .args(["--silent", "--show-error", "--verbose", "--max-time", "30"])
-        .arg("--ssl-reqd")
+    let clients = FtpClients {
+        ca: ca.to_owned(),
+        user: USER.into(),
+        password: PASSWORD.into(),
+    };
+    let mut list = clients.curl();
+    list.arg("--verbose")
         .args(extra)
-        .arg("--cacert")
-        .arg(ca)
-        .args(["--user", &format!("{USER}:{PASSWORD}")])
-        .arg(format!("ftp://{addr}/"))
-        .stdin(Stdio::null())
-        .kill_on_drop(true)
-        .output()
-        .await?;
-    let verbose = String::from_utf8_lossy(&output.stderr).into_owned();
-    ensure!(output.status.success(), "curl failed:\n{verbose}");
-    Ok(verbose)
+        .arg(format!("ftp://{addr}/"));
+    Ok(succeed_with_stderr(list).await?.1)
 }
 
 /// Lists `/` over explicit FTPS with PASV (not EPSV); returns the port the `227` reply
 /// announced.
 async fn announced_port(addr: SocketAddr, ca: &Path) -> Result<u16> {
     let verbose = list_verbosely(addr, ca, &["--disable-epsv"]).await?;
-    let line = verbose
-        .lines()
-        .find(|l| l.contains("227 Entering Passive Mode"))
-        .context("no 227 reply")?;
-    let inner = line
-        .split('(')
-        .nth(1)
-        .and_then(|r| r.split(')').next())
-        .context("no address in the 227 reply")?;
-    let numbers: Vec<u16> = inner.split(',').filter_map(|n| n.parse().ok()).collect();
-    match numbers.as_slice() {
-        [_, _, _, _, high, low] => Ok(high * 256 + low),
-        _ => anyhow::bail!("malformed 227 reply: {line}"),
-    }
+    pasv_port(&verbose).with_context(|| format!("no 227 reply in:\n{verbose}"))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

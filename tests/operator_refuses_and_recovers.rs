@@ -17,7 +17,10 @@ use serde_json::{Value, json};
 use sluice::api::{TransferServer, TransferUser};
 use sluice::gateway::config::GatewayConfig;
 
-use support::cluster::{Operator, apply, eventually, install_crds, parse_yaml, read_yaml_dir};
+use support::cluster::{
+    Operator, apply, apply_all, condition, eventually, install_crds, parse_yaml, read_yaml_dir,
+    refused,
+};
 use support::controlplane::ControlPlane;
 
 const NS: &str = "payments";
@@ -51,22 +54,6 @@ async fn operator_refuses_bad_input_clearly_and_recovers_when_it_is_fixed() -> R
     operator.stop().await
 }
 
-async fn apply_all(client: &Client, objects: &[Value]) -> Result<()> {
-    for object in objects {
-        apply(client, &serde_json::from_value(object.clone())?).await?;
-    }
-    Ok(())
-}
-
-/// Applies `object` and checks that the API server refuses it with `needle` in the error.
-async fn refused(client: &Client, object: Value, needle: &str) -> Result<()> {
-    let Err(error) = apply_all(client, &[object]).await else {
-        anyhow::bail!("an object that should be refused ({needle}) was accepted");
-    };
-    ensure!(format!("{error:#}").contains(needle), "{error:#}");
-    Ok(())
-}
-
 fn server(name: &str, region: &str) -> Value {
     json!({
         "apiVersion": "sluice.dev/v1alpha1",
@@ -93,16 +80,6 @@ fn password_secret(name: &str, password: &str) -> Value {
 fn with(mut object: Value, at: &str, value: Value) -> Value {
     *object.pointer_mut(at).expect("the fixture has that field") = value;
     object
-}
-
-fn condition(server: &TransferServer, type_: &str) -> Option<(String, String, String)> {
-    let c = server
-        .status
-        .as_ref()?
-        .conditions
-        .iter()
-        .find(|c| c.type_ == type_)?;
-    Some((c.status.clone(), c.reason.clone(), c.message.clone()))
 }
 
 async fn wait_condition(

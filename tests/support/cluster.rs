@@ -91,6 +91,33 @@ pub async fn apply(client: &Client, object: &DynamicObject) -> Result<DynamicObj
         .with_context(|| format!("cannot apply {} {}", gvk.kind, object.name_any()))
 }
 
+/// Applies each object, given as JSON, in order.
+pub async fn apply_all(client: &Client, objects: &[serde_json::Value]) -> Result<()> {
+    for object in objects {
+        apply(client, &serde_json::from_value(object.clone())?).await?;
+    }
+    Ok(())
+}
+
+/// Applies `object` and checks that the API server refuses it with `needle` in the error.
+pub async fn refused(client: &Client, object: serde_json::Value, needle: &str) -> Result<()> {
+    let Err(error) = apply_all(client, &[object]).await else {
+        bail!("an object that should be refused ({needle}) was accepted");
+    };
+    anyhow::ensure!(format!("{error:#}").contains(needle), "{error:#}");
+    Ok(())
+}
+
+/// `(status, reason, message)` of a server's condition `type_`.
+pub fn condition(
+    server: &sluice::api::TransferServer,
+    type_: &str,
+) -> Option<(String, String, String)> {
+    let status = server.status.as_ref()?;
+    let c = status.conditions.iter().find(|c| c.type_ == type_)?;
+    Some((c.status.clone(), c.reason.clone(), c.message.clone()))
+}
+
 /// Applies the committed CRDs from `crds/` and waits until they are established.
 pub async fn install_crds(client: &Client) -> Result<()> {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("crds");

@@ -85,13 +85,7 @@ impl TestGateway {
         tls: Option<(TestPki, (String, String))>,
     ) -> Result<Self> {
         let dir = tempfile::tempdir()?;
-        let host_keys = dir.path().join("host-keys");
-        std::fs::create_dir(&host_keys)?;
-        for (name, pem) in host_keys::generate()? {
-            let path = host_keys.join(name);
-            std::fs::write(&path, pem)?;
-            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
-        }
+        let host_keys = write_host_keys(dir.path())?;
         let tls_dir = dir.path().join("tls");
         std::fs::create_dir(&tls_dir)?;
         let pki = match tls {
@@ -246,6 +240,19 @@ fn write_config(path: &Path, users: Vec<GatewayUser>, ftps: Option<FtpsSettings>
     std::fs::write(&staged, serde_json::to_vec_pretty(&config(users, ftps))?)?;
     std::fs::rename(&staged, path)?;
     Ok(())
+}
+
+/// Generates host keys into `dir/host-keys` as the gateway reads them; returns that
+/// directory.
+pub fn write_host_keys(dir: &Path) -> Result<PathBuf> {
+    let host_keys = dir.join("host-keys");
+    std::fs::create_dir(&host_keys)?;
+    for (name, pem) in host_keys::generate()? {
+        let path = host_keys.join(name);
+        std::fs::write(&path, pem)?;
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
+    }
+    Ok(host_keys)
 }
 
 /// File name of the test CA's certificate in the gateway's temporary directory.

@@ -2,6 +2,7 @@
 
 pub mod cluster;
 pub mod controlplane;
+pub mod ftp;
 pub mod gateway;
 pub mod kubelet;
 pub mod sftp;

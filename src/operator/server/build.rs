@@ -334,35 +334,26 @@ fn region_affinity(label: &str, region: &str) -> Affinity {
 
 /// Only the key files are mounted; the salt seed stays in the Secret.
 fn host_key_items() -> Option<Vec<KeyToPath>> {
-    let files = [
+    items(&[
         "ssh_host_ecdsa_key",
         "ssh_host_ed25519_key",
         "ssh_host_rsa_key",
-    ];
-    Some(
-        files
-            .iter()
-            .map(|f| KeyToPath {
-                key: f.to_string(),
-                path: f.to_string(),
-                mode: None,
-            })
-            .collect(),
-    )
+    ])
 }
 
+/// The certificate and key of a `kubernetes.io/tls` Secret, under their own names.
 fn tls_items() -> Option<Vec<KeyToPath>> {
-    let files = ["tls.crt", "tls.key"];
-    Some(
-        files
-            .iter()
-            .map(|f| KeyToPath {
-                key: f.to_string(),
-                path: f.to_string(),
-                mode: None,
-            })
-            .collect(),
-    )
+    items(&["tls.crt", "tls.key"])
+}
+
+/// Secret volume items mounting each key as a file of the same name.
+fn items(keys: &[&str]) -> Option<Vec<KeyToPath>> {
+    let item = |key: &&str| KeyToPath {
+        key: key.to_string(),
+        path: key.to_string(),
+        mode: None,
+    };
+    Some(keys.iter().map(item).collect())
 }
 
 fn secret_volume(volume: &str, secret: String, items: Option<Vec<KeyToPath>>) -> Volume {
