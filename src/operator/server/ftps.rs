@@ -477,36 +477,26 @@ mod tests {
 
     #[test]
     fn a_load_balancers_ipv4_address_is_preferred_to_ipv6_and_names() {
-        let ingress = |ip: Option<&str>, hostname: Option<&str>| LoadBalancerIngress {
-            ip: ip.map(String::from),
-            hostname: hostname.map(String::from),
-            ..LoadBalancerIngress::default()
-        };
         let mut service = with_lb("2001:db8::1");
-        let status = service.status.as_mut().unwrap();
-        let ingresses = status
-            .load_balancer
-            .as_mut()
-            .unwrap()
-            .ingress
-            .as_mut()
-            .unwrap();
-        ingresses.push(ingress(None, Some("lb.example.com")));
+        let mut add = |ip: Option<&str>, hostname: Option<&str>| {
+            let status = service
+                .status
+                .as_mut()
+                .and_then(|s| s.load_balancer.as_mut());
+            let ingress = status.and_then(|lb| lb.ingress.as_mut()).unwrap();
+            ingress.push(LoadBalancerIngress {
+                ip: ip.map(String::from),
+                hostname: hostname.map(String::from),
+                ..LoadBalancerIngress::default()
+            });
+            load_balancer_address(Some(&service))
+        };
         assert_eq!(
-            load_balancer_address(Some(&service)).as_deref(),
+            add(None, Some("lb.example.com")).as_deref(),
             Some("lb.example.com")
         );
-        let status = service.status.as_mut().unwrap();
-        let ingresses = status
-            .load_balancer
-            .as_mut()
-            .unwrap()
-            .ingress
-            .as_mut()
-            .unwrap();
-        ingresses.push(ingress(Some("198.51.100.4"), None));
         assert_eq!(
-            load_balancer_address(Some(&service)).as_deref(),
+            add(Some("198.51.100.4"), None).as_deref(),
             Some("198.51.100.4")
         );
     }
