@@ -47,7 +47,12 @@ async fn operator_refuses_bad_input_clearly_and_recovers_when_it_is_fixed() -> R
     malformed_servers_are_rejected_or_stalled(&client).await?;
     objects_of_others_are_never_taken_over(&client).await?;
     hong_kong_server_is_refused_without_workload(&client).await?;
+    a_user_of_a_stalled_server_waits_for_it(&client, "False", "ServerNotReady").await?;
     moving_to_an_allowed_region_rolls_it_out(&client).await?;
+    a_user_of_a_stalled_server_waits_for_it(&client, "True", "Reconciled").await?;
+    Api::<TransferUser>::namespaced(client.clone(), NS)
+        .delete("waiting", &Default::default())
+        .await?;
     broken_users_are_reported_and_do_not_disturb_good_ones(&client).await?;
     recreated_server_is_fully_reconciled(&client).await?;
     deleting_the_server_removes_what_it_owned(&client).await?;
@@ -237,6 +242,55 @@ async fn hong_kong_server_is_refused_without_workload(client: &Client) -> Result
         !exists::<Secret>(client, "hk-gw-gateway-config").await?,
         "a config Secret was created"
     );
+    Ok(())
+}
+
+/// A valid user of a stalled server is not Ready (its login cannot reach a gateway), but
+/// waits for the server rather than stalling itself; it is Ready once the server rolls
+/// out.
+async fn a_user_of_a_stalled_server_waits_for_it(
+    client: &Client,
+    status: &str,
+    reason: &str,
+) -> Result<()> {
+    let user = json!({
+        "apiVersion": "sluice.dev/v1alpha1",
+        "kind": "TransferUser",
+        "metadata": {"name": "waiting", "namespace": NS},
+        "spec": {
+            "serverRef": {"name": "hk-gw"},
+            "homeDirectory": "/waiting",
+            "permissions": ["list"],
+            "sshPublicKeys": [
+                "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOMqqnkVzrm0SdG6UOoqKLsabgH5C9okWi0dh2l9GKJl",
+            ],
+        },
+    });
+    apply_all(client, &[user]).await?;
+    let users = Api::<TransferUser>::namespaced(client.clone(), NS);
+    let what = format!("user waiting Ready={status} ({reason})");
+    let conditions = eventually(&what, WAIT, || async {
+        let user = users.get("waiting").await?;
+        let conditions = user.status.map(|s| s.conditions).unwrap_or_default();
+        let ready = conditions
+            .iter()
+            .any(|c| c.type_ == "Ready" && c.status == status && c.reason == reason);
+        Ok(ready.then_some(conditions))
+    })
+    .await?;
+    let stalled = conditions.iter().find(|c| c.type_ == "Stalled");
+    ensure!(
+        stalled.is_some_and(|c| c.status == "False"),
+        "{conditions:?}"
+    );
+    if reason == "ServerNotReady" {
+        let ready = conditions.iter().find(|c| c.type_ == "Ready");
+        let message = ready.map(|c| c.message.as_str()).unwrap_or_default();
+        ensure!(
+            message.contains("hk-gw is stalled (RegionNotAllowed)"),
+            "{message}"
+        );
+    }
     Ok(())
 }
 

@@ -88,11 +88,17 @@ async fn reconcile(user: Arc<TransferUser>, context: Arc<Context>) -> Result<Act
     let secret = password_secret(client, &user).await?;
     let verdict = match server {
         None => Err(UserProblem::ServerNotFound(server_name.clone())),
-        Some(_) => validate_user(&user, secret.as_ref().map(Option::as_ref)).map(|_| ()),
+        Some(server) => validate_user(&user, secret.as_ref().map(Option::as_ref))
+            .and_then(|_| server_rolls_out(&server)),
     };
 
     let new_status = compute_status(&user, &verdict, Timestamp::now());
-    if let Err(problem) = &verdict {
+    // A stalled server publishes its own Warning; the user only waits for it.
+    let own_problem = verdict
+        .as_ref()
+        .err()
+        .filter(|p| !matches!(p, UserProblem::ServerNotReady { .. }));
+    if let Some(problem) = own_problem {
         let was_ready = condition_status(user.status.as_ref(), ConditionType::Ready);
         if was_ready.as_deref() != Some("False") || reason_changed(&user, problem.reason()) {
             context
@@ -108,6 +114,23 @@ async fn reconcile(user: Arc<TransferUser>, context: Arc<Context>) -> Result<Act
         Ok(()) => Action::requeue(RESYNC),
         Err(_) => Action::await_change(),
     })
+}
+
+/// A valid user reaches the gateway only while its server is rolled out: a stalled
+/// server (its region not allowed, say) takes no new configuration.
+fn server_rolls_out(server: &TransferServer) -> Result<(), UserProblem> {
+    let stalled = server
+        .status
+        .iter()
+        .flat_map(|s| &s.conditions)
+        .find(|c| c.type_ == ConditionType::Stalled.as_str() && c.status == "True");
+    match stalled {
+        Some(condition) => Err(UserProblem::ServerNotReady {
+            server: server.name_any(),
+            reason: condition.reason.clone(),
+        }),
+        None => Ok(()),
+    }
 }
 
 fn condition_status(status: Option<&TransferUserStatus>, type_: ConditionType) -> Option<String> {
@@ -157,6 +180,13 @@ pub fn compute_status(
             );
             set(ConditionType::Reconciling, false, Reason::Reconciled, "");
             set(ConditionType::Stalled, false, Reason::Reconciled, "");
+        }
+        Err(problem @ UserProblem::ServerNotReady { .. }) => {
+            // Nothing is wrong with the user: it is rolled out once the server is.
+            let message = problem.to_string();
+            set(ConditionType::Ready, false, problem.reason(), &message);
+            set(ConditionType::Reconciling, true, problem.reason(), &message);
+            set(ConditionType::Stalled, false, problem.reason(), "");
         }
         Err(problem) => {
             let message = problem.to_string();

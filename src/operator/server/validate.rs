@@ -104,6 +104,18 @@ pub enum UserProblem {
     /// Neither a password nor a key.
     #[error("the user has neither passwordSecretRef nor sshPublicKeys")]
     NoCredentials,
+    /// The server is stalled, so no change reaches its gateway (reported by the user
+    /// controller only).
+    #[error(
+        "TransferServer {server} is stalled ({reason}); the user reaches its gateway when \
+         the server is no longer stalled"
+    )]
+    ServerNotReady {
+        /// The server.
+        server: String,
+        /// The server's Stalled reason.
+        reason: String,
+    },
 }
 
 impl UserProblem {
@@ -116,6 +128,7 @@ impl UserProblem {
             Self::InvalidPublicKey { .. } => Reason::InvalidPublicKey,
             Self::InvalidHomeDirectory(_) => Reason::InvalidHomeDirectory,
             Self::NoCredentials => Reason::NoCredentials,
+            Self::ServerNotReady { .. } => Reason::ServerNotReady,
         }
     }
 }
