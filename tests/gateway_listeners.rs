@@ -172,8 +172,7 @@ async fn a_pod_announces_only_its_own_share_and_a_pod_without_one_serves_no_ftps
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn where_epsv_could_reach_another_pod_it_is_refused_and_curl_falls_back_to_pasv() -> Result<()>
-{
+async fn epsv_refused_where_it_could_reach_another_pod_makes_curl_use_pasv() -> Result<()> {
     let mut config = config(true, Vec::new());
     if let Some(ftps) = config.ftps.as_mut() {
         ftps.epsv = false;

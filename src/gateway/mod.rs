@@ -282,7 +282,8 @@ async fn bind_ftps(
     let settings = match settings.for_replica(args.ordinal()) {
         Ok(settings) => settings,
         Err(error) => {
-            tracing::error!(error = %ErrorChain(&error), "Cannot serve FTPS; serving the other protocols");
+            let error = ErrorChain(&error);
+            tracing::error!(%error, "Cannot serve FTPS; serving the other protocols");
             return Ok(None);
         }
     };
@@ -307,7 +308,8 @@ async fn bind_ftps(
         }
         Err(FtpsError::Listen { addr, source }) => Err(GatewayError::Listen { addr, source }),
         Err(error) => {
-            tracing::error!(error = %ErrorChain(&error), "Cannot serve FTPS; serving the other protocols");
+            let error = ErrorChain(&error);
+            tracing::error!(%error, "Cannot serve FTPS; serving the other protocols");
             Ok(None)
         }
     }
