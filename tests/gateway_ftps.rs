@@ -1678,8 +1678,13 @@ async fn rest_beyond_the_end_is_refused_and_a_write_only_user_appends_and_resume
 
     ftp.expect("REST 99", 350).await?;
     let refused = ftp.store_with("STOR log", b"never").await?;
+    // A user who may not read the file is not told its size.
     ensure!(
-        refused.code == 550 && refused.text.contains("cannot resume at byte 99"),
+        refused.code == 550
+            && refused
+                .text
+                .contains("cannot resume at byte 99: the file is shorter")
+            && !refused.text.contains('6'),
         "{refused:?}"
     );
     ensure!(
@@ -1859,4 +1864,64 @@ async fn an_lftp_upload_killed_midway_stores_nothing_and_put_continue_then_uploa
     );
     gateway.stop().await?;
     assert_clean_logs(&logs, &[PASSWORD])
+}
+
+/// A client that keeps sending commands but never reads the replies is disconnected once
+/// a reply has waited `REPLY_TIMEOUT` (15 s), freeing its connection slot, rather than
+/// holding the session (and the login deadline) in a blocked write for ever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_never_reads_its_replies_is_disconnected() -> Result<()> {
+    let gateway = gateway(ftps_settings()).await?;
+    let socket = tokio::net::TcpSocket::new_v4()?;
+    socket.set_recv_buffer_size(4096)?;
+    let mut stream = socket.connect(gateway.ftps_addr()?).await?;
+    let started = Instant::now();
+
+    // Commands answered before login, until our sends block: the gateway stopped reading
+    // because its replies are not taken.
+    let burst = "FEAT\r\n".repeat(1000);
+    while timeout(Duration::from_secs(2), stream.write_all(burst.as_bytes()))
+        .await
+        .is_ok_and(|sent| sent.is_ok())
+    {
+        ensure!(
+            started.elapsed() < Duration::from_secs(60),
+            "sends never blocked"
+        );
+    }
+
+    // Past the reply timeout the gateway has closed the connection: what is left to read
+    // ends soon, instead of the gateway answering the queued commands for ever.
+    tokio::time::sleep(Duration::from_secs(20).saturating_sub(started.elapsed())).await;
+    let mut sink = vec![0u8; 1 << 16];
+    let drained = timeout(Duration::from_secs(5), async {
+        loop {
+            match stream.read(&mut sink).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+        }
+    })
+    .await;
+    ensure!(
+        drained.is_ok(),
+        "the connection was still served after 25 s"
+    );
+    gateway.stop().await
+}
+
+/// A second `USER`/`PASS` after login is refused and leaves the session logged in: it
+/// can still set up transfers.
+#[tokio::test]
+async fn a_second_login_attempt_is_refused_and_the_session_stays_logged_in() -> Result<()> {
+    let gateway = gateway(ftps_settings()).await?;
+    let mut ftp = Ftp::logged_in(&gateway).await?;
+    let again = ftp.command(&format!("USER {USER}")).await?;
+    ensure!(again.code >= 500, "{again:?}");
+    let pass = ftp.command("PASS not-the-password").await?;
+    ensure!(pass.code >= 500, "{pass:?}");
+    let status = ftp.expect("STAT", 211).await?;
+    ensure!(!status.text.contains("not logged in"), "{status:?}");
+    ftp.expect("PASV", 227).await?;
+    gateway.stop().await
 }

@@ -94,6 +94,13 @@ pub enum VfsError {
         /// Bytes the file has.
         size: u64,
     },
+    /// Like [`VfsError::BeyondEnd`], for a user who may not read the file and so is not
+    /// told its size.
+    #[error("cannot resume at byte {offset}: the file is shorter")]
+    BeyondEndOfUnreadable {
+        /// Bytes to keep that were asked for.
+        offset: u64,
+    },
     /// An upload wrote somewhere other than where the previous write ended.
     #[error("uploads must be written sequentially (expected offset {expected}, got {got})")]
     NonSequentialWrite {
@@ -416,6 +423,15 @@ impl Vfs {
         self.stage(target, mode).await
     }
 
+    /// Why a resume at `offset` of a file of `size` bytes is refused, naming the size only
+    /// to a user who may read the file.
+    fn beyond_end(&self, offset: u64, size: u64) -> VfsError {
+        match self.require(Permission::Read) {
+            Ok(()) => VfsError::BeyondEnd { offset, size },
+            Err(_) => VfsError::BeyondEndOfUnreadable { offset },
+        }
+    }
+
     /// Starts an upload to `path` that keeps the start of the existing file, up to where
     /// `at` says: those bytes are copied into the upload's temporary file, and the writer
     /// continues after them ([`FileWriter::bytes_written`] says where). As with
@@ -438,7 +454,7 @@ impl Vfs {
         let keep = match at {
             ResumeAt::End => size,
             ResumeAt::Offset(offset) if offset <= size => offset,
-            ResumeAt::Offset(offset) => return Err(VfsError::BeyondEnd { offset, size }),
+            ResumeAt::Offset(offset) => return Err(self.beyond_end(offset, size)),
         };
 
         let key = target.key.clone();
@@ -474,10 +490,7 @@ impl Vfs {
                 .to_vec();
             if chunk.is_empty() {
                 // Replaced by a shorter file since its size was read.
-                return Err(VfsError::BeyondEnd {
-                    offset: keep,
-                    size: start,
-                });
+                return Err(self.beyond_end(keep, start));
             }
             writer.write_at(start, chunk).await?;
         }
@@ -1138,8 +1151,17 @@ mod tests {
         fresh.write_at(0, b"new".to_vec()).await.unwrap();
         fresh.close().await.unwrap();
         assert_eq!(std::fs::read(dir.path().join("cucm/new")).unwrap(), b"new");
+        // A user who may not read the file is not told its size; one who may, is.
         assert!(matches!(
             vfs.resume("data", ResumeAt::Offset(2_500_007))
+                .await
+                .map(drop),
+            Err(VfsError::BeyondEndOfUnreadable { offset: 2_500_007 })
+        ));
+        let reader = open(dir.path(), &[Permission::Read, Permission::Write]).await;
+        assert!(matches!(
+            reader
+                .resume("data", ResumeAt::Offset(2_500_007))
                 .await
                 .map(drop),
             Err(VfsError::BeyondEnd {
@@ -1148,7 +1170,10 @@ mod tests {
             })
         ));
         assert!(matches!(
-            vfs.resume("missing", ResumeAt::Offset(1)).await.map(drop),
+            reader
+                .resume("missing", ResumeAt::Offset(1))
+                .await
+                .map(drop),
             Err(VfsError::BeyondEnd { offset: 1, size: 0 })
         ));
         let read_only = open(dir.path(), &[Permission::Read]).await;

@@ -22,7 +22,12 @@
 //!   Its final reply is sent once the data connection has been relayed to its end.
 //! - A session ends with `421` when it has not logged in by its deadline or a reload
 //!   revokes its login (see [`crate::gateway::sessions::admission_ends`]); a transfer in
-//!   progress is cut, as at shutdown.
+//!   progress is cut, as at shutdown. A session whose client leaves a reply untaken for
+//!   [`REPLY_TIMEOUT`] is closed, so a client that stops reading cannot hold its
+//!   connection slot past those checks.
+//! - With `epsv` off in the settings, `EPSV` (and `EPSV ALL`) get `502` and FEAT does not
+//!   offer it: behind an address shared by several pods its data connection could reach
+//!   another pod, and clients fall back to `PASV`.
 //! - A command line longer than [`MAX_COMMAND_LINE`] gets a 500 and the connection is
 //!   closed; one that is not UTF-8 gets a 501 and is not sent on.
 //! - Logins and transfers are logged by the back end; this module logs only what it
@@ -61,6 +66,8 @@ use crate::gateway::stopped;
 
 /// Time a client gets to complete a TLS handshake on the control connection.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(15);
+/// Longest a reply may wait for the client to take it.
+pub const REPLY_TIMEOUT: Duration = Duration::from_secs(15);
 /// Time a passive data channel waits for a transfer command before it is closed.
 const UNUSED_DATA_CHANNEL: Duration = Duration::from_secs(60);
 /// Time a held transfer waits for the client's data connection to become ready.
@@ -898,7 +905,8 @@ impl Session {
             Pending::Forward => self.forward(reply).await?,
             Pending::Swallow => Flow::Continue,
             Pending::Login => {
-                self.logged_in = reply.code == 230;
+                // A later PASS (refused by libunftp once logged in) does not log out.
+                self.logged_in |= reply.code == 230;
                 self.forward(reply).await?
             }
             Pending::Passive { extended } => self.passive_opened(reply, extended).await?,
@@ -940,14 +948,26 @@ impl Session {
         Ok(Flow::Continue)
     }
 
+    /// Sends `reply`. A client that does not take it within [`REPLY_TIMEOUT`] (one that
+    /// stops reading while it keeps sending commands, say) is disconnected: a blocked
+    /// write would otherwise hold the session, and its connection slot, past the login
+    /// deadline and any revocation, which are only watched between commands.
     async fn reply(&mut self, reply: Reply) -> io::Result<Flow> {
         let client = self
             .client
             .as_mut()
             .expect("the client connection is in place");
-        client.write_all(&reply.encode()).await?;
-        client.flush().await?;
-        Ok(Flow::Continue)
+        let send = async {
+            client.write_all(&reply.encode()).await?;
+            client.flush().await
+        };
+        match tokio::time::timeout(REPLY_TIMEOUT, send).await {
+            Ok(sent) => sent.map(|()| Flow::Continue),
+            Err(_) => Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "the client does not read its replies",
+            )),
+        }
     }
 }
 

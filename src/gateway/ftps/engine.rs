@@ -21,7 +21,7 @@ use std::sync::{Arc, Mutex};
 use libunftp::options::{PassiveHost, SiteMd5};
 use slog::Drain;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{Semaphore, watch};
+use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tracing::{Instrument, Span};
 
@@ -119,20 +119,15 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 pub struct Engine {
     logins: LiveLogins,
     volume: Volume,
-    password_checks: Arc<Semaphore>,
     logger: slog::Logger,
 }
 
 impl Engine {
     /// An engine serving `volume` to `logins`.
     pub fn new(logins: LiveLogins, volume: Volume) -> Self {
-        // Each Argon2id check holds 19 MiB and a core; bound them so a burst of login
-        // attempts cannot exhaust the pod.
-        let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
         Self {
             logins,
             volume,
-            password_checks: Arc::new(Semaphore::new(cores * 2)),
             logger: slog::Logger::root(TracingDrain.fuse(), slog::o!()),
         }
     }
@@ -167,7 +162,6 @@ impl Engine {
         let login = Arc::new(PasswordLogin::new(
             self.logins.clone(),
             self.volume.clone(),
-            self.password_checks.clone(),
             context.clone(),
         ));
         let backend = move || VfsBackend::new(context.clone());

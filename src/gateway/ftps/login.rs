@@ -2,9 +2,10 @@
 //! [`LiveLogins`].
 //!
 //! Contract:
-//! - Password logins only, checked against the logins in force when the attempt is made,
-//!   with the constant-time verification of [`crate::gateway::auth`], on a blocking thread
-//!   and a bounded number at a time.
+//! - Password logins only, checked against the logins in force when the attempt is made
+//!   with [`LiveLogins::check_password`], as SFTP does: on the bounded pool of password
+//!   workers, at the cost of one Argon2 evaluation whether the user exists or not, so a
+//!   refusal's timing does not tell which names exist.
 //! - A failed attempt is logged at warn (user and reason) and answered only after
 //!   [`REJECTION_DELAY`]. The password is never logged or kept.
 //! - A successful one opens the user's [`Vfs`] (creating the home directory), records the
@@ -15,19 +16,16 @@ use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
 
-use async_trait::async_trait;
-use tokio::sync::Semaphore;
-use unftp_core::auth::{
-    AuthenticationError, Authenticator, Credentials, Principal, UserDetailError, UserDetailProvider,
-};
-use zeroize::Zeroizing;
-
 use crate::gateway::ErrorChain;
-use crate::gateway::auth::{LiveLogins, Login};
+use crate::gateway::auth::LiveLogins;
 use crate::gateway::ftps::backend::FtpUser;
 use crate::gateway::ftps::engine::SessionContext;
 use crate::gateway::vfs::Vfs;
 use crate::storage::Volume;
+use async_trait::async_trait;
+use unftp_core::auth::{
+    AuthenticationError, Authenticator, Credentials, Principal, UserDetailError, UserDetailProvider,
+};
 
 /// How long a refused login waits before it is answered, to slow down guessing.
 pub const REJECTION_DELAY: Duration = Duration::from_secs(1);
@@ -36,7 +34,6 @@ pub const REJECTION_DELAY: Duration = Duration::from_secs(1);
 pub struct PasswordLogin {
     logins: LiveLogins,
     volume: Volume,
-    password_checks: Arc<Semaphore>,
     context: Arc<SessionContext>,
 }
 
@@ -47,29 +44,13 @@ impl fmt::Debug for PasswordLogin {
 }
 
 impl PasswordLogin {
-    /// Checks passwords against `logins`, at most as many at once as `password_checks`
-    /// allows, and opens the user's view of `volume`.
-    pub fn new(
-        logins: LiveLogins,
-        volume: Volume,
-        password_checks: Arc<Semaphore>,
-        context: Arc<SessionContext>,
-    ) -> Self {
+    /// Checks passwords against `logins` and opens the user's view of `volume`.
+    pub fn new(logins: LiveLogins, volume: Volume, context: Arc<SessionContext>) -> Self {
         Self {
             logins,
             volume,
-            password_checks,
             context,
         }
-    }
-
-    async fn password_matches(&self, login: Arc<Login>, password: &str) -> bool {
-        let Ok(_permit) = self.password_checks.acquire().await else {
-            return false;
-        };
-        let password = Zeroizing::new(password.as_bytes().to_vec());
-        let check = tokio::task::spawn_blocking(move || login.accepts_password(&password));
-        check.await.unwrap_or(false)
     }
 
     async fn refuse(&self, user: &str, reason: &'static str) -> AuthenticationError {
@@ -86,14 +67,15 @@ impl Authenticator for PasswordLogin {
         username: &str,
         credentials: &Credentials,
     ) -> Result<Principal, AuthenticationError> {
-        let login = self.logins.current().get(username);
-        let Some(login) = login.filter(|login| login.has_password()) else {
-            return Err(self.refuse(username, "no such password login").await);
-        };
         let password = credentials.password.as_deref().unwrap_or_default();
-        if !self.password_matches(login.clone(), password).await {
-            return Err(self.refuse(username, "wrong password").await);
-        }
+        let login = match self
+            .logins
+            .check_password(username, password.as_bytes())
+            .await
+        {
+            Ok(login) => login,
+            Err(refusal) => return Err(self.refuse(username, refusal.reason()).await),
+        };
 
         self.context.set_login(login);
         Ok(Principal {
