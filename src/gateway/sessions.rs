@@ -104,8 +104,11 @@ impl ConnectionLimiter {
     }
 
     /// A slot for a connection from `ip`, or `None` if a limit is reached. The first
-    /// refusal of each spell at a limit is a warning, the others are debug.
+    /// refusal of each spell at a limit is a warning, the others are debug. An
+    /// IPv4-mapped IPv6 address counts as its IPv4 address, so a client reaching one port
+    /// over IPv6 and another over IPv4 does not get the per-address limit twice.
     pub fn admit(&self, ip: IpAddr) -> Option<ConnectionSlot> {
+        let ip = ip.to_canonical();
         let mut open = self.open();
         if open.total >= self.limits.total {
             if !std::mem::replace(&mut open.total_reported, true) {
@@ -316,6 +319,17 @@ mod tests {
         let _a3 = limiter.admit(a);
         assert!(limiter.admit(a).is_none());
         assert_eq!(limiter.open().by_ip.get(&b), None);
+    }
+
+    #[test]
+    fn an_ipv4_mapped_address_counts_as_its_ipv4_address() {
+        let limiter = ConnectionLimiter::new(Protocol::Ftps, limits(8, 2));
+        let v4: IpAddr = "192.0.2.1".parse().unwrap();
+        let mapped: IpAddr = "::ffff:192.0.2.1".parse().unwrap();
+        let _first = limiter.admit(v4).unwrap();
+        let _second = limiter.admit(mapped).unwrap();
+        assert!(limiter.admit(v4).is_none());
+        assert!(limiter.admit(mapped).is_none());
     }
 
     fn user(password: &[u8], keys: Vec<String>) -> GatewayUser {

@@ -160,7 +160,16 @@ impl VfsBackend {
     {
         let writer = match resume {
             None => vfs.create(path, WriteMode::Replace).await,
-            Some(at) => vfs.resume(path, at).await,
+            // Copying the kept start can take a while; it stops with the session (the
+            // staged copy is removed when the unfinished writer is dropped).
+            Some(at) => tokio::select! {
+                writer = vfs.resume(path, at) => writer,
+                () = self.context.ended() => {
+                    let error =
+                        std::io::Error::new(std::io::ErrorKind::ConnectionAborted, "session ended");
+                    return Err(Error::new(ErrorKind::ConnectionClosed, error));
+                }
+            },
         };
         let mut writer = match writer {
             Ok(writer) => writer,

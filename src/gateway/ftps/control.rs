@@ -174,10 +174,11 @@ pub async fn run(
         setup.login_deadline,
         Logins::admits_password,
     );
-    let session = Session::new(setup, tls, peer, local, context, client, upstream);
+    let session = Session::new(setup, tls, peer, local, context.clone(), client, upstream);
     if session.run(disconnect, admission).await {
         tracing::info!("Session closed");
     }
+    context.end();
     stop_engine(engine).await;
 }
 

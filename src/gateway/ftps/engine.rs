@@ -47,6 +47,7 @@ pub struct SessionContext {
     logged_in: watch::Sender<Option<Arc<Login>>>,
     reply_text: Mutex<Option<String>>,
     append: AtomicBool,
+    ended: watch::Sender<bool>,
 }
 
 impl SessionContext {
@@ -58,7 +59,20 @@ impl SessionContext {
             logged_in: watch::Sender::new(None),
             append: AtomicBool::new(false),
             reply_text: Mutex::new(None),
+            ended: watch::Sender::new(false),
         })
+    }
+
+    /// Marks the client's session as over: work libunftp still runs for it in tasks of
+    /// its own (a resumed upload copying the kept start of a file) stops.
+    pub fn end(&self) {
+        self.ended.send_replace(true);
+    }
+
+    /// Completes once the session is over.
+    pub(super) async fn ended(&self) {
+        let mut ended = self.ended.subscribe();
+        let _ = ended.wait_for(|ended| *ended).await;
     }
 
     /// The session's span: libunftp runs our code from tasks of its own, outside it, so
