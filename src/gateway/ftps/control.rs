@@ -612,6 +612,15 @@ impl Session {
         self.reply(Reply::new(211, text)).await
     }
 
+    /// Why no data connection may be set up or used now, if none may: the session has
+    /// not logged in, or data would flow unprotected.
+    fn data_refusal(&self) -> Option<Reply> {
+        if !self.logged_in {
+            return Some(Reply::new(530, "Log in with USER and PASS first"));
+        }
+        (!self.data_allowed()).then(protection_required)
+    }
+
     /// Whether data may flow under the current protection level.
     fn data_allowed(&self) -> bool {
         (self.protect_data && self.client_is_tls()) || self.policy.settings.allow_plaintext
@@ -643,13 +652,8 @@ impl Session {
     }
 
     async fn passive(&mut self, extended: bool) -> io::Result<Flow> {
-        if !self.logged_in {
-            return self
-                .reply(Reply::new(530, "Log in with USER and PASS first"))
-                .await;
-        }
-        if !self.data_allowed() {
-            return self.reply(protection_required()).await;
+        if let Some(refusal) = self.data_refusal() {
+            return self.reply(refusal).await;
         }
         self.abandon_data().await?;
         let pasv = Command {
@@ -733,13 +737,8 @@ impl Session {
     }
 
     async fn transfer(&mut self, command: Command) -> io::Result<Flow> {
-        if !self.logged_in {
-            return self
-                .reply(Reply::new(530, "Log in with USER and PASS first"))
-                .await;
-        }
-        if !self.data_allowed() {
-            return self.reply(protection_required()).await;
+        if let Some(refusal) = self.data_refusal() {
+            return self.reply(refusal).await;
         }
         let Some(data) = self.data.as_ref() else {
             return self.reply(Reply::new(425, "Use PASV or EPSV first")).await;
