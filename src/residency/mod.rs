@@ -7,6 +7,7 @@
 //! governs it, a region is allowed only if all of them allow it, and a violation is
 //! enforced if any violated policy is in `Enforce` mode.
 
+pub mod region;
 mod selector;
 
 use std::collections::BTreeMap;

@@ -1,0 +1,765 @@
+//! Region resolution for object storage: from a provider, an endpoint and a declared
+//! region to the region the data lives in and the jurisdiction that region belongs to.
+//!
+//! Pure: no I/O. The operator, the offline checker and the gateway's start-up check are
+//! meant to call [`resolve_region`] alike, so they agree on where a bucket is.
+//!
+//! Rules:
+//! - A region named in the endpoint (`s3.cn-north-1.amazonaws.com.cn`,
+//!   `oss-cn-hangzhou-internal.aliyuncs.com`, `bucket-1250000000.cos.ap-guangzhou.
+//!   myqcloud.com`, `obs.cn-east-3.myhuaweicloud.com`) is what counts; a declared region
+//!   that contradicts it is an error, never silently preferred.
+//! - Endpoints that do not name a region (Azure Blob, Google Cloud Storage, custom
+//!   domains, S3-compatible stores) take the declared region, which is then required.
+//! - Accelerated endpoints (S3 Transfer Acceleration, OSS and COS global acceleration)
+//!   carry data through edge locations worldwide, so they cannot be pinned and are
+//!   refused.
+//! - Jurisdictions come from a catalogue per provider, because region ids are not unique
+//!   across providers (`ap-southeast-1` is Singapore at AWS and Alibaba Cloud, Hong Kong
+//!   at Huawei Cloud). Hong Kong, Macau and Taiwan are jurisdictions of their own, never
+//!   mainland China (`CN`). A region the catalogue does not know resolves with no
+//!   jurisdiction, which a policy naming a jurisdiction must treat as not allowed.
+
+use std::fmt;
+
+/// An object-storage provider.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Provider {
+    /// Amazon S3, including the AWS China regions.
+    S3,
+    /// Alibaba Cloud Object Storage Service.
+    Oss,
+    /// Tencent Cloud Object Storage.
+    Cos,
+    /// Huawei Cloud Object Storage Service.
+    Obs,
+    /// Azure Blob Storage, including Azure China.
+    AzureBlob,
+    /// Google Cloud Storage.
+    Gcs,
+    /// Any other S3-compatible store, at an explicit endpoint with an explicit region.
+    S3Compatible,
+}
+
+/// Where a region was learnt.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RegionSource {
+    /// The endpoint names it.
+    Endpoint,
+    /// Only the declaration gives it.
+    Declared,
+}
+
+/// A resolved storage region.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ResolvedRegion {
+    /// The provider's region id, for example `cn-hangzhou`.
+    pub region: String,
+    /// The jurisdiction the region lies in (`CN` is mainland China; `HK`, `MO`, `TW`,
+    /// `EU`, `GB`, `US`, ... as ISO 3166 codes, `EU` for the union), if the catalogue
+    /// knows the region.
+    pub jurisdiction: Option<&'static str>,
+    /// Whether the endpoint or only the declaration gave the region.
+    pub source: RegionSource,
+}
+
+/// Why a storage region cannot be resolved.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum RegionError {
+    /// The declared region is not the one the endpoint names.
+    Contradiction {
+        /// The region declared.
+        declared: String,
+        /// The region the endpoint names.
+        endpoint: String,
+    },
+    /// Neither the endpoint nor a declaration gives a region.
+    RegionRequired,
+    /// The endpoint routes data through edge locations anywhere in the world.
+    Accelerated(String),
+}
+
+impl fmt::Display for RegionError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Contradiction { declared, endpoint } => write!(
+                f,
+                "the declared region {declared} contradicts the endpoint, which is in {endpoint}"
+            ),
+            Self::RegionRequired => {
+                f.write_str("the endpoint does not name a region, so the region must be declared")
+            }
+            Self::Accelerated(host) => write!(
+                f,
+                "{host} is an accelerated endpoint: data passes through edge locations \
+                 worldwide, so it cannot be pinned to a region; use the regional endpoint"
+            ),
+        }
+    }
+}
+
+impl std::error::Error for RegionError {}
+
+/// Resolves where `provider`'s bucket at `endpoint` (a host name or URL; `None` for the
+/// provider's default) stores data, given the `declared` region.
+pub fn resolve_region(
+    provider: Provider,
+    endpoint: Option<&str>,
+    declared: Option<&str>,
+) -> Result<ResolvedRegion, RegionError> {
+    let host = endpoint.map(host_of);
+    if let Some(host) = &host
+        && is_accelerated(provider, host)
+    {
+        return Err(RegionError::Accelerated(host.clone()));
+    }
+    let named = host
+        .as_deref()
+        .and_then(|h| region_in_endpoint(provider, h));
+    let declared = declared.map(str::trim).filter(|d| !d.is_empty());
+    let (region, source) = match (named, declared) {
+        (Some(named), Some(declared)) if named != declared => {
+            return Err(RegionError::Contradiction {
+                declared: declared.to_string(),
+                endpoint: named,
+            });
+        }
+        (Some(named), _) => (named, RegionSource::Endpoint),
+        (None, Some(declared)) => (declared.to_string(), RegionSource::Declared),
+        (None, None) => return Err(RegionError::RegionRequired),
+    };
+    if let Some(host) = &host
+        && let Some(error) = host_contradicts(provider, host, &region)
+    {
+        return Err(error);
+    }
+    Ok(ResolvedRegion {
+        jurisdiction: jurisdiction(provider, &region),
+        region,
+        source,
+    })
+}
+
+/// The lower-case host of an endpoint given as a host, `host:port` or URL.
+fn host_of(endpoint: &str) -> String {
+    let rest = endpoint
+        .trim()
+        .split_once("://")
+        .map_or(endpoint.trim(), |(_, rest)| rest);
+    let host = rest.split(['/', '?', '#']).next().unwrap_or_default();
+    let host = host.rsplit_once('@').map_or(host, |(_, host)| host);
+    let host = match host.rsplit_once(':') {
+        Some((name, port)) if port.bytes().all(|b| b.is_ascii_digit()) => name,
+        _ => host,
+    };
+    host.trim_end_matches('.').to_ascii_lowercase()
+}
+
+fn is_accelerated(provider: Provider, host: &str) -> bool {
+    let labels: Vec<&str> = host.split('.').collect();
+    match provider {
+        Provider::S3 => host.ends_with(".amazonaws.com") && labels.contains(&"s3-accelerate"),
+        Provider::Oss => {
+            host.ends_with(".aliyuncs.com")
+                && (labels.contains(&"oss-accelerate")
+                    || labels.contains(&"oss-accelerate-overseas"))
+        }
+        Provider::Cos => host.ends_with(".accelerate.myqcloud.com"),
+        _ => false,
+    }
+}
+
+/// The region a provider's endpoint names, if it names one.
+fn region_in_endpoint(provider: Provider, host: &str) -> Option<String> {
+    let labels: Vec<&str> = host.split('.').collect();
+    match provider {
+        Provider::S3 => s3_region(host, &labels),
+        Provider::Oss => {
+            // oss-REGION.aliyuncs.com, oss-REGION-internal.aliyuncs.com, bucket-prefixed.
+            if !host.ends_with(".aliyuncs.com") {
+                return None;
+            }
+            let label = labels.iter().find(|l| l.starts_with("oss-"))?;
+            let region = label.strip_prefix("oss-")?;
+            let region = region.strip_suffix("-internal").unwrap_or(region);
+            Some(region.to_string())
+        }
+        Provider::Cos => {
+            // [bucket-appid.]cos[-internal].REGION.(myqcloud.com|tencentcos.cn)
+            let known = host.ends_with(".myqcloud.com") || host.ends_with(".tencentcos.cn");
+            let at = labels
+                .iter()
+                .position(|l| *l == "cos" || *l == "cos-internal")?;
+            known.then(|| labels.get(at + 1).map(|r| r.to_string()))?
+        }
+        Provider::Obs => {
+            // [bucket.]obs.REGION.myhuaweicloud.com
+            if !host.ends_with(".myhuaweicloud.com") {
+                return None;
+            }
+            let at = labels.iter().position(|l| *l == "obs")?;
+            labels.get(at + 1).map(|r| r.to_string())
+        }
+        Provider::AzureBlob | Provider::Gcs | Provider::S3Compatible => None,
+    }
+}
+
+fn s3_region(host: &str, labels: &[&str]) -> Option<String> {
+    let china = host.ends_with(".amazonaws.com.cn");
+    if !host.ends_with(".amazonaws.com") && !china {
+        return None;
+    }
+    if host == "s3.amazonaws.com" || host.ends_with(".s3.amazonaws.com") {
+        // The legacy global endpoint serves us-east-1.
+        return Some("us-east-1".into());
+    }
+    // s3.REGION..., s3-REGION..., s3.dualstack.REGION..., s3-fips.REGION...,
+    // bucket.vpce-ID.s3.REGION.vpce.amazonaws.com
+    let at = labels
+        .iter()
+        .position(|l| *l == "s3" || l.starts_with("s3-"))?;
+    let label = labels[at];
+    if let Some(region) = label.strip_prefix("s3-")
+        && region != "fips"
+        && looks_like_aws_region(region)
+    {
+        return Some(region.to_string());
+    }
+    labels[at + 1..]
+        .iter()
+        .find(|l| looks_like_aws_region(l))
+        .map(|r| r.to_string())
+}
+
+/// `cn-north-1`, `eu-central-2`, `us-gov-west-1`: letters, dashes, a final number.
+fn looks_like_aws_region(label: &str) -> bool {
+    let parts: Vec<&str> = label.split('-').collect();
+    parts.len() >= 3
+        && parts
+            .last()
+            .is_some_and(|n| n.bytes().all(|b| b.is_ascii_digit()))
+        && parts[..parts.len() - 1]
+            .iter()
+            .all(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_lowercase()))
+}
+
+/// An endpoint family that contradicts the region: the AWS China partition serves only
+/// the China regions, and Azure China only its own.
+fn host_contradicts(provider: Provider, host: &str, region: &str) -> Option<RegionError> {
+    let (prefix, partition) = match provider {
+        Provider::S3 if host.ends_with(".amazonaws.com.cn") => ("cn-", "AWS China"),
+        Provider::AzureBlob if host.ends_with(".chinacloudapi.cn") => ("china", "Azure China"),
+        _ => return None,
+    };
+    (!region.starts_with(prefix)).then(|| RegionError::Contradiction {
+        declared: region.to_string(),
+        endpoint: format!("the {partition} partition"),
+    })
+}
+
+/// The jurisdiction of `region` at `provider`, from the catalogue.
+pub fn jurisdiction(provider: Provider, region: &str) -> Option<&'static str> {
+    let catalogue: &[(&str, &str)] = match provider {
+        Provider::S3 => AWS,
+        Provider::Oss => ALIBABA,
+        Provider::Cos => TENCENT,
+        Provider::Obs => HUAWEI,
+        Provider::AzureBlob => AZURE,
+        Provider::Gcs => GOOGLE,
+        // An S3-compatible store's region ids are its own: nothing is guessed from them.
+        Provider::S3Compatible => &[],
+    };
+    catalogue
+        .iter()
+        .find(|(id, _)| *id == region)
+        .map(|(_, jurisdiction)| *jurisdiction)
+}
+
+const AWS: &[(&str, &str)] = &[
+    ("cn-north-1", "CN"),
+    ("cn-northwest-1", "CN"),
+    ("ap-east-1", "HK"),
+    ("ap-southeast-1", "SG"),
+    ("ap-northeast-1", "JP"),
+    ("ap-northeast-2", "KR"),
+    ("eu-central-1", "EU"),
+    ("eu-central-2", "CH"),
+    ("eu-west-1", "EU"),
+    ("eu-west-2", "GB"),
+    ("eu-west-3", "EU"),
+    ("eu-north-1", "EU"),
+    ("eu-south-1", "EU"),
+    ("eu-south-2", "EU"),
+    ("us-east-1", "US"),
+    ("us-east-2", "US"),
+    ("us-west-1", "US"),
+    ("us-west-2", "US"),
+];
+
+const ALIBABA: &[(&str, &str)] = &[
+    ("cn-hangzhou", "CN"),
+    ("cn-shanghai", "CN"),
+    ("cn-nanjing", "CN"),
+    ("cn-fuzhou", "CN"),
+    ("cn-qingdao", "CN"),
+    ("cn-beijing", "CN"),
+    ("cn-zhangjiakou", "CN"),
+    ("cn-huhehaote", "CN"),
+    ("cn-wulanchabu", "CN"),
+    ("cn-shenzhen", "CN"),
+    ("cn-heyuan", "CN"),
+    ("cn-guangzhou", "CN"),
+    ("cn-chengdu", "CN"),
+    ("cn-hongkong", "HK"),
+    ("ap-southeast-1", "SG"),
+    ("ap-northeast-1", "JP"),
+    ("eu-central-1", "EU"),
+    ("eu-west-1", "GB"),
+    ("us-west-1", "US"),
+    ("us-east-1", "US"),
+];
+
+const TENCENT: &[(&str, &str)] = &[
+    ("ap-beijing", "CN"),
+    ("ap-nanjing", "CN"),
+    ("ap-shanghai", "CN"),
+    ("ap-guangzhou", "CN"),
+    ("ap-chengdu", "CN"),
+    ("ap-chongqing", "CN"),
+    ("ap-shenzhen-fsi", "CN"),
+    ("ap-shanghai-fsi", "CN"),
+    ("ap-beijing-fsi", "CN"),
+    ("ap-hongkong", "HK"),
+    ("ap-singapore", "SG"),
+    ("ap-tokyo", "JP"),
+    ("ap-seoul", "KR"),
+    ("eu-frankfurt", "EU"),
+    ("na-siliconvalley", "US"),
+    ("na-ashburn", "US"),
+];
+
+const HUAWEI: &[(&str, &str)] = &[
+    ("cn-north-1", "CN"),
+    ("cn-north-4", "CN"),
+    ("cn-north-9", "CN"),
+    ("cn-east-2", "CN"),
+    ("cn-east-3", "CN"),
+    ("cn-south-1", "CN"),
+    ("cn-southwest-2", "CN"),
+    // Huawei Cloud's ap-southeast-1 is Hong Kong, not Singapore as at AWS and Alibaba.
+    ("ap-southeast-1", "HK"),
+    ("ap-southeast-2", "TH"),
+    ("ap-southeast-3", "SG"),
+    ("eu-west-101", "EU"),
+];
+
+const AZURE: &[(&str, &str)] = &[
+    ("chinaeast", "CN"),
+    ("chinaeast2", "CN"),
+    ("chinaeast3", "CN"),
+    ("chinanorth", "CN"),
+    ("chinanorth2", "CN"),
+    ("chinanorth3", "CN"),
+    ("eastasia", "HK"),
+    ("southeastasia", "SG"),
+    ("germanywestcentral", "EU"),
+    ("northeurope", "EU"),
+    ("westeurope", "EU"),
+    ("francecentral", "EU"),
+    ("uksouth", "GB"),
+    ("eastus", "US"),
+    ("westus2", "US"),
+];
+
+const GOOGLE: &[(&str, &str)] = &[
+    ("asia-east1", "TW"),
+    ("asia-east2", "HK"),
+    ("asia-southeast1", "SG"),
+    ("europe-west1", "EU"),
+    ("europe-west3", "EU"),
+    ("europe-west4", "EU"),
+    ("europe-west2", "GB"),
+    ("us-central1", "US"),
+    ("us-east1", "US"),
+];
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use Provider::*;
+
+    /// (provider, endpoint, declared) → (region, jurisdiction, source)
+    type Case = (
+        Provider,
+        Option<&'static str>,
+        Option<&'static str>,
+        &'static str,
+        Option<&'static str>,
+        RegionSource,
+    );
+
+    #[test]
+    fn real_endpoints_resolve_to_their_region_and_jurisdiction() {
+        use RegionSource::{Declared, Endpoint};
+        let cases: &[Case] = &[
+            // Amazon S3: regional, legacy dash, dual-stack, FIPS, virtual-hosted, VPC
+            // interface endpoint, the global legacy endpoint, and AWS China.
+            (
+                S3,
+                Some("s3.eu-central-1.amazonaws.com"),
+                None,
+                "eu-central-1",
+                Some("EU"),
+                Endpoint,
+            ),
+            (
+                S3,
+                Some("s3-eu-west-1.amazonaws.com"),
+                None,
+                "eu-west-1",
+                Some("EU"),
+                Endpoint,
+            ),
+            (
+                S3,
+                Some("s3.dualstack.us-west-2.amazonaws.com"),
+                None,
+                "us-west-2",
+                Some("US"),
+                Endpoint,
+            ),
+            (
+                S3,
+                Some("s3-fips.us-east-2.amazonaws.com"),
+                None,
+                "us-east-2",
+                Some("US"),
+                Endpoint,
+            ),
+            (
+                S3,
+                Some("https://logs.s3.ap-east-1.amazonaws.com/x"),
+                None,
+                "ap-east-1",
+                Some("HK"),
+                Endpoint,
+            ),
+            (
+                S3,
+                Some("bucket.vpce-0a1b2c3d-4e5f6a7b.s3.eu-west-3.vpce.amazonaws.com"),
+                None,
+                "eu-west-3",
+                Some("EU"),
+                Endpoint,
+            ),
+            (
+                S3,
+                Some("s3.amazonaws.com"),
+                None,
+                "us-east-1",
+                Some("US"),
+                Endpoint,
+            ),
+            (
+                S3,
+                Some("s3.cn-north-1.amazonaws.com.cn"),
+                None,
+                "cn-north-1",
+                Some("CN"),
+                Endpoint,
+            ),
+            (
+                S3,
+                Some("https://backups.s3.cn-northwest-1.amazonaws.com.cn:443"),
+                Some("cn-northwest-1"),
+                "cn-northwest-1",
+                Some("CN"),
+                Endpoint,
+            ),
+            (
+                S3,
+                None,
+                Some("cn-north-1"),
+                "cn-north-1",
+                Some("CN"),
+                Declared,
+            ),
+            // Alibaba Cloud OSS: public, internal, virtual-hosted; Hong Kong is not CN.
+            (
+                Oss,
+                Some("oss-cn-hangzhou.aliyuncs.com"),
+                None,
+                "cn-hangzhou",
+                Some("CN"),
+                Endpoint,
+            ),
+            (
+                Oss,
+                Some("oss-cn-shanghai-internal.aliyuncs.com"),
+                None,
+                "cn-shanghai",
+                Some("CN"),
+                Endpoint,
+            ),
+            (
+                Oss,
+                Some("https://backups.oss-cn-beijing.aliyuncs.com"),
+                None,
+                "cn-beijing",
+                Some("CN"),
+                Endpoint,
+            ),
+            (
+                Oss,
+                Some("oss-cn-hongkong.aliyuncs.com"),
+                None,
+                "cn-hongkong",
+                Some("HK"),
+                Endpoint,
+            ),
+            (
+                Oss,
+                Some("oss-ap-southeast-1.aliyuncs.com"),
+                None,
+                "ap-southeast-1",
+                Some("SG"),
+                Endpoint,
+            ),
+            // Tencent COS: bucket-APPID hosts on both domains, internal.
+            (
+                Cos,
+                Some("examplebucket-1250000000.cos.ap-guangzhou.myqcloud.com"),
+                None,
+                "ap-guangzhou",
+                Some("CN"),
+                Endpoint,
+            ),
+            (
+                Cos,
+                Some("cos.ap-shanghai.tencentcos.cn"),
+                None,
+                "ap-shanghai",
+                Some("CN"),
+                Endpoint,
+            ),
+            (
+                Cos,
+                Some("cos-internal.ap-beijing.tencentcos.cn"),
+                None,
+                "ap-beijing",
+                Some("CN"),
+                Endpoint,
+            ),
+            (
+                Cos,
+                Some("cos.ap-hongkong.myqcloud.com"),
+                None,
+                "ap-hongkong",
+                Some("HK"),
+                Endpoint,
+            ),
+            // Huawei Cloud OBS, where ap-southeast-1 is Hong Kong.
+            (
+                Obs,
+                Some("obs.cn-east-3.myhuaweicloud.com"),
+                None,
+                "cn-east-3",
+                Some("CN"),
+                Endpoint,
+            ),
+            (
+                Obs,
+                Some("backups.obs.cn-north-4.myhuaweicloud.com"),
+                None,
+                "cn-north-4",
+                Some("CN"),
+                Endpoint,
+            ),
+            (
+                Obs,
+                Some("obs.ap-southeast-1.myhuaweicloud.com"),
+                None,
+                "ap-southeast-1",
+                Some("HK"),
+                Endpoint,
+            ),
+            // Azure and Google name no region in the host: the declaration counts.
+            (
+                AzureBlob,
+                Some("acct.blob.core.chinacloudapi.cn"),
+                Some("chinanorth3"),
+                "chinanorth3",
+                Some("CN"),
+                Declared,
+            ),
+            (
+                AzureBlob,
+                Some("acct.blob.core.windows.net"),
+                Some("westeurope"),
+                "westeurope",
+                Some("EU"),
+                Declared,
+            ),
+            (
+                AzureBlob,
+                Some("acct.blob.core.windows.net"),
+                Some("eastasia"),
+                "eastasia",
+                Some("HK"),
+                Declared,
+            ),
+            (
+                Gcs,
+                Some("storage.googleapis.com"),
+                Some("asia-east1"),
+                "asia-east1",
+                Some("TW"),
+                Declared,
+            ),
+            // An S3-compatible store: its own region ids, no jurisdiction guessed.
+            (
+                S3Compatible,
+                Some("http://127.0.0.1:8333"),
+                Some("us-east-1"),
+                "us-east-1",
+                None,
+                Declared,
+            ),
+        ];
+        for (provider, endpoint, declared, region, jurisdiction, source) in cases {
+            let resolved = resolve_region(*provider, *endpoint, *declared)
+                .unwrap_or_else(|e| panic!("{provider:?} {endpoint:?}: {e}"));
+            assert_eq!(
+                (
+                    resolved.region.as_str(),
+                    resolved.jurisdiction,
+                    resolved.source
+                ),
+                (*region, *jurisdiction, *source),
+                "{provider:?} {endpoint:?} {declared:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_declared_region_that_contradicts_the_endpoint_is_an_error() {
+        let cases = [
+            (
+                Oss,
+                "oss-cn-hongkong.aliyuncs.com",
+                "cn-shanghai",
+                "cn-hongkong",
+            ),
+            (S3, "s3.eu-west-1.amazonaws.com", "cn-north-1", "eu-west-1"),
+            (
+                Cos,
+                "cos.ap-hongkong.myqcloud.com",
+                "ap-guangzhou",
+                "ap-hongkong",
+            ),
+            (
+                Obs,
+                "obs.ap-southeast-1.myhuaweicloud.com",
+                "cn-east-3",
+                "ap-southeast-1",
+            ),
+        ];
+        for (provider, endpoint, declared, named) in cases {
+            let error = resolve_region(provider, Some(endpoint), Some(declared)).unwrap_err();
+            assert_eq!(
+                error,
+                RegionError::Contradiction {
+                    declared: declared.into(),
+                    endpoint: named.into()
+                },
+                "{provider:?} {endpoint}"
+            );
+        }
+        // A partition serves only its own regions.
+        let outside = resolve_region(
+            AzureBlob,
+            Some("a.blob.core.chinacloudapi.cn"),
+            Some("westeurope"),
+        );
+        assert!(
+            matches!(outside, Err(RegionError::Contradiction { .. })),
+            "{outside:?}"
+        );
+    }
+
+    #[test]
+    fn accelerated_endpoints_cannot_be_pinned() {
+        let cases = [
+            (S3, "bucket.s3-accelerate.amazonaws.com"),
+            (S3, "bucket.s3-accelerate.dualstack.amazonaws.com"),
+            (Oss, "bucket.oss-accelerate.aliyuncs.com"),
+            (Oss, "oss-accelerate-overseas.aliyuncs.com"),
+            (Cos, "examplebucket-1250000000.cos.accelerate.myqcloud.com"),
+        ];
+        for (provider, endpoint) in cases {
+            let error = resolve_region(provider, Some(endpoint), Some("cn-shanghai")).unwrap_err();
+            assert!(
+                matches!(error, RegionError::Accelerated(_)),
+                "{provider:?} {endpoint}: {error}"
+            );
+        }
+    }
+
+    #[test]
+    fn without_a_region_in_the_endpoint_one_must_be_declared() {
+        for (provider, endpoint) in [
+            (AzureBlob, Some("acct.blob.core.windows.net")),
+            (Gcs, Some("storage.googleapis.com")),
+            (S3Compatible, Some("https://minio.example.cn")),
+            (S3, None),
+            (Oss, Some("files.example.cn")),
+        ] {
+            assert_eq!(
+                resolve_region(provider, endpoint, None),
+                Err(RegionError::RegionRequired),
+                "{provider:?} {endpoint:?}"
+            );
+            assert_eq!(
+                resolve_region(provider, endpoint, Some("  ")),
+                Err(RegionError::RegionRequired)
+            );
+        }
+    }
+
+    #[test]
+    fn hong_kong_macau_and_taiwan_regions_are_never_mainland_china() {
+        for (provider, region) in [
+            (S3, "ap-east-1"),
+            (Oss, "cn-hongkong"),
+            (Cos, "ap-hongkong"),
+            (Obs, "ap-southeast-1"),
+            (AzureBlob, "eastasia"),
+            (Gcs, "asia-east1"),
+            (Gcs, "asia-east2"),
+        ] {
+            let jurisdiction = jurisdiction(provider, region);
+            assert!(
+                jurisdiction.is_some(),
+                "{provider:?} {region} is in the catalogue"
+            );
+            assert_ne!(jurisdiction, Some("CN"), "{provider:?} {region}");
+        }
+        // The same id means different places at different providers.
+        assert_eq!(jurisdiction(S3, "ap-southeast-1"), Some("SG"));
+        assert_eq!(jurisdiction(Obs, "ap-southeast-1"), Some("HK"));
+        assert_eq!(jurisdiction(S3Compatible, "cn-north-1"), None);
+    }
+
+    #[test]
+    fn hosts_are_taken_from_urls_with_ports_and_credentials() {
+        assert_eq!(
+            host_of("https://user@S3.CN-NORTH-1.amazonaws.com.cn:443/b?x=1"),
+            "s3.cn-north-1.amazonaws.com.cn"
+        );
+        assert_eq!(
+            host_of("oss-cn-hangzhou.aliyuncs.com."),
+            "oss-cn-hangzhou.aliyuncs.com"
+        );
+        assert_eq!(host_of("http://127.0.0.1:8333"), "127.0.0.1");
+    }
+}
