@@ -412,6 +412,29 @@ mod tests {
     }
 
     #[test]
+    fn the_tls_policy_of_the_spec_reaches_the_gateway_with_safe_defaults() {
+        let defaults = server(1, "ClusterIP", explicit());
+        let exposure = plan(&defaults).unwrap().unwrap();
+        let defaulted = settings(&defaults, &exposure, None, &[]);
+        assert_eq!(defaulted.session_reuse, crate::api::SessionReuse::Allow);
+        assert_eq!(defaulted.min_tls_version, crate::api::TlsVersion::V1_2);
+        assert!(!defaulted.allow_plaintext);
+        assert!(defaulted.explicit && !defaulted.implicit);
+
+        let mut ftps = explicit();
+        ftps["implicit"] = serde_json::json!({});
+        ftps["sessionReuse"] = "Require".into();
+        ftps["minTlsVersion"] = "1.3".into();
+        ftps["allowPlaintext"] = true.into();
+        let strict = server(1, "ClusterIP", ftps);
+        let exposure = plan(&strict).unwrap().unwrap();
+        let rendered = settings(&strict, &exposure, None, &[]);
+        assert_eq!(rendered.session_reuse, crate::api::SessionReuse::Require);
+        assert_eq!(rendered.min_tls_version, crate::api::TlsVersion::V1_3);
+        assert!(rendered.allow_plaintext && rendered.implicit);
+    }
+
+    #[test]
     fn pods_inside_the_cluster_share_the_whole_range_and_announce_themselves() {
         let server = server(3, "ClusterIP", explicit());
         let plan = plan(&server).unwrap().unwrap();
