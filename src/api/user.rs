@@ -111,3 +111,14 @@ pub struct TransferUserStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub server: Option<String>,
 }
+impl TransferUser {
+    /// Whether the user's password comes from the Secret `name` in `namespace`.
+    pub fn uses_password_secret(&self, namespace: Option<&str>, name: &str) -> bool {
+        self.metadata.namespace.as_deref() == namespace
+            && self
+                .spec
+                .password_secret_ref
+                .as_ref()
+                .is_some_and(|r| r.name == name)
+    }
+}

@@ -453,19 +453,24 @@ mod tests {
         }
     }
 
-    #[tokio::test]
-    async fn only_the_listeners_asked_for_are_bound() {
-        let dir = tempfile::tempdir().unwrap();
-        let volume = Volume::open_fs(&dir.path().join("data")).unwrap();
+    /// The explicit-only server of [`settings`] on 127.0.0.1, with `dir` as its TLS
+    /// directory and volume.
+    async fn bind_local(dir: &Path) -> FtpsServer {
+        let volume = Volume::open_fs(&dir.join("data")).unwrap();
         let localhost = "127.0.0.1:0".parse().unwrap();
         let addrs = FtpsAddrs {
             explicit: localhost,
             implicit: localhost,
         };
-        let logins = LiveLogins::default();
-        let server = FtpsServer::bind(&settings(), dir.path(), addrs, logins, volume)
+        FtpsServer::bind(&settings(), dir, addrs, LiveLogins::default(), volume)
             .await
-            .unwrap();
+            .unwrap()
+    }
+
+    #[tokio::test]
+    async fn only_the_listeners_asked_for_are_bound() {
+        let dir = tempfile::tempdir().unwrap();
+        let server = bind_local(dir.path()).await;
         assert!(server.explicit_addr().is_some());
         assert!(server.implicit_addr().is_none());
         assert!(server.handle().certificate().is_none());
@@ -486,17 +491,7 @@ mod tests {
             std::fs::write(dir.path().join(CERT_FILE), certified.cert.pem()).unwrap();
             let key = certified.signing_key.serialize_pem();
             std::fs::write(dir.path().join(KEY_FILE), key).unwrap();
-            let volume = Volume::open_fs(&dir.path().join("data")).unwrap();
-            let localhost = "127.0.0.1:0".parse().unwrap();
-            let addrs = FtpsAddrs {
-                explicit: localhost,
-                implicit: localhost,
-            };
-            let logins = LiveLogins::default();
-            let server = FtpsServer::bind(&settings(), dir.path(), addrs, logins, volume)
-                .await
-                .unwrap()
-                .with_limits(limits);
+            let server = bind_local(dir.path()).await.with_limits(limits);
             let addr = server.explicit_addr().unwrap();
             let (stop, stopped) = watch::channel(false);
             let grace = Duration::from_millis(100);

@@ -44,13 +44,7 @@ pub fn controller(
                 users
                     .state()
                     .iter()
-                    .filter(|u| u.namespace() == namespace)
-                    .filter(|u| {
-                        u.spec
-                            .password_secret_ref
-                            .as_ref()
-                            .is_some_and(|r| r.name == name)
-                    })
+                    .filter(|u| u.uses_password_secret(namespace.as_deref(), &name))
                     .map(|u| ObjectRef::from_obj(u.as_ref()))
                     .collect::<Vec<_>>()
             },

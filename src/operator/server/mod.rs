@@ -122,13 +122,7 @@ fn servers_using_secret(
     let mut servers: Vec<ObjectRef<TransferServer>> = users
         .state()
         .iter()
-        .filter(|u| u.namespace() == namespace)
-        .filter(|u| {
-            u.spec
-                .password_secret_ref
-                .as_ref()
-                .is_some_and(|r| r.name == name)
-        })
+        .filter(|u| u.uses_password_secret(namespace.as_deref(), &name))
         .map(|u| {
             ObjectRef::new(&u.spec.server_ref.name).within(namespace.as_deref().unwrap_or_default())
         })
