@@ -72,6 +72,7 @@ fn config(sftp: bool, replicas: Vec<ReplicaPassive>) -> GatewayConfig {
         users: vec![password_user(USER, PASSWORD, ALL)],
         sftp,
         ftps: Some(ftps),
+        object_store: None,
     }
 }
 

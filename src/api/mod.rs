@@ -15,8 +15,9 @@ pub use policy::{
     GovernedServer,
 };
 pub use server::{
-    FtpsPort, FtpsProtocol, HostKeyFingerprint, PassivePortRange, Protocols, ServiceExposure,
-    ServiceType, SessionReuse, SftpProtocol, Storage, TlsCertificateStatus, TlsSecretReference,
+    AddressingStyle, FtpsPort, FtpsProtocol, HostKeyFingerprint, ObjectStorage,
+    ObjectStoreCredentials, ObjectStoreProvider, PassivePortRange, Protocols, SecretReference,
+    ServiceExposure, ServiceType, SessionReuse, SftpProtocol, Storage, TlsCertificateStatus,
     TlsVersion, TransferServer, TransferServerSpec, TransferServerStatus, VolumeStorage,
 };
 pub use user::{

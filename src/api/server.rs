@@ -111,7 +111,7 @@ pub struct FtpsProtocol {
     /// certificate is used for new connections within seconds, without a restart. While
     /// the Secret is missing or its certificate is expired, FTPS connections are refused
     /// and the server reports `TlsCertificateValid=False`; SFTP is not affected.
-    pub tls_secret_ref: TlsSecretReference,
+    pub tls_secret_ref: SecretReference,
 
     /// Ports for passive data connections. Every port is exposed on the gateway
     /// container and its Service. Defaults to 16 ports from 30000.
@@ -158,7 +158,7 @@ pub struct FtpsPort {
 /// A Secret in the server's namespace.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
-pub struct TlsSecretReference {
+pub struct SecretReference {
     /// Name of the Secret.
     #[schemars(length(min = 1, max = 253))]
     pub name: String,
@@ -224,8 +224,8 @@ const QUANTITY_PATTERN: &str = r"^(\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))(([KMGT
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 #[schemars(extend("x-kubernetes-validations" = [{
-    "rule": "has(self.volume)",
-    "message": "a storage backend is required (storage.volume)"
+    "rule": "has(self.volume) != has(self.objectStore)",
+    "message": "exactly one storage backend is required (storage.volume or storage.objectStore)"
 }]))]
 pub struct Storage {
     /// A PersistentVolumeClaim created and owned by the operator, mounted into every
@@ -233,6 +233,153 @@ pub struct Storage {
     /// ReadWriteMany.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub volume: Option<VolumeStorage>,
+
+    /// A bucket (or container) in an object store. Every replica reads and writes it
+    /// directly; no volume is claimed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub object_store: Option<ObjectStorage>,
+}
+
+/// A bucket in an object store, reached through Apache OpenDAL's service for the
+/// provider. The operator resolves the bucket's region from the provider, the endpoint and
+/// `region` (an endpoint that names a region wins, and a `region` contradicting it is
+/// refused), checks it against the DataResidencyPolicy as it checks `spec.region`, and
+/// probes the bucket by writing and deleting one small object under
+/// `PREFIX.sluice-probe/`; the gateway checks the region again before it serves.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+#[schemars(extend("x-kubernetes-validations" = [
+    {
+        "rule": "self.provider != 'S3Compatible' || (has(self.endpoint) && has(self.region))",
+        "message": "an S3Compatible store needs both endpoint and region"
+    },
+    {
+        "rule": "!(self.provider in ['AzureBlob', 'GCS', 'S3Compatible']) || has(self.region)",
+        "message": "this provider's endpoints do not name a region, so region is required"
+    },
+    {
+        "rule": "self.provider != 'AzureBlob' || has(self.endpoint)",
+        "message": "AzureBlob needs the storage account's endpoint, for example https://ACCOUNT.blob.core.chinacloudapi.cn"
+    },
+    {
+        "rule": "has(self.region) || has(self.endpoint)",
+        "message": "give the region or a regional endpoint"
+    },
+    {
+        "rule": "!has(self.credentials.workloadIdentity) || self.provider in ['S3', 'OSS', 'AzureBlob', 'GCS']",
+        "message": "workload identity is supported for S3, OSS, AzureBlob and GCS only; use credentials.secretRef"
+    }
+]))]
+pub struct ObjectStorage {
+    /// The provider: `S3` (including AWS China), `OSS` (Alibaba Cloud), `COS` (Tencent
+    /// Cloud), `OBS` (Huawei Cloud), `AzureBlob` (including Azure China), `GCS`, or
+    /// `S3Compatible` (any other S3 API, at an explicit endpoint and region).
+    pub provider: ObjectStoreProvider,
+
+    /// Bucket name (the container, for AzureBlob). For COS it includes the APPID:
+    /// `backups-1250000000`.
+    #[schemars(
+        length(min = 3, max = 222),
+        regex(pattern = r"^[a-z0-9][a-z0-9._-]*[a-z0-9]$")
+    )]
+    pub bucket: String,
+
+    /// Key prefix inside the bucket under which everything is stored, for example
+    /// `gateways/cucm`. No leading `/`, no `.` or `..` segments; a trailing `/` is implied.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(
+        length(max = 512),
+        regex(
+            pattern = r"^([^/.][^/]*|\.[^/.][^/]*|\.\.[^/]+)(/([^/.][^/]*|\.[^/.][^/]*|\.\.[^/]+))*/?$"
+        )
+    )]
+    pub prefix: Option<String>,
+
+    /// The provider's region id, for example `cn-shanghai`. Required when the endpoint
+    /// does not name one (AzureBlob, GCS, S3Compatible, custom domains); otherwise it
+    /// must agree with the endpoint.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(
+        length(min = 1, max = 63),
+        regex(pattern = r"^[a-z0-9][a-z0-9-]*[a-z0-9]$")
+    )]
+    pub region: Option<String>,
+
+    /// Endpoint URL, overriding the provider's public regional endpoint, for example
+    /// `https://oss-cn-shanghai-internal.aliyuncs.com` (internal/VPC endpoints keep traffic
+    /// inside the cloud). Accelerated endpoints are refused: they cannot be pinned to a
+    /// region.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 253), regex(pattern = r"^https?://[^/?#@\s]+/?$"))]
+    pub endpoint: Option<String>,
+
+    /// `VirtualHosted` (the default; `https://BUCKET.ENDPOINT/KEY`, which OSS, COS and
+    /// OBS require) or `Path` (`https://ENDPOINT/BUCKET/KEY`, for S3-compatible stores
+    /// without wildcard DNS). Applies to `S3` and `S3Compatible`; OSS, COS and OBS always
+    /// use virtual-hosted addressing, and AzureBlob and GCS have their own.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub addressing_style: Option<AddressingStyle>,
+
+    /// How the gateway authenticates to the store.
+    pub credentials: ObjectStoreCredentials,
+}
+
+/// An object-storage provider.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
+pub enum ObjectStoreProvider {
+    /// Amazon S3, including the AWS China regions (`cn-north-1`, `cn-northwest-1`).
+    S3,
+    /// Alibaba Cloud Object Storage Service.
+    #[serde(rename = "OSS")]
+    Oss,
+    /// Tencent Cloud Object Storage.
+    #[serde(rename = "COS")]
+    Cos,
+    /// Huawei Cloud Object Storage Service.
+    #[serde(rename = "OBS")]
+    Obs,
+    /// Azure Blob Storage, including Azure China.
+    AzureBlob,
+    /// Google Cloud Storage.
+    #[serde(rename = "GCS")]
+    Gcs,
+    /// Any other store speaking the S3 API, at an explicit endpoint and region.
+    S3Compatible,
+}
+
+/// How object URLs are formed.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub enum AddressingStyle {
+    /// `https://BUCKET.ENDPOINT/KEY`.
+    #[default]
+    VirtualHosted,
+    /// `https://ENDPOINT/BUCKET/KEY`.
+    Path,
+}
+
+/// Credentials for an object store: exactly one of `secretRef` and `workloadIdentity`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+#[schemars(extend("x-kubernetes-validations" = [{
+    "rule": "has(self.secretRef) != (has(self.workloadIdentity) && self.workloadIdentity)",
+    "message": "give exactly one of secretRef and workloadIdentity: true"
+}]))]
+pub struct ObjectStoreCredentials {
+    /// A Secret in the server's namespace, mounted read-only into the gateway pods. Keys:
+    /// `accessKeyId` and `secretAccessKey` (plus optional `sessionToken`) for S3, OSS,
+    /// COS, OBS and S3Compatible; `accountKey` (plus optional `accountName`, otherwise
+    /// taken from the endpoint) for AzureBlob; `serviceAccountKey` (a service account's
+    /// JSON key) for GCS.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secret_ref: Option<SecretReference>,
+
+    /// Use the pod's workload identity instead of a Secret: IAM Roles for Service
+    /// Accounts or EKS Pod Identity (S3), RRSA (OSS), Microsoft Entra Workload ID
+    /// (AzureBlob), GKE Workload Identity (GCS). The environment the platform injects into
+    /// the pod is used; EC2 instance metadata never is, so pods cannot borrow the node's
+    /// role.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub workload_identity: Option<bool>,
 }
 
 /// A volume claimed from a StorageClass.

@@ -33,6 +33,11 @@ pub struct GatewayConfig {
     /// FTPS, if the server offers it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ftps: Option<FtpsSettings>,
+    /// The object store files live in; left out when they live on the mounted volume.
+    /// Its credentials, unless it uses workload identity, are files in the directory the
+    /// gateway is given (`--storage-credentials`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub object_store: Option<crate::storage::object::ObjectStoreConfig>,
 }
 
 fn yes() -> bool {

@@ -22,24 +22,7 @@
 
 use std::fmt;
 
-/// An object-storage provider.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Provider {
-    /// Amazon S3, including the AWS China regions.
-    S3,
-    /// Alibaba Cloud Object Storage Service.
-    Oss,
-    /// Tencent Cloud Object Storage.
-    Cos,
-    /// Huawei Cloud Object Storage Service.
-    Obs,
-    /// Azure Blob Storage, including Azure China.
-    AzureBlob,
-    /// Google Cloud Storage.
-    Gcs,
-    /// Any other S3-compatible store, at an explicit endpoint with an explicit region.
-    S3Compatible,
-}
+pub use crate::api::ObjectStoreProvider as Provider;
 
 /// Where a region was learnt.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

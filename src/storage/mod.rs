@@ -33,6 +33,8 @@
 //!   directory. On a volume without hard links they fall back to a check followed by a
 //!   rename, which two clients racing for one name can both pass.
 
+pub mod object;
+
 use std::io;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};

@@ -232,6 +232,7 @@ fn config(users: Vec<GatewayUser>, ftps: Option<FtpsSettings>) -> GatewayConfig 
         users,
         sftp: true,
         ftps,
+        object_store: None,
     }
 }
 

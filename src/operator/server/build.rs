@@ -181,6 +181,7 @@ pub fn gateway_config(
             .ftps
             .as_ref()
             .map(|plan| ftps::settings(server, plan, valid.service.as_ref(), &valid.pod_services)),
+        object_store: None,
     }
 }
 
