@@ -21,6 +21,8 @@ pub enum ConditionType {
     ResidencyCompliant,
     /// The FTPS certificate exists, parses and is within its validity period.
     TlsCertificateValid,
+    /// The object store accepted a probe write and delete with the server's credentials.
+    StorageAvailable,
 }
 
 impl ConditionType {
@@ -32,6 +34,7 @@ impl ConditionType {
             Self::Stalled => "Stalled",
             Self::ResidencyCompliant => "ResidencyCompliant",
             Self::TlsCertificateValid => "TlsCertificateValid",
+            Self::StorageAvailable => "StorageAvailable",
         }
     }
 }
@@ -67,6 +70,13 @@ pub enum Reason {
     CertificateNotYetValid,
     WaitingForLoadBalancer,
     Rejected,
+    StorageRegionNotAllowed,
+    StorageReachable,
+    StorageCredentialsMissing,
+    BucketNotFound,
+    StorageAccessDenied,
+    StorageUnreachable,
+    StorageProbeFailed,
 }
 
 impl Reason {
@@ -100,6 +110,13 @@ impl Reason {
             Self::CertificateNotYetValid => "CertificateNotYetValid",
             Self::WaitingForLoadBalancer => "WaitingForLoadBalancer",
             Self::Rejected => "Rejected",
+            Self::StorageRegionNotAllowed => "StorageRegionNotAllowed",
+            Self::StorageReachable => "StorageReachable",
+            Self::StorageCredentialsMissing => "StorageCredentialsMissing",
+            Self::BucketNotFound => "BucketNotFound",
+            Self::StorageAccessDenied => "StorageAccessDenied",
+            Self::StorageUnreachable => "StorageUnreachable",
+            Self::StorageProbeFailed => "StorageProbeFailed",
         }
     }
 }

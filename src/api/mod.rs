@@ -17,8 +17,9 @@ pub use policy::{
 pub use server::{
     AddressingStyle, FtpsPort, FtpsProtocol, HostKeyFingerprint, ObjectStorage,
     ObjectStoreCredentials, ObjectStoreProvider, PassivePortRange, Protocols, SecretReference,
-    ServiceExposure, ServiceType, SessionReuse, SftpProtocol, Storage, TlsCertificateStatus,
-    TlsVersion, TransferServer, TransferServerSpec, TransferServerStatus, VolumeStorage,
+    ServiceExposure, ServiceType, SessionReuse, SftpProtocol, Storage, StorageStatus,
+    TlsCertificateStatus, TlsVersion, TransferServer, TransferServerSpec, TransferServerStatus,
+    VolumeStorage,
 };
 pub use user::{
     Permission, SecretKeySelector, ServerReference, TransferUser, TransferUserSpec,

@@ -363,6 +363,9 @@ pub enum AddressingStyle {
 #[schemars(extend("x-kubernetes-validations" = [{
     "rule": "has(self.secretRef) != (has(self.workloadIdentity) && self.workloadIdentity)",
     "message": "give exactly one of secretRef and workloadIdentity: true"
+}, {
+    "rule": "!has(self.serviceAccountName) || (has(self.workloadIdentity) && self.workloadIdentity)",
+    "message": "serviceAccountName is only used with workloadIdentity: true"
 }]))]
 pub struct ObjectStoreCredentials {
     /// A Secret in the server's namespace, mounted read-only into the gateway pods. Keys:
@@ -380,6 +383,13 @@ pub struct ObjectStoreCredentials {
     /// role.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub workload_identity: Option<bool>,
+
+    /// With workload identity, the ServiceAccount the gateway pods run as: the one the
+    /// platform binds to a cloud role (for example annotated `eks.amazonaws.com/role-arn`).
+    /// Defaults to the namespace's `default` ServiceAccount.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 253))]
+    pub service_account_name: Option<String>,
 }
 
 /// A volume claimed from a StorageClass.
@@ -478,6 +488,24 @@ pub struct TransferServerStatus {
     /// Number of TransferUsers attached to this server and ready.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub users: Option<i32>,
+
+    /// Where an object store keeps this server's files, as the operator resolved it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub storage: Option<StorageStatus>,
+}
+
+/// The resolved location of an object store.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct StorageStatus {
+    /// The provider's region the bucket is in.
+    pub region: String,
+    /// The jurisdiction of that region (`CN` for mainland China; `HK`, `MO` and `TW` are
+    /// their own), when the built-in catalogue knows the region.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub jurisdiction: Option<String>,
+    /// The endpoint the gateway connects to.
+    pub endpoint: String,
 }
 
 /// What is known of the FTPS server certificate. Never holds key material.

@@ -49,6 +49,8 @@ pub struct Context {
     pub backoff: Backoff,
     /// Password hashes already computed, so resyncs do not re-run Argon2id.
     pub password_hashes: server::passwords::PasswordHashes,
+    /// Recent object-store probe results, so watch bursts do not write the bucket.
+    pub storage_probes: server::object_store::ProbeMemo,
 }
 
 impl Context {
@@ -64,6 +66,7 @@ impl Context {
             args,
             backoff: Backoff::default(),
             password_hashes: Default::default(),
+            storage_probes: Default::default(),
         })
     }
 }

@@ -12,17 +12,22 @@ mod selector;
 
 use std::collections::BTreeMap;
 
+use region::{RegionError, ResolvedRegion};
 pub use selector::{SelectorError, matches};
 
 use crate::api::{DEFAULT_REGION_LABEL, DataResidencyPolicy, Enforcement, TransferServerSpec};
 
 /// What a policy judges of a server.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Subject<'a> {
     /// The region the server declares.
     pub region: &'a str,
     /// Whether the server offers FTP without TLS (`ftps.allowPlaintext`).
     pub plaintext_ftp: bool,
+    /// Where an object store keeps the server's files: the region resolved from its
+    /// provider, endpoint and declaration, or why none can be. `None` for a volume, which
+    /// is pinned to `region` with the pods.
+    pub storage: Option<Result<ResolvedRegion, RegionError>>,
 }
 
 impl<'a> Subject<'a> {
@@ -34,9 +39,17 @@ impl<'a> Subject<'a> {
             .as_ref()
             .and_then(|f| f.allow_plaintext)
             .unwrap_or(false);
+        let storage = spec.storage.object_store.as_ref().map(|store| {
+            region::resolve_region(
+                store.provider,
+                store.endpoint.as_deref(),
+                store.region.as_deref(),
+            )
+        });
         Self {
             region: &spec.region,
             plaintext_ftp,
+            storage,
         }
     }
 }
@@ -47,6 +60,7 @@ impl<'a> From<&'a str> for Subject<'a> {
         Self {
             region,
             plaintext_ftp: false,
+            storage: None,
         }
     }
 }
@@ -86,6 +100,8 @@ pub enum Rule {
     Region,
     /// The server offers plaintext FTP and the policy does not allow it.
     PlaintextFtp,
+    /// The object store's region is not allowed, or cannot be resolved.
+    StorageRegion,
 }
 
 impl ResidencyVerdict {
@@ -98,6 +114,7 @@ impl ResidencyVerdict {
     pub fn violation_reason(&self) -> crate::api::Reason {
         match self.broken_rule() {
             Some(Rule::PlaintextFtp) => crate::api::Reason::PlaintextNotAllowed,
+            Some(Rule::StorageRegion) => crate::api::Reason::StorageRegionNotAllowed,
             _ => crate::api::Reason::RegionNotAllowed,
         }
     }
@@ -157,7 +174,7 @@ pub fn evaluate<'a>(
 
     let violations = governing
         .iter()
-        .filter_map(|(p, selector_error)| violation(p, selector_error.as_ref(), subject))
+        .filter_map(|(p, selector_error)| violation(p, selector_error.as_ref(), &subject))
         .collect();
     let governing: Vec<&DataResidencyPolicy> = governing.into_iter().map(|(p, _)| p).collect();
 
@@ -178,7 +195,7 @@ pub fn evaluate<'a>(
 fn violation(
     policy: &DataResidencyPolicy,
     selector_error: Option<&SelectorError>,
-    subject: Subject,
+    subject: &Subject,
 ) -> Option<Violation> {
     let name = policy_name(policy);
     let region = subject.region;
@@ -203,6 +220,26 @@ fn violation(
                  {name} (the policy would need allowPlaintextFtp: true)"
             );
             broken.push((Rule::PlaintextFtp, message));
+        }
+        match &subject.storage {
+            None => {}
+            Some(Ok(storage)) if policy.spec.allowed_regions.contains(&storage.region) => {}
+            Some(Ok(storage)) => {
+                let message = format!(
+                    "storage region {} is not allowed by DataResidencyPolicy {name} \
+                     (allowed: {})",
+                    storage.region,
+                    policy.spec.allowed_regions.join(", ")
+                );
+                broken.push((Rule::StorageRegion, message));
+            }
+            Some(Err(error)) => {
+                let message = format!(
+                    "the storage region cannot be resolved ({error}), so DataResidencyPolicy \
+                     {name} cannot allow it"
+                );
+                broken.push((Rule::StorageRegion, message));
+            }
         }
     }
     let rule = broken.first()?.0;
@@ -385,6 +422,7 @@ mod tests {
         Subject {
             region,
             plaintext_ftp: true,
+            storage: None,
         }
     }
 
@@ -447,5 +485,173 @@ mod tests {
             &policies,
         );
         assert!(verdict.compliant());
+    }
+
+    fn stored_in<'a>(
+        region: &'a str,
+        provider: region::Provider,
+        endpoint: Option<&str>,
+        declared: Option<&str>,
+    ) -> Subject<'a> {
+        Subject {
+            region,
+            plaintext_ftp: false,
+            storage: Some(region::resolve_region(provider, endpoint, declared)),
+        }
+    }
+
+    #[test]
+    fn object_storage_regions_are_judged_for_every_provider() {
+        use region::Provider::*;
+        let mainland = [
+            "cn-shanghai",
+            "cn-beijing",
+            "cn-north-1",
+            "cn-northwest-1",
+            "ap-shanghai",
+            "ap-guangzhou",
+            "cn-east-3",
+            "cn-north-4",
+            "chinaeast2",
+        ];
+        let china = policy("china", CN_SELECTOR, &mainland, Enforcement::Enforce);
+        // (provider, endpoint, declared region, allowed?)
+        let cases = [
+            (
+                Oss,
+                Some("https://oss-cn-shanghai.aliyuncs.com"),
+                None,
+                true,
+            ),
+            (
+                Oss,
+                Some("oss-cn-beijing-internal.aliyuncs.com"),
+                None,
+                true,
+            ),
+            (
+                Oss,
+                Some("https://oss-cn-hongkong.aliyuncs.com"),
+                None,
+                false,
+            ),
+            (Oss, None, Some("cn-shanghai"), true),
+            (
+                S3,
+                Some("https://s3.cn-north-1.amazonaws.com.cn"),
+                None,
+                true,
+            ),
+            (S3, None, Some("cn-northwest-1"), true),
+            (S3, Some("https://s3.ap-east-1.amazonaws.com"), None, false),
+            (
+                S3,
+                Some("https://s3-accelerate.amazonaws.com"),
+                Some("cn-north-1"),
+                false,
+            ),
+            (
+                Cos,
+                Some("https://cos.ap-guangzhou.myqcloud.com"),
+                None,
+                true,
+            ),
+            (
+                Cos,
+                Some("https://cos.ap-hongkong.myqcloud.com"),
+                None,
+                false,
+            ),
+            (
+                Obs,
+                Some("https://obs.cn-east-3.myhuaweicloud.com"),
+                None,
+                true,
+            ),
+            (
+                Obs,
+                Some("https://obs.ap-southeast-1.myhuaweicloud.com"),
+                None,
+                false,
+            ),
+            (
+                AzureBlob,
+                Some("https://acct.blob.core.chinacloudapi.cn"),
+                Some("chinaeast2"),
+                true,
+            ),
+            (
+                AzureBlob,
+                Some("https://acct.blob.core.windows.net"),
+                Some("eastasia"),
+                false,
+            ),
+            (Gcs, None, Some("asia-east2"), false),
+            (
+                S3Compatible,
+                Some("http://127.0.0.1:8333"),
+                Some("cn-shanghai"),
+                true,
+            ),
+            (S3Compatible, Some("http://127.0.0.1:8333"), None, false),
+        ];
+        for (provider, endpoint, declared, allowed) in cases {
+            let subject = stored_in("cn-shanghai", provider, endpoint, declared);
+            let verdict = evaluate(subject, &cn(), std::slice::from_ref(&china));
+            assert_eq!(
+                verdict.compliant(),
+                allowed,
+                "{provider:?} {endpoint:?} {declared:?}: {}",
+                verdict.message("cn-shanghai")
+            );
+            if !allowed {
+                assert_eq!(verdict.broken_rule(), Some(Rule::StorageRegion));
+                assert_eq!(
+                    verdict.violation_reason(),
+                    crate::api::Reason::StorageRegionNotAllowed
+                );
+                assert!(verdict.blocks_rollout());
+            }
+        }
+    }
+
+    #[test]
+    fn a_storage_region_outside_the_policy_is_named() {
+        let china = policy("china", CN_SELECTOR, &["cn-shanghai"], Enforcement::Audit);
+        let subject = stored_in(
+            "cn-shanghai",
+            region::Provider::Oss,
+            Some("https://oss-cn-hongkong.aliyuncs.com"),
+            None,
+        );
+        let verdict = evaluate(subject, &cn(), std::slice::from_ref(&china));
+        assert!(!verdict.compliant());
+        assert!(
+            !verdict.blocks_rollout(),
+            "Audit reports, it does not block"
+        );
+        assert_eq!(
+            verdict.message("cn-shanghai"),
+            "storage region cn-hongkong is not allowed by DataResidencyPolicy china \
+             (allowed: cn-shanghai)"
+        );
+    }
+
+    #[test]
+    fn an_unresolvable_storage_region_is_never_allowed() {
+        let china = policy("china", CN_SELECTOR, &["cn-north-1"], Enforcement::Enforce);
+        let subject = stored_in(
+            "cn-north-1",
+            region::Provider::S3,
+            Some("https://bucket.s3-accelerate.amazonaws.com"),
+            None,
+        );
+        let verdict = evaluate(subject, &cn(), std::slice::from_ref(&china));
+        assert!(verdict.blocks_rollout());
+        assert!(
+            verdict.message("cn-north-1").contains("cannot be resolved"),
+            "{}",
+            verdict.message("cn-north-1")
+        );
     }
 }

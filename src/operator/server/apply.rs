@@ -94,7 +94,10 @@ pub async fn apply(
     } = objects;
     apply_one::<Secret>(client, namespace, &host_keys).await?;
     apply_one::<Secret>(client, namespace, &config).await?;
-    apply_one::<PersistentVolumeClaim>(client, namespace, &volume_claim).await?;
+    // A claim from before a switch to an object store is kept: it holds files.
+    if let Some(volume_claim) = &volume_claim {
+        apply_one::<PersistentVolumeClaim>(client, namespace, volume_claim).await?;
+    }
     apply_one::<Service>(client, namespace, &service).await?;
     for pod_service in &pod_services {
         apply_one::<Service>(client, namespace, pod_service).await?;

@@ -24,9 +24,10 @@ use kube::{Resource, ResourceExt};
 use super::ftps::{self, EXPLICIT_CONTAINER_PORT, FtpsPlan, IMPLICIT_CONTAINER_PORT, TLS_DIR};
 use super::host_keys::HostKeyMaterial;
 use super::names;
+use super::object_store::ObjectStorePlan;
 use super::passwords::PasswordHashes;
 use super::validate::{ValidServer, ValidUser};
-use crate::api::TransferServer;
+use crate::api::{TransferServer, VolumeStorage};
 use crate::gateway::config::{
     CONFIG_KEY, GatewayConfig, GatewayUser, PassivePorts, ResidencyStamp,
 };
@@ -41,6 +42,8 @@ pub const HOST_KEYS_DIR: &str = "/etc/sluice/host-keys";
 pub const CONFIG_DIR: &str = "/etc/sluice/config";
 /// Where the storage volume is mounted.
 pub const DATA_DIR: &str = "/var/lib/sluice/data";
+/// Where the object store's credentials Secret is mounted.
+pub const STORAGE_CREDENTIALS_DIR: &str = "/etc/sluice/storage-credentials";
 /// UID and GID the gateway runs as.
 const GATEWAY_UID: i64 = 65532;
 
@@ -63,8 +66,8 @@ pub struct GatewayObjects {
     pub host_keys: Secret,
     /// The rendered [`GatewayConfig`].
     pub config: Secret,
-    /// The storage volume claim.
-    pub volume_claim: PersistentVolumeClaim,
+    /// The storage volume claim; none when files live in an object store.
+    pub volume_claim: Option<PersistentVolumeClaim>,
     /// The gateway pods.
     pub statefulset: StatefulSet,
     /// The Service clients connect to.
@@ -96,7 +99,12 @@ pub fn build(
     GatewayObjects {
         host_keys: build_host_keys(server, keys),
         config: build_config_secret(valid, keys, settings.hashes),
-        volume_claim: build_volume_claim(server),
+        volume_claim: server
+            .spec
+            .storage
+            .volume
+            .as_ref()
+            .map(|volume| build_volume_claim(server, volume)),
         statefulset: build_statefulset(valid, settings),
         service: build_service(server, valid.ftps.as_ref()),
         pod_services: build_pod_services(server, valid.ftps.as_ref()),
@@ -181,7 +189,10 @@ pub fn gateway_config(
             .ftps
             .as_ref()
             .map(|plan| ftps::settings(server, plan, valid.service.as_ref(), &valid.pod_services)),
-        object_store: None,
+        object_store: valid
+            .object_store
+            .as_ref()
+            .map(|store| store.config.clone()),
     }
 }
 
@@ -199,19 +210,21 @@ fn gateway_user(user: &ValidUser, keys: &HostKeyMaterial, hashes: &PasswordHashe
     }
 }
 
-fn build_volume_claim(server: &TransferServer) -> PersistentVolumeClaim {
-    let volume = server.spec.storage.volume.as_ref();
+fn build_volume_claim(server: &TransferServer, volume: &VolumeStorage) -> PersistentVolumeClaim {
     let access_mode = volume
-        .and_then(|v| v.access_mode.clone())
+        .access_mode
+        .clone()
         .unwrap_or_else(|| default_access_mode(server).to_string());
     PersistentVolumeClaim {
         metadata: owned_meta(server, names::volume_claim(&server.name_any())),
         spec: Some(PersistentVolumeClaimSpec {
             access_modes: Some(vec![access_mode]),
-            storage_class_name: volume.map(|v| v.storage_class_name.clone()),
+            storage_class_name: Some(volume.storage_class_name.clone()),
             resources: Some(VolumeResourceRequirements {
-                requests: volume
-                    .map(|v| BTreeMap::from([("storage".to_string(), Quantity(v.size.clone()))])),
+                requests: Some(BTreeMap::from([(
+                    "storage".to_string(),
+                    Quantity(volume.size.clone()),
+                )])),
                 ..VolumeResourceRequirements::default()
             }),
             ..PersistentVolumeClaimSpec::default()
@@ -268,20 +281,30 @@ fn pod_spec(valid: &ValidServer, settings: &BuildSettings) -> PodSpec {
     let mut volumes = vec![
         secret_volume("host-keys", names::host_keys(&name), host_key_items()),
         secret_volume("config", names::gateway_config(&name), None),
-        Volume {
+    ];
+    match &valid.object_store {
+        None => volumes.push(Volume {
             name: "data".into(),
             persistent_volume_claim: Some(PersistentVolumeClaimVolumeSource {
                 claim_name: names::volume_claim(&name),
                 read_only: None,
             }),
             ..Volume::default()
-        },
-        Volume {
-            name: "tmp".into(),
-            empty_dir: Some(EmptyDirVolumeSource::default()),
-            ..Volume::default()
-        },
-    ];
+        }),
+        Some(store) => {
+            // Every key is mounted (items naming an optional key the Secret lacks, such
+            // as sessionToken, would keep the pod from starting); the gateway reads only
+            // the keys it knows.
+            if let Some(secret) = &store.secret {
+                volumes.push(secret_volume("storage-credentials", secret.clone(), None));
+            }
+        }
+    }
+    volumes.push(Volume {
+        name: "tmp".into(),
+        empty_dir: Some(EmptyDirVolumeSource::default()),
+        ..Volume::default()
+    });
     if let Some(tls) = ftps::spec(server) {
         // Optional, so a pod whose certificate is not issued yet still starts and serves
         // SFTP; the kubelet fills the volume in once the Secret appears.
@@ -294,7 +317,16 @@ fn pod_spec(valid: &ValidServer, settings: &BuildSettings) -> PodSpec {
     PodSpec {
         affinity: Some(region_affinity(region_label, &server.spec.region)),
         automount_service_account_token: Some(false),
-        containers: vec![gateway_container(server, valid.ftps.as_ref(), settings)],
+        containers: vec![gateway_container(
+            server,
+            valid.ftps.as_ref(),
+            valid.object_store.as_ref(),
+            settings,
+        )],
+        service_account_name: valid
+            .object_store
+            .as_ref()
+            .and_then(|store| store.service_account.clone()),
         enable_service_links: Some(false),
         security_context: Some(PodSecurityContext {
             run_as_non_root: Some(true),
@@ -373,6 +405,7 @@ fn secret_volume(volume: &str, secret: String, items: Option<Vec<KeyToPath>>) ->
 fn gateway_container(
     server: &TransferServer,
     ftps: Option<&FtpsPlan>,
+    object_store: Option<&ObjectStorePlan>,
     settings: &BuildSettings,
 ) -> Container {
     let mount = |name: &str, path: &str, read_only: bool| VolumeMount {
@@ -398,8 +431,6 @@ fn gateway_container(
         &format!("{CONFIG_DIR}/{CONFIG_KEY}"),
         "--host-keys",
         HOST_KEYS_DIR,
-        "--data-dir",
-        DATA_DIR,
         "--sftp-listen",
         &format!("0.0.0.0:{SFTP_CONTAINER_PORT}"),
     ]
@@ -408,9 +439,22 @@ fn gateway_container(
     let mut mounts = vec![
         mount("host-keys", HOST_KEYS_DIR, true),
         mount("config", CONFIG_DIR, true),
-        mount("data", DATA_DIR, false),
-        mount("tmp", "/tmp", false),
     ];
+    match object_store {
+        None => {
+            args.extend(["--data-dir".into(), DATA_DIR.into()]);
+            mounts.push(mount("data", DATA_DIR, false));
+        }
+        Some(store) if store.secret.is_some() => {
+            args.extend([
+                "--storage-credentials".into(),
+                STORAGE_CREDENTIALS_DIR.into(),
+            ]);
+            mounts.push(mount("storage-credentials", STORAGE_CREDENTIALS_DIR, true));
+        }
+        Some(_) => {}
+    }
+    mounts.push(mount("tmp", "/tmp", false));
     if ftps.is_some() {
         args.extend([
             "--ftps-listen".into(),
@@ -646,7 +690,7 @@ mod tests {
             image: "sluice",
             hashes: &PasswordHashes::default(),
         };
-        let container = gateway_container(&server, plan.as_ref(), &settings);
+        let container = gateway_container(&server, plan.as_ref(), None, &settings);
         let probe = container
             .readiness_probe
             .and_then(|p| p.tcp_socket)

@@ -42,6 +42,9 @@ pub struct ServerInputs {
     /// The TLS Secret `ftps.tlsSecretRef` names: `None` without FTPS, `Some(None)` when
     /// it does not exist.
     pub tls_secret: Option<Option<Secret>>,
+    /// The object store's credentials Secret: `None` without one, `Some(None)` when it
+    /// does not exist.
+    pub storage_secret: Option<Option<Secret>>,
     /// The name of a gateway Deployment this server owns, which versions before the
     /// StatefulSet rendered.
     pub legacy_deployment: Option<String>,
@@ -124,6 +127,15 @@ pub async fn dereference(
         ),
         None => None,
     };
+    let storage_secret = match storage_secret_name(&server) {
+        Some(name) => Some(
+            secrets
+                .get_opt(name)
+                .await
+                .map_err(Error::kube("read storage credentials Secret"))?,
+        ),
+        None => None,
+    };
     let config = secrets
         .get_metadata_opt(&names::gateway_config(&name))
         .await
@@ -162,9 +174,20 @@ pub async fn dereference(
         pod_services,
         owned_pod_services,
         tls_secret,
+        storage_secret,
         legacy_deployment,
         existing,
     })
+}
+
+/// The Secret holding the object store's credentials, if the server names one.
+pub fn storage_secret_name(server: &TransferServer) -> Option<&str> {
+    let store = server.spec.storage.object_store.as_ref()?;
+    store
+        .credentials
+        .secret_ref
+        .as_ref()
+        .map(|r| r.name.as_str())
 }
 
 /// Whether `server` is the controller of the object with `meta`.

@@ -11,6 +11,7 @@ pub mod dereference;
 pub mod ftps;
 pub mod host_keys;
 pub mod names;
+pub mod object_store;
 pub mod passwords;
 pub mod status;
 pub mod validate;
@@ -29,6 +30,7 @@ use kube::runtime::{Controller, WatchStreamExt, reflector, watcher};
 use kube::{Api, ResourceExt};
 
 use self::build::BuildSettings;
+use self::object_store::StorageState;
 use self::status::Outcome;
 use self::validate::Blocked;
 use super::reconciler::{
@@ -104,8 +106,8 @@ pub fn controller(
     futures::stream::select(log_outcomes(results), user_cache)
 }
 
-/// The servers whose FTPS certificate is `secret`, or with a user whose password comes
-/// from it.
+/// The servers whose FTPS certificate or object-store credentials are `secret`, or with
+/// a user whose password comes from it.
 fn servers_using_secret(
     users: &Store<TransferUser>,
     servers: &Store<TransferServer>,
@@ -117,7 +119,10 @@ fn servers_using_secret(
         .state()
         .into_iter()
         .filter(|s| s.namespace() == namespace)
-        .filter(|s| ftps::spec(s).is_some_and(|f| f.tls_secret_ref.name == name))
+        .filter(|s| {
+            let certificate = ftps::spec(s).is_some_and(|f| f.tls_secret_ref.name == name);
+            certificate || dereference::storage_secret_name(s) == Some(name.as_str())
+        })
         .map(|s| ObjectRef::from_obj(s.as_ref()));
     let mut servers: Vec<ObjectRef<TransferServer>> = users
         .state()
@@ -152,6 +157,7 @@ fn servers_in_namespace_of<T>(
 async fn reconcile(server: Arc<TransferServer>, context: Arc<Context>) -> Result<Action, Error> {
     if server.metadata.deletion_timestamp.is_some() {
         // Owned objects are removed by the garbage collector through owner references.
+        context.storage_probes.forget(&object_key(server.as_ref()));
         return Ok(Action::await_change());
     }
     let client = &context.client;
@@ -222,7 +228,9 @@ async fn reconcile(server: Arc<TransferServer>, context: Arc<Context>) -> Result
         let secret = valid.tls_secret.as_ref().and_then(Option::as_ref);
         ftps::certificate_state(name.unwrap_or_default(), secret, now.into())
     });
+    let storage = storage_state(&context, &server, &valid).await;
     let outcome = Outcome::RolledOut {
+        storage: storage.as_ref(),
         verdict: &valid.verdict,
         keys: &keys,
         statefulset: Some(&statefulset),
@@ -235,7 +243,34 @@ async fn reconcile(server: Arc<TransferServer>, context: Arc<Context>) -> Result
     announce(&context, &server, &new_status, None).await;
     apply_status(&servers_api(&server, client), server.as_ref(), new_status).await?;
     context.backoff.succeed(&object_key(server.as_ref()));
-    Ok(Action::requeue(next_check(certificate.as_ref(), now)))
+    let next = match storage {
+        // A bucket created or a key granted outside the cluster sends no event.
+        Some(StorageState::Unavailable(..)) => {
+            object_store::PROBE_FAILURE_TTL + Duration::from_secs(5)
+        }
+        _ => next_check(certificate.as_ref(), now),
+    };
+    Ok(Action::requeue(next))
+}
+
+/// Probes the server's object store (or recalls a recent probe); `None` on a volume.
+async fn storage_state(
+    context: &Context,
+    server: &TransferServer,
+    valid: &validate::ValidServer,
+) -> Option<StorageState> {
+    let plan = valid.object_store.as_ref()?;
+    let credentials = match object_store::credentials(plan, valid.storage_secret.as_ref()) {
+        Ok(credentials) => credentials,
+        Err(state) => return Some(state),
+    };
+    let key = object_key(server);
+    let probe_name = server.uid().unwrap_or_else(|| server.name_any());
+    let state = context
+        .storage_probes
+        .state(&key, plan, &credentials, &probe_name)
+        .await;
+    Some(state)
 }
 
 /// The API server's explanation when it refused a rendered object as invalid (422), which

@@ -12,9 +12,10 @@ use kube::ResourceExt;
 use super::build::sftp_port;
 use super::ftps::{self, CertificateState};
 use super::host_keys::HostKeyMaterial;
+use super::object_store::{self, StorageState};
 use crate::api::{
-    ConditionType, HostKeyFingerprint, Reason, ServiceType, TransferServer, TransferServerStatus,
-    set_condition,
+    ConditionType, HostKeyFingerprint, Reason, ServiceType, StorageStatus, TransferServer,
+    TransferServerStatus, set_condition,
 };
 use crate::residency::ResidencyVerdict;
 
@@ -22,6 +23,8 @@ use crate::residency::ResidencyVerdict;
 pub enum Outcome<'a> {
     /// Rolled out (or rolling out).
     RolledOut {
+        /// The object store's state; `None` on a volume.
+        storage: Option<&'a StorageState>,
         /// The residency verdict.
         verdict: &'a ResidencyVerdict,
         /// Host keys, for fingerprints.
@@ -55,6 +58,9 @@ pub fn compute(server: &TransferServer, outcome: &Outcome, now: Timestamp) -> Tr
     let mut conditions = current.conditions.clone();
     if ftps::spec(server).is_none() {
         conditions.retain(|c| c.type_ != ConditionType::TlsCertificateValid.as_str());
+    }
+    if server.spec.storage.object_store.is_none() {
+        conditions.retain(|c| c.type_ != ConditionType::StorageAvailable.as_str());
     }
     let mut set = |type_, status, reason, message: &str| {
         set_condition(
@@ -95,8 +101,10 @@ pub fn compute(server: &TransferServer, outcome: &Outcome, now: Timestamp) -> Tr
             status.endpoints = current.endpoints;
             status.tls_certificate = current.tls_certificate;
             status.host_key_fingerprints = current.host_key_fingerprints;
+            status.storage = current.storage;
         }
         Outcome::RolledOut {
+            storage,
             verdict,
             keys,
             statefulset,
@@ -117,6 +125,11 @@ pub fn compute(server: &TransferServer, outcome: &Outcome, now: Timestamp) -> Tr
                 set(ConditionType::TlsCertificateValid, ok, reason, &message);
                 (!ok).then_some((reason, message))
             });
+            let storage_problem = storage.and_then(|state| {
+                let (ok, reason, message) = storage_condition(state);
+                set(ConditionType::StorageAvailable, ok, reason, &message);
+                (!ok).then_some((reason, message))
+            });
             if !statefulset.is_some_and(is_available) {
                 let waiting = "waiting for the gateway StatefulSet to become available";
                 set(
@@ -131,6 +144,12 @@ pub fn compute(server: &TransferServer, outcome: &Outcome, now: Timestamp) -> Tr
                     Reason::Progressing,
                     waiting,
                 );
+            } else if let Some((reason, message)) = storage_problem {
+                // The gateway runs and reports transient errors until the store works;
+                // the operator probes again shortly.
+                let message = format!("the object store is not usable: {message}");
+                set(ConditionType::Ready, false, reason, &message);
+                set(ConditionType::Reconciling, false, reason, "");
             } else if let Some((reason, message)) = certificate_problem {
                 // The gateway runs and waits for a usable certificate (cert-manager may
                 // still be issuing it): nothing for the operator to do meanwhile.
@@ -157,6 +176,7 @@ pub fn compute(server: &TransferServer, outcome: &Outcome, now: Timestamp) -> Tr
             status.tls_certificate = certificate.and_then(CertificateState::status);
             status.host_key_fingerprints = fingerprints(keys);
             status.users = Some(i32::try_from(*users).unwrap_or(i32::MAX));
+            status.storage = storage_status(server);
         }
     }
     status.conditions = conditions;
@@ -174,6 +194,34 @@ fn residency_condition(verdict: &ResidencyVerdict) -> (bool, Reason) {
         (false, false, true) => (false, verdict.violation_reason()),
         (false, false, false) => (false, Reason::AuditOnly),
     }
+}
+
+fn storage_condition(state: &StorageState) -> (bool, Reason, String) {
+    match state {
+        StorageState::Available => (
+            true,
+            Reason::StorageReachable,
+            "a probe object was written and deleted".to_string(),
+        ),
+        StorageState::NotProbed => (
+            true,
+            Reason::StorageReachable,
+            "not probed: the operator cannot use the pods' workload identity; the gateway \
+             reports storage errors to clients"
+                .to_string(),
+        ),
+        StorageState::Unavailable(reason, message) => (false, *reason, message.clone()),
+    }
+}
+
+/// Where the object store is, as resolved.
+fn storage_status(server: &TransferServer) -> Option<StorageStatus> {
+    let plan = object_store::plan(server).ok()??;
+    Some(StorageStatus {
+        region: plan.resolved.region,
+        jurisdiction: plan.resolved.jurisdiction.map(str::to_owned),
+        endpoint: plan.config.endpoint,
+    })
 }
 
 fn certificate_condition(state: &CertificateState) -> (bool, Reason, String) {

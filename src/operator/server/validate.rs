@@ -15,6 +15,7 @@ use zeroize::Zeroizing;
 use super::dereference::{ServerInputs, UserInputs};
 use super::ftps::{self, FtpsPlan};
 use super::names::MAX_SERVER_NAME;
+use super::object_store::{self, ObjectStorePlan};
 use crate::api::{Permission, Reason, TransferServer, TransferUser};
 use crate::residency::{self, ResidencyVerdict, Subject};
 
@@ -44,6 +45,10 @@ pub struct ValidServer {
     pub tls_secret: Option<Option<Secret>>,
     /// A gateway Deployment of an earlier version this server owns, to be removed.
     pub legacy_deployment: Option<String>,
+    /// How the object store is reached, when files live in one.
+    pub object_store: Option<ObjectStorePlan>,
+    /// The object store's credentials Secret (`Some(None)`: it does not exist).
+    pub storage_secret: Option<Option<Secret>>,
 }
 
 /// Why a server cannot be rolled out.
@@ -146,6 +151,7 @@ pub fn validate(inputs: ServerInputs) -> Result<ValidServer, Box<Blocked>> {
         pod_services,
         owned_pod_services,
         tls_secret,
+        storage_secret,
         legacy_deployment,
         existing,
     } = inputs;
@@ -172,6 +178,19 @@ pub fn validate(inputs: ServerInputs) -> Result<ValidServer, Box<Blocked>> {
             message,
         }));
     }
+
+    // Before residency: a store whose region cannot be resolved cannot be judged.
+    let object_store = match object_store::plan(&server) {
+        Ok(plan) => plan,
+        Err(message) => {
+            return Err(Box::new(Blocked {
+                server,
+                verdict: None,
+                reason: Reason::InvalidSpec,
+                message,
+            }));
+        }
+    };
 
     let verdict = residency::evaluate(Subject::of(&server.spec), &namespace_labels, &policies);
     if verdict.blocks_rollout() {
@@ -219,6 +238,8 @@ pub fn validate(inputs: ServerInputs) -> Result<ValidServer, Box<Blocked>> {
         owned_pod_services,
         tls_secret,
         legacy_deployment,
+        object_store,
+        storage_secret,
     })
 }
 

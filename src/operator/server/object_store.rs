@@ -1,0 +1,430 @@
+//! Object storage on the operator's side: the plan a spec gives (where the bucket is and
+//! how the gateway reaches it), and the probe that proves the bucket takes writes.
+//!
+//! - [`plan`] is pure. It resolves the region with the same
+//!   [`crate::residency::region::resolve_region`] the policy evaluation uses, fills in
+//!   the provider's regional endpoint when the spec gives none, and normalises the
+//!   prefix, producing the [`ObjectStoreConfig`] the gateway receives.
+//! - [`probe`] writes one small object, `PREFIX.sluice-probe/UID`, and deletes it, with
+//!   the credentials the gateway will use: checking that the bucket exists would not
+//!   show that the credentials may write. Its result becomes the `StorageAvailable`
+//!   condition. Messages are the operator's own words plus the provider's error code
+//!   (`NoSuchBucket`, `InvalidAccessKeyId`, ...): nothing from a response body is
+//!   repeated, so no signature material or key id reaches a status.
+//! - [`ProbeMemo`] keeps results so that a burst of watch events does not write the
+//!   bucket on every reconcile: a success is reused for [`PROBE_SUCCESS_TTL`], a failure
+//!   for [`PROBE_FAILURE_TTL`] (the server is requeued to probe again after that).
+//!   Entries are keyed by server and by a digest of the configuration and credentials,
+//!   so a changed Secret or spec is probed afresh.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::core::v1::Secret;
+use sha2::{Digest, Sha256};
+
+use crate::api::{ObjectStorage, Reason, TransferServer};
+use crate::residency::region::{ResolvedRegion, resolve_region};
+use crate::storage::object::{
+    Credentials, ObjectStoreConfig, build_operator, default_endpoint, required_keys,
+};
+
+/// Directory, under the prefix, that probe objects are written to. The gateway hides it.
+pub const PROBE_DIR: &str = ".sluice-probe";
+/// How long a successful probe is trusted.
+pub const PROBE_SUCCESS_TTL: Duration = Duration::from_secs(300);
+/// How long a failed probe is reported before probing again.
+pub const PROBE_FAILURE_TTL: Duration = Duration::from_secs(25);
+/// How long one probe may take in all.
+pub const PROBE_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// How a server's object store is reached.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ObjectStorePlan {
+    /// What the gateway is given.
+    pub config: ObjectStoreConfig,
+    /// The resolved region and its jurisdiction.
+    pub resolved: ResolvedRegion,
+    /// The credentials Secret, unless workload identity is used.
+    pub secret: Option<String>,
+    /// The ServiceAccount pods run as with workload identity.
+    pub service_account: Option<String>,
+}
+
+/// The object store `server` declares, planned; `Ok(None)` for a server on a volume. An
+/// error is a spec problem, explained.
+pub fn plan(server: &TransferServer) -> Result<Option<ObjectStorePlan>, String> {
+    let Some(store) = server.spec.storage.object_store.as_ref() else {
+        return Ok(None);
+    };
+    plan_store(store).map(Some)
+}
+
+fn plan_store(store: &ObjectStorage) -> Result<ObjectStorePlan, String> {
+    let resolved = resolve_region(
+        store.provider,
+        store.endpoint.as_deref(),
+        store.region.as_deref(),
+    )
+    .map_err(|e| format!("storage.objectStore: {e}"))?;
+    let endpoint = match &store.endpoint {
+        Some(endpoint) => endpoint.trim_end_matches('/').to_owned(),
+        None => default_endpoint(store.provider, &resolved.region).ok_or_else(|| {
+            format!(
+                "storage.objectStore: {:?} has no default endpoint; set endpoint",
+                store.provider
+            )
+        })?,
+    };
+    let prefix = match store.prefix.as_deref().map(|p| p.trim_end_matches('/')) {
+        None | Some("") => String::new(),
+        Some(prefix) => format!("{prefix}/"),
+    };
+    let workload_identity = store.credentials.workload_identity == Some(true);
+    Ok(ObjectStorePlan {
+        config: ObjectStoreConfig {
+            provider: store.provider,
+            bucket: store.bucket.clone(),
+            prefix,
+            endpoint,
+            region: resolved.region.clone(),
+            addressing_style: store.addressing_style.unwrap_or_default(),
+            workload_identity,
+        },
+        resolved,
+        secret: store
+            .credentials
+            .secret_ref
+            .as_ref()
+            .map(|r| r.name.clone()),
+        service_account: store
+            .credentials
+            .service_account_name
+            .clone()
+            .filter(|_| workload_identity),
+    })
+}
+
+/// Whether the object store works, as far as the operator can tell.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum StorageState {
+    /// A probe object was written and deleted.
+    Available,
+    /// The pods' workload identity cannot be used from the operator, so nothing was
+    /// probed; the gateway's own errors tell.
+    NotProbed,
+    /// Something is wrong; the reason and an explanation for the status.
+    Unavailable(Reason, String),
+}
+
+/// The credentials `plan` needs, from `secret` (`Some(None)`: it does not exist).
+pub fn credentials(
+    plan: &ObjectStorePlan,
+    secret: Option<&Option<Secret>>,
+) -> Result<Credentials, StorageState> {
+    let Some(name) = &plan.secret else {
+        return Ok(Credentials::default());
+    };
+    let Some(Some(secret)) = secret else {
+        let message = format!("the credentials Secret {name} does not exist");
+        return Err(StorageState::Unavailable(
+            Reason::StorageCredentialsMissing,
+            message,
+        ));
+    };
+    let data = secret.data.iter().flatten();
+    let credentials = Credentials::from_pairs(data.map(|(k, v)| (k.as_str(), v.0.as_slice())));
+    if let Some(key) = credentials.missing(plan.config.provider) {
+        let needed = required_keys(plan.config.provider).join(", ");
+        let message =
+            format!("the credentials Secret {name} has no non-empty key {key} (needs {needed})");
+        return Err(StorageState::Unavailable(
+            Reason::StorageCredentialsMissing,
+            message,
+        ));
+    }
+    Ok(credentials)
+}
+
+/// Writes and deletes `PREFIX.sluice-probe/NAME` with `credentials`.
+pub async fn probe(plan: &ObjectStorePlan, credentials: &Credentials, name: &str) -> StorageState {
+    if plan.config.workload_identity {
+        return StorageState::NotProbed;
+    }
+    let operator = match build_operator(&plan.config, credentials) {
+        Ok(operator) => operator,
+        Err(error) => {
+            return StorageState::Unavailable(Reason::StorageProbeFailed, error.to_string());
+        }
+    };
+    let key = format!("{PROBE_DIR}/{name}");
+    let attempt = async {
+        operator
+            .write(&key, b"sluice storage probe\n".to_vec())
+            .await?;
+        operator.delete(&key).await
+    };
+    let outcome = tokio::time::timeout(PROBE_TIMEOUT, attempt).await;
+    let where_ = format!("bucket {} at {}", plan.config.bucket, plan.config.endpoint);
+    match outcome {
+        Ok(Ok(())) => StorageState::Available,
+        Ok(Err(error)) => {
+            let (reason, message) = classify(&error, &where_);
+            StorageState::Unavailable(reason, message)
+        }
+        Err(_) => StorageState::Unavailable(
+            Reason::StorageUnreachable,
+            format!(
+                "{where_} did not answer a probe write within {} s",
+                PROBE_TIMEOUT.as_secs()
+            ),
+        ),
+    }
+}
+
+/// Error codes providers send for credentials that are wrong, expired or lack rights.
+const ACCESS_CODES: [&str; 9] = [
+    "AccessDenied",
+    "InvalidAccessKeyId",
+    "SignatureDoesNotMatch",
+    "ExpiredToken",
+    "InvalidToken",
+    "TokenRefreshRequired",
+    "AuthenticationFailed",
+    "AuthorizationFailure",
+    "InvalidSecurity",
+];
+
+/// Codes for a bucket (or container) that does not exist.
+const MISSING_BUCKET_CODES: [&str; 2] = ["NoSuchBucket", "ContainerNotFound"];
+
+/// A sanitised reason and message for a failed probe.
+fn classify(error: &opendal::Error, where_: &str) -> (Reason, String) {
+    // The rendered error can contain the response body; only a known code is taken
+    // from it, never free text.
+    let rendered = format!("{error:?}");
+    let code = |codes: &[&'static str]| codes.iter().copied().find(|c| rendered.contains(c));
+    if let Some(code) = code(&MISSING_BUCKET_CODES) {
+        return (
+            Reason::BucketNotFound,
+            format!("{where_} does not exist ({code})"),
+        );
+    }
+    if let Some(code) = code(&ACCESS_CODES) {
+        return (
+            Reason::StorageAccessDenied,
+            format!(
+                "{where_} refused the credentials ({code}): check that they are current and \
+                 may write and delete objects"
+            ),
+        );
+    }
+    match error.kind() {
+        opendal::ErrorKind::PermissionDenied => (
+            Reason::StorageAccessDenied,
+            format!("{where_} refused the credentials: check that they may write and delete"),
+        ),
+        opendal::ErrorKind::NotFound => {
+            (Reason::BucketNotFound, format!("{where_} does not exist"))
+        }
+        _ if is_connection_error(error) => (
+            Reason::StorageUnreachable,
+            format!("{where_} cannot be reached"),
+        ),
+        kind => (
+            Reason::StorageProbeFailed,
+            format!("a probe write to {where_} failed ({kind})"),
+        ),
+    }
+}
+
+/// Whether the request never got an answer: DNS, connect, TLS or a reset.
+fn is_connection_error(error: &opendal::Error) -> bool {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(error);
+    while let Some(current) = source {
+        if current.downcast_ref::<std::io::Error>().is_some() {
+            return true;
+        }
+        source = current.source();
+    }
+    let rendered = format!("{error:?}");
+    [
+        "error sending request",
+        "connect",
+        "dns error",
+        "Connection refused",
+    ]
+    .iter()
+    .any(|marker| rendered.contains(marker))
+}
+
+/// Recent probe results by server.
+#[derive(Default)]
+pub struct ProbeMemo {
+    entries: Mutex<HashMap<String, (Vec<u8>, Instant, StorageState)>>,
+}
+
+impl ProbeMemo {
+    /// The state of `plan` for the server `key`: a remembered probe result if it is
+    /// recent and for the same configuration and credentials, else a new probe.
+    pub async fn state(
+        &self,
+        key: &str,
+        plan: &ObjectStorePlan,
+        credentials: &Credentials,
+        probe_name: &str,
+    ) -> StorageState {
+        let digest = digest(plan, credentials);
+        if let Some(state) = self.recent(key, &digest) {
+            return state;
+        }
+        let state = probe(plan, credentials, probe_name).await;
+        self.entries
+            .lock()
+            .expect("probe memo lock")
+            .insert(key.to_owned(), (digest, Instant::now(), state.clone()));
+        state
+    }
+
+    fn recent(&self, key: &str, digest: &[u8]) -> Option<StorageState> {
+        let entries = self.entries.lock().expect("probe memo lock");
+        let (seen, at, state) = entries.get(key)?;
+        let ttl = match state {
+            StorageState::Unavailable(..) => PROBE_FAILURE_TTL,
+            _ => PROBE_SUCCESS_TTL,
+        };
+        (seen == digest && at.elapsed() < ttl).then(|| state.clone())
+    }
+
+    /// Forgets `key` (a deleted server).
+    pub fn forget(&self, key: &str) {
+        self.entries.lock().expect("probe memo lock").remove(key);
+    }
+}
+
+fn digest(plan: &ObjectStorePlan, credentials: &Credentials) -> Vec<u8> {
+    let mut hasher = Sha256::new();
+    hasher.update(serde_json::to_vec(&plan.config).unwrap_or_default());
+    for key in required_keys(plan.config.provider) {
+        hasher.update([0]);
+        hasher.update(credentials.get(key).unwrap_or_default());
+    }
+    hasher.finalize().to_vec()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::api::{ObjectStoreProvider as Provider, TransferServerSpec};
+
+    fn server(store_yaml: &str) -> TransferServer {
+        let spec: TransferServerSpec = serde_yaml::from_str(&format!(
+            "region: cn-shanghai\nprotocols: {{sftp: {{}}}}\nstorage:\n  objectStore:\n{store_yaml}"
+        ))
+        .unwrap();
+        TransferServer::new("files", spec)
+    }
+
+    #[test]
+    fn the_regional_endpoint_is_filled_in_and_the_prefix_normalised() {
+        let plan = plan(&server(
+            "    provider: OSS\n    bucket: backups\n    region: cn-shanghai\n    \
+             prefix: gateways/cucm\n    credentials: {secretRef: {name: oss}}\n",
+        ))
+        .unwrap()
+        .unwrap();
+        assert_eq!(plan.config.endpoint, "https://oss-cn-shanghai.aliyuncs.com");
+        assert_eq!(plan.config.prefix, "gateways/cucm/");
+        assert_eq!(plan.config.region, "cn-shanghai");
+        assert_eq!(plan.resolved.jurisdiction, Some("CN"));
+        assert_eq!(plan.secret.as_deref(), Some("oss"));
+        assert_eq!(plan.config.check_region().unwrap().region, "cn-shanghai");
+    }
+
+    #[test]
+    fn an_internal_endpoint_gives_the_region() {
+        let plan = plan(&server(
+            "    provider: OSS\n    bucket: backups\n    \
+             endpoint: https://oss-cn-beijing-internal.aliyuncs.com/\n    \
+             credentials: {secretRef: {name: oss}}\n",
+        ))
+        .unwrap()
+        .unwrap();
+        assert_eq!(plan.config.region, "cn-beijing");
+        assert_eq!(
+            plan.config.endpoint,
+            "https://oss-cn-beijing-internal.aliyuncs.com"
+        );
+        assert_eq!(plan.config.prefix, "");
+    }
+
+    #[test]
+    fn a_contradicting_region_is_a_spec_problem() {
+        let error = plan(&server(
+            "    provider: COS\n    bucket: backups-1250000000\n    region: ap-shanghai\n    \
+             endpoint: https://cos.ap-hongkong.myqcloud.com\n    \
+             credentials: {secretRef: {name: cos}}\n",
+        ))
+        .unwrap_err();
+        assert!(
+            error.contains("ap-shanghai contradicts the endpoint"),
+            "{error}"
+        );
+    }
+
+    #[test]
+    fn workload_identity_keeps_its_service_account() {
+        let plan = plan(&server(
+            "    provider: S3\n    bucket: backups\n    region: cn-northwest-1\n    \
+             credentials: {workloadIdentity: true, serviceAccountName: uploads}\n",
+        ))
+        .unwrap()
+        .unwrap();
+        assert!(plan.config.workload_identity);
+        assert_eq!(plan.config.provider, Provider::S3);
+        assert_eq!(plan.service_account.as_deref(), Some("uploads"));
+        assert_eq!(
+            plan.config.endpoint,
+            "https://s3.cn-northwest-1.amazonaws.com.cn"
+        );
+        assert_eq!(plan.secret, None);
+    }
+
+    #[test]
+    fn missing_credentials_are_named_without_values() {
+        let plan = plan(&server(
+            "    provider: S3Compatible\n    bucket: backups\n    region: cn-shanghai\n    \
+             endpoint: http://127.0.0.1:9\n    credentials: {secretRef: {name: s3}}\n",
+        ))
+        .unwrap()
+        .unwrap();
+        let missing = credentials(&plan, Some(&None)).unwrap_err();
+        assert_eq!(
+            missing,
+            StorageState::Unavailable(
+                Reason::StorageCredentialsMissing,
+                "the credentials Secret s3 does not exist".into()
+            )
+        );
+        let mut secret = Secret::default();
+        secret.data = Some(
+            [(
+                "accessKeyId".to_string(),
+                k8s_openapi::ByteString(b"id".to_vec()),
+            )]
+            .into(),
+        );
+        let StorageState::Unavailable(reason, message) =
+            credentials(&plan, Some(&Some(secret))).unwrap_err()
+        else {
+            panic!("expected a missing key");
+        };
+        assert_eq!(reason, Reason::StorageCredentialsMissing);
+        assert_eq!(
+            message,
+            "the credentials Secret s3 has no non-empty key secretAccessKey \
+             (needs accessKeyId, secretAccessKey)"
+        );
+    }
+}
