@@ -259,10 +259,13 @@ fn is_connection_error(error: &opendal::Error) -> bool {
     .any(|marker| rendered.contains(marker))
 }
 
+/// A remembered probe: the digest of what was probed, when, and the result.
+type Probed = (Vec<u8>, Instant, StorageState);
+
 /// Recent probe results by server.
 #[derive(Default)]
 pub struct ProbeMemo {
-    entries: Mutex<HashMap<String, (Vec<u8>, Instant, StorageState)>>,
+    entries: Mutex<HashMap<String, Probed>>,
 }
 
 impl ProbeMemo {
@@ -407,14 +410,16 @@ mod tests {
                 "the credentials Secret s3 does not exist".into()
             )
         );
-        let mut secret = Secret::default();
-        secret.data = Some(
-            [(
-                "accessKeyId".to_string(),
-                k8s_openapi::ByteString(b"id".to_vec()),
-            )]
-            .into(),
-        );
+        let secret = Secret {
+            data: Some(
+                [(
+                    "accessKeyId".to_string(),
+                    k8s_openapi::ByteString(b"id".to_vec()),
+                )]
+                .into(),
+            ),
+            ..Secret::default()
+        };
         let StorageState::Unavailable(reason, message) =
             credentials(&plan, Some(&Some(secret))).unwrap_err()
         else {
