@@ -17,8 +17,10 @@
 
 use std::fmt;
 use std::path::Path;
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
 
-use opendal::Operator;
+use opendal::{HttpTransporter, OperationContext, Operator};
 use serde::{Deserialize, Serialize};
 
 pub use crate::api::{AddressingStyle, ObjectStoreProvider as Provider};
@@ -230,9 +232,57 @@ impl ObjectStoreConfig {
     }
 }
 
+/// How long connecting to an object store may take.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The HTTP client every object store is reached through, built once per process.
+///
+/// OpenDAL 0.59 installs a default transport only through a process constructor
+/// (`auto-register-services`) using reqwest's default client, which would choose its own
+/// TLS crypto provider and honour `HTTP(S)_PROXY` from the environment. Ours uses the
+/// ring provider the rest of Sluice uses, trusts the Mozilla roots plus the system's
+/// (`SSL_CERT_FILE`/`SSL_CERT_DIR` add a private CA for an in-house store), never goes
+/// through a proxy, never follows redirects, and bounds connecting.
+fn http_transport() -> HttpTransporter {
+    static TRANSPORT: OnceLock<HttpTransporter> = OnceLock::new();
+    TRANSPORT
+        .get_or_init(|| {
+            let mut roots = rustls::RootCertStore::empty();
+            roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+            for cert in rustls_native_certs::load_native_certs().certs {
+                let _ = roots.add(cert);
+            }
+            let provider = Arc::new(rustls::crypto::ring::default_provider());
+            let tls = rustls::ClientConfig::builder_with_provider(provider)
+                .with_safe_default_protocol_versions()
+                .expect("ring supports the default TLS versions")
+                .with_root_certificates(roots)
+                .with_no_client_auth();
+            let client = reqwest::Client::builder()
+                .tls_backend_preconfigured(tls)
+                .no_proxy()
+                .redirect(reqwest::redirect::Policy::none())
+                .connect_timeout(CONNECT_TIMEOUT)
+                .build()
+                .expect("the object-store HTTP client builds");
+            HttpTransporter::new(opendal_http_transport_reqwest::ReqwestTransport::new(
+                client,
+            ))
+        })
+        .clone()
+}
+
 /// Builds the OpenDAL operator for `config`. `credentials` is ignored with workload
 /// identity. Makes no network request.
 pub fn build_operator(
+    config: &ObjectStoreConfig,
+    credentials: &Credentials,
+) -> Result<Operator, ObjectStoreError> {
+    let operator = build_service(config, credentials)?;
+    Ok(operator.with_context(OperationContext::new().with_http_transport(http_transport())))
+}
+
+fn build_service(
     config: &ObjectStoreConfig,
     credentials: &Credentials,
 ) -> Result<Operator, ObjectStoreError> {

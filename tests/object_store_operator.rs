@@ -1,0 +1,412 @@
+//! The operator with object storage, on a real control plane and a real S3-compatible
+//! server (SeaweedFS on 127.0.0.1): what it renders for a bucket, how it probes it, how
+//! it reports a missing bucket, wrong credentials, an unreachable endpoint and a missing
+//! Secret, and how the policy judges the bucket's region.
+
+mod support;
+
+use std::time::Duration;
+
+use anyhow::{Context, Result, ensure};
+use k8s_openapi::api::apps::v1::StatefulSet;
+use k8s_openapi::api::core::v1::{Event, PersistentVolumeClaim, Secret};
+use kube::api::ListParams;
+use kube::{Api, Client, ResourceExt};
+use serde_json::{Value, json};
+use sluice::api::TransferServer;
+use sluice::gateway::config::GatewayConfig;
+use sluice::storage::object::Provider;
+
+use support::cluster::{
+    Operator, apply, apply_all, condition, eventually, install_crds, parse_yaml, refused,
+};
+use support::controlplane::ControlPlane;
+use support::s3::{ACCESS_KEY, SECRET_KEY, SeaweedFs};
+
+const NS: &str = "archives";
+const WAIT: Duration = Duration::from_secs(60);
+const BUCKET: &str = "cucm-backups";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn object_store_servers_are_rendered_probed_and_judged() -> Result<()> {
+    let s3 = SeaweedFs::start().await?;
+    s3.create_bucket(BUCKET).await?;
+    let control_plane = ControlPlane::start().await?;
+    let client = control_plane.client();
+    install_crds(&client).await?;
+    let operator = Operator::start(client.clone());
+    let namespace = json!({
+        "apiVersion": "v1",
+        "kind": "Namespace",
+        "metadata": {"name": NS, "labels": {"sluice.dev/residency": "cn"}},
+    });
+    apply_all(
+        &client,
+        &[namespace, credentials("s3-credentials", SECRET_KEY)],
+    )
+    .await?;
+    let policy = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/examples/01-policy.yaml"),
+    )?;
+    for object in parse_yaml(&policy)? {
+        apply(&client, &object).await?;
+    }
+
+    malformed_stores_are_refused_by_the_api_server(&client, &s3).await?;
+    a_bucket_is_rendered_and_probed(&client, &s3).await?;
+    wrong_credentials_are_reported_without_secrets(&client).await?;
+    a_missing_bucket_an_unreachable_endpoint_and_a_missing_secret_are_told_apart(&client, &s3)
+        .await?;
+    storage_outside_the_policy_is_not_rolled_out(&client, &s3).await?;
+    operator.stop().await
+}
+
+fn credentials(name: &str, secret_key: &str) -> Value {
+    json!({
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "metadata": {"name": name, "namespace": NS},
+        "stringData": {"accessKeyId": ACCESS_KEY, "secretAccessKey": secret_key},
+    })
+}
+
+fn server(name: &str, store: Value) -> Value {
+    json!({
+        "apiVersion": "sluice.dev/v1alpha1",
+        "kind": "TransferServer",
+        "metadata": {"name": name, "namespace": NS},
+        "spec": {
+            "region": "cn-shanghai",
+            "protocols": {"sftp": {}},
+            "storage": {"objectStore": store},
+        },
+    })
+}
+
+fn seaweed_store(s3: &SeaweedFs, bucket: &str, secret: &str) -> Value {
+    json!({
+        "provider": "S3Compatible",
+        "bucket": bucket,
+        "prefix": "gateways/cucm",
+        "region": "cn-shanghai",
+        "endpoint": s3.endpoint(),
+        "addressingStyle": "Path",
+        "credentials": {"secretRef": {"name": secret}},
+    })
+}
+
+async fn wait_for_condition(
+    client: &Client,
+    name: &str,
+    type_: &str,
+    status: &str,
+    reason: &str,
+) -> Result<(TransferServer, String)> {
+    let api = Api::<TransferServer>::namespaced(client.clone(), NS);
+    let what = format!("{name}: {type_}={status} ({reason})");
+    let last = std::sync::Mutex::new(None);
+    let found = eventually(&what, WAIT, || async {
+        let server = api.get(name).await?;
+        let seen = condition(&server, type_);
+        *last.lock().unwrap() = seen.clone();
+        Ok(match seen {
+            Some((s, r, message)) if s == status && r == reason => Some((server, message)),
+            _ => None,
+        })
+    })
+    .await;
+    found.with_context(|| format!("last seen: {:?}", last.lock().unwrap()))
+}
+
+async fn malformed_stores_are_refused_by_the_api_server(
+    client: &Client,
+    s3: &SeaweedFs,
+) -> Result<()> {
+    let mut no_endpoint = seaweed_store(s3, BUCKET, "s3-credentials");
+    no_endpoint.as_object_mut().unwrap().remove("endpoint");
+    refused(
+        client,
+        server("no-endpoint", no_endpoint),
+        "an S3Compatible store needs both endpoint and region",
+    )
+    .await?;
+
+    let mut both = server("both", seaweed_store(s3, BUCKET, "s3-credentials"));
+    both["spec"]["storage"]["volume"] = json!({"storageClassName": "ssd", "size": "1Gi"});
+    refused(client, both, "exactly one storage backend is required").await?;
+
+    let cos_identity = json!({
+        "provider": "COS",
+        "bucket": "backups-1250000000",
+        "region": "ap-shanghai",
+        "credentials": {"workloadIdentity": true},
+    });
+    refused(
+        client,
+        server("cos-identity", cos_identity),
+        "workload identity is supported for S3, OSS, AzureBlob and GCS only",
+    )
+    .await?;
+
+    let mut escaping = seaweed_store(s3, BUCKET, "s3-credentials");
+    escaping["prefix"] = json!("gateways/../other");
+    refused(client, server("escaping", escaping), "prefix").await
+}
+
+async fn a_bucket_is_rendered_and_probed(client: &Client, s3: &SeaweedFs) -> Result<()> {
+    apply_all(
+        client,
+        &[server(
+            "bucketed",
+            seaweed_store(s3, BUCKET, "s3-credentials"),
+        )],
+    )
+    .await?;
+    let (server, message) = wait_for_condition(
+        client,
+        "bucketed",
+        "StorageAvailable",
+        "True",
+        "StorageReachable",
+    )
+    .await?;
+    ensure!(
+        message == "a probe object was written and deleted",
+        "{message}"
+    );
+    let status = server.status.clone().unwrap_or_default();
+    let storage = status.storage.context("status.storage")?;
+    ensure!(storage.region == "cn-shanghai", "{storage:?}");
+    ensure!(storage.endpoint == s3.endpoint(), "{storage:?}");
+    let residency = condition(&server, "ResidencyCompliant").context("ResidencyCompliant")?;
+    ensure!(
+        residency.0 == "True" && residency.1 == "RegionAllowed",
+        "{residency:?}"
+    );
+
+    // The probe object is gone again, and nothing else was written.
+    let uid = server.uid().context("uid")?;
+    let keys = s3.keys(BUCKET).await?;
+    ensure!(
+        !keys.iter().any(|k| k.ends_with(&uid)),
+        "the probe object was left behind: {keys:?}"
+    );
+    ensure!(
+        keys.iter()
+            .all(|k| k.starts_with("gateways/cucm/.sluice-probe")),
+        "unexpected objects: {keys:?}"
+    );
+
+    // No claim; the configuration names the bucket; the pods mount the credentials.
+    let claims = Api::<PersistentVolumeClaim>::namespaced(client.clone(), NS);
+    ensure!(
+        claims.get_opt("bucketed-data").await?.is_none(),
+        "a claim was created"
+    );
+    let config = Api::<Secret>::namespaced(client.clone(), NS)
+        .get("bucketed-gateway-config")
+        .await?;
+    let json = &config.data.context("config data")?["config.json"];
+    let config: GatewayConfig = serde_json::from_slice(&json.0)?;
+    let store = config
+        .object_store
+        .context("objectStore in the configuration")?;
+    ensure!(store.provider == Provider::S3Compatible, "{store:?}");
+    ensure!(
+        (
+            store.bucket.as_str(),
+            store.prefix.as_str(),
+            store.region.as_str()
+        ) == (BUCKET, "gateways/cucm/", "cn-shanghai"),
+        "{store:?}"
+    );
+    let rendered = serde_json::to_string(&store)?;
+    ensure!(
+        !rendered.contains(SECRET_KEY),
+        "the configuration holds the secret key"
+    );
+
+    let statefulset = Api::<StatefulSet>::namespaced(client.clone(), NS)
+        .get("bucketed-gateway")
+        .await?;
+    let pod = statefulset
+        .spec
+        .and_then(|s| s.template.spec)
+        .context("pod template")?;
+    let volumes: Vec<(String, Option<String>)> = pod
+        .volumes
+        .unwrap_or_default()
+        .into_iter()
+        .map(|v| (v.name, v.secret.and_then(|s| s.secret_name)))
+        .collect();
+    ensure!(
+        volumes.contains(&("storage-credentials".into(), Some("s3-credentials".into()))),
+        "{volumes:?}"
+    );
+    ensure!(!volumes.iter().any(|(n, _)| n == "data"), "{volumes:?}");
+    let args = pod.containers[0].args.clone().unwrap_or_default();
+    ensure!(
+        args.windows(2)
+            .any(|w| w == ["--storage-credentials", "/etc/sluice/storage-credentials"]),
+        "{args:?}"
+    );
+    ensure!(!args.iter().any(|a| a == "--data-dir"), "{args:?}");
+    Ok(())
+}
+
+async fn wrong_credentials_are_reported_without_secrets(client: &Client) -> Result<()> {
+    let wrong = "not-the-secret-key-at-all";
+    apply_all(client, &[credentials("s3-credentials", wrong)]).await?;
+    let (server, message) = wait_for_condition(
+        client,
+        "bucketed",
+        "StorageAvailable",
+        "False",
+        "StorageAccessDenied",
+    )
+    .await?;
+    ensure!(
+        message.contains("refused the credentials") && message.contains(BUCKET),
+        "{message}"
+    );
+    let ready = condition(&server, "Ready").context("Ready")?;
+    ensure!(ready.0 == "False", "{ready:?}");
+    let events = Api::<Event>::namespaced(client.clone(), NS)
+        .list(&ListParams::default())
+        .await?;
+    let everything = format!("{:?}{:?}", server.status, events.items);
+    for secret in [wrong, SECRET_KEY, ACCESS_KEY] {
+        ensure!(
+            !everything.contains(secret),
+            "{secret} appears in the status or Events"
+        );
+    }
+
+    apply_all(client, &[credentials("s3-credentials", SECRET_KEY)]).await?;
+    wait_for_condition(
+        client,
+        "bucketed",
+        "StorageAvailable",
+        "True",
+        "StorageReachable",
+    )
+    .await?;
+    Ok(())
+}
+
+async fn a_missing_bucket_an_unreachable_endpoint_and_a_missing_secret_are_told_apart(
+    client: &Client,
+    s3: &SeaweedFs,
+) -> Result<()> {
+    apply_all(
+        client,
+        &[server(
+            "no-bucket",
+            seaweed_store(s3, "not-created", "s3-credentials"),
+        )],
+    )
+    .await?;
+    let (_, message) = wait_for_condition(
+        client,
+        "no-bucket",
+        "StorageAvailable",
+        "False",
+        "BucketNotFound",
+    )
+    .await?;
+    ensure!(message.contains("not-created"), "{message}");
+
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?;
+    let mut unreachable = seaweed_store(s3, BUCKET, "s3-credentials");
+    unreachable["endpoint"] = json!(format!("http://{closed}"));
+    apply_all(client, &[server("unreachable", unreachable)]).await?;
+    let (_, message) = wait_for_condition(
+        client,
+        "unreachable",
+        "StorageAvailable",
+        "False",
+        "StorageUnreachable",
+    )
+    .await?;
+    ensure!(message.contains("cannot be reached"), "{message}");
+
+    apply_all(
+        client,
+        &[server("no-secret", seaweed_store(s3, BUCKET, "later"))],
+    )
+    .await?;
+    let (_, message) = wait_for_condition(
+        client,
+        "no-secret",
+        "StorageAvailable",
+        "False",
+        "StorageCredentialsMissing",
+    )
+    .await?;
+    ensure!(
+        message == "the credentials Secret later does not exist",
+        "{message}"
+    );
+    // Creating the Secret is enough: its watch brings the server back.
+    apply_all(client, &[credentials("later", SECRET_KEY)]).await?;
+    wait_for_condition(
+        client,
+        "no-secret",
+        "StorageAvailable",
+        "True",
+        "StorageReachable",
+    )
+    .await?;
+    Ok(())
+}
+
+async fn storage_outside_the_policy_is_not_rolled_out(
+    client: &Client,
+    s3: &SeaweedFs,
+) -> Result<()> {
+    let mut hong_kong = seaweed_store(s3, BUCKET, "s3-credentials");
+    hong_kong["region"] = json!("cn-hongkong");
+    apply_all(client, &[server("hong-kong", hong_kong)]).await?;
+    let (stalled, message) = wait_for_condition(
+        client,
+        "hong-kong",
+        "Stalled",
+        "True",
+        "StorageRegionNotAllowed",
+    )
+    .await?;
+    ensure!(
+        message.contains("storage region cn-hongkong is not allowed by DataResidencyPolicy"),
+        "{message}"
+    );
+    let residency = condition(&stalled, "ResidencyCompliant").context("ResidencyCompliant")?;
+    ensure!(residency.1 == "StorageRegionNotAllowed", "{residency:?}");
+    let statefulsets = Api::<StatefulSet>::namespaced(client.clone(), NS);
+    ensure!(
+        statefulsets.get_opt("hong-kong-gateway").await?.is_none(),
+        "a gateway was rolled out for storage outside the policy"
+    );
+
+    let contradiction = json!({
+        "provider": "OSS",
+        "bucket": "backups",
+        "region": "cn-shanghai",
+        "endpoint": "https://oss-cn-hongkong.aliyuncs.com",
+        "credentials": {"secretRef": {"name": "s3-credentials"}},
+    });
+    apply_all(client, &[server("contradiction", contradiction)]).await?;
+    let (_, message) =
+        wait_for_condition(client, "contradiction", "Stalled", "True", "InvalidSpec").await?;
+    ensure!(
+        message.contains("cn-shanghai contradicts the endpoint, which is in cn-hongkong"),
+        "{message}"
+    );
+    ensure!(
+        statefulsets
+            .get_opt("contradiction-gateway")
+            .await?
+            .is_none(),
+        "a gateway was rolled out for an unresolvable store"
+    );
+    Ok(())
+}
