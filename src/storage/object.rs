@@ -14,11 +14,18 @@
 //!   metadata is always disabled, so a pod never borrows its node's role.
 //! - Keys handed to the operator are relative to the configured prefix, as with the
 //!   volume: the operator's root is `/PREFIX/`.
+//! - Requests go through one process-wide HTTP client ([`http_client`]) that ignores
+//!   proxy environment variables, follows no redirect (a store's answer cannot send the
+//!   signed request elsewhere) and gives up on a connection after
+//!   [`CONNECT_TIMEOUT`] and on a silent response after [`READ_TIMEOUT`].
 
 use std::fmt;
 use std::path::Path;
+use std::sync::OnceLock;
+use std::time::Duration;
 
-use opendal::Operator;
+use opendal::{HttpTransporter, OperationContext, Operator};
+use opendal_http_transport_reqwest::ReqwestTransport;
 use serde::{Deserialize, Serialize};
 
 pub use crate::api::{AddressingStyle, ObjectStoreProvider as Provider};
@@ -84,6 +91,33 @@ pub enum ObjectStoreError {
     /// OpenDAL refused the configuration.
     #[error("invalid object store configuration: {0}")]
     Build(#[source] opendal::Error),
+    /// The HTTP client could not be built.
+    #[error("failed to build the HTTP client for the object store")]
+    HttpClient(#[source] std::sync::Arc<reqwest::Error>),
+}
+
+/// How long connecting to the store may take.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How long the store may leave a request without an answer (no byte received).
+pub const READ_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// The HTTP client every operator uses, built on first use.
+pub fn http_client() -> Result<reqwest::Client, ObjectStoreError> {
+    static CLIENT: OnceLock<Result<reqwest::Client, std::sync::Arc<reqwest::Error>>> =
+        OnceLock::new();
+    let client = CLIENT.get_or_init(|| {
+        // reqwest's rustls needs a process-wide provider; Sluice uses ring throughout.
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        reqwest::Client::builder()
+            .no_proxy()
+            .redirect(reqwest::redirect::Policy::none())
+            .connect_timeout(CONNECT_TIMEOUT)
+            .read_timeout(READ_TIMEOUT)
+            .build()
+            .map_err(std::sync::Arc::new)
+    });
+    client.clone().map_err(ObjectStoreError::HttpClient)
 }
 
 /// Secret keys the credentials are read from.
@@ -231,7 +265,7 @@ impl ObjectStoreConfig {
 }
 
 /// Builds the OpenDAL operator for `config`. `credentials` is ignored with workload
-/// identity. Makes no network request.
+/// identity. Makes no network request (it only builds the HTTP client, once).
 pub fn build_operator(
     config: &ObjectStoreConfig,
     credentials: &Credentials,
@@ -331,7 +365,11 @@ pub fn build_operator(
             Operator::new(builder)
         }
     };
-    operator.map_err(ObjectStoreError::Build)
+    let transport = HttpTransporter::new(ReqwestTransport::new(http_client()?));
+    let context = OperationContext::new().with_http_transport(transport);
+    Ok(operator
+        .map_err(ObjectStoreError::Build)?
+        .with_context(context))
 }
 
 /// The storage account an Azure Blob endpoint names: the first label of its host.

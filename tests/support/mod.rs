@@ -5,4 +5,5 @@ pub mod controlplane;
 pub mod ftp;
 pub mod gateway;
 pub mod kubelet;
+pub mod s3;
 pub mod sftp;
