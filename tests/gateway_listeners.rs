@@ -44,6 +44,7 @@ impl Pod {
             config: path,
             host_keys,
             data_dir: dir.path().join("data"),
+            storage_credentials: dir.path().join("storage-credentials"),
             sftp_listen: free_address()?,
             ftps_listen: "127.0.0.1:0".parse()?,
             ftps_implicit_listen: "127.0.0.1:0".parse()?,

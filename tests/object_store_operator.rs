@@ -21,16 +21,17 @@ use support::cluster::{
     Operator, apply, apply_all, condition, eventually, install_crds, parse_yaml, refused,
 };
 use support::controlplane::ControlPlane;
-use support::s3::{ACCESS_KEY, SECRET_KEY, SeaweedFs};
+use support::s3::{
+    ACCESS_KEY_ID as ACCESS_KEY, SECRET_ACCESS_KEY as SECRET_KEY, SeaweedFs, all_keys,
+};
 
 const NS: &str = "archives";
 const WAIT: Duration = Duration::from_secs(60);
-const BUCKET: &str = "cucm-backups";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn object_store_servers_are_rendered_probed_and_judged() -> Result<()> {
-    let s3 = SeaweedFs::start().await?;
-    s3.create_bucket(BUCKET).await?;
+    let s3 = SeaweedFs::start()?;
+    let bucket = s3.bucket("cucm-backups")?;
     let control_plane = ControlPlane::start().await?;
     let client = control_plane.client();
     install_crds(&client).await?;
@@ -52,12 +53,14 @@ async fn object_store_servers_are_rendered_probed_and_judged() -> Result<()> {
         apply(&client, &object).await?;
     }
 
-    malformed_stores_are_refused_by_the_api_server(&client, &s3).await?;
-    a_bucket_is_rendered_and_probed(&client, &s3).await?;
-    wrong_credentials_are_reported_without_secrets(&client).await?;
-    a_missing_bucket_an_unreachable_endpoint_and_a_missing_secret_are_told_apart(&client, &s3)
-        .await?;
-    storage_outside_the_policy_is_not_rolled_out(&client, &s3).await?;
+    malformed_stores_are_refused_by_the_api_server(&client, &s3, &bucket).await?;
+    a_bucket_is_rendered_and_probed(&client, &s3, &bucket).await?;
+    wrong_credentials_are_reported_without_secrets(&client, &bucket).await?;
+    a_missing_bucket_an_unreachable_endpoint_and_a_missing_secret_are_told_apart(
+        &client, &s3, &bucket,
+    )
+    .await?;
+    storage_outside_the_policy_is_not_rolled_out(&client, &s3, &bucket).await?;
     operator.stop().await
 }
 
@@ -121,8 +124,9 @@ async fn wait_for_condition(
 async fn malformed_stores_are_refused_by_the_api_server(
     client: &Client,
     s3: &SeaweedFs,
+    bucket: &str,
 ) -> Result<()> {
-    let mut no_endpoint = seaweed_store(s3, BUCKET, "s3-credentials");
+    let mut no_endpoint = seaweed_store(s3, bucket, "s3-credentials");
     no_endpoint.as_object_mut().unwrap().remove("endpoint");
     refused(
         client,
@@ -131,7 +135,7 @@ async fn malformed_stores_are_refused_by_the_api_server(
     )
     .await?;
 
-    let mut both = server("both", seaweed_store(s3, BUCKET, "s3-credentials"));
+    let mut both = server("both", seaweed_store(s3, bucket, "s3-credentials"));
     both["spec"]["storage"]["volume"] = json!({"storageClassName": "ssd", "size": "1Gi"});
     refused(client, both, "exactly one storage backend is required").await?;
 
@@ -148,17 +152,21 @@ async fn malformed_stores_are_refused_by_the_api_server(
     )
     .await?;
 
-    let mut escaping = seaweed_store(s3, BUCKET, "s3-credentials");
+    let mut escaping = seaweed_store(s3, bucket, "s3-credentials");
     escaping["prefix"] = json!("gateways/../other");
     refused(client, server("escaping", escaping), "prefix").await
 }
 
-async fn a_bucket_is_rendered_and_probed(client: &Client, s3: &SeaweedFs) -> Result<()> {
+async fn a_bucket_is_rendered_and_probed(
+    client: &Client,
+    s3: &SeaweedFs,
+    bucket: &str,
+) -> Result<()> {
     apply_all(
         client,
         &[server(
             "bucketed",
-            seaweed_store(s3, BUCKET, "s3-credentials"),
+            seaweed_store(s3, bucket, "s3-credentials"),
         )],
     )
     .await?;
@@ -186,7 +194,7 @@ async fn a_bucket_is_rendered_and_probed(client: &Client, s3: &SeaweedFs) -> Res
 
     // The probe object is gone again, and nothing else was written.
     let uid = server.uid().context("uid")?;
-    let keys = s3.keys(BUCKET).await?;
+    let keys = all_keys(&s3.bucket_operator(bucket)?).await?;
     ensure!(
         !keys.iter().any(|k| k.ends_with(&uid)),
         "the probe object was left behind: {keys:?}"
@@ -217,7 +225,7 @@ async fn a_bucket_is_rendered_and_probed(client: &Client, s3: &SeaweedFs) -> Res
             store.bucket.as_str(),
             store.prefix.as_str(),
             store.region.as_str()
-        ) == (BUCKET, "gateways/cucm/", "cn-shanghai"),
+        ) == (bucket, "gateways/cucm/", "cn-shanghai"),
         "{store:?}"
     );
     let rendered = serde_json::to_string(&store)?;
@@ -254,7 +262,10 @@ async fn a_bucket_is_rendered_and_probed(client: &Client, s3: &SeaweedFs) -> Res
     Ok(())
 }
 
-async fn wrong_credentials_are_reported_without_secrets(client: &Client) -> Result<()> {
+async fn wrong_credentials_are_reported_without_secrets(
+    client: &Client,
+    bucket: &str,
+) -> Result<()> {
     let wrong = "not-the-secret-key-at-all";
     apply_all(client, &[credentials("s3-credentials", wrong)]).await?;
     let (server, message) = wait_for_condition(
@@ -266,7 +277,7 @@ async fn wrong_credentials_are_reported_without_secrets(client: &Client) -> Resu
     )
     .await?;
     ensure!(
-        message.contains("refused the credentials") && message.contains(BUCKET),
+        message.contains("refused the credentials") && message.contains(bucket),
         "{message}"
     );
     let ready = condition(&server, "Ready").context("Ready")?;
@@ -297,6 +308,7 @@ async fn wrong_credentials_are_reported_without_secrets(client: &Client) -> Resu
 async fn a_missing_bucket_an_unreachable_endpoint_and_a_missing_secret_are_told_apart(
     client: &Client,
     s3: &SeaweedFs,
+    bucket: &str,
 ) -> Result<()> {
     apply_all(
         client,
@@ -317,7 +329,7 @@ async fn a_missing_bucket_an_unreachable_endpoint_and_a_missing_secret_are_told_
     ensure!(message.contains("not-created"), "{message}");
 
     let closed = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?;
-    let mut unreachable = seaweed_store(s3, BUCKET, "s3-credentials");
+    let mut unreachable = seaweed_store(s3, bucket, "s3-credentials");
     unreachable["endpoint"] = json!(format!("http://{closed}"));
     apply_all(client, &[server("unreachable", unreachable)]).await?;
     let (_, message) = wait_for_condition(
@@ -332,7 +344,7 @@ async fn a_missing_bucket_an_unreachable_endpoint_and_a_missing_secret_are_told_
 
     apply_all(
         client,
-        &[server("no-secret", seaweed_store(s3, BUCKET, "later"))],
+        &[server("no-secret", seaweed_store(s3, bucket, "later"))],
     )
     .await?;
     let (_, message) = wait_for_condition(
@@ -363,8 +375,9 @@ async fn a_missing_bucket_an_unreachable_endpoint_and_a_missing_secret_are_told_
 async fn storage_outside_the_policy_is_not_rolled_out(
     client: &Client,
     s3: &SeaweedFs,
+    bucket: &str,
 ) -> Result<()> {
-    let mut hong_kong = seaweed_store(s3, BUCKET, "s3-credentials");
+    let mut hong_kong = seaweed_store(s3, bucket, "s3-credentials");
     hong_kong["region"] = json!("cn-hongkong");
     apply_all(client, &[server("hong-kong", hong_kong)]).await?;
     let (stalled, message) = wait_for_condition(

@@ -7,7 +7,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
-pub use logging::{LogFormat, init_logging};
+pub use logging::{LogFormat, init_logging, without_credential_logs};
 
 /// Sluice: region-pinned SFTP gateways on Kubernetes.
 #[derive(Debug, Parser)]

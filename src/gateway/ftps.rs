@@ -76,7 +76,7 @@ use crate::gateway::sessions::{
     self, ConnectionLimiter, ConnectionLimits, ConnectionSlot, Protocol,
 };
 use crate::gateway::{ErrorChain, stopped};
-use crate::storage::Volume;
+use crate::storage::Storage;
 
 pub use crate::gateway::ftps::tls::certificate_info;
 
@@ -153,7 +153,7 @@ impl FtpsServer {
         tls_dir: &Path,
         addrs: FtpsAddrs,
         logins: LiveLogins,
-        volume: Volume,
+        storage: impl Into<Storage>,
     ) -> Result<Self, FtpsError> {
         validate(settings)?;
         let certificates = CertificateStore::open(tls_dir);
@@ -168,7 +168,7 @@ impl FtpsServer {
         };
 
         let shared = Shared {
-            engine: Engine::new(logins, volume),
+            engine: Engine::new(logins, storage.into()),
             certificates,
             policy: RwLock::new(Arc::new(policy)),
             explicit: settings.explicit,
@@ -456,7 +456,7 @@ mod tests {
     /// The explicit-only server of [`settings`] on 127.0.0.1, with `dir` as its TLS
     /// directory and volume.
     async fn bind_local(dir: &Path) -> FtpsServer {
-        let volume = Volume::open_fs(&dir.join("data")).unwrap();
+        let volume = crate::storage::Volume::open_fs(&dir.join("data")).unwrap();
         let localhost = "127.0.0.1:0".parse().unwrap();
         let addrs = FtpsAddrs {
             explicit: localhost,

@@ -35,11 +35,12 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 use crate::gateway::auth::{LiveLogins, Logins};
-use crate::gateway::config::GatewayConfig;
+use crate::gateway::config::{GatewayConfig, ResidencyStamp};
 use crate::gateway::ftps::{FtpsAddrs, FtpsError, FtpsHandle, FtpsServer};
 use crate::gateway::host_keys::HostKeyError;
 use crate::gateway::sftp::SftpServer;
-use crate::storage::{StorageError, Volume};
+use crate::storage::object::{Credentials, ObjectStoreConfig, ObjectStoreError};
+use crate::storage::{ObjectStore, Storage, StorageError, Volume};
 
 /// How often the configuration file is checked for changes.
 pub const CONFIG_POLL_INTERVAL: Duration = Duration::from_secs(2);
@@ -60,9 +61,20 @@ pub struct GatewayArgs {
     #[arg(long, env = "SLUICE_HOST_KEYS_DIR")]
     pub host_keys: PathBuf,
 
-    /// Root of the storage volume; user homes are directories below it.
+    /// Root of the storage volume; user homes are directories below it. Unused when the
+    /// configuration names an object store.
     #[arg(long, env = "SLUICE_DATA_DIR")]
     pub data_dir: PathBuf,
+
+    /// Directory holding the object store's credentials, one Secret key per file
+    /// (`accessKeyId`, `secretAccessKey`, ...). Read only when the configuration names an
+    /// object store without workload identity.
+    #[arg(
+        long,
+        env = "SLUICE_STORAGE_CREDENTIALS",
+        default_value = "/etc/sluice/storage-credentials"
+    )]
+    pub storage_credentials: PathBuf,
 
     /// Address the SFTP server listens on.
     #[arg(long, env = "SLUICE_SFTP_LISTEN", default_value = "0.0.0.0:2222")]
@@ -124,6 +136,17 @@ pub enum GatewayError {
     /// The volume could not be opened.
     #[error("failed to open storage")]
     Storage(#[from] StorageError),
+    /// The object store cannot be used as configured.
+    #[error("failed to open the object store")]
+    ObjectStore(#[from] ObjectStoreError),
+    /// The object store's region is not one the residency decision allows.
+    #[error("refusing to serve an object store in region {region}: {reason}")]
+    Residency {
+        /// The region resolved from the store's endpoint and configuration.
+        region: String,
+        /// Why it is refused.
+        reason: &'static str,
+    },
     /// A listening address (SFTP or an FTPS control port) could not be bound.
     #[error("failed to listen on {addr}")]
     Listen {
@@ -163,7 +186,7 @@ impl Gateway {
         let bytes = read_config(&args.config).await?;
         let config = parse_config(&args.config, &bytes)?;
         let host_keys = host_keys::load(&args.host_keys)?;
-        let volume = Volume::open_fs(&args.data_dir)?;
+        let storage = open_storage(args, &config)?;
         let listener = match config.sftp {
             true => Some(
                 TcpListener::bind(args.sftp_listen)
@@ -182,11 +205,11 @@ impl Gateway {
             listener.as_ref().and_then(|l| l.local_addr().ok()),
         );
         let logins = LiveLogins::new(Logins::new(&config.users));
-        let ftps = bind_ftps(args, &config, logins.clone(), volume.clone()).await?;
+        let ftps = bind_ftps(args, &config, logins.clone(), storage.clone()).await?;
         Ok(Self {
             config_path: args.config.clone(),
             config_hash: Sha256::digest(&bytes).into(),
-            sftp: SftpServer::new(host_keys, logins.clone(), volume),
+            sftp: SftpServer::new(host_keys, logins.clone(), storage),
             logins,
             listener,
             ftps,
@@ -274,7 +297,7 @@ async fn bind_ftps(
     args: &GatewayArgs,
     config: &GatewayConfig,
     logins: LiveLogins,
-    volume: Volume,
+    storage: Storage,
 ) -> Result<Option<FtpsServer>, GatewayError> {
     let Some(settings) = &config.ftps else {
         return Ok(None);
@@ -297,7 +320,7 @@ async fn bind_ftps(
         explicit: args.ftps_listen,
         implicit: args.ftps_implicit_listen,
     };
-    match FtpsServer::bind(&settings, tls_dir, addrs, logins, volume).await {
+    match FtpsServer::bind(&settings, tls_dir, addrs, logins, storage).await {
         Ok(server) => {
             tracing::info!(
                 explicit = ?server.explicit_addr(),
@@ -313,6 +336,51 @@ async fn bind_ftps(
             Ok(None)
         }
     }
+}
+
+/// The storage the configuration names: the volume at `--data-dir`, or the object store,
+/// once its region has been resolved again from exactly what the gateway connects to and
+/// found allowed by the operator's residency decision.
+fn open_storage(args: &GatewayArgs, config: &GatewayConfig) -> Result<Storage, GatewayError> {
+    let Some(store) = &config.object_store else {
+        return Ok(Volume::open_fs(&args.data_dir)?.into());
+    };
+    let region = check_residency(store, &config.residency)?;
+    let credentials = match store.workload_identity {
+        true => Credentials::default(),
+        false => Credentials::read_dir(&args.storage_credentials)?,
+    };
+    let opened = ObjectStore::open(store, &credentials)?;
+    tracing::info!(
+        provider = ?store.provider,
+        bucket = %store.bucket,
+        prefix = %store.prefix,
+        %region,
+        "Serving files from the object store"
+    );
+    Ok(opened.into())
+}
+
+/// The object store's region, if `residency` allows it: the operator must have found the
+/// server compliant, and the region must be one of the allowed ones when any are named.
+pub fn check_residency(
+    store: &ObjectStoreConfig,
+    residency: &ResidencyStamp,
+) -> Result<String, GatewayError> {
+    let region = store.check_region()?.region;
+    let refuse = |reason| GatewayError::Residency {
+        region: region.clone(),
+        reason,
+    };
+    if !residency.compliant {
+        return Err(refuse(
+            "the server is not compliant with its residency policy",
+        ));
+    }
+    if !residency.allowed_regions.is_empty() && !residency.allowed_regions.contains(&region) {
+        return Err(refuse("the residency policy does not allow it"));
+    }
+    Ok(region)
 }
 
 fn log_startup(

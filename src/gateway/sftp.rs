@@ -41,7 +41,7 @@ use russh::keys::PrivateKey;
 use russh::server::{Auth, Msg, PublicKeyOffer, Session, VerifiedPublicKey};
 use russh::{Channel, ChannelId, ChannelOpenFailure, Disconnect, MethodKind, MethodSet, SshId};
 use russh_sftp::protocol::{
-    Attrs, Data, File, FileAttributes, Handle, Name, OpenFlags, Status, StatusCode, Version,
+    Attrs, Data, File, FileAttributes, Handle, Name, OpenFlags, Packet, Status, StatusCode, Version,
 };
 use russh_sftp::server::StatusReply;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
@@ -60,7 +60,7 @@ use crate::gateway::vfs::{
     DirStream, Entry, EntryKind, FileReader, FileWriter, Reply, Vfs, VfsError, WriteMode,
 };
 use crate::gateway::{ErrorChain, stopped};
-use crate::storage::Volume;
+use crate::storage::Storage;
 
 /// Identification string sent to clients; deliberately without a version.
 const SERVER_ID: &str = "SSH-2.0-Sluice";
@@ -70,6 +70,8 @@ const READDIR_BATCH: usize = 128;
 const MAX_READ: u32 = 256 * 1024;
 /// Open file and directory handles one SFTP channel may hold.
 const MAX_HANDLES: usize = 64;
+/// The OpenSSH extension for a rename that replaces its target, as `rename(2)` does.
+const POSIX_RENAME: &str = "posix-rename@openssh.com";
 /// Message sent on stderr when a client asks for anything but SFTP.
 const SFTP_ONLY: &str = "This service allows SFTP connections only.\r\n";
 
@@ -94,18 +96,22 @@ pub struct SftpServer {
 struct Shared {
     host_keys: Vec<PrivateKey>,
     logins: LiveLogins,
-    volume: Volume,
+    storage: Storage,
     limits: ConnectionLimits,
 }
 
 impl SftpServer {
     /// A server presenting `host_keys`, checking credentials against `logins` and serving
-    /// files from `volume`, with the default [`ConnectionLimits`].
-    pub fn new(host_keys: Vec<PrivateKey>, logins: LiveLogins, volume: Volume) -> Self {
+    /// files from `storage`, with the default [`ConnectionLimits`].
+    pub fn new(
+        host_keys: Vec<PrivateKey>,
+        logins: LiveLogins,
+        storage: impl Into<Storage>,
+    ) -> Self {
         let shared = Shared {
             host_keys,
             logins,
-            volume,
+            storage: storage.into(),
             limits: ConnectionLimits::default(),
         };
         Self {
@@ -118,7 +124,7 @@ impl SftpServer {
         let shared = Shared {
             host_keys: self.shared.host_keys.clone(),
             logins: self.shared.logins.clone(),
-            volume: self.shared.volume.clone(),
+            storage: self.shared.storage.clone(),
             limits,
         };
         Self {
@@ -396,7 +402,7 @@ impl SshSession {
 
     async fn log_in(&mut self, login: Arc<Login>, method: &'static str) -> Auth {
         let user = login.user();
-        match Vfs::open(self.shared.volume.clone(), user).await {
+        match Vfs::open(self.shared.storage.clone(), user).await {
             Ok(vfs) => {
                 self.span.record("user", user.name.as_str());
                 tracing::info!(parent: &self.span, method, "Logged in");
@@ -978,7 +984,31 @@ impl russh_sftp::server::Handler for SftpSession {
         _version: u32,
         _extensions: HashMap<String, String>,
     ) -> Result<Version, Self::Error> {
-        Ok(Version::new())
+        // Offered on every backend: the volume replaces in one rename(2), an object store
+        // copies over the target, which readers see whole (see `Vfs::rename_replacing`).
+        let mut version = Version::new();
+        version
+            .extensions
+            .insert(POSIX_RENAME.to_owned(), "1".to_owned());
+        Ok(version)
+    }
+
+    async fn extended(
+        &mut self,
+        id: u32,
+        request: String,
+        data: Vec<u8>,
+    ) -> Result<Packet, Self::Error> {
+        if request != POSIX_RENAME {
+            return Err(self.unimplemented());
+        }
+        let Some((oldpath, newpath)) = two_strings(&data) else {
+            return Err(StatusCode::BadMessage.with_message("malformed posix-rename request"));
+        };
+        match self.vfs.rename_replacing(&oldpath, &newpath).await {
+            Ok(()) => Ok(Packet::Status(ok(id))),
+            Err(error) => Err(self.refuse("posix-rename", &oldpath, error)),
+        }
     }
 
     async fn realpath(&mut self, id: u32, path: String) -> Result<Name, Self::Error> {
@@ -1179,6 +1209,19 @@ impl russh_sftp::server::Handler for SftpSession {
     }
 }
 
+/// Two SFTP strings (length-prefixed UTF-8), and nothing after them.
+fn two_strings(data: &[u8]) -> Option<(String, String)> {
+    fn string(data: &[u8]) -> Option<(String, &[u8])> {
+        let (length, rest) = data.split_first_chunk::<4>()?;
+        let length = u32::from_be_bytes(*length) as usize;
+        let (bytes, rest) = (rest.get(..length)?, rest.get(length..)?);
+        Some((String::from_utf8(bytes.to_vec()).ok()?, rest))
+    }
+    let (first, rest) = string(data)?;
+    let (second, rest) = string(rest)?;
+    rest.is_empty().then_some((first, second))
+}
+
 impl Drop for SftpSession {
     fn drop(&mut self) {
         // The channel is gone; unfinished uploads are discarded by their writers.
@@ -1237,7 +1280,7 @@ mod tests {
             };
             let logins = LiveLogins::new(Logins::new(&[user]));
             let dir = tempfile::tempdir().unwrap();
-            let volume = Volume::open_fs(dir.path()).unwrap();
+            let volume = crate::storage::Volume::open_fs(dir.path()).unwrap();
             let server = SftpServer::new(vec![host_key], logins, volume).with_limits(limits);
 
             let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();

@@ -43,12 +43,15 @@
 use std::collections::BTreeSet;
 use std::time::SystemTime;
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
+use futures::TryStreamExt;
 use opendal::{EntryMode, ErrorKind, Metadata, Operator};
+use sync_wrapper::SyncWrapper;
 
 use crate::api::Permission;
 use crate::gateway::config::GatewayUser;
-use crate::storage::{self, ListedEntry, ListedKind, Listing, StorageError, Volume};
+use crate::storage::bucket::{Found, ObjectStore, RenameError, RenameRefusal, StorageFault};
+use crate::storage::{self, ListError, ListedEntry, ListedKind, Listing, Storage, StorageError};
 
 /// Why an operation failed. The message is safe to send to the client.
 #[derive(Debug, thiserror::Error)]
@@ -115,6 +118,13 @@ pub enum VfsError {
     /// The volume could not be inspected directly (link checks, directory listings).
     #[error("storage operation failed")]
     Volume(#[source] StorageError),
+    /// The object store failed or refused the gateway (missing bucket, refused
+    /// credentials, unreachable endpoint): nothing the client can fix, worth a retry.
+    #[error("storage temporarily unavailable")]
+    Unavailable(#[source] StorageFault),
+    /// A directory with entries cannot be renamed on an object store.
+    #[error("directories that are not empty cannot be renamed on object storage")]
+    DirectoryRename,
 }
 
 /// The protocol-independent reply an error maps to.
@@ -143,13 +153,16 @@ impl VfsError {
 
     /// Whether retrying later may succeed (a storage hiccup rather than a bad request).
     pub fn is_transient(&self) -> bool {
-        matches!(self, Self::Storage(e) if e.is_temporary())
+        matches!(self, Self::Storage(e) if e.is_temporary()) || matches!(self, Self::Unavailable(_))
     }
 
     /// Whether the error is the storage's fault rather than the request's; front ends log
     /// these as warnings.
     pub fn is_internal(&self) -> bool {
-        matches!(self, Self::Storage(_) | Self::Volume(_))
+        matches!(
+            self,
+            Self::Storage(_) | Self::Volume(_) | Self::Unavailable(_)
+        )
     }
 
     fn from_storage(error: opendal::Error) -> Self {
@@ -159,6 +172,43 @@ impl VfsError {
             ErrorKind::IsADirectory => Self::IsADirectory,
             ErrorKind::NotADirectory => Self::NotADirectory,
             _ => Self::Storage(error),
+        }
+    }
+
+    /// An object store's error. Anything but a missing object or a failed condition is
+    /// the store's problem, not the request's, and keeps only what is safe to log.
+    fn from_object_store(error: opendal::Error) -> Self {
+        match error.kind() {
+            ErrorKind::NotFound => Self::NotFound,
+            ErrorKind::AlreadyExists | ErrorKind::ConditionNotMatch => Self::AlreadyExists,
+            ErrorKind::IsADirectory => Self::IsADirectory,
+            ErrorKind::NotADirectory => Self::NotADirectory,
+            _ => Self::Unavailable(StorageFault::of(&error)),
+        }
+    }
+
+    fn from_backend(object_store: bool, error: opendal::Error) -> Self {
+        if object_store {
+            Self::from_object_store(error)
+        } else {
+            Self::from_storage(error)
+        }
+    }
+
+    fn from_rename(error: RenameError) -> Self {
+        match error {
+            RenameError::Refused(RenameRefusal::NotFound) => Self::NotFound,
+            RenameError::Refused(RenameRefusal::Exists) => Self::AlreadyExists,
+            RenameError::Refused(RenameRefusal::KindMismatch) => Self::IsADirectory,
+            RenameError::Refused(RenameRefusal::DirectoryNotEmpty) => Self::DirectoryRename,
+            RenameError::Store(error) => Self::from_object_store(error),
+        }
+    }
+
+    fn from_list(error: ListError) -> Self {
+        match error {
+            ListError::Volume(error) => Self::from_volume(error),
+            ListError::Object(error) => Self::from_object_store(error),
         }
     }
 
@@ -298,18 +348,21 @@ impl Target {
     }
 }
 
-/// One session's view of the volume, confined to one user's home. Cheap to clone.
+/// One session's view of the storage, confined to one user's home. Cheap to clone.
 #[derive(Clone)]
 pub struct Vfs {
-    volume: Volume,
+    storage: Storage,
     user: String,
     home: String,
     permissions: BTreeSet<Permission>,
 }
 
 impl Vfs {
-    /// Opens `user`'s view of `volume`, creating the home directory if it is missing.
-    pub async fn open(volume: Volume, user: &GatewayUser) -> Result<Self, VfsError> {
+    /// Opens `user`'s view of `storage`, creating the home directory if it is missing.
+    /// An object store that cannot be reached does not stop the login: every request
+    /// then fails with [`VfsError::Unavailable`] until it is back.
+    pub async fn open(storage: impl Into<Storage>, user: &GatewayUser) -> Result<Self, VfsError> {
+        let storage = storage.into();
         let home = normalize(&user.home)?.trim_start_matches('/').to_owned();
         if !storage::is_faithful_key(&home) {
             return Err(VfsError::InvalidPath);
@@ -317,21 +370,30 @@ impl Vfs {
         if storage::is_reserved(&home) {
             return Err(VfsError::ReservedHome(user.home.clone()));
         }
-        volume
-            .refuse_symlinks(&home)
-            .await
-            .map_err(VfsError::from_volume)?;
-        if !home.is_empty() {
-            let dir_key = format!("{home}/");
-            volume
-                .operator()
-                .create_dir(&dir_key)
-                .await
-                .map_err(VfsError::from_storage)?;
+        match &storage {
+            Storage::Volume(volume) => {
+                volume
+                    .refuse_symlinks(&home)
+                    .await
+                    .map_err(VfsError::from_volume)?;
+                if !home.is_empty() {
+                    volume
+                        .operator()
+                        .create_dir(&format!("{home}/"))
+                        .await
+                        .map_err(VfsError::from_storage)?;
+                }
+            }
+            Storage::Object(store) => match create_home(store, &home).await {
+                Err(VfsError::Unavailable(fault)) => {
+                    tracing::warn!(%fault, "Object store unavailable at login");
+                }
+                other => other?,
+            },
         }
 
         Ok(Self {
-            volume,
+            storage,
             user: user.name.clone(),
             home,
             permissions: user.permissions.iter().copied().collect(),
@@ -371,14 +433,21 @@ impl Vfs {
             return Err(VfsError::NotADirectory);
         }
 
-        let listing = self
-            .volume
-            .list(&target.key)
-            .await
-            .map_err(VfsError::from_volume)?;
+        let listing = match &self.storage {
+            Storage::Volume(volume) => volume
+                .list(&target.key)
+                .await
+                .map_err(VfsError::from_volume)?,
+            Storage::Object(store) => Listing::Object(
+                store
+                    .list(&target.key)
+                    .await
+                    .map_err(VfsError::from_object_store)?,
+            ),
+        };
         Ok(DirStream {
             listing,
-            hide_uploads_dir: target.key.is_empty(),
+            hide_reserved: target.key.is_empty(),
         })
     }
 
@@ -395,9 +464,11 @@ impl Vfs {
             .operator()
             .reader(&target.key)
             .await
-            .map_err(VfsError::from_storage)?;
+            .map_err(|e| self.storage_error(e))?;
         Ok(FileReader {
             reader,
+            stream: None,
+            object_store: self.storage.is_object_store(),
             path: target.path,
             size: entry.size,
             bytes_read: 0,
@@ -479,14 +550,14 @@ impl Vfs {
             .operator()
             .reader(key)
             .await
-            .map_err(VfsError::from_storage)?;
+            .map_err(|e| self.storage_error(e))?;
         while writer.bytes_written < keep {
             let start = writer.bytes_written;
             let end = keep.min(start + COPY_CHUNK);
             let chunk = reader
                 .read(start..end)
                 .await
-                .map_err(VfsError::from_storage)?
+                .map_err(|e| self.storage_error(e))?
                 .to_vec();
             if chunk.is_empty() {
                 // Replaced by a shorter file since its size was read.
@@ -497,18 +568,39 @@ impl Vfs {
         Ok(())
     }
 
-    /// An upload to `target` through a fresh temporary file.
+    /// An upload to `target`: through a fresh temporary file on the volume, straight to
+    /// its key (as a multipart upload) in an object store.
     async fn stage(&self, target: Target, mode: WriteMode) -> Result<FileWriter, VfsError> {
-        let staged = storage::staging_key();
-        let writer = self
-            .operator()
-            .writer(&staged)
-            .await
-            .map_err(VfsError::from_storage)?;
+        let (writer, publish) = match &self.storage {
+            Storage::Volume(volume) => {
+                let staged = storage::staging_key();
+                let writer = volume
+                    .operator()
+                    .writer(&staged)
+                    .await
+                    .map_err(VfsError::from_storage)?;
+                let publish = Publish::Staged {
+                    volume: volume.clone(),
+                    staged,
+                };
+                (writer, publish)
+            }
+            Storage::Object(store) => {
+                let exclusive = mode == WriteMode::CreateNew;
+                let writer = store
+                    .writer(&target.key, exclusive)
+                    .await
+                    .map_err(VfsError::from_object_store)?;
+                let publish = Publish::Direct {
+                    store: store.clone(),
+                    check_first: exclusive && !store.has_conditional_writes(),
+                };
+                (writer, publish)
+            }
+        };
         Ok(FileWriter {
             writer: Some(writer),
-            volume: self.volume.clone(),
-            staged,
+            publish,
             key: target.key,
             mode,
             path: target.path,
@@ -531,7 +623,7 @@ impl Vfs {
         self.operator()
             .create_dir(&target.dir_key())
             .await
-            .map_err(VfsError::from_storage)
+            .map_err(|e| self.storage_error(e))
     }
 
     /// Removes an empty directory. Needs `delete`.
@@ -551,7 +643,7 @@ impl Vfs {
         self.operator()
             .delete(&target.dir_key())
             .await
-            .map_err(VfsError::from_storage)
+            .map_err(|e| self.storage_error(e))
     }
 
     /// Removes a file. Needs `delete`.
@@ -566,12 +658,24 @@ impl Vfs {
         self.operator()
             .delete(&target.key)
             .await
-            .map_err(VfsError::from_storage)
+            .map_err(|e| self.storage_error(e))
     }
 
     /// Renames or moves a file or directory. Fails with [`VfsError::AlreadyExists`] if
     /// `to` exists: this is the plain (non-overwriting) rename. Needs `rename`.
     pub async fn rename(&self, from: &str, to: &str) -> Result<(), VfsError> {
+        self.move_entry(from, to, false).await
+    }
+
+    /// Renames like [`Vfs::rename`], but replaces a file at `to` (SFTP's
+    /// `posix-rename@openssh.com`). On the volume this is one `rename(2)`; in an object
+    /// store the file is copied over the target (readers see the old or the new one) and
+    /// then deleted. Needs `rename`, and `write` too if it replaces a file.
+    pub async fn rename_replacing(&self, from: &str, to: &str) -> Result<(), VfsError> {
+        self.move_entry(from, to, true).await
+    }
+
+    async fn move_entry(&self, from: &str, to: &str, replace: bool) -> Result<(), VfsError> {
         self.require(Permission::Rename)?;
         let source = self.locate(from).await?;
         let destination = self.locate(to).await?;
@@ -584,16 +688,33 @@ impl Vfs {
 
         self.entry(&source).await?;
         self.require_parent_dir(&destination).await?;
-        // Not through OpenDAL, whose rename replaces: the volume's rename fails by itself
-        // if the destination exists, however close two clients race for it.
-        self.volume
-            .rename(&source.key, &destination.key)
-            .await
-            .map_err(VfsError::from_volume)
+        if replace && !self.allows(Permission::Write) && self.exists(&destination).await? {
+            return Err(VfsError::Denied(Permission::Write));
+        }
+        match &self.storage {
+            // Not through OpenDAL, whose rename replaces: the volume's rename fails by
+            // itself if the destination exists, however close two clients race for it.
+            Storage::Volume(volume) if replace => volume
+                .rename_replacing(&source.key, &destination.key)
+                .await
+                .map_err(VfsError::from_volume),
+            Storage::Volume(volume) => volume
+                .rename(&source.key, &destination.key)
+                .await
+                .map_err(VfsError::from_volume),
+            Storage::Object(store) => store
+                .rename(&source.key, &destination.key, replace)
+                .await
+                .map_err(VfsError::from_rename),
+        }
     }
 
     fn operator(&self) -> &Operator {
-        self.volume.operator()
+        self.storage.operator()
+    }
+
+    fn storage_error(&self, error: opendal::Error) -> VfsError {
+        VfsError::from_backend(self.storage.is_object_store(), error)
     }
 
     fn require(&self, permission: Permission) -> Result<(), VfsError> {
@@ -615,10 +736,12 @@ impl Vfs {
         if storage::is_reserved(&target.key) {
             return Err(VfsError::NotFound);
         }
-        self.volume
-            .refuse_symlinks(&target.key)
-            .await
-            .map_err(VfsError::from_volume)?;
+        if let Storage::Volume(volume) = &self.storage {
+            volume
+                .refuse_symlinks(&target.key)
+                .await
+                .map_err(VfsError::from_volume)?;
+        }
         Ok(target)
     }
 
@@ -633,12 +756,33 @@ impl Vfs {
     }
 
     async fn entry(&self, target: &Target) -> Result<Entry, VfsError> {
-        let meta = self
-            .operator()
+        let store = match &self.storage {
+            Storage::Volume(volume) => {
+                let meta = volume
+                    .operator()
+                    .stat(&target.key)
+                    .await
+                    .map_err(VfsError::from_storage)?;
+                return Entry::from_metadata(target.name(), &meta).ok_or(VfsError::NotFound);
+            }
+            Storage::Object(store) => store,
+        };
+        let found = store
             .stat(&target.key)
             .await
-            .map_err(VfsError::from_storage)?;
-        Entry::from_metadata(target.name(), &meta).ok_or(VfsError::NotFound)
+            .map_err(VfsError::from_object_store)?;
+        match found {
+            Some(Found::File(meta)) => {
+                Entry::from_metadata(target.name(), &meta).ok_or(VfsError::NotFound)
+            }
+            Some(Found::Directory) => Ok(Entry {
+                name: target.name().to_owned(),
+                kind: EntryKind::Directory,
+                size: 0,
+                modified: None,
+            }),
+            None => Err(VfsError::NotFound),
+        }
     }
 
     async fn exists(&self, target: &Target) -> Result<bool, VfsError> {
@@ -665,13 +809,42 @@ impl Vfs {
 
     /// Links and other hidden entries count: `rmdir` could not remove them either.
     async fn is_empty_dir(&self, target: &Target) -> Result<bool, VfsError> {
-        let mut listing = self
-            .volume
+        let volume = match &self.storage {
+            Storage::Volume(volume) => volume,
+            Storage::Object(store) => {
+                return store
+                    .is_empty_dir(&target.key)
+                    .await
+                    .map_err(VfsError::from_object_store);
+            }
+        };
+        let mut listing = volume
             .list(&target.key)
             .await
             .map_err(VfsError::from_volume)?;
-        let first = listing.next().await.map_err(VfsError::from_volume)?;
+        let first = listing.next().await.map_err(VfsError::from_list)?;
         Ok(first.is_none())
+    }
+}
+
+/// Makes sure the home directory `home` exists in `store`: a marker is written only if
+/// there is neither a marker nor an object under the prefix.
+async fn create_home(store: &ObjectStore, home: &str) -> Result<(), VfsError> {
+    if home.is_empty() {
+        return Ok(());
+    }
+    match store
+        .stat(home)
+        .await
+        .map_err(VfsError::from_object_store)?
+    {
+        Some(Found::Directory) => Ok(()),
+        Some(Found::File(_)) => Err(VfsError::NotADirectory),
+        None => store
+            .operator()
+            .create_dir(&format!("{home}/"))
+            .await
+            .map_err(VfsError::from_object_store),
     }
 }
 
@@ -679,7 +852,7 @@ impl Vfs {
 /// special files are left out.
 pub struct DirStream {
     listing: Listing,
-    hide_uploads_dir: bool,
+    hide_reserved: bool,
 }
 
 impl DirStream {
@@ -687,7 +860,7 @@ impl DirStream {
     pub async fn next_batch(&mut self, max: usize) -> Result<Vec<Entry>, VfsError> {
         let mut batch = Vec::new();
         while batch.len() < max {
-            let next = self.listing.next().await.map_err(VfsError::from_volume)?;
+            let next = self.listing.next().await.map_err(VfsError::from_list)?;
             let Some(listed) = next else { break };
             batch.extend(self.visible(listed));
         }
@@ -700,7 +873,7 @@ impl DirStream {
             ListedKind::Directory => EntryKind::Directory,
             ListedKind::Other => return None,
         };
-        if self.hide_uploads_dir && listed.name == storage::UPLOADS_DIR {
+        if self.hide_reserved && storage::is_reserved_name(&listed.name) {
             return None;
         }
         Some(Entry {
@@ -712,12 +885,26 @@ impl DirStream {
     }
 }
 
-/// A file open for reading.
+/// A file open for reading. Reads that continue where the previous one ended are served
+/// from one sequential stream (one GET on an object store), which is restarted at the new
+/// offset when a client seeks.
 pub struct FileReader {
     reader: opendal::Reader,
+    stream: Option<Sequential>,
+    object_store: bool,
     path: String,
     size: u64,
     bytes_read: u64,
+}
+
+/// The stream a [`FileReader`] reads from, and where it stands.
+struct Sequential {
+    /// Only ever used through `&mut`; the wrapper lets a session holding it be shared.
+    stream: SyncWrapper<opendal::BufferStream>,
+    /// Offset in the file of the first byte of `pending`.
+    position: u64,
+    /// Bytes received and not handed out yet.
+    pending: Bytes,
 }
 
 impl FileReader {
@@ -727,14 +914,49 @@ impl FileReader {
         if offset >= end {
             return Ok(Bytes::new());
         }
-        let data = self
-            .reader
-            .read(offset..end)
-            .await
-            .map_err(VfsError::from_storage)?
-            .to_bytes();
+        let wanted = (end - offset) as usize;
+        let mut sequential = match self.stream.take() {
+            Some(sequential) if sequential.position == offset => sequential,
+            _ => self.start_stream(offset).await?,
+        };
+
+        let mut data = BytesMut::new();
+        while data.len() < wanted {
+            if sequential.pending.is_empty() {
+                let next = sequential.stream.get_mut().try_next().await;
+                match next.map_err(|e| VfsError::from_backend(self.object_store, e))? {
+                    Some(buffer) => sequential.pending = buffer.to_bytes(),
+                    // Replaced by a shorter file since it was opened.
+                    None => break,
+                }
+                continue;
+            }
+            let take = sequential.pending.len().min(wanted - data.len());
+            let chunk = sequential.pending.split_to(take);
+            if data.is_empty() && take == wanted {
+                data = chunk.into();
+            } else {
+                data.extend_from_slice(&chunk);
+            }
+        }
+        sequential.position += data.len() as u64;
+        self.stream = Some(sequential);
         self.bytes_read += data.len() as u64;
-        Ok(data)
+        Ok(data.freeze())
+    }
+
+    async fn start_stream(&self, offset: u64) -> Result<Sequential, VfsError> {
+        let stream = self
+            .reader
+            .clone()
+            .into_stream(offset..self.size)
+            .await
+            .map_err(|e| VfsError::from_backend(self.object_store, e))?;
+        Ok(Sequential {
+            stream: SyncWrapper::new(stream),
+            position: offset,
+            pending: Bytes::new(),
+        })
     }
 
     /// Client path of the file.
@@ -753,12 +975,27 @@ impl FileReader {
     }
 }
 
+/// How a finished upload becomes the file.
+enum Publish {
+    /// Moved from its temporary file on the volume.
+    Staged {
+        volume: storage::Volume,
+        staged: String,
+    },
+    /// Completed in place: an object appears whole when its upload completes. With
+    /// `check_first` (a store without conditional writes) an exclusive upload checks the
+    /// name just before completing.
+    Direct {
+        store: ObjectStore,
+        check_first: bool,
+    },
+}
+
 /// An upload in progress. Close it to publish the file; dropping it discards the upload.
 pub struct FileWriter {
-    /// Writes the temporary file at `staged`; `None` once closed or aborted.
+    /// Writes the temporary file or the object; `None` once closed or aborted.
     writer: Option<opendal::Writer>,
-    volume: Volume,
-    staged: String,
+    publish: Publish,
     key: String,
     mode: WriteMode,
     path: String,
@@ -775,11 +1012,15 @@ impl FileWriter {
                 got: offset,
             });
         }
+        let object_store = self.is_object_store();
         let Some(writer) = self.writer.as_mut() else {
             return Err(VfsError::NotFound);
         };
         let len = data.len() as u64;
-        writer.write(data).await.map_err(VfsError::from_storage)?;
+        writer
+            .write(data)
+            .await
+            .map_err(|e| VfsError::from_backend(object_store, e))?;
         self.bytes_written += len;
         Ok(())
     }
@@ -791,24 +1032,45 @@ impl FileWriter {
         let Some(mut writer) = self.writer.take() else {
             return Err(VfsError::NotFound);
         };
+        if let Publish::Direct {
+            store,
+            check_first: true,
+        } = &self.publish
+        {
+            let taken = store.stat(&self.key).await;
+            if !matches!(taken, Ok(None)) {
+                let _ = writer.abort().await;
+                return Err(match taken {
+                    Err(error) => VfsError::from_object_store(error),
+                    _ => VfsError::AlreadyExists,
+                });
+            }
+        }
+        let object_store = self.is_object_store();
         if let Err(error) = writer.close().await {
             let _ = writer.abort().await;
-            return Err(VfsError::from_storage(error));
+            return Err(VfsError::from_backend(object_store, error));
         }
 
-        let replace = self.mode == WriteMode::Replace;
-        let published = self.volume.publish(&self.staged, &self.key, replace).await;
-        if let Err(error) = published {
-            self.volume.discard(&self.staged).await;
-            return Err(VfsError::from_volume(error));
+        if let Publish::Staged { volume, staged } = &self.publish {
+            let replace = self.mode == WriteMode::Replace;
+            let published = volume.publish(staged, &self.key, replace).await;
+            if let Err(error) = published {
+                volume.discard(staged).await;
+                return Err(VfsError::from_volume(error));
+            }
         }
         Ok(self.bytes_written)
     }
 
     /// Discards the upload.
     pub async fn abort(mut self) -> Result<(), VfsError> {
+        let object_store = self.is_object_store();
         if let Some(mut writer) = self.writer.take() {
-            writer.abort().await.map_err(VfsError::from_storage)?;
+            writer
+                .abort()
+                .await
+                .map_err(|e| VfsError::from_backend(object_store, e))?;
         }
         Ok(())
     }
@@ -822,19 +1084,25 @@ impl FileWriter {
     pub fn bytes_written(&self) -> u64 {
         self.bytes_written
     }
+
+    fn is_object_store(&self) -> bool {
+        matches!(self.publish, Publish::Direct { .. })
+    }
 }
 
 impl Drop for FileWriter {
     fn drop(&mut self) {
         // A session that ends mid-upload drops its writers; removing the temporary file
-        // needs async I/O, so it is handed to the runtime if there still is one.
+        // or aborting the multipart upload needs async I/O, so it is handed to the
+        // runtime if there still is one.
         let Some(mut writer) = self.writer.take() else {
             return;
         };
         if let Ok(runtime) = tokio::runtime::Handle::try_current() {
             runtime.spawn(async move {
                 if let Err(error) = writer.abort().await {
-                    tracing::warn!(%error, "Failed to discard unfinished upload");
+                    // Only the kind: a store's message can carry its response.
+                    tracing::warn!(kind = %error.kind(), "Failed to discard unfinished upload");
                 }
             });
         }
@@ -846,6 +1114,7 @@ mod tests {
     use std::path::Path;
 
     use super::*;
+    use crate::storage::Volume;
     use Permission::*;
 
     fn user(home: &str, permissions: &[Permission]) -> GatewayUser {

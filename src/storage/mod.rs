@@ -33,6 +33,7 @@
 //!   directory. On a volume without hard links they fall back to a check followed by a
 //!   rename, which two clients racing for one name can both pass.
 
+pub mod bucket;
 pub mod object;
 
 use std::io;
@@ -42,9 +43,15 @@ use std::time::{Duration, SystemTime};
 use opendal::Operator;
 use opendal::services::Fs;
 
+pub use bucket::ObjectStore;
+
 /// Name of the hidden directory, directly under the volume root, that holds uploads in
 /// progress.
 pub const UPLOADS_DIR: &str = ".sluice-uploads";
+
+/// Name of the directory, directly under the storage root, where the operator probes an
+/// object store (it writes and deletes one object there). Hidden like [`UPLOADS_DIR`].
+pub const PROBE_DIR: &str = ".sluice-probe";
 
 /// Age after which a temporary upload file is considered abandoned and removed when the
 /// volume is opened. Long enough that an upload still running on another replica that
@@ -115,6 +122,42 @@ impl StorageError {
             | Self::Move { source, .. } => Some(source.kind()),
             Self::Open { .. } | Self::Symlink { .. } | Self::Exists { .. } => None,
         }
+    }
+}
+
+/// Where a gateway's files live: the mounted volume or a bucket. Cheap to clone.
+#[derive(Clone, Debug)]
+pub enum Storage {
+    /// The server's volume (a mounted PersistentVolumeClaim).
+    Volume(Volume),
+    /// A bucket in an object store.
+    Object(ObjectStore),
+}
+
+impl Storage {
+    /// The operator; keys are relative to the storage root.
+    pub fn operator(&self) -> &Operator {
+        match self {
+            Self::Volume(volume) => volume.operator(),
+            Self::Object(store) => store.operator(),
+        }
+    }
+
+    /// Whether files live in an object store.
+    pub fn is_object_store(&self) -> bool {
+        matches!(self, Self::Object(_))
+    }
+}
+
+impl From<Volume> for Storage {
+    fn from(volume: Volume) -> Self {
+        Self::Volume(volume)
+    }
+}
+
+impl From<ObjectStore> for Storage {
+    fn from(store: ObjectStore) -> Self {
+        Self::Object(store)
     }
 }
 
@@ -196,6 +239,14 @@ impl Volume {
             .await
     }
 
+    /// Renames the file or directory at `from` to `to` in one `rename(2)`, replacing a
+    /// file or empty directory at `to` (a non-empty directory there makes it fail).
+    pub async fn rename_replacing(&self, from: &str, to: &str) -> Result<(), StorageError> {
+        let (from, to) = (from.to_owned(), to.to_owned());
+        self.on_volume(move |root| Move::new(root, &from, &to).replacing())
+            .await
+    }
+
     /// Removes the file at `key`, if it is there; for temporary uploads that will not be
     /// published. A failure is logged, not returned: the file is removed as stale later.
     pub async fn discard(&self, key: &str) {
@@ -239,10 +290,10 @@ impl Volume {
         let read_dir = tokio::fs::read_dir(self.local_root.join(key))
             .await
             .map_err(list_error)?;
-        Ok(Listing {
+        Ok(Listing::Volume(VolumeListing {
             key: key.to_owned(),
             read_dir,
-        })
+        }))
     }
 }
 
@@ -271,12 +322,50 @@ pub struct ListedEntry {
 }
 
 /// A directory listing in progress, read entry by entry.
-pub struct Listing {
+pub enum Listing {
+    /// A directory on the volume.
+    Volume(VolumeListing),
+    /// A directory in an object store.
+    Object(bucket::ObjectListing),
+}
+
+impl Listing {
+    /// The next entry, or `None` when the listing is complete.
+    pub async fn next(&mut self) -> Result<Option<ListedEntry>, ListError> {
+        match self {
+            Self::Volume(listing) => listing.next().await.map_err(ListError::Volume),
+            Self::Object(listing) => {
+                let entry = listing.next().await.map_err(ListError::Object)?;
+                Ok(entry.map(|entry| ListedEntry {
+                    name: entry.name,
+                    kind: match entry.is_dir {
+                        true => ListedKind::Directory,
+                        false => ListedKind::File,
+                    },
+                    size: entry.size,
+                    modified: entry.modified,
+                }))
+            }
+        }
+    }
+}
+
+/// Why a listing failed.
+#[derive(Debug)]
+pub enum ListError {
+    /// Reading the volume's directory failed.
+    Volume(StorageError),
+    /// The object store failed.
+    Object(opendal::Error),
+}
+
+/// A directory on the volume being listed.
+pub struct VolumeListing {
     key: String,
     read_dir: tokio::fs::ReadDir,
 }
 
-impl Listing {
+impl VolumeListing {
     /// The next entry, or `None` when the listing is complete.
     pub async fn next(&mut self) -> Result<Option<ListedEntry>, StorageError> {
         loop {
@@ -333,10 +422,17 @@ pub fn fs_operator(root: &Path) -> Result<Operator, StorageError> {
     Operator::new(builder).map_err(open_error)
 }
 
-/// Whether `key` (relative to the volume root, with or without a leading `/`) lies in
-/// the reserved [`UPLOADS_DIR`].
+/// Whether `key` (relative to the storage root, with or without a leading `/`) lies in
+/// one of the reserved directories, [`UPLOADS_DIR`] or [`PROBE_DIR`].
 pub fn is_reserved(key: &str) -> bool {
-    key.split('/').find(|c| !c.is_empty()) == Some(UPLOADS_DIR)
+    key.split('/')
+        .find(|c| !c.is_empty())
+        .is_some_and(is_reserved_name)
+}
+
+/// Whether `name`, an entry of the storage root, is one of the reserved directories.
+pub fn is_reserved_name(name: &str) -> bool {
+    name == UPLOADS_DIR || name == PROBE_DIR
 }
 
 /// Whether OpenDAL uses `key` exactly as given, so that what is checked on the volume

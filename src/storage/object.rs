@@ -14,13 +14,18 @@
 //!   metadata is always disabled, so a pod never borrows its node's role.
 //! - Keys handed to the operator are relative to the configured prefix, as with the
 //!   volume: the operator's root is `/PREFIX/`.
+//! - Requests go through one process-wide HTTP client ([`http_client`]) that ignores
+//!   proxy environment variables, follows no redirect (a store's answer cannot send the
+//!   signed request elsewhere) and gives up on a connection after
+//!   [`CONNECT_TIMEOUT`] and on a silent response after [`READ_TIMEOUT`].
 
 use std::fmt;
 use std::path::Path;
-use std::sync::{Arc, OnceLock};
+use std::sync::OnceLock;
 use std::time::Duration;
 
 use opendal::{HttpTransporter, OperationContext, Operator};
+use opendal_http_transport_reqwest::ReqwestTransport;
 use serde::{Deserialize, Serialize};
 
 pub use crate::api::{AddressingStyle, ObjectStoreProvider as Provider};
@@ -86,6 +91,33 @@ pub enum ObjectStoreError {
     /// OpenDAL refused the configuration.
     #[error("invalid object store configuration: {0}")]
     Build(#[source] opendal::Error),
+    /// The HTTP client could not be built.
+    #[error("failed to build the HTTP client for the object store")]
+    HttpClient(#[source] std::sync::Arc<reqwest::Error>),
+}
+
+/// How long connecting to the store may take.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How long the store may leave a request without an answer (no byte received).
+pub const READ_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// The HTTP client every operator uses, built on first use.
+pub fn http_client() -> Result<reqwest::Client, ObjectStoreError> {
+    static CLIENT: OnceLock<Result<reqwest::Client, std::sync::Arc<reqwest::Error>>> =
+        OnceLock::new();
+    let client = CLIENT.get_or_init(|| {
+        // reqwest's rustls needs a process-wide provider; Sluice uses ring throughout.
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        reqwest::Client::builder()
+            .no_proxy()
+            .redirect(reqwest::redirect::Policy::none())
+            .connect_timeout(CONNECT_TIMEOUT)
+            .read_timeout(READ_TIMEOUT)
+            .build()
+            .map_err(std::sync::Arc::new)
+    });
+    client.clone().map_err(ObjectStoreError::HttpClient)
 }
 
 /// Secret keys the credentials are read from.
@@ -232,57 +264,9 @@ impl ObjectStoreConfig {
     }
 }
 
-/// How long connecting to an object store may take.
-pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// The HTTP client every object store is reached through, built once per process.
-///
-/// OpenDAL 0.59 installs a default transport only through a process constructor
-/// (`auto-register-services`) using reqwest's default client, which would choose its own
-/// TLS crypto provider and honour `HTTP(S)_PROXY` from the environment. Ours uses the
-/// ring provider the rest of Sluice uses, trusts the Mozilla roots plus the system's
-/// (`SSL_CERT_FILE`/`SSL_CERT_DIR` add a private CA for an in-house store), never goes
-/// through a proxy, never follows redirects, and bounds connecting.
-fn http_transport() -> HttpTransporter {
-    static TRANSPORT: OnceLock<HttpTransporter> = OnceLock::new();
-    TRANSPORT
-        .get_or_init(|| {
-            let mut roots = rustls::RootCertStore::empty();
-            roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
-            for cert in rustls_native_certs::load_native_certs().certs {
-                let _ = roots.add(cert);
-            }
-            let provider = Arc::new(rustls::crypto::ring::default_provider());
-            let tls = rustls::ClientConfig::builder_with_provider(provider)
-                .with_safe_default_protocol_versions()
-                .expect("ring supports the default TLS versions")
-                .with_root_certificates(roots)
-                .with_no_client_auth();
-            let client = reqwest::Client::builder()
-                .tls_backend_preconfigured(tls)
-                .no_proxy()
-                .redirect(reqwest::redirect::Policy::none())
-                .connect_timeout(CONNECT_TIMEOUT)
-                .build()
-                .expect("the object-store HTTP client builds");
-            HttpTransporter::new(opendal_http_transport_reqwest::ReqwestTransport::new(
-                client,
-            ))
-        })
-        .clone()
-}
-
 /// Builds the OpenDAL operator for `config`. `credentials` is ignored with workload
-/// identity. Makes no network request.
+/// identity. Makes no network request (it only builds the HTTP client, once).
 pub fn build_operator(
-    config: &ObjectStoreConfig,
-    credentials: &Credentials,
-) -> Result<Operator, ObjectStoreError> {
-    let operator = build_service(config, credentials)?;
-    Ok(operator.with_context(OperationContext::new().with_http_transport(http_transport())))
-}
-
-fn build_service(
     config: &ObjectStoreConfig,
     credentials: &Credentials,
 ) -> Result<Operator, ObjectStoreError> {
@@ -381,7 +365,11 @@ fn build_service(
             Operator::new(builder)
         }
     };
-    operator.map_err(ObjectStoreError::Build)
+    let transport = HttpTransporter::new(ReqwestTransport::new(http_client()?));
+    let context = OperationContext::new().with_http_transport(transport);
+    Ok(operator
+        .map_err(ObjectStoreError::Build)?
+        .with_context(context))
 }
 
 /// The storage account an Azure Blob endpoint names: the first label of its host.

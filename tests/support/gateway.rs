@@ -25,9 +25,11 @@ use sluice::gateway::config::{
 };
 use sluice::gateway::ftps::tls::{CERT_FILE, KEY_FILE};
 use sluice::gateway::{Gateway, GatewayArgs, host_keys};
+use sluice::storage::object::ObjectStoreConfig;
 use tempfile::TempDir;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
+use tracing_subscriber::EnvFilter;
 
 /// Every permission there is.
 pub const ALL: &[Permission] = &[
@@ -49,6 +51,7 @@ pub struct TestGateway {
     /// Where implicit FTPS listens, if it is served.
     pub ftps_implicit: Option<SocketAddr>,
     ftps_settings: Mutex<Option<FtpsSettings>>,
+    object_store: Option<ObjectStoreConfig>,
     pki: Option<TestPki>,
     stop: Option<oneshot::Sender<()>>,
     serving: Option<JoinHandle<()>>,
@@ -79,12 +82,42 @@ impl TestGateway {
         Self::start_with(users, Some(settings), Some((pki, certificate))).await
     }
 
+    /// Starts a gateway serving files from `store` with the credentials `(key, value)`
+    /// written as the mounted Secret would hold them, and FTPS too if `ftps` is given.
+    pub async fn start_object_store(
+        users: Vec<GatewayUser>,
+        ftps: Option<FtpsSettings>,
+        store: ObjectStoreConfig,
+        credentials: &[(&str, &str)],
+    ) -> Result<Self> {
+        let tls = match ftps {
+            Some(_) => {
+                let pki = TestPki::new()?;
+                let certificate = pki.issue(VALID_UNTIL)?;
+                Some((pki, certificate))
+            }
+            None => None,
+        };
+        let dir = tempfile::tempdir()?;
+        write_credentials(dir.path(), credentials)?;
+        Self::start_in(dir, users, ftps, tls, Some(store)).await
+    }
+
     async fn start_with(
         users: Vec<GatewayUser>,
         ftps: Option<FtpsSettings>,
         tls: Option<(TestPki, (String, String))>,
     ) -> Result<Self> {
-        let dir = tempfile::tempdir()?;
+        Self::start_in(tempfile::tempdir()?, users, ftps, tls, None).await
+    }
+
+    async fn start_in(
+        dir: TempDir,
+        users: Vec<GatewayUser>,
+        ftps: Option<FtpsSettings>,
+        tls: Option<(TestPki, (String, String))>,
+        object_store: Option<ObjectStoreConfig>,
+    ) -> Result<Self> {
         let host_keys = write_host_keys(dir.path())?;
         let tls_dir = dir.path().join("tls");
         std::fs::create_dir(&tls_dir)?;
@@ -100,13 +133,17 @@ impl TestGateway {
             config: dir.path().join("config.json"),
             host_keys,
             data_dir: dir.path().join("data"),
+            storage_credentials: dir.path().join(CREDENTIALS_DIR),
             sftp_listen: "127.0.0.1:0".parse()?,
             ftps_listen: "127.0.0.1:0".parse()?,
             ftps_implicit_listen: "127.0.0.1:0".parse()?,
             tls_dir: Some(tls_dir),
             pod_name: None,
         };
-        write_config(&args.config, users, ftps.clone())?;
+        write_config(
+            &args.config,
+            config(users, ftps.clone(), object_store.clone()),
+        )?;
 
         let gateway = Gateway::bind(&args)
             .await?
@@ -124,6 +161,7 @@ impl TestGateway {
             ftps: ftps_addr,
             ftps_implicit,
             ftps_settings: Mutex::new(ftps),
+            object_store,
             pki,
             stop: Some(stop),
             serving: Some(serving),
@@ -173,20 +211,23 @@ impl TestGateway {
     /// content appears under the same name in one rename.
     pub fn set_users(&self, users: Vec<GatewayUser>) -> Result<()> {
         let ftps = self.ftps_settings.lock().unwrap().clone();
-        write_config(&self.config_path(), users, ftps)
+        let next = config(users, ftps, self.object_store.clone());
+        write_config(&self.config_path(), next)
     }
 
     /// Replaces the configuration like [`TestGateway::set_users`], with new FTPS settings.
     pub fn set_ftps(&self, users: Vec<GatewayUser>, settings: FtpsSettings) -> Result<()> {
         *self.ftps_settings.lock().unwrap() = Some(settings.clone());
-        write_config(&self.config_path(), users, Some(settings))
+        let next = config(users, Some(settings), self.object_store.clone());
+        write_config(&self.config_path(), next)
     }
 
     /// Writes a configuration holding `users` next to the live one, for a client to
     /// rename over it at a moment of its choosing; returns the staged file.
     pub fn stage_users(&self, users: Vec<GatewayUser>) -> Result<PathBuf> {
         let staged = self.dir.path().join("config.next.json");
-        let next = config(users, self.ftps_settings.lock().unwrap().clone());
+        let ftps = self.ftps_settings.lock().unwrap().clone();
+        let next = config(users, ftps, self.object_store.clone());
         std::fs::write(&staged, serde_json::to_vec_pretty(&next)?)?;
         Ok(staged)
     }
@@ -220,7 +261,12 @@ impl Drop for TestGateway {
     }
 }
 
-fn config(users: Vec<GatewayUser>, ftps: Option<FtpsSettings>) -> GatewayConfig {
+/// The configuration of a test gateway serving `users`.
+pub fn config(
+    users: Vec<GatewayUser>,
+    ftps: Option<FtpsSettings>,
+    object_store: Option<ObjectStoreConfig>,
+) -> GatewayConfig {
     GatewayConfig {
         server: "tests/sftp".into(),
         region: "cn-shanghai".into(),
@@ -232,14 +278,28 @@ fn config(users: Vec<GatewayUser>, ftps: Option<FtpsSettings>) -> GatewayConfig 
         users,
         sftp: true,
         ftps,
-        object_store: None,
+        object_store,
     }
 }
 
-fn write_config(path: &Path, users: Vec<GatewayUser>, ftps: Option<FtpsSettings>) -> Result<()> {
+fn write_config(path: &Path, config: GatewayConfig) -> Result<()> {
     let staged = path.with_extension("staged");
-    std::fs::write(&staged, serde_json::to_vec_pretty(&config(users, ftps))?)?;
+    std::fs::write(&staged, serde_json::to_vec_pretty(&config)?)?;
     std::fs::rename(&staged, path)?;
+    Ok(())
+}
+
+/// Directory, in a gateway's temporary directory, of the storage credentials.
+pub const CREDENTIALS_DIR: &str = "storage-credentials";
+
+/// Writes `credentials` into `dir/storage-credentials`, one file per key, as the kubelet
+/// mounts a Secret (with `kubectl create secret --from-file`'s trailing newline).
+pub fn write_credentials(dir: &Path, credentials: &[(&str, &str)]) -> Result<()> {
+    let secret = dir.join(CREDENTIALS_DIR);
+    std::fs::create_dir_all(&secret)?;
+    for (key, value) in credentials {
+        std::fs::write(secret.join(key), format!("{value}\n"))?;
+    }
     Ok(())
 }
 
@@ -409,8 +469,10 @@ pub fn capture_logs() -> CapturedLogs {
 
     let buffer = Arc::new(Mutex::new(Vec::new()));
     let writer = SharedBuffer(buffer.clone());
+    // Everything, except what the gateway's own filter always holds back.
+    let filter = sluice::cli::without_credential_logs(EnvFilter::new("trace"));
     let subscriber = tracing_subscriber::fmt()
-        .with_max_level(tracing::Level::TRACE)
+        .with_env_filter(filter)
         .with_ansi(false)
         .without_time()
         .with_writer(move || writer.clone())

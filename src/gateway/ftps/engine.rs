@@ -28,7 +28,7 @@ use tracing::{Instrument, Span};
 use crate::gateway::auth::{LiveLogins, Login, Logins};
 use crate::gateway::ftps::backend::{FtpUser, VfsBackend};
 use crate::gateway::ftps::login::PasswordLogin;
-use crate::storage::Volume;
+use crate::storage::Storage;
 
 /// Ports libunftp listens on, on 127.0.0.1, for the data connections the front end relays.
 /// Above Linux's default ephemeral range, so outgoing connections rarely hold one.
@@ -132,16 +132,16 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 #[derive(Clone)]
 pub struct Engine {
     logins: LiveLogins,
-    volume: Volume,
+    storage: Storage,
     logger: slog::Logger,
 }
 
 impl Engine {
-    /// An engine serving `volume` to `logins`.
-    pub fn new(logins: LiveLogins, volume: Volume) -> Self {
+    /// An engine serving `storage` to `logins`.
+    pub fn new(logins: LiveLogins, storage: Storage) -> Self {
         Self {
             logins,
-            volume,
+            storage,
             logger: slog::Logger::root(TracingDrain.fuse(), slog::o!()),
         }
     }
@@ -175,7 +175,7 @@ impl Engine {
     ) -> io::Result<libunftp::Server<VfsBackend, FtpUser>> {
         let login = Arc::new(PasswordLogin::new(
             self.logins.clone(),
-            self.volume.clone(),
+            self.storage.clone(),
             context.clone(),
         ));
         let backend = move || VfsBackend::new(context.clone());

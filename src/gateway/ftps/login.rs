@@ -21,7 +21,7 @@ use crate::gateway::auth::LiveLogins;
 use crate::gateway::ftps::backend::FtpUser;
 use crate::gateway::ftps::engine::SessionContext;
 use crate::gateway::vfs::Vfs;
-use crate::storage::Volume;
+use crate::storage::Storage;
 use async_trait::async_trait;
 use unftp_core::auth::{
     AuthenticationError, Authenticator, Credentials, Principal, UserDetailError, UserDetailProvider,
@@ -33,7 +33,7 @@ pub const REJECTION_DELAY: Duration = Duration::from_secs(1);
 /// The logins of one FTPS session.
 pub struct PasswordLogin {
     logins: LiveLogins,
-    volume: Volume,
+    storage: Storage,
     context: Arc<SessionContext>,
 }
 
@@ -44,11 +44,11 @@ impl fmt::Debug for PasswordLogin {
 }
 
 impl PasswordLogin {
-    /// Checks passwords against `logins` and opens the user's view of `volume`.
-    pub fn new(logins: LiveLogins, volume: Volume, context: Arc<SessionContext>) -> Self {
+    /// Checks passwords against `logins` and opens the user's view of `storage`.
+    pub fn new(logins: LiveLogins, storage: Storage, context: Arc<SessionContext>) -> Self {
         Self {
             logins,
-            volume,
+            storage,
             context,
         }
     }
@@ -100,7 +100,7 @@ impl UserDetailProvider for PasswordLogin {
             })?;
 
         let user = login.user();
-        match Vfs::open(self.volume.clone(), user).await {
+        match Vfs::open(self.storage.clone(), user).await {
             Ok(vfs) => {
                 let span = self.context.span();
                 span.record("user", user.name.as_str());
