@@ -62,8 +62,9 @@ pub struct GatewayArgs {
     pub host_keys: PathBuf,
 
     /// Root of the storage volume; user homes are directories below it. Unused when the
-    /// configuration names an object store.
-    #[arg(long, env = "SLUICE_DATA_DIR")]
+    /// configuration names an object store (whose pods mount no volume and do not pass
+    /// it).
+    #[arg(long, env = "SLUICE_DATA_DIR", default_value = "/var/lib/sluice/data")]
     pub data_dir: PathBuf,
 
     /// Directory holding the object store's credentials, one Secret key per file
