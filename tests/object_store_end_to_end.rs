@@ -1,7 +1,8 @@
-//! The operator with object storage, on a real control plane and a real S3-compatible
-//! server (SeaweedFS on 127.0.0.1): what it renders for a bucket, how it probes it, how
-//! it reports a missing bucket, wrong credentials, an unreachable endpoint and a missing
-//! Secret, and how the policy judges the bucket's region.
+//! The operator and a gateway with object storage, on a real control plane and a real
+//! S3-compatible server (SeaweedFS on 127.0.0.1): what the operator renders for a bucket,
+//! how it probes it, how it reports a missing bucket, wrong credentials, an unreachable
+//! endpoint and a missing Secret, how the policy judges the bucket's region, and a
+//! gateway pod (run by the stand-in kubelet) storing an SFTP upload in the bucket.
 
 mod support;
 
@@ -21,9 +22,11 @@ use support::cluster::{
     Operator, apply, apply_all, condition, eventually, install_crds, parse_yaml, refused,
 };
 use support::controlplane::ControlPlane;
+use support::kubelet::FakeKubelet;
 use support::s3::{
     ACCESS_KEY_ID as ACCESS_KEY, SECRET_ACCESS_KEY as SECRET_KEY, SeaweedFs, all_keys,
 };
+use support::sftp::{Auth, SftpClient, random_file, sha256_file, sha256_hex};
 
 const NS: &str = "archives";
 const WAIT: Duration = Duration::from_secs(60);
@@ -61,6 +64,7 @@ async fn object_store_servers_are_rendered_probed_and_judged() -> Result<()> {
     )
     .await?;
     storage_outside_the_policy_is_not_rolled_out(&client, &s3, &bucket).await?;
+    the_gateway_keeps_uploads_in_the_bucket(&client, &s3, &bucket).await?;
     operator.stop().await
 }
 
@@ -421,5 +425,94 @@ async fn storage_outside_the_policy_is_not_rolled_out(
             .is_none(),
         "a gateway was rolled out for an unresolvable store"
     );
+    Ok(())
+}
+
+const PASSWORD: &str = "bucket-user-password-1";
+
+async fn the_gateway_keeps_uploads_in_the_bucket(
+    client: &Client,
+    s3: &SeaweedFs,
+    bucket: &str,
+) -> Result<()> {
+    let kubelet = FakeKubelet::register(
+        client.clone(),
+        "node-sh-1",
+        &[("topology.kubernetes.io/region", "cn-shanghai")],
+    )
+    .await?;
+    let user = json!({
+        "apiVersion": "sluice.dev/v1alpha1",
+        "kind": "TransferUser",
+        "metadata": {"name": "cucm", "namespace": NS},
+        "spec": {
+            "serverRef": {"name": "bucketed"},
+            "passwordSecretRef": {"name": "cucm-password"},
+            "homeDirectory": "/backups",
+            "permissions": ["list", "read", "write", "delete", "mkdir", "rename"],
+        },
+    });
+    let password = json!({
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "metadata": {"name": "cucm-password", "namespace": NS},
+        "stringData": {"password": PASSWORD},
+    });
+    apply_all(client, &[password, user]).await?;
+    // The configuration carries the user before the pod starts, so it reads it at once.
+    eventually("the user in the configuration", WAIT, || async {
+        let config = Api::<Secret>::namespaced(client.clone(), NS)
+            .get("bucketed-gateway-config")
+            .await?;
+        let json = &config.data.context("config data")?["config.json"];
+        let config: GatewayConfig = serde_json::from_slice(&json.0)?;
+        Ok(config.users.iter().any(|u| u.name == "cucm").then_some(()))
+    })
+    .await?;
+    let mut pod = kubelet
+        .run_pod(NS, "app.kubernetes.io/instance=bucketed")
+        .await
+        .context("the gateway pod did not run")?;
+    wait_for_condition(client, "bucketed", "Ready", "True", "RolledOut")
+        .await
+        .with_context(|| pod.log())?;
+
+    let scratch = tempfile::tempdir()?;
+    let local = scratch.path().join("config.tar");
+    let digest = random_file(&local, 3 * 1024 * 1024 + 17, 4)?;
+    let sftp = SftpClient::new(
+        pod.ports[&2222],
+        "cucm",
+        Auth::Password(PASSWORD.into()),
+        &scratch.path().join("sftp"),
+    )?;
+    sftp.run(&format!("put {} config.tar\n", local.display()))
+        .with_context(|| pod.log())?;
+
+    // The upload is one object under the prefix and the user's home, and nothing else
+    // (no temporary object) is left beside it.
+    let objects = s3.bucket_operator(bucket)?;
+    let keys = all_keys(&objects).await?;
+    let files: Vec<&String> = keys.iter().filter(|k| !k.ends_with('/')).collect();
+    ensure!(
+        files == ["gateways/cucm/backups/config.tar"],
+        "objects in the bucket: {keys:?}"
+    );
+    let stored = objects
+        .read("gateways/cucm/backups/config.tar")
+        .await?
+        .to_vec();
+    ensure!(
+        sha256_hex(&stored) == digest,
+        "the stored object differs from the upload"
+    );
+
+    let fetched = scratch.path().join("fetched.tar");
+    sftp.run(&format!("get config.tar {}\n", fetched.display()))?;
+    ensure!(
+        sha256_file(&fetched)? == digest,
+        "the download differs from the upload"
+    );
+    pod.stop().await;
     Ok(())
 }
