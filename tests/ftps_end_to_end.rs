@@ -223,18 +223,7 @@ async fn wait_condition(
 }
 
 async fn warning_event(client: &Client, name: &str, reason: &str) -> Result<String> {
-    let events = Api::<Event>::namespaced(client.clone(), NS);
-    let what = format!("a Warning Event {reason} for {name}");
-    eventually(&what, WAIT, || async {
-        let list = events.list(&ListParams::default()).await?;
-        Ok(list.items.into_iter().find_map(|e| {
-            let matches = e.involved_object.name.as_deref() == Some(name)
-                && e.type_.as_deref() == Some("Warning")
-                && e.reason.as_deref() == Some(reason);
-            matches.then(|| e.message.unwrap_or_default())
-        }))
-    })
-    .await
+    support::cluster::warning_event(client, NS, name, reason, WAIT).await
 }
 
 async fn gateway_config(client: &Client, server: &str) -> Result<GatewayConfig> {

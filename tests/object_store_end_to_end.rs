@@ -20,6 +20,7 @@ use sluice::storage::object::Provider;
 
 use support::cluster::{
     Operator, apply, apply_all, condition, eventually, install_crds, parse_yaml, refused,
+    warning_event,
 };
 use support::controlplane::ControlPlane;
 use support::kubelet::FakeKubelet;
@@ -286,6 +287,8 @@ async fn wrong_credentials_are_reported_without_secrets(
     );
     let ready = condition(&server, "Ready").context("Ready")?;
     ensure!(ready.0 == "False", "{ready:?}");
+    let warned = warning_event(client, NS, "bucketed", "StorageAccessDenied", WAIT).await?;
+    ensure!(warned == message, "{warned}");
     let events = Api::<Event>::namespaced(client.clone(), NS)
         .list(&ListParams::default())
         .await?;
@@ -398,6 +401,7 @@ async fn storage_outside_the_policy_is_not_rolled_out(
     );
     let residency = condition(&stalled, "ResidencyCompliant").context("ResidencyCompliant")?;
     ensure!(residency.1 == "StorageRegionNotAllowed", "{residency:?}");
+    warning_event(client, NS, "hong-kong", "StorageRegionNotAllowed", WAIT).await?;
     let statefulsets = Api::<StatefulSet>::namespaced(client.clone(), NS);
     ensure!(
         statefulsets.get_opt("hong-kong-gateway").await?.is_none(),

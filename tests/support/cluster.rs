@@ -191,3 +191,26 @@ impl Drop for Operator {
         }
     }
 }
+
+/// Waits for a Warning Event with `reason` about the object `name` in `namespace` and
+/// returns its message.
+pub async fn warning_event(
+    client: &Client,
+    namespace: &str,
+    name: &str,
+    reason: &str,
+    timeout: Duration,
+) -> Result<String> {
+    let events = Api::<k8s_openapi::api::core::v1::Event>::namespaced(client.clone(), namespace);
+    let what = format!("a Warning Event {reason} for {name}");
+    eventually(&what, timeout, || async {
+        let list = events.list(&kube::api::ListParams::default()).await?;
+        Ok(list.items.into_iter().find_map(|e| {
+            let matches = e.involved_object.name.as_deref() == Some(name)
+                && e.type_.as_deref() == Some("Warning")
+                && e.reason.as_deref() == Some(reason);
+            matches.then(|| e.message.unwrap_or_default())
+        }))
+    })
+    .await
+}

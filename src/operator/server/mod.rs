@@ -327,10 +327,20 @@ async fn stall(context: &Context, blocked: Blocked) -> Result<Action, Error> {
 }
 
 /// Reasons of a `ResidencyCompliant=False` condition; the first is the fallback.
-const RESIDENCY_REASONS: [Reason; 3] = [
+const RESIDENCY_REASONS: [Reason; 4] = [
     Reason::RegionNotAllowed,
     Reason::PlaintextNotAllowed,
+    Reason::StorageRegionNotAllowed,
     Reason::AuditOnly,
+];
+
+/// Reasons of a `StorageAvailable=False` condition; the first is the fallback.
+const STORAGE_REASONS: [Reason; 5] = [
+    Reason::StorageProbeFailed,
+    Reason::StorageCredentialsMissing,
+    Reason::BucketNotFound,
+    Reason::StorageAccessDenied,
+    Reason::StorageUnreachable,
 ];
 
 /// Reasons of a `TlsCertificateValid=False` condition; the first is the fallback.
@@ -376,6 +386,13 @@ async fn announce(
     }
     if let Some(c) = changed(ConditionType::TlsCertificateValid).filter(|c| c.status == "False") {
         let reason = reason_of(c, &CERTIFICATE_REASONS);
+        context
+            .events
+            .warning(server, reason, c.message.clone())
+            .await;
+    }
+    if let Some(c) = changed(ConditionType::StorageAvailable).filter(|c| c.status == "False") {
+        let reason = reason_of(c, &STORAGE_REASONS);
         context
             .events
             .warning(server, reason, c.message.clone())
