@@ -27,7 +27,7 @@ use super::names;
 use super::object_store::ObjectStorePlan;
 use super::passwords::PasswordHashes;
 use super::validate::{ValidServer, ValidUser};
-use crate::api::{TransferServer, VolumeStorage};
+use crate::api::{ObjectStoreProvider as Provider, TransferServer, VolumeStorage};
 use crate::gateway::config::{
     CONFIG_KEY, GatewayConfig, GatewayUser, PassivePorts, ResidencyStamp,
 };
@@ -263,7 +263,7 @@ fn build_statefulset(valid: &ValidServer, settings: &BuildSettings) -> StatefulS
             pod_management_policy: Some("Parallel".into()),
             template: PodTemplateSpec {
                 metadata: Some(ObjectMeta {
-                    labels: Some(names::labels(&name)),
+                    labels: Some(pod_labels(valid)),
                     ..ObjectMeta::default()
                 }),
                 spec: Some(pod_spec(valid, settings)),
@@ -272,6 +272,20 @@ fn build_statefulset(valid: &ValidServer, settings: &BuildSettings) -> StatefulS
         }),
         status: None,
     }
+}
+
+/// The pod's labels: the server's, plus what a workload-identity webhook needs to act on
+/// the pod (Microsoft Entra Workload ID injects its token only into labelled pods; the
+/// EKS, GKE and Alibaba Cloud webhooks go by the ServiceAccount alone).
+fn pod_labels(valid: &ValidServer) -> BTreeMap<String, String> {
+    let mut labels = names::labels(&valid.server.name_any());
+    let azure_identity = valid.object_store.as_ref().is_some_and(|store| {
+        store.config.workload_identity && store.config.provider == Provider::AzureBlob
+    });
+    if azure_identity {
+        labels.insert("azure.workload.identity/use".into(), "true".into());
+    }
+    labels
 }
 
 fn pod_spec(valid: &ValidServer, settings: &BuildSettings) -> PodSpec {
