@@ -205,7 +205,7 @@ fn storage_condition(state: &StorageState) -> (bool, Reason, String) {
         ),
         StorageState::NotProbed => (
             true,
-            Reason::StorageReachable,
+            Reason::StorageNotProbed,
             "not probed: the operator cannot use the pods' workload identity; the gateway \
              reports storage errors to clients"
                 .to_string(),
