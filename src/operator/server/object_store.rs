@@ -432,4 +432,46 @@ mod tests {
              (needs accessKeyId, secretAccessKey)"
         );
     }
+
+    #[test]
+    fn probe_failures_are_classified_without_repeating_the_response() {
+        let body = "<Error><Code>SignatureDoesNotMatch</Code>\
+                    <AWSAccessKeyId>AKIAEXAMPLEKEYID</AWSAccessKeyId>\
+                    <StringToSign>AWS4-HMAC-SHA256 20261204T000000Z</StringToSign></Error>";
+        let cases = [
+            (
+                opendal::ErrorKind::Unexpected,
+                body,
+                Reason::StorageAccessDenied,
+            ),
+            (
+                opendal::ErrorKind::Unexpected,
+                "<Error><Code>NoSuchBucket</Code><BucketName>b-123</BucketName></Error>",
+                Reason::BucketNotFound,
+            ),
+            (
+                opendal::ErrorKind::PermissionDenied,
+                "forbidden",
+                Reason::StorageAccessDenied,
+            ),
+            (
+                opendal::ErrorKind::NotFound,
+                "no such thing",
+                Reason::BucketNotFound,
+            ),
+            (
+                opendal::ErrorKind::RateLimited,
+                "<Error><Code>SlowDown</Code></Error>",
+                Reason::StorageProbeFailed,
+            ),
+        ];
+        for (kind, response, expected) in cases {
+            let error = opendal::Error::new(kind, response);
+            let (reason, message) = classify(&error, "bucket b-123 at https://s3.example");
+            assert_eq!(reason, expected, "{response}");
+            for leaked in ["AKIAEXAMPLEKEYID", "StringToSign", "<Error>", "forbidden"] {
+                assert!(!message.contains(leaked), "{message}");
+            }
+        }
+    }
 }
