@@ -263,7 +263,7 @@ fn build_statefulset(valid: &ValidServer, settings: &BuildSettings) -> StatefulS
             pod_management_policy: Some("Parallel".into()),
             template: PodTemplateSpec {
                 metadata: Some(ObjectMeta {
-                    labels: Some(pod_labels(valid)),
+                    labels: Some(pod_labels(server, valid.object_store.as_ref())),
                     ..ObjectMeta::default()
                 }),
                 spec: Some(pod_spec(valid, settings)),
@@ -277,9 +277,12 @@ fn build_statefulset(valid: &ValidServer, settings: &BuildSettings) -> StatefulS
 /// The pod's labels: the server's, plus what a workload-identity webhook needs to act on
 /// the pod (Microsoft Entra Workload ID injects its token only into labelled pods; the
 /// EKS, GKE and Alibaba Cloud webhooks go by the ServiceAccount alone).
-fn pod_labels(valid: &ValidServer) -> BTreeMap<String, String> {
-    let mut labels = names::labels(&valid.server.name_any());
-    let azure_identity = valid.object_store.as_ref().is_some_and(|store| {
+fn pod_labels(
+    server: &TransferServer,
+    object_store: Option<&ObjectStorePlan>,
+) -> BTreeMap<String, String> {
+    let mut labels = names::labels(&server.name_any());
+    let azure_identity = object_store.is_some_and(|store| {
         store.config.workload_identity && store.config.provider == Provider::AzureBlob
     });
     if azure_identity {
@@ -756,5 +759,38 @@ mod tests {
         let ports = port_names(&build_service(&server, plan.as_ref()));
         assert_eq!(ports.len(), 2 + 4);
         assert_eq!(ports[5], ("pasv-31003".into(), 31003, Some(31003)));
+    }
+
+    #[test]
+    fn only_azure_workload_identity_pods_carry_the_webhook_label() {
+        let label = "azure.workload.identity/use";
+        let cases = [
+            (
+                "provider: AzureBlob\n    endpoint: https://acct.blob.core.chinacloudapi.cn\n    region: chinaeast2\n    credentials: {workloadIdentity: true}",
+                Some("true"),
+            ),
+            (
+                "provider: AzureBlob\n    endpoint: https://acct.blob.core.chinacloudapi.cn\n    region: chinaeast2\n    credentials: {secretRef: {name: az}}",
+                None,
+            ),
+            (
+                "provider: S3\n    region: cn-north-1\n    credentials: {workloadIdentity: true}",
+                None,
+            ),
+        ];
+        for (store, expected) in cases {
+            let spec = format!(
+                "region: cn-shanghai\nprotocols: {{sftp: {{}}}}\nstorage:\n  objectStore:\n    \
+                 bucket: backups\n    {store}\n"
+            );
+            let server = TransferServer::new("files", serde_yaml::from_str(&spec).unwrap());
+            let plan = super::super::object_store::plan(&server).unwrap();
+            let labels = pod_labels(&server, plan.as_ref());
+            assert_eq!(labels.get(label).map(String::as_str), expected, "{store}");
+            assert_eq!(
+                labels.get("app.kubernetes.io/instance").map(String::as_str),
+                Some("files")
+            );
+        }
     }
 }
