@@ -140,3 +140,401 @@ async fn openssh_sftp_stores_files_as_objects_under_the_prefix() -> Result<()> {
     );
     fixture.gateway.stop().await
 }
+
+/// Runs `scp` with the sftp client's options (SFTP protocol, askpass, its known_hosts).
+async fn scp(fixture: &Fixture, args: &[&str]) -> Result<std::process::Output> {
+    let dir = fixture.gateway.scratch("sftp");
+    let askpass = dir.join("askpass.sh");
+    std::fs::write(
+        &askpass,
+        "#!/bin/sh\nprintf '%s\\n' \"$SLUICE_TEST_PASSWORD\"\n",
+    )?;
+    std::fs::set_permissions(
+        &askpass,
+        std::os::unix::fs::PermissionsExt::from_mode(0o700),
+    )?;
+    let mut command = std::process::Command::new("scp");
+    command
+        .args(["-P", &fixture.gateway.addr.port().to_string()])
+        .arg("-o")
+        .arg(format!(
+            "UserKnownHostsFile={}",
+            dir.join("known_hosts").display()
+        ))
+        .args([
+            "-o",
+            "StrictHostKeyChecking=accept-new",
+            "-o",
+            "LogLevel=ERROR",
+        ])
+        .args([
+            "-o",
+            "PreferredAuthentications=password",
+            "-o",
+            "PubkeyAuthentication=no",
+        ])
+        .args(["-F", "/dev/null"])
+        .args(args)
+        .env("SSH_ASKPASS", &askpass)
+        .env("SSH_ASKPASS_REQUIRE", "force")
+        .env("SLUICE_TEST_PASSWORD", PASSWORD)
+        .stdin(std::process::Stdio::null());
+    Ok(blocking(move || command.output()).await?)
+}
+
+async fn script(fixture: &Fixture, script: &str) -> Result<serde_json::Value> {
+    paramiko(fixture.gateway.addr, USER, PASSWORD, script).await
+}
+
+/// C06: clients that set times and modes after an upload see the upload succeed.
+#[tokio::test]
+async fn setting_times_and_modes_after_an_upload_never_fails_it() -> Result<()> {
+    let logs = capture_logs();
+    let fixture = Fixture::start("c06").await?;
+    let scratch = fixture.gateway.scratch("files");
+    let local = scratch.join("cdr.csv");
+    let sha = random_file(&local, 70_000, 6)?;
+
+    let remote = format!("{USER}@127.0.0.1:scp.csv");
+    let output = scp(&fixture, &["-p", &local.to_string_lossy(), &remote]).await?;
+    ensure!(
+        output.status.success(),
+        "scp -p failed ({}): {}{}\n{}",
+        output.status,
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr),
+        logs.text()
+    );
+    sftp(
+        fixture.sftp()?,
+        &format!("put -p {} put-p.csv\n", local.display()),
+    )
+    .await?;
+    let result = script(
+        &fixture,
+        &format!(
+            r#"
+t, sftp = connect()
+sftp.put({local:?}, "paramiko.csv")
+r = {{"utime": attempt(lambda: sftp.utime("paramiko.csv", (1000000000, 1000000000))),
+     "chmod": attempt(lambda: sftp.chmod("paramiko.csv", 0o600)),
+     "size": sftp.stat("paramiko.csv").st_size}}
+print(json.dumps(r))
+"#,
+            local = local.display().to_string()
+        ),
+    )
+    .await?;
+    ensure!(result["utime"].get("ok").is_some(), "{result}");
+    ensure!(result["chmod"].get("ok").is_some(), "{result}");
+    ensure!(result["size"] == 70_000, "{result}");
+    for name in ["scp.csv", "put-p.csv", "paramiko.csv"] {
+        let stored = fixture.object(name).await?;
+        ensure!(support::sftp::sha256_hex(&stored) == sha, "{name} differs");
+    }
+    fixture.gateway.stop().await
+}
+
+/// C07: STAT right after CLOSE sees the whole file.
+#[tokio::test]
+async fn a_stat_right_after_close_sees_the_upload() -> Result<()> {
+    let fixture = Fixture::start("c07").await?;
+    let local = fixture.gateway.scratch("files").join("big.bin");
+    random_file(&local, 9 * 1024 * 1024 + 3, 7)?;
+    let result = script(
+        &fixture,
+        &format!(
+            r#"
+t, sftp = connect()
+small = attempt(lambda: sftp.put({local:?}, "confirmed.bin", confirm=True).st_size)
+print(json.dumps({{"size": small}}))
+"#,
+            local = local.display().to_string()
+        ),
+    )
+    .await?;
+    ensure!(result["size"]["ok"] == 9 * 1024 * 1024 + 3, "{result}");
+    ensure!(fixture.object("confirmed.bin").await?.len() == 9 * 1024 * 1024 + 3);
+    fixture.gateway.stop().await
+}
+
+/// C08 over SFTP: a plain rename refuses an existing target with a clear status, the
+/// advertised posix-rename replaces it.
+#[tokio::test]
+async fn plain_rename_refuses_an_existing_target_and_posix_rename_replaces_it() -> Result<()> {
+    let fixture = Fixture::start("c08").await?;
+    let result = script(
+        &fixture,
+        r#"
+t, sftp = connect()
+with sftp.open("X.tmp", "w") as f: f.write(b"new content")
+with sftp.open("X.csv", "w") as f: f.write(b"old")
+r = {"plain": attempt(lambda: sftp.rename("X.tmp", "X.csv"))}
+r["posix"] = attempt(lambda: sftp.posix_rename("X.tmp", "X.csv"))
+r["content"] = sftp.open("X.csv").read().decode()
+r["names"] = sorted(sftp.listdir("."))
+print(json.dumps(r))
+"#,
+    )
+    .await?;
+    ensure!(
+        result["plain"]["error"] == "OSError" || result["plain"]["error"] == "IOError",
+        "{result}"
+    );
+    let message = result["plain"]["message"].as_str().unwrap_or_default();
+    ensure!(message.contains("already exists"), "{result}");
+    ensure!(result["posix"].get("ok").is_some(), "{result}");
+    ensure!(result["content"] == "new content", "{result}");
+    ensure!(result["names"] == serde_json::json!(["X.csv"]), "{result}");
+    ensure!(
+        fixture.keys().await? == [key(""), key("X.csv")],
+        "{:?}",
+        fixture.keys().await?
+    );
+    fixture.gateway.stop().await
+}
+
+/// C08 over FTPS: lftp's temp-file upload ends with the right content, also when it
+/// replaces a file.
+#[tokio::test]
+async fn lftp_temp_file_uploads_end_with_the_right_content() -> Result<()> {
+    let fixture = Fixture::start_ftps("c08-lftp").await?;
+    let scratch = fixture.gateway.scratch("files");
+    let first = scratch.join("report.csv");
+    random_file(&first, 100_000, 81)?;
+    let url = fixture.ftp_url("/")?;
+    let upload = format!(
+        "set xfer:use-temp-file yes; put {} -o report.csv",
+        first.display()
+    );
+    succeed(fixture.ftp().lftp(&url, &upload)).await?;
+    ensure!(fixture.object("report.csv").await? == std::fs::read(&first)?);
+
+    random_file(&first, 120_000, 82)?;
+    succeed(fixture.ftp().lftp(&url, &upload)).await?;
+    ensure!(
+        fixture.object("report.csv").await? == std::fs::read(&first)?,
+        "not replaced"
+    );
+    ensure!(
+        fixture.keys().await? == [key(""), key("report.csv")],
+        "{:?}",
+        fixture.keys().await?
+    );
+    fixture.gateway.stop().await
+}
+
+/// C09: the `.filepart` pattern over SFTP and FTPS leaves the final object whole and no
+/// temporary object behind.
+#[tokio::test]
+async fn filepart_uploads_leave_only_the_final_object() -> Result<()> {
+    let fixture = Fixture::start_ftps("c09").await?;
+    let local = fixture.gateway.scratch("files").join("backup.tar");
+    let sha = random_file(&local, 12 * 1024 * 1024 + 11, 9)?;
+
+    let result = script(
+        &fixture,
+        &format!(
+            r#"
+t, sftp = connect()
+sftp.put({local:?}, "sftp.tar.filepart")
+sftp.rename("sftp.tar.filepart", "sftp.tar")
+print(json.dumps({{"names": sorted(sftp.listdir("."))}}))
+"#,
+            local = local.display().to_string()
+        ),
+    )
+    .await?;
+    ensure!(
+        result["names"] == serde_json::json!(["sftp.tar"]),
+        "{result}"
+    );
+
+    let mut curl = fixture.ftp().curl();
+    curl.arg("-T")
+        .arg(&local)
+        .arg(fixture.ftp_url("/ftps.tar.filepart")?)
+        .args(["-Q", "-RNFR /ftps.tar.filepart", "-Q", "-RNTO /ftps.tar"]);
+    succeed(curl).await?;
+
+    for name in ["sftp.tar", "ftps.tar"] {
+        let stored = fixture.object(name).await?;
+        ensure!(support::sftp::sha256_hex(&stored) == sha, "{name} differs");
+    }
+    let keys = fixture.keys().await?;
+    ensure!(
+        keys == [key(""), key("ftps.tar"), key("sftp.tar")],
+        "{keys:?}"
+    );
+    fixture.gateway.stop().await
+}
+
+/// C10: directories behave like directories throughout, including ones other S3 tools
+/// made (a `dir/` marker, or only objects under a prefix).
+#[tokio::test]
+async fn directories_made_here_or_by_other_tools_behave_like_directories() -> Result<()> {
+    let fixture = Fixture::start("c10").await?;
+    let local = fixture.gateway.scratch("files").join("f.txt");
+    random_file(&local, 1000, 10)?;
+
+    let out = sftp(
+        fixture.sftp()?,
+        &format!(
+            "mkdir d\ncd d\nput {} f.txt\nls -1\nrm f.txt\nls -1\ncd ..\nls -1\n",
+            local.display()
+        ),
+    )
+    .await?;
+    let lines: Vec<&str> = out
+        .lines()
+        .filter(|l| !l.starts_with("sftp>"))
+        .map(str::trim)
+        .collect();
+    ensure!(lines == ["f.txt", "d"], "{out}");
+    ensure!(
+        fixture.keys().await? == [key(""), key("d/")],
+        "{:?}",
+        fixture.keys().await?
+    );
+    sftp(fixture.sftp()?, "rmdir d\n").await?;
+    ensure!(
+        fixture.keys().await? == [key("")],
+        "{:?}",
+        fixture.keys().await?
+    );
+
+    fixture.bucket.create_dir(&key("foreign/")).await?;
+    fixture
+        .bucket
+        .write(&key("implicit/sub/file.txt"), "x")
+        .await?;
+    let out = sftp(
+        fixture.sftp()?,
+        "ls -l\ncd foreign\nls -1\ncd ../implicit\nls -l\n",
+    )
+    .await?;
+    let dirs: Vec<&str> = out.lines().filter(|l| l.starts_with('d')).collect();
+    ensure!(
+        dirs.len() == 3,
+        "foreign, implicit and sub are directories:\n{out}"
+    );
+    let result = script(
+        &fixture,
+        r#"
+import stat
+t, sftp = connect()
+r = {"foreign": stat.S_ISDIR(sftp.stat("foreign").st_mode),
+     "implicit": stat.S_ISDIR(sftp.stat("implicit").st_mode),
+     "rmdir_nonempty": attempt(lambda: sftp.rmdir("implicit")),
+     "rename_nonempty": attempt(lambda: sftp.rename("implicit", "moved")),
+     "rename_empty": attempt(lambda: sftp.rename("foreign", "renamed"))}
+r["names"] = sorted(sftp.listdir("."))
+print(json.dumps(r))
+"#,
+    )
+    .await?;
+    ensure!(
+        result["foreign"] == true && result["implicit"] == true,
+        "{result}"
+    );
+    ensure!(result["rmdir_nonempty"].get("error").is_some(), "{result}");
+    let refusal = result["rename_nonempty"]["message"]
+        .as_str()
+        .unwrap_or_default();
+    ensure!(
+        refusal.contains("cannot be renamed on object storage"),
+        "{result}"
+    );
+    ensure!(result["rename_empty"].get("ok").is_some(), "{result}");
+    ensure!(
+        result["names"] == serde_json::json!(["implicit", "renamed"]),
+        "{result}"
+    );
+    fixture.gateway.stop().await
+}
+
+/// Listings page through the store: every one of more than 1,000 objects is listed.
+#[tokio::test]
+async fn a_directory_of_more_than_a_thousand_objects_is_listed_completely() -> Result<()> {
+    use futures::StreamExt;
+
+    let fixture = Fixture::start_ftps("many").await?;
+    let writes = (0..1234).map(|i| {
+        let bucket = fixture.bucket.clone();
+        async move { bucket.write(&key(&format!("many/f{i:04}.csv")), "x").await }
+    });
+    let written: Vec<_> = futures::stream::iter(writes)
+        .buffer_unordered(8)
+        .collect()
+        .await;
+    if let Some(Err(error)) = written.into_iter().find(Result::is_err) {
+        anyhow::bail!("could not fill the bucket: {error}");
+    }
+    fixture.bucket.create_dir(&key("many/")).await?;
+
+    let out = sftp(fixture.sftp()?, "ls -1 many\n").await?;
+    let listed = out
+        .lines()
+        .filter(|l| l.trim().starts_with("many/f"))
+        .count();
+    ensure!(listed == 1234, "sftp listed {listed}");
+
+    let mut curl = fixture.ftp().curl();
+    curl.arg("--list-only").arg(fixture.ftp_url("/many/")?);
+    let names = succeed(curl).await?;
+    let mut names: Vec<&str> = names.lines().map(str::trim).collect();
+    names.sort();
+    names.dedup();
+    ensure!(names.len() == 1234, "FTPS listed {}", names.len());
+    ensure!(
+        names[0] == "f0000.csv" && names[1233] == "f1233.csv",
+        "{:?}",
+        &names[..3]
+    );
+    fixture.gateway.stop().await
+}
+
+/// Hidden names (the volume's upload directory, the operator's probe prefix) at the root
+/// of the prefix are neither listed nor reachable.
+#[tokio::test]
+async fn reserved_names_at_the_prefix_root_stay_hidden() -> Result<()> {
+    let weed = SeaweedFs::shared()?;
+    let name = weed.bucket("reserved")?;
+    let bucket = weed.bucket_operator(&name)?;
+    bucket
+        .write(&format!("{PREFIX}.sluice-probe/probe"), "p")
+        .await?;
+    bucket.write(&format!("{PREFIX}visible.txt"), "v").await?;
+    let mut root = user();
+    root.home = "/".into();
+    let gateway = start_gateway(
+        vec![root],
+        None,
+        weed.config(&name, PREFIX),
+        &weed.credentials(),
+    )
+    .await?;
+
+    let result = paramiko(
+        gateway.addr,
+        USER,
+        PASSWORD,
+        r#"
+t, sftp = connect()
+r = {"names": sorted(sftp.listdir("/")),
+     "stat": attempt(lambda: sftp.stat("/.sluice-probe").st_size),
+     "read": attempt(lambda: sftp.open("/.sluice-probe/probe").read().decode()),
+     "mkdir": attempt(lambda: sftp.mkdir("/.sluice-uploads"))}
+print(json.dumps(r))
+"#,
+    )
+    .await?;
+    ensure!(
+        result["names"] == serde_json::json!(["visible.txt"]),
+        "{result}"
+    );
+    for refused in ["stat", "read", "mkdir"] {
+        ensure!(result[refused]["errno"] == 2, "{refused}: {result}");
+    }
+    gateway.stop().await
+}

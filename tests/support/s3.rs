@@ -91,7 +91,9 @@ impl SeaweedFs {
             .arg(format!("-dir={}", dir.path().join("data").display()))
             .arg(format!("-master.port={master}"))
             .arg(format!("-master.port.grpc={master_grpc}"))
-            .args(["-master.telemetry=false", "-master.volumeSizeLimitMB=256"])
+            .args(["-master.telemetry=false", "-master.volumeSizeLimitMB=64"])
+            // Every bucket is a collection with volumes of its own: room for many.
+            .arg("-volume.max=2000")
             .arg(format!("-volume.port={volume}"))
             .arg(format!("-volume.port.grpc={volume_grpc}"))
             .arg("-filer")
