@@ -26,6 +26,10 @@
 //!   a grace period, then disconnects the rest.
 //! - `OPEN` follows the SFTP specification: `CREATE` without `WRITE` creates the file
 //!   (empty) if it is missing, `EXCL` fails if it exists, and the handle reads.
+//! - `RENAME` never replaces its target (the SFTP specification); the advertised
+//!   `posix-rename@openssh.com` extension does ([`Vfs::rename_replacing`]). `SETSTAT` and
+//!   `FSETSTAT` are accepted and store nothing. A channel the client ends gets
+//!   `exit-status 0` before it is closed, which `scp` over SFTP waits for.
 
 use std::collections::HashMap;
 use std::io;
