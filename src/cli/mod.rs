@@ -28,7 +28,7 @@ pub enum Command {
     /// Run the operator against the current kubeconfig or the in-cluster config.
     Operator(crate::operator::OperatorArgs),
     /// Run an SFTP gateway for one TransferServer (what gateway pods run).
-    Gateway(crate::gateway::GatewayArgs),
+    Gateway(Box<crate::gateway::GatewayArgs>),
     /// Print the CustomResourceDefinitions, or write them to a directory.
     Crds(crds::CrdsArgs),
 }
@@ -38,7 +38,7 @@ pub async fn run(cli: Cli) -> ExitCode {
     init_logging(cli.log_format);
     let result = match cli.command {
         Command::Operator(args) => crate::operator::run(args).await,
-        Command::Gateway(args) => crate::gateway::run(args).await,
+        Command::Gateway(args) => crate::gateway::run(*args).await,
         Command::Crds(args) => crds::run(&args),
     };
     match result {

@@ -26,6 +26,10 @@
 //!   a grace period, then disconnects the rest.
 //! - `OPEN` follows the SFTP specification: `CREATE` without `WRITE` creates the file
 //!   (empty) if it is missing, `EXCL` fails if it exists, and the handle reads.
+//! - `RENAME` never replaces its target (the SFTP specification); the advertised
+//!   `posix-rename@openssh.com` extension does ([`Vfs::rename_replacing`]). `SETSTAT` and
+//!   `FSETSTAT` are accepted and store nothing. A channel the client ends gets
+//!   `exit-status 0` before it is closed, which `scp` over SFTP waits for.
 
 use std::collections::HashMap;
 use std::io;
@@ -359,6 +363,8 @@ struct SshSession {
     channels: HashMap<ChannelId, Channel<Msg>>,
     /// Channels serving SFTP; each of them counts itself while it runs.
     sftp_channels: Arc<AtomicUsize>,
+    /// Which channels those are, to end each with an exit status.
+    sftp_ids: std::collections::HashSet<ChannelId>,
     /// User and number of public keys refused, for the warning when the client gives up.
     refused_keys: Option<(String, usize)>,
 }
@@ -378,6 +384,7 @@ impl SshSession {
             login,
             channels: HashMap::new(),
             sftp_channels: Arc::default(),
+            sftp_ids: std::collections::HashSet::new(),
             refused_keys: None,
         }
     }
@@ -518,6 +525,12 @@ impl russh::server::Handler for SshSession {
     ) -> Result<(), Self::Error> {
         // Closed by us, so russh reports no close for it.
         self.channels.remove(&channel);
+        // The client's end of an SFTP session: like OpenSSH's sftp-server, report a clean
+        // exit, which scp (over SFTP) requires before it counts its transfer as done.
+        if self.sftp_ids.remove(&channel) {
+            let _ = session.exit_status_request(channel, 0);
+            let _ = session.eof(channel);
+        }
         session.close(channel)
     }
 
@@ -527,6 +540,7 @@ impl russh::server::Handler for SshSession {
         _session: &mut Session,
     ) -> Result<(), Self::Error> {
         self.channels.remove(&channel);
+        self.sftp_ids.remove(&channel);
         Ok(())
     }
 
@@ -543,6 +557,7 @@ impl russh::server::Handler for SshSession {
         };
 
         session.channel_success(channel_id)?;
+        self.sftp_ids.insert(channel_id);
         let slot = ChannelSlot::take(&self.sftp_channels);
         let sftp = SftpSession::new(vfs, self.span.clone(), slot);
         let stream = PacketFraming::new(channel.into_stream(), self.span.clone());

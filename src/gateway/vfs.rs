@@ -1,4 +1,5 @@
-//! The virtual filesystem every protocol front end serves: one user's view of the volume.
+//! The virtual filesystem every protocol front end serves: one user's view of the storage
+//! (the volume or a bucket, [`Storage`]).
 //!
 //! Contract:
 //! - A [`Vfs`] belongs to one session of one [`GatewayUser`]. The user's home directory on
@@ -14,17 +15,25 @@
 //!   every key, so such a name cannot be stored faithfully anyway, and `"leaf "` would be
 //!   checked as one file and opened as another. Every key is also checked to be exactly
 //!   the key OpenDAL will use ([`storage::is_faithful_key`]) before any check runs on it.
-//! - Symbolic links are never followed. The fs backend would follow them, so before a
+//! - Symbolic links are never followed (the volume only; buckets have none). The fs
+//!   backend would follow them, so before a
 //!   path is used every existing component of it, from the volume root down, is checked
-//!   with `symlink_metadata` ([`Volume::refuse_symlinks`]); a path through a link fails
+//!   with `symlink_metadata` ([`storage::Volume::refuse_symlinks`]); a path through a link fails
 //!   with [`VfsError::Symlink`] and links are left out of listings. Nothing a client can do
 //!   creates a link, so only links planted on the volume by other means are at stake.
-//! - The storage's hidden upload directory ([`crate::storage::UPLOADS_DIR`]) is neither
-//!   listed nor reachable, even for a user whose home is the volume root.
+//! - The reserved names at the storage root ([`crate::storage::UPLOADS_DIR`],
+//!   [`crate::storage::PROBE_DIR`]) are neither listed nor reachable, even for a user
+//!   whose home is the root.
 //! - Every operation checks the user's [`Permission`]s before touching storage.
-//! - Uploads are streamed and atomic: a [`FileWriter`] writes to a temporary file in the
-//!   storage's upload directory and publishes it under its name only on
-//!   [`FileWriter::close`]; dropping it unclosed discards the upload.
+//! - Uploads are streamed and atomic: on the volume a [`FileWriter`] writes to a temporary
+//!   file in the upload directory and publishes it under its name on
+//!   [`FileWriter::close`]; in a bucket it is a multipart upload to the final key, which
+//!   the store makes visible only when it completes on close. Dropping a writer unclosed
+//!   discards the upload.
+//! - Reads stream: a [`FileReader`] serves reads that continue where the previous one
+//!   ended from one open stream (one GET), and restarts it where a client seeks.
+//! - Attributes a client sets (SETSTAT: modes, owners, times) are not stored; front ends
+//!   accept and ignore them.
 //! - A resumed upload ([`Vfs::resume`]: FTP `REST` + `STOR`, `APPE`) is an upload like any
 //!   other: the kept start of the existing file is copied into the temporary file first,
 //!   the client's bytes follow, and the whole replaces the file on close. Readers see the
@@ -32,13 +41,19 @@
 //!   the file as it was. The copy costs a read and a write of the kept bytes. If the file
 //!   is replaced by someone else meanwhile, the last upload to close wins, as for uploads
 //!   without resume.
-//! - Exclusive creation ([`WriteMode::CreateNew`]) and rename never replace anything, and
-//!   this is decided by the final move on the volume itself ([`Volume::publish`],
-//!   [`Volume::rename`]), not by a check before it: of two clients racing for one name,
-//!   exactly one succeeds. An exclusive upload whose name was taken while it was being
-//!   written fails on close.
+//! - Exclusive creation ([`WriteMode::CreateNew`]) and [`Vfs::rename`] never replace
+//!   anything, and on the volume this is decided by the final move itself
+//!   ([`storage::Volume::publish`], [`storage::Volume::rename`]), not by a check before it: of two clients
+//!   racing for one name, exactly one succeeds. In a bucket a conditional write decides
+//!   exclusive creation the same way; a plain rename there checks the target and then
+//!   copies conditionally. An exclusive upload whose name was taken while it was being
+//!   written fails on close. [`Vfs::rename_replacing`] replaces a file at the target.
+//! - Directories in a bucket are marker objects or prefixes with objects under them; a
+//!   non-empty directory cannot be renamed there ([`VfsError::DirectoryRename`]).
 //! - Errors are one enum, [`VfsError`]; [`VfsError::reply`] tells a front end which
-//!   protocol reply to send, and its message never contains a storage path.
+//!   protocol reply to send, and its message never contains a storage path. An object
+//!   store that fails or refuses the gateway is [`VfsError::Unavailable`], transient, and
+//!   carries only a [`StorageFault`], safe to log.
 
 use std::collections::BTreeSet;
 use std::time::SystemTime;

@@ -1,4 +1,6 @@
-//! Storage behind the gateway: an Apache OpenDAL operator over the server's volume.
+//! Storage behind the gateway: an Apache OpenDAL operator over the server's volume, or a
+//! bucket ([`bucket::ObjectStore`], whose own contract covers object stores); a
+//! [`Storage`] is either. What follows is the volume's contract.
 //!
 //! Contract:
 //! - [`Volume::open_fs`] roots an OpenDAL `fs` operator at a directory (the mounted
@@ -9,8 +11,9 @@
 //!   final name only when the writer is closed; an aborted writer removes it. A half-written
 //!   upload is therefore never visible under its final name, and the rename never crosses a
 //!   filesystem boundary because the temporary directory lives on the same volume.
-//! - [`UPLOADS_DIR`] is reserved: [`is_reserved`] tells the protocol side to hide it from
-//!   listings and to refuse paths into it. Temporary files a crashed gateway left behind
+//! - [`UPLOADS_DIR`] and [`PROBE_DIR`] (the operator's bucket probe) are reserved on
+//!   every backend: [`is_reserved`] tells the protocol side to hide them from listings and
+//!   to refuse paths into them. Temporary files a crashed gateway left behind
 //!   are removed when the volume is opened, once they are older than [`STALE_UPLOAD_AGE`].
 //! - Symbolic links are never followed. The fs service would follow them (it uses
 //!   `metadata` and `open`), so [`Volume::refuse_symlinks`] checks every existing component

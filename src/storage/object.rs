@@ -14,14 +14,13 @@
 //!   metadata is always disabled, so a pod never borrows its node's role.
 //! - Keys handed to the operator are relative to the configured prefix, as with the
 //!   volume: the operator's root is `/PREFIX/`.
-//! - Requests go through one process-wide HTTP client ([`http_client`]) that ignores
+//! - Requests go through an HTTP client of the operator's own ([`http_client`]) that ignores
 //!   proxy environment variables, follows no redirect (a store's answer cannot send the
 //!   signed request elsewhere) and gives up on a connection after
 //!   [`CONNECT_TIMEOUT`] and on a silent response after [`READ_TIMEOUT`].
 
 use std::fmt;
 use std::path::Path;
-use std::sync::OnceLock;
 use std::time::Duration;
 
 use opendal::{HttpTransporter, OperationContext, Operator};
@@ -93,7 +92,7 @@ pub enum ObjectStoreError {
     Build(#[source] opendal::Error),
     /// The HTTP client could not be built.
     #[error("failed to build the HTTP client for the object store")]
-    HttpClient(#[source] std::sync::Arc<reqwest::Error>),
+    HttpClient(#[source] reqwest::Error),
 }
 
 /// How long connecting to the store may take.
@@ -102,22 +101,18 @@ pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long the store may leave a request without an answer (no byte received).
 pub const READ_TIMEOUT: Duration = Duration::from_secs(60);
 
-/// The HTTP client every operator uses, built on first use.
+/// A new HTTP client for one operator. Each operator has its own: a client's pooled
+/// connections belong to the runtime that opened them.
 pub fn http_client() -> Result<reqwest::Client, ObjectStoreError> {
-    static CLIENT: OnceLock<Result<reqwest::Client, std::sync::Arc<reqwest::Error>>> =
-        OnceLock::new();
-    let client = CLIENT.get_or_init(|| {
-        // reqwest's rustls needs a process-wide provider; Sluice uses ring throughout.
-        let _ = rustls::crypto::ring::default_provider().install_default();
-        reqwest::Client::builder()
-            .no_proxy()
-            .redirect(reqwest::redirect::Policy::none())
-            .connect_timeout(CONNECT_TIMEOUT)
-            .read_timeout(READ_TIMEOUT)
-            .build()
-            .map_err(std::sync::Arc::new)
-    });
-    client.clone().map_err(ObjectStoreError::HttpClient)
+    // reqwest's rustls needs a process-wide provider; Sluice uses ring throughout.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    reqwest::Client::builder()
+        .no_proxy()
+        .redirect(reqwest::redirect::Policy::none())
+        .connect_timeout(CONNECT_TIMEOUT)
+        .read_timeout(READ_TIMEOUT)
+        .build()
+        .map_err(ObjectStoreError::HttpClient)
 }
 
 /// Secret keys the credentials are read from.
@@ -265,7 +260,7 @@ impl ObjectStoreConfig {
 }
 
 /// Builds the OpenDAL operator for `config`. `credentials` is ignored with workload
-/// identity. Makes no network request (it only builds the HTTP client, once).
+/// identity. Makes no network request.
 pub fn build_operator(
     config: &ObjectStoreConfig,
     credentials: &Credentials,

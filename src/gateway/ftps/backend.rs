@@ -417,8 +417,10 @@ impl StorageBackend<FtpUser> for VfsBackend {
         P: AsRef<Path> + Send + fmt::Debug,
     {
         let (from, to) = (client_path(from.as_ref())?, client_path(to.as_ref())?);
+        // RNTO replaces a file, as rename(2) and common FTP servers do: clients that
+        // upload under a temporary name (lftp's `xfer:use-temp-file`) rely on it.
         user.vfs
-            .rename(from, to)
+            .rename_replacing(from, to)
             .await
             .map_err(|error| self.refuse("rename", from, error))?;
         tracing::info!(parent: self.context.span(), from, to, "Renamed");
