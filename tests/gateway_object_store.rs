@@ -854,10 +854,11 @@ fn hash_file(path: &std::path::Path) -> Result<String> {
 }
 
 /// 1 GiB up and down over SFTP (OpenSSH) and FTPS (curl), compared by SHA-256, with the
-/// throughput printed. Slow in a debug build, so run on request:
-/// `cargo test --release --test gateway_object_store one_gib -- --ignored --nocapture`.
+/// throughput printed. Ignored in the main run so that it runs alone: `scripts/test`
+/// (and so CI) runs it afterwards with
+/// `cargo test --test gateway_object_store -- --ignored --nocapture one_gib`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "a 1 GiB benchmark; run with --ignored"]
+#[ignore = "1 GiB; scripts/test runs it alone after the other tests"]
 async fn one_gib_round_trips_over_sftp_and_ftps_with_equal_hashes() -> Result<()> {
     const SIZE: u64 = 1024 * 1024 * 1024;
     let fixture = Fixture::start_ftps("gib").await?;
