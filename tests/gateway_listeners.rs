@@ -67,6 +67,7 @@ fn config(sftp: bool, replicas: Vec<ReplicaPassive>) -> GatewayConfig {
         region: "cn-shanghai".into(),
         residency: ResidencyStamp {
             compliant: true,
+            enforced: false,
             policies: vec![],
             allowed_regions: vec![],
         },

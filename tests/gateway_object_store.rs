@@ -730,15 +730,29 @@ async fn the_gateway_refuses_a_store_outside_the_allowed_regions() -> Result<()>
     let mut amazon = store.clone();
     amazon.provider = sluice::storage::object::Provider::S3;
     amazon.endpoint = "https://s3.eu-central-1.amazonaws.com".into();
-    let stamp = |compliant, allowed: &[&str]| ResidencyStamp {
+    let stamp = |compliant, allowed: &[&str], enforced| ResidencyStamp {
         compliant,
+        enforced,
         policies: vec!["pinned".into()],
         allowed_regions: allowed.iter().map(|r| r.to_string()).collect(),
     };
     let cases = [
-        ("not compliant", store.clone(), stamp(false, &[])),
-        ("not allowed", store.clone(), stamp(true, &["cn-beijing"])),
-        ("contradicting endpoint", amazon, stamp(true, &[])),
+        ("not compliant", store.clone(), stamp(false, &[], true)),
+        (
+            "not allowed",
+            store.clone(),
+            stamp(true, &["cn-beijing"], true),
+        ),
+        (
+            "contradicting endpoint",
+            amazon.clone(),
+            stamp(true, &[], true),
+        ),
+        (
+            "contradicting endpoint under Audit",
+            amazon,
+            stamp(true, &[], false),
+        ),
     ];
     for (case, store, residency) in cases {
         let mut config = support::gateway::config(vec![user()], None, Some(store));
@@ -769,6 +783,28 @@ async fn the_gateway_refuses_a_store_outside_the_allowed_regions() -> Result<()>
             "{case}: the SFTP address was bound"
         );
     }
+
+    // Under Audit the operator rolls a non-compliant server out and reports it; the
+    // gateway serves it too, instead of failing every start.
+    let mut config = support::gateway::config(vec![user()], None, Some(store.clone()));
+    config.residency = stamp(false, &["cn-beijing"], false);
+    let config_path = dir.path().join("config.json");
+    std::fs::write(&config_path, serde_json::to_vec(&config)?)?;
+    let args = GatewayArgs {
+        config: config_path,
+        host_keys,
+        data_dir: dir.path().join("data"),
+        storage_credentials: dir.path().join(support::gateway::CREDENTIALS_DIR),
+        sftp_listen: addr,
+        ftps_listen: "127.0.0.1:0".parse()?,
+        ftps_implicit_listen: "127.0.0.1:0".parse()?,
+        tls_dir: None,
+        pod_name: None,
+    };
+    let gateway = Gateway::bind(&args)
+        .await
+        .context("a gateway under an Audit policy refused to start")?;
+    ensure!(gateway.sftp_addr()? == addr);
     Ok(())
 }
 

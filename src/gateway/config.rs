@@ -48,6 +48,10 @@ fn is_true(value: &bool) -> bool {
     *value
 }
 
+fn is_false(value: &bool) -> bool {
+    !*value
+}
+
 /// The operator's residency decision, stamped into the configuration so the data plane
 /// can refuse to serve storage that does not match it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -55,6 +59,11 @@ fn is_true(value: &bool) -> bool {
 pub struct ResidencyStamp {
     /// Whether the server complies with the policy that governs it.
     pub compliant: bool,
+    /// Whether a governing policy is enforced: only then does the gateway refuse storage
+    /// the stamp does not allow (under `Audit` it serves and warns, as the operator rolls
+    /// the server out and reports it). Left out when false.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub enforced: bool,
     /// Names of the DataResidencyPolicies that govern the server, sorted.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub policies: Vec<String>,

@@ -362,8 +362,11 @@ fn open_storage(args: &GatewayArgs, config: &GatewayConfig) -> Result<Storage, G
     Ok(opened.into())
 }
 
-/// The object store's region, if `residency` allows it: the operator must have found the
-/// server compliant, and the region must be one of the allowed ones when any are named.
+/// The object store's region, if `residency` allows it. The region resolved from the
+/// endpoint must be the stamped one whatever the policy mode: otherwise the store is not
+/// the one the operator judged. Where a governing policy is enforced, the server must
+/// also be compliant and the region among the allowed ones; under `Audit` a violation is
+/// logged and the store served, as the operator rolled it out.
 pub fn check_residency(
     store: &ObjectStoreConfig,
     residency: &ResidencyStamp,
@@ -373,15 +376,25 @@ pub fn check_residency(
         region: region.clone(),
         reason,
     };
-    if !residency.compliant {
-        return Err(refuse(
-            "the server is not compliant with its residency policy",
-        ));
+    let allowed =
+        residency.allowed_regions.is_empty() || residency.allowed_regions.contains(&region);
+    let problem = match (residency.compliant, allowed) {
+        (false, _) => Some("the server is not compliant with its residency policy"),
+        (true, false) => Some("the residency policy does not allow it"),
+        (true, true) => None,
+    };
+    match problem {
+        Some(reason) if residency.enforced => Err(refuse(reason)),
+        Some(reason) => {
+            tracing::warn!(
+                %region,
+                policies = ?residency.policies,
+                "Serving the object store although {reason}: the policy is in Audit mode"
+            );
+            Ok(region)
+        }
+        None => Ok(region),
     }
-    if !residency.allowed_regions.is_empty() && !residency.allowed_regions.contains(&region) {
-        return Err(refuse("the residency policy does not allow it"));
-    }
-    Ok(region)
 }
 
 fn log_startup(

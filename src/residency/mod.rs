@@ -76,6 +76,10 @@ pub struct ResidencyVerdict {
     pub allowed_regions: Vec<String>,
     /// Node label carrying the region, from the first governing policy by name.
     pub region_label: String,
+    /// Whether any governing policy is enforced (`Enforce`, or one that cannot be
+    /// evaluated), so that the data plane refuses what the policies do not allow rather
+    /// than only reporting it.
+    pub enforced: bool,
 }
 
 /// One policy a server violates.
@@ -185,6 +189,10 @@ pub fn evaluate<'a>(
             .collect(),
         violations,
         allowed_regions: intersect_regions(&governing),
+        enforced: governing.iter().any(|p| {
+            let unevaluable = matches(&p.spec.namespace_selector, namespace_labels).is_err();
+            unevaluable || p.spec.enforcement.unwrap_or_default() == Enforcement::Enforce
+        }),
         region_label: governing
             .first()
             .and_then(|p| p.spec.region_label.clone())

@@ -272,6 +272,7 @@ pub fn config(
         region: "cn-shanghai".into(),
         residency: ResidencyStamp {
             compliant: true,
+            enforced: false,
             policies: vec![],
             allowed_regions: vec![],
         },

@@ -176,6 +176,7 @@ pub fn gateway_config(
         region: server.spec.region.clone(),
         residency: ResidencyStamp {
             compliant: valid.verdict.compliant(),
+            enforced: valid.verdict.enforced,
             policies: valid.verdict.governing.clone(),
             allowed_regions: valid.verdict.allowed_regions.clone(),
         },
