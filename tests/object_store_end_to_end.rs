@@ -271,6 +271,7 @@ async fn wrong_credentials_are_reported_without_secrets(
     client: &Client,
     bucket: &str,
 ) -> Result<()> {
+    let before = storage_revision(client, "bucketed").await?;
     let wrong = "not-the-secret-key-at-all";
     apply_all(client, &[credentials("s3-credentials", wrong)]).await?;
     let (server, message) = wait_for_condition(
@@ -300,6 +301,13 @@ async fn wrong_credentials_are_reported_without_secrets(
         );
     }
 
+    // The gateway opens its store once: new credentials roll the pods.
+    let rotated = storage_revision(client, "bucketed").await?;
+    ensure!(
+        rotated != before,
+        "the pod template did not change with the credentials"
+    );
+
     apply_all(client, &[credentials("s3-credentials", SECRET_KEY)]).await?;
     wait_for_condition(
         client,
@@ -309,7 +317,25 @@ async fn wrong_credentials_are_reported_without_secrets(
         "StorageReachable",
     )
     .await?;
+    let restored = storage_revision(client, "bucketed").await?;
+    ensure!(
+        restored == before,
+        "the revision is not a function of the credentials"
+    );
     Ok(())
+}
+
+/// The pod template's storage revision annotation.
+async fn storage_revision(client: &Client, server: &str) -> Result<String> {
+    let statefulset = Api::<StatefulSet>::namespaced(client.clone(), NS)
+        .get(&format!("{server}-gateway"))
+        .await?;
+    let template = statefulset.spec.context("spec")?.template.metadata;
+    let annotations = template.and_then(|m| m.annotations).unwrap_or_default();
+    let revision = annotations.get("sluice.dev/storage-revision").cloned();
+    let revision = revision.context("no storage revision on the pod template")?;
+    ensure!(revision.len() == 24, "{revision}");
+    Ok(revision)
 }
 
 async fn a_missing_bucket_an_unreachable_endpoint_and_a_missing_secret_are_told_apart(

@@ -105,7 +105,7 @@ pub fn build(
             .volume
             .as_ref()
             .map(|volume| build_volume_claim(server, volume)),
-        statefulset: build_statefulset(valid, settings),
+        statefulset: build_statefulset(valid, keys, settings),
         service: build_service(server, valid.ftps.as_ref()),
         pod_services: build_pod_services(server, valid.ftps.as_ref()),
     }
@@ -246,7 +246,11 @@ fn default_access_mode(server: &TransferServer) -> &'static str {
     }
 }
 
-fn build_statefulset(valid: &ValidServer, settings: &BuildSettings) -> StatefulSet {
+fn build_statefulset(
+    valid: &ValidServer,
+    keys: &HostKeyMaterial,
+    settings: &BuildSettings,
+) -> StatefulSet {
     let server = &valid.server;
     let name = server.name_any();
     // Pods start and stop together rather than one by one; a rolling update still
@@ -265,6 +269,8 @@ fn build_statefulset(valid: &ValidServer, settings: &BuildSettings) -> StatefulS
             template: PodTemplateSpec {
                 metadata: Some(ObjectMeta {
                     labels: Some(pod_labels(server, valid.object_store.as_ref())),
+                    annotations: storage_revision(valid, keys)
+                        .map(|revision| BTreeMap::from([(STORAGE_REVISION.into(), revision)])),
                     ..ObjectMeta::default()
                 }),
                 spec: Some(pod_spec(valid, settings)),
@@ -273,6 +279,31 @@ fn build_statefulset(valid: &ValidServer, settings: &BuildSettings) -> StatefulS
         }),
         status: None,
     }
+}
+
+/// Pod annotation that changes whenever the object store or its credentials do.
+pub const STORAGE_REVISION: &str = "sluice.dev/storage-revision";
+
+/// A digest of the object store's configuration and its credentials Secret, keyed with
+/// the server's salt seed so it reveals nothing about the credentials. The gateway opens
+/// its store once, at start, so the pods must be replaced when either changes (a rotated
+/// key, another bucket); as a pod-template annotation the digest makes the StatefulSet
+/// roll them. `None` for a volume.
+fn storage_revision(valid: &ValidServer, keys: &HostKeyMaterial) -> Option<String> {
+    use hmac::{Hmac, Mac};
+    use sha2::Sha256;
+    let store = valid.object_store.as_ref()?;
+    let mut mac = Hmac::<Sha256>::new_from_slice(&keys.salt_seed).expect("HMAC takes any key");
+    mac.update(&serde_json::to_vec(&store.config).expect("the store configuration serialises"));
+    let secret = valid.storage_secret.as_ref().and_then(Option::as_ref);
+    for (key, value) in secret.and_then(|s| s.data.as_ref()).into_iter().flatten() {
+        mac.update(&(key.len() as u64).to_be_bytes());
+        mac.update(key.as_bytes());
+        mac.update(&(value.0.len() as u64).to_be_bytes());
+        mac.update(&value.0);
+    }
+    let digest = mac.finalize().into_bytes();
+    Some(digest[..12].iter().map(|b| format!("{b:02x}")).collect())
 }
 
 /// The pod's labels: the server's, plus what a workload-identity webhook needs to act on
