@@ -157,34 +157,39 @@ fn region_in_endpoint(provider: Provider, host: &str) -> Option<String> {
     let labels: Vec<&str> = host.split('.').collect();
     match provider {
         Provider::S3 => s3_region(host, &labels),
+        // The region is always the label just before the provider's domain; labels
+        // further left are the bucket's, which may look like anything (`oss-cn-shanghai.
+        // oss-cn-hongkong.aliyuncs.com` is a bucket in Hong Kong).
         Provider::Oss => {
-            // oss-REGION.aliyuncs.com, oss-REGION-internal.aliyuncs.com, bucket-prefixed.
-            if !host.ends_with(".aliyuncs.com") {
-                return None;
-            }
-            let label = labels.iter().find(|l| l.starts_with("oss-"))?;
+            // [bucket.]oss-REGION[-internal].aliyuncs.com
+            let label = before_domain(host, "aliyuncs.com", 0)?;
             let region = label.strip_prefix("oss-")?;
             let region = region.strip_suffix("-internal").unwrap_or(region);
             Some(region.to_string())
         }
         Provider::Cos => {
             // [bucket-appid.]cos[-internal].REGION.(myqcloud.com|tencentcos.cn)
-            let known = host.ends_with(".myqcloud.com") || host.ends_with(".tencentcos.cn");
-            let at = labels
-                .iter()
-                .position(|l| *l == "cos" || *l == "cos-internal")?;
-            known.then(|| labels.get(at + 1).map(|r| r.to_string()))?
+            let domain = ["myqcloud.com", "tencentcos.cn"]
+                .into_iter()
+                .find(|d| host.ends_with(&format!(".{d}")))?;
+            let service = before_domain(host, domain, 1)?;
+            matches!(service, "cos" | "cos-internal")
+                .then(|| before_domain(host, domain, 0).map(str::to_string))?
         }
         Provider::Obs => {
             // [bucket.]obs.REGION.myhuaweicloud.com
-            if !host.ends_with(".myhuaweicloud.com") {
-                return None;
-            }
-            let at = labels.iter().position(|l| *l == "obs")?;
-            labels.get(at + 1).map(|r| r.to_string())
+            (before_domain(host, "myhuaweicloud.com", 1)? == "obs")
+                .then(|| before_domain(host, "myhuaweicloud.com", 0).map(str::to_string))?
         }
         Provider::AzureBlob | Provider::Gcs | Provider::S3Compatible => None,
     }
+}
+
+/// The label `skip` places left of the label just before `.domain` in `host`, if `host`
+/// ends in `.domain`.
+fn before_domain<'a>(host: &'a str, domain: &str, skip: usize) -> Option<&'a str> {
+    let rest = host.strip_suffix(domain)?.strip_suffix('.')?;
+    rest.rsplit('.').nth(skip).filter(|l| !l.is_empty())
 }
 
 fn s3_region(host: &str, labels: &[&str]) -> Option<String> {
@@ -198,9 +203,10 @@ fn s3_region(host: &str, labels: &[&str]) -> Option<String> {
     }
     // s3.REGION..., s3-REGION..., s3.dualstack.REGION..., s3-fips.REGION...,
     // bucket.vpce-ID.s3.REGION.vpce.amazonaws.com
+    // The last `s3` label: a bucket name left of it may itself start with `s3-`.
     let at = labels
         .iter()
-        .position(|l| *l == "s3" || l.starts_with("s3-"))?;
+        .rposition(|l| *l == "s3" || l.starts_with("s3-"))?;
     let label = labels[at];
     if let Some(region) = label.strip_prefix("s3-")
         && region != "fips"
@@ -622,6 +628,52 @@ mod tests {
                 "{provider:?} {endpoint:?} {declared:?}"
             );
         }
+    }
+
+    #[test]
+    fn bucket_labels_that_look_like_endpoints_are_not_taken_for_the_region() {
+        let cases = [
+            (
+                Oss,
+                "oss-cn-shanghai.oss-cn-hongkong.aliyuncs.com",
+                "cn-hongkong",
+            ),
+            (Oss, "oss-data.oss-cn-beijing.aliyuncs.com", "cn-beijing"),
+            (Oss, "oss-cn-beijing-internal.aliyuncs.com", "cn-beijing"),
+            (Cos, "cos.cos.ap-hongkong.myqcloud.com", "ap-hongkong"),
+            (
+                Cos,
+                "backups-1250000000.cos-internal.ap-beijing.tencentcos.cn",
+                "ap-beijing",
+            ),
+            (
+                Obs,
+                "obs.obs.ap-southeast-1.myhuaweicloud.com",
+                "ap-southeast-1",
+            ),
+            (
+                S3,
+                "s3-eu-west-1.s3.cn-north-1.amazonaws.com.cn",
+                "cn-north-1",
+            ),
+            (
+                S3,
+                "s3-backups.s3.dualstack.ap-east-1.amazonaws.com",
+                "ap-east-1",
+            ),
+        ];
+        for (provider, endpoint, region) in cases {
+            let resolved = resolve_region(provider, Some(endpoint), None)
+                .unwrap_or_else(|e| panic!("{endpoint}: {e}"));
+            assert_eq!(resolved.region, region, "{endpoint}");
+        }
+        // A correct declaration is not refused because of a bucket's name.
+        let declared = resolve_region(
+            Oss,
+            Some("https://oss-data.oss-cn-beijing.aliyuncs.com"),
+            Some("cn-beijing"),
+        );
+        assert_eq!(declared.unwrap().region, "cn-beijing");
     }
 
     #[test]
