@@ -157,6 +157,37 @@ async fn malformed_stores_are_refused_by_the_api_server(
     )
     .await?;
 
+    let plain_http = json!({
+        "provider": "OSS",
+        "bucket": "backups",
+        "endpoint": "http://oss-cn-shanghai.aliyuncs.com",
+        "credentials": {"secretRef": {"name": "s3-credentials"}},
+    });
+    refused(
+        client,
+        server("plain-http", plain_http),
+        "a cloud provider's endpoint must use https://",
+    )
+    .await?;
+
+    // Turning workload identity off explicitly is not using it. A dry run: the CEL
+    // rules are checked, and no operator ever sees a server pointing at a real cloud.
+    let cos_keys = json!({
+        "provider": "COS",
+        "bucket": "backups-1250000000",
+        "region": "ap-shanghai",
+        "credentials": {"secretRef": {"name": "cos"}, "workloadIdentity": false},
+    });
+    let params = kube::api::PatchParams::apply("sluice-e2e").dry_run();
+    Api::<TransferServer>::namespaced(client.clone(), NS)
+        .patch(
+            "cos-keys",
+            &params,
+            &kube::api::Patch::Apply(server("cos-keys", cos_keys)),
+        )
+        .await
+        .context("workloadIdentity: false with a Secret was refused")?;
+
     let mut escaping = seaweed_store(s3, bucket, "s3-credentials");
     escaping["prefix"] = json!("gateways/../other");
     refused(client, server("escaping", escaping), "prefix").await

@@ -266,8 +266,12 @@ pub struct Storage {
         "message": "give the region or a regional endpoint"
     },
     {
-        "rule": "!has(self.credentials.workloadIdentity) || self.provider in ['S3', 'OSS', 'AzureBlob', 'GCS']",
+        "rule": "!(has(self.credentials.workloadIdentity) && self.credentials.workloadIdentity) || self.provider in ['S3', 'OSS', 'AzureBlob', 'GCS']",
         "message": "workload identity is supported for S3, OSS, AzureBlob and GCS only; use credentials.secretRef"
+    },
+    {
+        "rule": "!has(self.endpoint) || self.provider == 'S3Compatible' || self.endpoint.startsWith('https://')",
+        "message": "a cloud provider's endpoint must use https:// (only an S3Compatible store may be reached over plain http)"
     }
 ]))]
 pub struct ObjectStorage {
@@ -307,8 +311,9 @@ pub struct ObjectStorage {
 
     /// Endpoint URL, overriding the provider's public regional endpoint, for example
     /// `https://oss-cn-shanghai-internal.aliyuncs.com` (internal/VPC endpoints keep traffic
-    /// inside the cloud). Accelerated endpoints are refused: they cannot be pinned to a
-    /// region.
+    /// inside the cloud). Must be `https://` except for S3Compatible stores. Accelerated
+    /// endpoints are refused: they cannot be pinned to a region. Link-local addresses
+    /// (cloud metadata services) are refused.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(max = 253), regex(pattern = r"^https?://[^/?#@\s]+/?$"))]
     pub endpoint: Option<String>,

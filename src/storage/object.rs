@@ -155,7 +155,8 @@ impl fmt::Debug for Credentials {
     }
 }
 
-const ALL_KEYS: [&str; 6] = [
+/// Every key [`Credentials`] reads.
+pub const ALL_KEYS: [&str; 6] = [
     keys::ACCESS_KEY_ID,
     keys::SECRET_ACCESS_KEY,
     keys::SESSION_TOKEN,

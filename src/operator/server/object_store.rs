@@ -6,8 +6,10 @@
 //!   the provider's regional endpoint when the spec gives none, and normalises the
 //!   prefix, producing the [`ObjectStoreConfig`] the gateway receives.
 //! - [`probe`] writes one small object, `PREFIX.sluice-probe/UID`, and deletes it, with
-//!   the credentials the gateway will use: checking that the bucket exists would not
-//!   show that the credentials may write. Its result becomes the `StorageAvailable`
+//!   the credentials the gateway will use (checking that the bucket exists would not
+//!   show that the credentials may write), then looks up a missing key and lists the
+//!   probe directory, which the gateway needs too: without list rights S3 answers a
+//!   missing key with 403, and every upload would fail. Its result becomes the `StorageAvailable`
 //!   condition. Messages are the operator's own words plus the provider's error code
 //!   (`NoSuchBucket`, `InvalidAccessKeyId`, ...): nothing from a response body is
 //!   repeated, so no signature material or key id reaches a status.
@@ -30,8 +32,7 @@ use crate::storage::object::{
     Credentials, ObjectStoreConfig, build_operator, default_endpoint, required_keys,
 };
 
-/// Directory, under the prefix, that probe objects are written to. The gateway hides it.
-pub const PROBE_DIR: &str = ".sluice-probe";
+pub use crate::storage::PROBE_DIR;
 /// How long a successful probe is trusted.
 pub const PROBE_SUCCESS_TTL: Duration = Duration::from_secs(300);
 /// How long a failed probe is reported before probing again.
@@ -68,6 +69,14 @@ fn plan_store(store: &ObjectStorage) -> Result<ObjectStorePlan, String> {
         store.region.as_deref(),
     )
     .map_err(|e| format!("storage.objectStore: {e}"))?;
+    if let Some(endpoint) = &store.endpoint
+        && let Some(host) = link_local_host(endpoint)
+    {
+        return Err(format!(
+            "storage.objectStore.endpoint: {host} is a link-local address (where cloud \
+             metadata services answer), not an object store"
+        ));
+    }
     let endpoint = match &store.endpoint {
         Some(endpoint) => endpoint.trim_end_matches('/').to_owned(),
         None => default_endpoint(store.provider, &resolved.region).ok_or_else(|| {
@@ -104,6 +113,32 @@ fn plan_store(store: &ObjectStorage) -> Result<ObjectStorePlan, String> {
             .clone()
             .filter(|_| workload_identity),
     })
+}
+
+/// The host of `endpoint` if it is a link-local address (169.254.0.0/16, fe80::/10) or a
+/// well-known cloud metadata name. Neither the operator's probe nor the gateway may be
+/// pointed there.
+fn link_local_host(endpoint: &str) -> Option<String> {
+    let rest = endpoint
+        .split_once("://")
+        .map_or(endpoint, |(_, rest)| rest);
+    let authority = rest.split(['/', '?', '#']).next().unwrap_or_default();
+    let authority = authority
+        .rsplit_once('@')
+        .map_or(authority, |(_, host)| host);
+    let host = match authority.strip_prefix('[') {
+        Some(bracketed) => bracketed.split(']').next().unwrap_or_default(),
+        None => authority.split(':').next().unwrap_or_default(),
+    };
+    let host = host.trim_end_matches('.').to_ascii_lowercase();
+    let link_local = match host.parse::<std::net::IpAddr>() {
+        Ok(std::net::IpAddr::V4(v4)) => v4.is_link_local(),
+        Ok(std::net::IpAddr::V6(v6)) => {
+            v6.is_unicast_link_local() || v6.to_ipv4_mapped().is_some_and(|v4| v4.is_link_local())
+        }
+        Err(_) => matches!(host.as_str(), "metadata.google.internal" | "metadata"),
+    };
+    link_local.then_some(host)
 }
 
 /// Whether the object store works, as far as the operator can tell.
@@ -159,11 +194,24 @@ pub async fn probe(plan: &ObjectStorePlan, credentials: &Credentials, name: &str
         }
     };
     let key = format!("{PROBE_DIR}/{name}");
+    // What the gateway needs besides writing and deleting: a look-up of a missing key
+    // must say "not found" (S3 answers 403 instead when the credentials may not list),
+    // and a directory must list.
     let attempt = async {
         operator
             .write(&key, b"sluice storage probe\n".to_vec())
             .await?;
-        operator.delete(&key).await
+        operator.delete(&key).await?;
+        match operator.stat(&format!("{key}.absent")).await {
+            Ok(_) => {}
+            Err(error) if error.kind() == opendal::ErrorKind::NotFound => {}
+            Err(error) => return Err(error),
+        }
+        operator
+            .list_with(&format!("{PROBE_DIR}/"))
+            .limit(1)
+            .await
+            .map(drop)
     };
     let outcome = tokio::time::timeout(PROBE_TIMEOUT, attempt).await;
     let where_ = format!("bucket {} at {}", plan.config.bucket, plan.config.endpoint);
@@ -309,7 +357,9 @@ impl ProbeMemo {
 fn digest(plan: &ObjectStorePlan, credentials: &Credentials) -> Vec<u8> {
     let mut hasher = Sha256::new();
     hasher.update(serde_json::to_vec(&plan.config).unwrap_or_default());
-    for key in required_keys(plan.config.provider) {
+    for key in crate::storage::object::ALL_KEYS {
+        hasher.update([0]);
+        hasher.update(key);
         hasher.update([0]);
         hasher.update(credentials.get(key).unwrap_or_default());
     }
@@ -472,6 +522,32 @@ mod tests {
             for leaked in ["AKIAEXAMPLEKEYID", "StringToSign", "<Error>", "forbidden"] {
                 assert!(!message.contains(leaked), "{message}");
             }
+        }
+    }
+
+    #[test]
+    fn link_local_endpoints_are_refused() {
+        for endpoint in [
+            "http://169.254.169.254",
+            "http://169.254.170.2:80/v2",
+            "http://[fe80::1]:9000",
+            "http://[::ffff:169.254.169.254]/",
+            "http://user@169.254.169.254/",
+            "http://metadata.google.internal/",
+        ] {
+            let store = format!(
+                "    provider: S3Compatible\n    bucket: backups\n    region: cn-shanghai\n    \
+                 endpoint: \"{endpoint}\"\n    credentials: {{secretRef: {{name: s3}}}}\n"
+            );
+            let error = plan(&server(&store)).unwrap_err();
+            assert!(error.contains("link-local"), "{endpoint}: {error}");
+        }
+        for endpoint in ["http://127.0.0.1:8333", "https://minio.storage.svc:9000"] {
+            let store = format!(
+                "    provider: S3Compatible\n    bucket: backups\n    region: cn-shanghai\n    \
+                 endpoint: \"{endpoint}\"\n    credentials: {{secretRef: {{name: s3}}}}\n"
+            );
+            assert!(plan(&server(&store)).is_ok(), "{endpoint}");
         }
     }
 }
