@@ -947,3 +947,45 @@ async fn one_gib_round_trips_over_sftp_and_ftps_with_equal_hashes() -> Result<()
     ensure!(stored.content_length() == SIZE);
     fixture.gateway.stop().await
 }
+
+/// A rename onto the same name, file or directory, plain or replacing, over SFTP and FTP,
+/// keeps what it renames: copying an object onto itself and deleting the source would
+/// delete it.
+#[tokio::test]
+async fn renaming_a_file_or_directory_onto_itself_keeps_it() -> Result<()> {
+    let fixture = Fixture::start_ftps("self-rename").await?;
+    let result = script(
+        &fixture,
+        r#"
+t, sftp = connect()
+with sftp.open("X.csv", "w") as f: f.write(b"kept")
+sftp.mkdir("d")
+r = {"posix": attempt(lambda: sftp.posix_rename("X.csv", "X.csv")),
+     "plain": attempt(lambda: sftp.rename("X.csv", "./X.csv")),
+     "posix_dir": attempt(lambda: sftp.posix_rename("d", "d")),
+     "plain_dir": attempt(lambda: sftp.rename("d", "/d"))}
+r["content"] = sftp.open("X.csv").read().decode()
+r["names"] = sorted(sftp.listdir("."))
+print(json.dumps(r))
+"#,
+    )
+    .await?;
+    for rename in ["posix", "plain", "posix_dir", "plain_dir"] {
+        ensure!(result[rename].get("ok").is_some(), "{rename}: {result}");
+    }
+    ensure!(result["content"] == "kept", "{result}");
+    ensure!(
+        result["names"] == serde_json::json!(["X.csv", "d"]),
+        "{result}"
+    );
+
+    let mut curl = fixture.ftp().curl();
+    curl.arg(fixture.ftp_url("/")?)
+        .args(["-Q", "RNFR /X.csv", "-Q", "RNTO /X.csv"])
+        .args(["-Q", "RNFR /d", "-Q", "RNTO /d"]);
+    succeed(curl).await?;
+    ensure!(fixture.object("X.csv").await? == b"kept");
+    let keys = fixture.keys().await?;
+    ensure!(keys == [key(""), key("X.csv"), key("d/")], "{keys:?}");
+    fixture.gateway.stop().await
+}

@@ -48,6 +48,8 @@
 //!   exclusive creation the same way; a plain rename there checks the target and then
 //!   copies conditionally. An exclusive upload whose name was taken while it was being
 //!   written fails on close. [`Vfs::rename_replacing`] replaces a file at the target.
+//!   Either rename onto the source's own name succeeds without touching storage once the
+//!   source is found (in a bucket the copy-then-delete would otherwise delete it).
 //! - Directories in a bucket are marker objects or prefixes with objects under them; a
 //!   non-empty directory cannot be renamed there ([`VfsError::DirectoryRename`]).
 //! - Errors are one enum, [`VfsError`]; [`VfsError::reply`] tells a front end which
@@ -702,6 +704,11 @@ impl Vfs {
         }
 
         self.entry(&source).await?;
+        // A move onto itself changes nothing, as with rename(2); in a bucket the copy and
+        // delete it would take delete the file.
+        if source.key == destination.key {
+            return Ok(());
+        }
         self.require_parent_dir(&destination).await?;
         if replace && !self.allows(Permission::Write) && self.exists(&destination).await? {
             return Err(VfsError::Denied(Permission::Write));

@@ -190,9 +190,14 @@ impl ObjectStore {
 
     /// Renames `from` to `to` (keys without trailing `/`). A file is copied and then
     /// deleted; with `replace` an existing file at `to` is replaced, without it the rename
-    /// is refused if anything is at `to`. A directory moves only if it is empty.
+    /// is refused if anything is at `to`. A directory moves only if it is empty. Renaming an
+    /// existing file or directory onto itself succeeds and changes nothing.
     pub async fn rename(&self, from: &str, to: &str, replace: bool) -> Result<(), RenameError> {
         let source = self.stat(from).await?;
+        if source.is_some() && from == to {
+            // Copying onto itself and deleting the source would delete the file.
+            return Ok(());
+        }
         let target = self.stat(to).await?;
         match (source, target) {
             (None, _) => Err(RenameError::Refused(RenameRefusal::NotFound)),
