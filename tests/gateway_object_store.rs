@@ -989,3 +989,133 @@ print(json.dumps(r))
     ensure!(keys == [key(""), key("X.csv"), key("d/")], "{keys:?}");
     fixture.gateway.stop().await
 }
+
+/// A gateway runs a bounded number of uploads at once, across sessions and protocols: one
+/// more gets a clean transient error (an SFTP failure saying why, FTP 450) instead of
+/// memory, and an upload that ends gives its place back.
+#[tokio::test]
+async fn uploads_beyond_the_gateway_bound_get_a_transient_error_until_one_ends() -> Result<()> {
+    use sluice::storage::bucket::MAX_UPLOADS;
+    use tokio::io::AsyncBufReadExt;
+
+    let fixture = Fixture::start_ftps("bound").await?;
+    let scratch = fixture.gateway.scratch("files");
+    let release = scratch.join("release");
+    let local = scratch.join("ftp.bin");
+    random_file(&local, 1000, 21)?;
+    let held = format!(
+        r#"
+import time
+t, sftp = connect()
+held = [sftp.open("held-%d" % i, "w") for i in range({MAX_UPLOADS})]
+print(json.dumps(attempt(lambda: sftp.open("over", "w"))), flush=True)
+deadline = time.time() + 60
+while not os.path.exists({release:?}) and time.time() < deadline:
+    time.sleep(0.1)
+held[0].close()
+def after():
+    with sftp.open("after", "w") as f: f.write(b"after")
+print(json.dumps(attempt(after)), flush=True)
+"#,
+        release = release.display().to_string()
+    );
+    let mut client =
+        support::gateway::paramiko_command(fixture.gateway.addr, USER, PASSWORD, &held)
+            .stdout(std::process::Stdio::piped())
+            .spawn()?;
+    let stdout = client.stdout.take().context("no stdout")?;
+    let mut lines = tokio::io::BufReader::new(stdout).lines();
+    let next = async |lines: &mut tokio::io::Lines<_>| -> Result<serde_json::Value> {
+        let line = tokio::time::timeout(Duration::from_secs(60), lines.next_line()).await??;
+        let line = line.context("the client ended early")?;
+        Ok(serde_json::from_str(&line)?)
+    };
+
+    let over = next(&mut lines).await?;
+    let message = over["message"].as_str().unwrap_or_default();
+    ensure!(message.contains("too many uploads in progress"), "{over}");
+    let mut curl = fixture.ftp().curl();
+    curl.arg("--verbose")
+        .arg("-T")
+        .arg(&local)
+        .arg(fixture.ftp_url("/ftp.bin")?);
+    let output = run(curl).await?;
+    let verbose = String::from_utf8_lossy(&output.stderr);
+    ensure!(!output.status.success(), "FTP stored beyond the bound");
+    ensure!(
+        verbose.contains("< 450 too many uploads in progress"),
+        "{verbose}"
+    );
+
+    std::fs::write(&release, "")?;
+    let after = next(&mut lines).await?;
+    ensure!(after.get("ok").is_some(), "{after}");
+    let _ = tokio::time::timeout(Duration::from_secs(30), client.wait()).await;
+    ensure!(fixture.object("after").await? == b"after");
+    succeed({
+        let mut curl = fixture.ftp().curl();
+        curl.arg("-T").arg(&local).arg(fixture.ftp_url("/ftp.bin")?);
+        curl
+    })
+    .await?;
+    ensure!(fixture.object("ftp.bin").await? == std::fs::read(&local)?);
+    fixture.gateway.stop().await
+}
+
+/// Through the virtual filesystem: the bound holds, and closing, aborting or dropping an
+/// upload each frees its place.
+#[tokio::test]
+async fn a_closed_aborted_or_dropped_upload_frees_its_place() -> Result<()> {
+    use sluice::gateway::vfs::{Vfs, VfsError, WriteMode};
+    use sluice::storage::ObjectStore;
+    use sluice::storage::bucket::MAX_UPLOADS;
+    use sluice::storage::object::Credentials;
+
+    let weed = SeaweedFs::shared()?;
+    let name = weed.bucket("slots")?;
+    let credentials =
+        Credentials::from_pairs(weed.credentials().iter().map(|(k, v)| (*k, v.as_bytes())));
+    let store = ObjectStore::open(&weed.config(&name, PREFIX), &credentials)?;
+    let vfs = Vfs::open(store, &user()).await?;
+
+    let mut writers = Vec::new();
+    for i in 0..MAX_UPLOADS {
+        writers.push(vfs.create(&format!("u{i}"), WriteMode::Replace).await?);
+    }
+    let refused = vfs.create("over", WriteMode::Replace).await.map(drop);
+    ensure!(
+        matches!(&refused, Err(e @ VfsError::TooManyUploads) if e.is_transient()),
+        "{refused:?}"
+    );
+
+    let mut closed = writers.pop().context("no writer")?;
+    closed.write_at(0, b"done".to_vec()).await?;
+    closed.close().await?;
+    writers.push(vfs.create("after-close", WriteMode::Replace).await?);
+    ensure!(vfs.create("over", WriteMode::Replace).await.is_err());
+
+    writers.pop().context("no writer")?.abort().await?;
+    writers.push(vfs.create("after-abort", WriteMode::Replace).await?);
+    ensure!(vfs.create("over", WriteMode::Replace).await.is_err());
+
+    drop(writers.pop());
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let after_drop = loop {
+        match vfs.create("after-drop", WriteMode::Replace).await {
+            Err(VfsError::TooManyUploads) if Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            other => break other,
+        }
+    };
+    ensure!(after_drop.is_ok(), "a dropped upload kept its place");
+    let last = MAX_UPLOADS - 1;
+    ensure!(
+        weed.bucket_operator(&name)?
+            .read(&key(&format!("u{last}")))
+            .await?
+            .to_vec()
+            == b"done"
+    );
+    Ok(())
+}

@@ -29,7 +29,9 @@
 //!   file in the upload directory and publishes it under its name on
 //!   [`FileWriter::close`]; in a bucket it is a multipart upload to the final key, which
 //!   the store makes visible only when it completes on close. Dropping a writer unclosed
-//!   discards the upload.
+//!   discards the upload. A bucket runs at most [`MAX_UPLOADS`] uploads at once per
+//!   gateway process (see [`crate::storage::bucket`]); one more is refused at once with
+//!   [`VfsError::TooManyUploads`], transient, rather than queued.
 //! - Reads stream: a [`FileReader`] serves reads that continue where the previous one
 //!   ended from one open stream (one GET), and restarts it where a client seeks.
 //! - Attributes a client sets (SETSTAT: modes, owners, times) are not stored; front ends
@@ -67,7 +69,9 @@ use sync_wrapper::SyncWrapper;
 
 use crate::api::Permission;
 use crate::gateway::config::GatewayUser;
-use crate::storage::bucket::{Found, ObjectStore, RenameError, RenameRefusal, StorageFault};
+use crate::storage::bucket::{
+    Found, MAX_UPLOADS, ObjectStore, RenameError, RenameRefusal, StorageFault, UploadSlot,
+};
 use crate::storage::{self, ListError, ListedEntry, ListedKind, Listing, Storage, StorageError};
 
 /// Why an operation failed. The message is safe to send to the client.
@@ -142,6 +146,9 @@ pub enum VfsError {
     /// A directory with entries cannot be renamed on an object store.
     #[error("directories that are not empty cannot be renamed on object storage")]
     DirectoryRename,
+    /// As many uploads to the object store as the gateway runs at once are in progress.
+    #[error("too many uploads in progress on this server (at most {MAX_UPLOADS}); try again later")]
+    TooManyUploads,
 }
 
 /// The protocol-independent reply an error maps to.
@@ -170,15 +177,16 @@ impl VfsError {
 
     /// Whether retrying later may succeed (a storage hiccup rather than a bad request).
     pub fn is_transient(&self) -> bool {
-        matches!(self, Self::Storage(e) if e.is_temporary()) || matches!(self, Self::Unavailable(_))
+        matches!(self, Self::Storage(e) if e.is_temporary())
+            || matches!(self, Self::Unavailable(_) | Self::TooManyUploads)
     }
 
-    /// Whether the error is the storage's fault rather than the request's; front ends log
-    /// these as warnings.
+    /// Whether the error is the storage's or the gateway's fault rather than the
+    /// request's; front ends log these as warnings.
     pub fn is_internal(&self) -> bool {
         matches!(
             self,
-            Self::Storage(_) | Self::Volume(_) | Self::Unavailable(_)
+            Self::Storage(_) | Self::Volume(_) | Self::Unavailable(_) | Self::TooManyUploads
         )
     }
 
@@ -588,7 +596,7 @@ impl Vfs {
     /// An upload to `target`: through a fresh temporary file on the volume, straight to
     /// its key (as a multipart upload) in an object store.
     async fn stage(&self, target: Target, mode: WriteMode) -> Result<FileWriter, VfsError> {
-        let (writer, publish) = match &self.storage {
+        let (writer, publish, slot) = match &self.storage {
             Storage::Volume(volume) => {
                 let staged = storage::staging_key();
                 let writer = volume
@@ -600,23 +608,25 @@ impl Vfs {
                     volume: volume.clone(),
                     staged,
                 };
-                (writer, publish)
+                (writer, publish, None)
             }
             Storage::Object(store) => {
+                let slot = store.reserve_upload().ok_or(VfsError::TooManyUploads)?;
                 let exclusive = mode == WriteMode::CreateNew;
                 let writer = store
-                    .writer(&target.key, exclusive)
+                    .writer(&target.key, exclusive, &slot)
                     .await
                     .map_err(VfsError::from_object_store)?;
                 let publish = Publish::Direct {
                     store: store.clone(),
                     check_first: exclusive && !store.has_conditional_writes(),
                 };
-                (writer, publish)
+                (writer, publish, Some(slot))
             }
         };
         Ok(FileWriter {
             writer: Some(writer),
+            slot,
             publish,
             key: target.key,
             mode,
@@ -1017,6 +1027,9 @@ enum Publish {
 pub struct FileWriter {
     /// Writes the temporary file or the object; `None` once closed or aborted.
     writer: Option<opendal::Writer>,
+    /// The upload's place among those an object store runs at once, given up when the
+    /// writer is gone.
+    slot: Option<UploadSlot>,
     publish: Publish,
     key: String,
     mode: WriteMode,
@@ -1120,8 +1133,11 @@ impl Drop for FileWriter {
         let Some(mut writer) = self.writer.take() else {
             return;
         };
+        // The slot goes with the writer: its buffers are freed only once it is aborted.
+        let slot = self.slot.take();
         if let Ok(runtime) = tokio::runtime::Handle::try_current() {
             runtime.spawn(async move {
+                let _slot = slot;
                 if let Err(error) = writer.abort().await {
                     // Only the kind: a store's message can carry its response.
                     tracing::warn!(kind = %error.kind(), "Failed to discard unfinished upload");

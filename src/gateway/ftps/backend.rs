@@ -501,6 +501,10 @@ mod tests {
             kind(VfsError::Storage(permanent)),
             ErrorKind::PermanentFileNotAvailable
         );
+        assert_eq!(
+            kind(VfsError::TooManyUploads),
+            ErrorKind::TransientFileNotAvailable
+        );
         let offset = VfsError::NonSequentialWrite {
             expected: 0,
             got: 1,
