@@ -1119,3 +1119,43 @@ async fn a_closed_aborted_or_dropped_upload_frees_its_place() -> Result<()> {
     );
     Ok(())
 }
+
+/// A home that another tool filled (objects under the prefix, no marker) stays a
+/// directory when its last file is deleted: listing it and uploading into it still work
+/// in the same session.
+#[tokio::test]
+async fn a_home_that_is_only_a_prefix_survives_the_deletion_of_its_last_file() -> Result<()> {
+    let weed = SeaweedFs::shared()?;
+    let name = weed.bucket("prefix-home")?;
+    let bucket = weed.bucket_operator(&name)?;
+    bucket.write(&key("only.txt"), "from another tool").await?;
+    let gateway = start_gateway(
+        vec![user()],
+        None,
+        weed.config(&name, PREFIX),
+        &weed.credentials(),
+    )
+    .await?;
+    let local = gateway.scratch("files").join("new.txt");
+    random_file(&local, 500, 31)?;
+
+    let auth = Auth::Password(PASSWORD.into());
+    let client = SftpClient::new(gateway.addr, USER, auth, &gateway.scratch("sftp"))?;
+    let out = sftp(
+        client,
+        &format!(
+            "rm only.txt\nls -1\nput {} new.txt\nls -1\n",
+            local.display()
+        ),
+    )
+    .await?;
+    let listed: Vec<&str> = out
+        .lines()
+        .filter(|l| !l.starts_with("sftp>"))
+        .map(str::trim)
+        .collect();
+    ensure!(listed == ["new.txt"], "{out}");
+    ensure!(bucket.read(&key("new.txt")).await?.to_vec() == std::fs::read(&local)?);
+    ensure!(bucket.stat(&key("only.txt")).await.is_err());
+    gateway.stop().await
+}

@@ -53,7 +53,9 @@
 //!   Either rename onto the source's own name succeeds without touching storage once the
 //!   source is found (in a bucket the copy-then-delete would otherwise delete it).
 //! - Directories in a bucket are marker objects or prefixes with objects under them; a
-//!   non-empty directory cannot be renamed there ([`VfsError::DirectoryRename`]).
+//!   non-empty directory cannot be renamed there ([`VfsError::DirectoryRename`]). The home
+//!   is always a directory, even once a home that was only a prefix has lost its last
+//!   object.
 //! - Errors are one enum, [`VfsError`]; [`VfsError::reply`] tells a front end which
 //!   protocol reply to send, and its message never contains a storage path. An object
 //!   store that fails or refuses the gateway is [`VfsError::Unavailable`], transient, and
@@ -807,12 +809,10 @@ impl Vfs {
             Some(Found::File(meta)) => {
                 Entry::from_metadata(target.name(), &meta).ok_or(VfsError::NotFound)
             }
-            Some(Found::Directory) => Ok(Entry {
-                name: target.name().to_owned(),
-                kind: EntryKind::Directory,
-                size: 0,
-                modified: None,
-            }),
+            // The home is a directory even when nothing marks it: one that only existed
+            // as a prefix of its objects disappears from the store with the last of them.
+            Some(Found::Directory) => Ok(directory(target)),
+            None if target.is_home() => Ok(directory(target)),
             None => Err(VfsError::NotFound),
         }
     }
@@ -859,8 +859,19 @@ impl Vfs {
     }
 }
 
+/// A directory entry for `target`, as a bucket knows it (no time).
+fn directory(target: &Target) -> Entry {
+    Entry {
+        name: target.name().to_owned(),
+        kind: EntryKind::Directory,
+        size: 0,
+        modified: None,
+    }
+}
+
 /// Makes sure the home directory `home` exists in `store`: a marker is written only if
-/// there is neither a marker nor an object under the prefix.
+/// there is neither a marker nor an object under the prefix. The session does not depend
+/// on it: its home stays a directory whatever is deleted ([`Vfs::stat`] of `/`).
 async fn create_home(store: &ObjectStore, home: &str) -> Result<(), VfsError> {
     if home.is_empty() {
         return Ok(());
