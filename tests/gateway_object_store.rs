@@ -1159,3 +1159,49 @@ async fn a_home_that_is_only_a_prefix_survives_the_deletion_of_its_last_file() -
     ensure!(bucket.stat(&key("only.txt")).await.is_err());
     gateway.stop().await
 }
+
+/// Opens the test user's view of a fresh bucket; returns it with an operator on the
+/// bucket's root.
+async fn vfs_on(test: &str) -> Result<(sluice::gateway::vfs::Vfs, Operator)> {
+    use sluice::storage::ObjectStore;
+    use sluice::storage::object::Credentials;
+
+    let weed = SeaweedFs::shared()?;
+    let name = weed.bucket(test)?;
+    let credentials =
+        Credentials::from_pairs(weed.credentials().iter().map(|(k, v)| (*k, v.as_bytes())));
+    let store = ObjectStore::open(&weed.config(&name, PREFIX), &credentials)?;
+    ensure!(
+        store.has_conditional_reads(),
+        "OpenDAL offers no If-Match reads on S3"
+    );
+    let vfs = sluice::gateway::vfs::Vfs::open(store, &user()).await?;
+    Ok((vfs, weed.bucket_operator(&name)?))
+}
+
+/// A download is pinned to the version it opened: when the object is replaced and the
+/// reader has to start a new request (a seek), it fails cleanly instead of handing out
+/// bytes of the new version after those of the old.
+#[tokio::test]
+async fn a_file_replaced_during_a_download_fails_instead_of_mixing_versions() -> Result<()> {
+    use sluice::gateway::vfs::VfsError;
+
+    let (vfs, bucket) = vfs_on("pinned").await?;
+    let old = vec![b'o'; 4 * 1024 * 1024];
+    let new = vec![b'n'; 4 * 1024 * 1024];
+    bucket.write(&key("data.bin"), old.clone()).await?;
+
+    let mut reader = vfs.open_read("data.bin").await?;
+    ensure!(reader.read_at(0, 1024).await? == old[..1024]);
+    bucket.write(&key("data.bin"), new.clone()).await?;
+    let after_seek = reader.read_at(2 * 1024 * 1024, 1024).await;
+    ensure!(
+        matches!(&after_seek, Err(e @ VfsError::Changed) if e.is_transient()),
+        "read {:?}",
+        after_seek.map(|b| String::from_utf8_lossy(&b[..8]).into_owned())
+    );
+    let mut again = vfs.open_read("data.bin").await?;
+    ensure!(again.read_at(2 * 1024 * 1024, 1024).await? == new[..1024]);
+
+    Ok(())
+}

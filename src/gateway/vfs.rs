@@ -33,7 +33,12 @@
 //!   gateway process (see [`crate::storage::bucket`]); one more is refused at once with
 //!   [`VfsError::TooManyUploads`], transient, rather than queued.
 //! - Reads stream: a [`FileReader`] serves reads that continue where the previous one
-//!   ended from one open stream (one GET), and restarts it where a client seeks.
+//!   ended from one open stream (one GET), and restarts it where a client seeks. In a
+//!   bucket every GET of a reader is conditional on the ETag the file had when it was
+//!   opened (`If-Match`), where the store supports it, so a file replaced during a
+//!   download fails with [`VfsError::Changed`] (transient) at the next restart rather than
+//!   splicing two versions; the same holds for the kept start a resumed upload copies. On
+//!   the volume a restart reads whatever file is under the name by then.
 //! - Attributes a client sets (SETSTAT: modes, owners, times) are not stored; front ends
 //!   accept and ignore them.
 //! - A resumed upload ([`Vfs::resume`]: FTP `REST` + `STOR`, `APPE`) is an upload like any
@@ -148,6 +153,10 @@ pub enum VfsError {
     /// A directory with entries cannot be renamed on an object store.
     #[error("directories that are not empty cannot be renamed on object storage")]
     DirectoryRename,
+    /// The file was replaced while it was being read: what was read belongs to the old
+    /// version, the rest would come from the new one.
+    #[error("the file was replaced while it was being read; read it again")]
+    Changed,
     /// As many uploads to the object store as the gateway runs at once are in progress.
     #[error("too many uploads in progress on this server (at most {MAX_UPLOADS}); try again later")]
     TooManyUploads,
@@ -180,7 +189,10 @@ impl VfsError {
     /// Whether retrying later may succeed (a storage hiccup rather than a bad request).
     pub fn is_transient(&self) -> bool {
         matches!(self, Self::Storage(e) if e.is_temporary())
-            || matches!(self, Self::Unavailable(_) | Self::TooManyUploads)
+            || matches!(
+                self,
+                Self::Unavailable(_) | Self::TooManyUploads | Self::Changed
+            )
     }
 
     /// Whether the error is the storage's or the gateway's fault rather than the
@@ -219,6 +231,15 @@ impl VfsError {
             Self::from_object_store(error)
         } else {
             Self::from_storage(error)
+        }
+    }
+
+    /// An error reading a file that was opened pinned to one version: a failed condition
+    /// means the file is not that version any more.
+    fn from_read(object_store: bool, error: opendal::Error) -> Self {
+        match error.kind() {
+            ErrorKind::ConditionNotMatch if object_store => Self::Changed,
+            _ => Self::from_backend(object_store, error),
         }
     }
 
@@ -342,6 +363,14 @@ pub enum ResumeAt {
     Offset(u64),
     /// After its last byte, or at the start if there is no file yet (FTP `APPE`).
     End,
+}
+
+/// One version of a file: what reading it needs to know.
+#[derive(Clone, Debug, Default)]
+struct Version {
+    size: u64,
+    /// Its ETag, in a bucket that reports one.
+    etag: Option<String>,
 }
 
 /// Bytes copied at a time when a resumed upload keeps the start of a file.
@@ -482,24 +511,64 @@ impl Vfs {
     pub async fn open_read(&self, path: &str) -> Result<FileReader, VfsError> {
         self.require(Permission::Read)?;
         let target = self.locate(path).await?;
-        let entry = self.entry(&target).await?;
-        if entry.is_dir() {
-            return Err(VfsError::IsADirectory);
-        }
+        let version = self.version(&target).await?;
 
-        let reader = self
-            .operator()
-            .reader(&target.key)
-            .await
-            .map_err(|e| self.storage_error(e))?;
+        let reader = self.pinned_reader(&target.key, &version).await?;
         Ok(FileReader {
             reader,
             stream: None,
             object_store: self.storage.is_object_store(),
             path: target.path,
-            size: entry.size,
+            size: version.size,
             bytes_read: 0,
         })
+    }
+
+    /// The file at `target`, as it is now.
+    async fn version(&self, target: &Target) -> Result<Version, VfsError> {
+        let store = match &self.storage {
+            Storage::Volume(_) => {
+                let entry = self.entry(target).await?;
+                if entry.is_dir() {
+                    return Err(VfsError::IsADirectory);
+                }
+                let size = entry.size;
+                return Ok(Version { size, etag: None });
+            }
+            Storage::Object(store) => store,
+        };
+        match store
+            .stat(&target.key)
+            .await
+            .map_err(VfsError::from_object_store)?
+        {
+            Some(Found::File(meta)) => Ok(Version {
+                size: meta.content_length(),
+                etag: meta.etag().map(str::to_owned),
+            }),
+            Some(Found::Directory) => Err(VfsError::IsADirectory),
+            None if target.is_home() => Err(VfsError::IsADirectory),
+            None => Err(VfsError::NotFound),
+        }
+    }
+
+    /// A reader of `key` that reads only `version` where the store can tell versions
+    /// apart: every request it makes is conditional on the ETag, so a file replaced
+    /// meanwhile fails to read ([`VfsError::Changed`]) instead of mixing two versions.
+    async fn pinned_reader(
+        &self,
+        key: &str,
+        version: &Version,
+    ) -> Result<opendal::Reader, VfsError> {
+        let pin = match &self.storage {
+            Storage::Object(store) if store.has_conditional_reads() => version.etag.as_deref(),
+            _ => None,
+        };
+        let mut reader = self.operator().reader_with(key);
+        if let Some(etag) = pin {
+            reader = reader.if_match(etag);
+        }
+        reader.await.map_err(|e| self.storage_error(e))
     }
 
     /// Starts an upload to `path`; the file appears only when the returned writer is
@@ -543,12 +612,12 @@ impl Vfs {
             return Err(VfsError::IsADirectory);
         }
         self.require_parent_dir(&target).await?;
-        let size = match self.entry(&target).await {
-            Ok(entry) if entry.is_dir() => return Err(VfsError::IsADirectory),
-            Ok(entry) => entry.size,
-            Err(VfsError::NotFound) => 0,
+        let version = match self.version(&target).await {
+            Ok(version) => version,
+            Err(VfsError::NotFound) => Version::default(),
             Err(other) => return Err(other),
         };
+        let size = version.size;
         let keep = match at {
             ResumeAt::End => size,
             ResumeAt::Offset(offset) if offset <= size => offset,
@@ -558,7 +627,7 @@ impl Vfs {
         let key = target.key.clone();
         let mut writer = self.stage(target, WriteMode::Replace).await?;
         if keep > 0
-            && let Err(error) = self.copy_prefix(&key, keep, &mut writer).await
+            && let Err(error) = self.copy_prefix(&key, &version, keep, &mut writer).await
         {
             let _ = writer.abort().await;
             return Err(error);
@@ -566,25 +635,23 @@ impl Vfs {
         Ok(writer)
     }
 
-    /// Copies the first `keep` bytes of the file at `key` into `writer`.
+    /// Copies the first `keep` bytes of `version` of the file at `key` into `writer`.
     async fn copy_prefix(
         &self,
         key: &str,
+        version: &Version,
         keep: u64,
         writer: &mut FileWriter,
     ) -> Result<(), VfsError> {
-        let reader = self
-            .operator()
-            .reader(key)
-            .await
-            .map_err(|e| self.storage_error(e))?;
+        let object_store = self.storage.is_object_store();
+        let reader = self.pinned_reader(key, version).await?;
         while writer.bytes_written < keep {
             let start = writer.bytes_written;
             let end = keep.min(start + COPY_CHUNK);
             let chunk = reader
                 .read(start..end)
                 .await
-                .map_err(|e| self.storage_error(e))?
+                .map_err(|e| VfsError::from_read(object_store, e))?
                 .to_vec();
             if chunk.is_empty() {
                 // Replaced by a shorter file since its size was read.
@@ -967,7 +1034,7 @@ impl FileReader {
         while data.len() < wanted {
             if sequential.pending.is_empty() {
                 let next = sequential.stream.get_mut().try_next().await;
-                match next.map_err(|e| VfsError::from_backend(self.object_store, e))? {
+                match next.map_err(|e| VfsError::from_read(self.object_store, e))? {
                     Some(buffer) => sequential.pending = buffer.to_bytes(),
                     // Replaced by a shorter file since it was opened.
                     None => break,
@@ -994,7 +1061,7 @@ impl FileReader {
             .clone()
             .into_stream(offset..self.size)
             .await
-            .map_err(|e| VfsError::from_backend(self.object_store, e))?;
+            .map_err(|e| VfsError::from_read(self.object_store, e))?;
         Ok(Sequential {
             stream: SyncWrapper::new(stream),
             position: offset,

@@ -221,6 +221,11 @@ impl ObjectStore {
             .await
     }
 
+    /// Whether reads can be made conditional on an ETag (`If-Match`).
+    pub fn has_conditional_reads(&self) -> bool {
+        self.operator.info().capability().read_with_if_match
+    }
+
     /// Whether exclusive writes are decided by the store itself.
     pub fn has_conditional_writes(&self) -> bool {
         self.conditional_writes
