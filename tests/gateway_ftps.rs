@@ -1925,3 +1925,22 @@ async fn a_second_login_attempt_is_refused_and_the_session_stays_logged_in() -> 
     ftp.expect("PASV", 227).await?;
     gateway.stop().await
 }
+
+/// `RNFR x` then `RNTO x`, for a file and a directory, succeeds and keeps it.
+#[tokio::test]
+async fn renaming_a_file_or_directory_onto_itself_succeeds_and_keeps_it() -> Result<()> {
+    let _logs = capture_logs();
+    let gateway = gateway(ftps_settings()).await?;
+    let home = gateway.data().join(USER);
+    std::fs::create_dir_all(home.join("d"))?;
+    std::fs::write(home.join("x.txt"), b"kept")?;
+
+    let mut ftp = Ftp::logged_in(&gateway).await?;
+    for name in ["/x.txt", "/d"] {
+        ftp.expect(&format!("RNFR {name}"), 350).await?;
+        ftp.expect(&format!("RNTO {name}"), 250).await?;
+    }
+    ensure!(std::fs::read(home.join("x.txt"))? == b"kept");
+    ensure!(home.join("d").is_dir());
+    gateway.stop().await
+}

@@ -947,3 +947,261 @@ async fn one_gib_round_trips_over_sftp_and_ftps_with_equal_hashes() -> Result<()
     ensure!(stored.content_length() == SIZE);
     fixture.gateway.stop().await
 }
+
+/// A rename onto the same name, file or directory, plain or replacing, over SFTP and FTP,
+/// keeps what it renames: copying an object onto itself and deleting the source would
+/// delete it.
+#[tokio::test]
+async fn renaming_a_file_or_directory_onto_itself_keeps_it() -> Result<()> {
+    let fixture = Fixture::start_ftps("self-rename").await?;
+    let result = script(
+        &fixture,
+        r#"
+t, sftp = connect()
+with sftp.open("X.csv", "w") as f: f.write(b"kept")
+sftp.mkdir("d")
+r = {"posix": attempt(lambda: sftp.posix_rename("X.csv", "X.csv")),
+     "plain": attempt(lambda: sftp.rename("X.csv", "./X.csv")),
+     "posix_dir": attempt(lambda: sftp.posix_rename("d", "d")),
+     "plain_dir": attempt(lambda: sftp.rename("d", "/d"))}
+r["content"] = sftp.open("X.csv").read().decode()
+r["names"] = sorted(sftp.listdir("."))
+print(json.dumps(r))
+"#,
+    )
+    .await?;
+    for rename in ["posix", "plain", "posix_dir", "plain_dir"] {
+        ensure!(result[rename].get("ok").is_some(), "{rename}: {result}");
+    }
+    ensure!(result["content"] == "kept", "{result}");
+    ensure!(
+        result["names"] == serde_json::json!(["X.csv", "d"]),
+        "{result}"
+    );
+
+    let mut curl = fixture.ftp().curl();
+    curl.arg(fixture.ftp_url("/")?)
+        .args(["-Q", "RNFR /X.csv", "-Q", "RNTO /X.csv"])
+        .args(["-Q", "RNFR /d", "-Q", "RNTO /d"]);
+    succeed(curl).await?;
+    ensure!(fixture.object("X.csv").await? == b"kept");
+    let keys = fixture.keys().await?;
+    ensure!(keys == [key(""), key("X.csv"), key("d/")], "{keys:?}");
+    fixture.gateway.stop().await
+}
+
+/// A gateway runs a bounded number of uploads at once, across sessions and protocols: one
+/// more gets a clean transient error (an SFTP failure saying why, FTP 450) instead of
+/// memory, and an upload that ends gives its place back.
+#[tokio::test]
+async fn uploads_beyond_the_gateway_bound_get_a_transient_error_until_one_ends() -> Result<()> {
+    use sluice::storage::bucket::MAX_UPLOADS;
+    use tokio::io::AsyncBufReadExt;
+
+    let fixture = Fixture::start_ftps("bound").await?;
+    let scratch = fixture.gateway.scratch("files");
+    let release = scratch.join("release");
+    let local = scratch.join("ftp.bin");
+    random_file(&local, 1000, 21)?;
+    let held = format!(
+        r#"
+import time
+t, sftp = connect()
+held = [sftp.open("held-%d" % i, "w") for i in range({MAX_UPLOADS})]
+print(json.dumps(attempt(lambda: sftp.open("over", "w"))), flush=True)
+deadline = time.time() + 60
+while not os.path.exists({release:?}) and time.time() < deadline:
+    time.sleep(0.1)
+held[0].close()
+def after():
+    with sftp.open("after", "w") as f: f.write(b"after")
+print(json.dumps(attempt(after)), flush=True)
+"#,
+        release = release.display().to_string()
+    );
+    let mut client =
+        support::gateway::paramiko_command(fixture.gateway.addr, USER, PASSWORD, &held)
+            .stdout(std::process::Stdio::piped())
+            .spawn()?;
+    let stdout = client.stdout.take().context("no stdout")?;
+    let mut lines = tokio::io::BufReader::new(stdout).lines();
+    let next = async |lines: &mut tokio::io::Lines<_>| -> Result<serde_json::Value> {
+        let line = tokio::time::timeout(Duration::from_secs(60), lines.next_line()).await??;
+        let line = line.context("the client ended early")?;
+        Ok(serde_json::from_str(&line)?)
+    };
+
+    let over = next(&mut lines).await?;
+    let message = over["message"].as_str().unwrap_or_default();
+    ensure!(message.contains("too many uploads in progress"), "{over}");
+    let mut curl = fixture.ftp().curl();
+    curl.arg("--verbose")
+        .arg("-T")
+        .arg(&local)
+        .arg(fixture.ftp_url("/ftp.bin")?);
+    let output = run(curl).await?;
+    let verbose = String::from_utf8_lossy(&output.stderr);
+    ensure!(!output.status.success(), "FTP stored beyond the bound");
+    ensure!(
+        verbose.contains("< 450 too many uploads in progress"),
+        "{verbose}"
+    );
+
+    std::fs::write(&release, "")?;
+    let after = next(&mut lines).await?;
+    ensure!(after.get("ok").is_some(), "{after}");
+    let _ = tokio::time::timeout(Duration::from_secs(30), client.wait()).await;
+    ensure!(fixture.object("after").await? == b"after");
+    succeed({
+        let mut curl = fixture.ftp().curl();
+        curl.arg("-T").arg(&local).arg(fixture.ftp_url("/ftp.bin")?);
+        curl
+    })
+    .await?;
+    ensure!(fixture.object("ftp.bin").await? == std::fs::read(&local)?);
+    fixture.gateway.stop().await
+}
+
+/// Through the virtual filesystem: the bound holds, and closing, aborting or dropping an
+/// upload each frees its place.
+#[tokio::test]
+async fn a_closed_aborted_or_dropped_upload_frees_its_place() -> Result<()> {
+    use sluice::gateway::vfs::{Vfs, VfsError, WriteMode};
+    use sluice::storage::ObjectStore;
+    use sluice::storage::bucket::MAX_UPLOADS;
+    use sluice::storage::object::Credentials;
+
+    let weed = SeaweedFs::shared()?;
+    let name = weed.bucket("slots")?;
+    let credentials =
+        Credentials::from_pairs(weed.credentials().iter().map(|(k, v)| (*k, v.as_bytes())));
+    let store = ObjectStore::open(&weed.config(&name, PREFIX), &credentials)?;
+    let vfs = Vfs::open(store, &user()).await?;
+
+    let mut writers = Vec::new();
+    for i in 0..MAX_UPLOADS {
+        writers.push(vfs.create(&format!("u{i}"), WriteMode::Replace).await?);
+    }
+    let refused = vfs.create("over", WriteMode::Replace).await.map(drop);
+    ensure!(
+        matches!(&refused, Err(e @ VfsError::TooManyUploads) if e.is_transient()),
+        "{refused:?}"
+    );
+
+    let mut closed = writers.pop().context("no writer")?;
+    closed.write_at(0, b"done".to_vec()).await?;
+    closed.close().await?;
+    writers.push(vfs.create("after-close", WriteMode::Replace).await?);
+    ensure!(vfs.create("over", WriteMode::Replace).await.is_err());
+
+    writers.pop().context("no writer")?.abort().await?;
+    writers.push(vfs.create("after-abort", WriteMode::Replace).await?);
+    ensure!(vfs.create("over", WriteMode::Replace).await.is_err());
+
+    drop(writers.pop());
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let after_drop = loop {
+        match vfs.create("after-drop", WriteMode::Replace).await {
+            Err(VfsError::TooManyUploads) if Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            other => break other,
+        }
+    };
+    ensure!(after_drop.is_ok(), "a dropped upload kept its place");
+    let last = MAX_UPLOADS - 1;
+    ensure!(
+        weed.bucket_operator(&name)?
+            .read(&key(&format!("u{last}")))
+            .await?
+            .to_vec()
+            == b"done"
+    );
+    Ok(())
+}
+
+/// A home that another tool filled (objects under the prefix, no marker) stays a
+/// directory when its last file is deleted: listing it and uploading into it still work
+/// in the same session.
+#[tokio::test]
+async fn a_home_that_is_only_a_prefix_survives_the_deletion_of_its_last_file() -> Result<()> {
+    let weed = SeaweedFs::shared()?;
+    let name = weed.bucket("prefix-home")?;
+    let bucket = weed.bucket_operator(&name)?;
+    bucket.write(&key("only.txt"), "from another tool").await?;
+    let gateway = start_gateway(
+        vec![user()],
+        None,
+        weed.config(&name, PREFIX),
+        &weed.credentials(),
+    )
+    .await?;
+    let local = gateway.scratch("files").join("new.txt");
+    random_file(&local, 500, 31)?;
+
+    let auth = Auth::Password(PASSWORD.into());
+    let client = SftpClient::new(gateway.addr, USER, auth, &gateway.scratch("sftp"))?;
+    let out = sftp(
+        client,
+        &format!(
+            "rm only.txt\nls -1\nput {} new.txt\nls -1\n",
+            local.display()
+        ),
+    )
+    .await?;
+    let listed: Vec<&str> = out
+        .lines()
+        .filter(|l| !l.starts_with("sftp>"))
+        .map(str::trim)
+        .collect();
+    ensure!(listed == ["new.txt"], "{out}");
+    ensure!(bucket.read(&key("new.txt")).await?.to_vec() == std::fs::read(&local)?);
+    ensure!(bucket.stat(&key("only.txt")).await.is_err());
+    gateway.stop().await
+}
+
+/// Opens the test user's view of a fresh bucket; returns it with an operator on the
+/// bucket's root.
+async fn vfs_on(test: &str) -> Result<(sluice::gateway::vfs::Vfs, Operator)> {
+    use sluice::storage::ObjectStore;
+    use sluice::storage::object::Credentials;
+
+    let weed = SeaweedFs::shared()?;
+    let name = weed.bucket(test)?;
+    let credentials =
+        Credentials::from_pairs(weed.credentials().iter().map(|(k, v)| (*k, v.as_bytes())));
+    let store = ObjectStore::open(&weed.config(&name, PREFIX), &credentials)?;
+    ensure!(
+        store.has_conditional_reads(),
+        "OpenDAL offers no If-Match reads on S3"
+    );
+    let vfs = sluice::gateway::vfs::Vfs::open(store, &user()).await?;
+    Ok((vfs, weed.bucket_operator(&name)?))
+}
+
+/// A download is pinned to the version it opened: when the object is replaced and the
+/// reader has to start a new request (a seek), it fails cleanly instead of handing out
+/// bytes of the new version after those of the old.
+#[tokio::test]
+async fn a_file_replaced_during_a_download_fails_instead_of_mixing_versions() -> Result<()> {
+    use sluice::gateway::vfs::VfsError;
+
+    let (vfs, bucket) = vfs_on("pinned").await?;
+    let old = vec![b'o'; 4 * 1024 * 1024];
+    let new = vec![b'n'; 4 * 1024 * 1024];
+    bucket.write(&key("data.bin"), old.clone()).await?;
+
+    let mut reader = vfs.open_read("data.bin").await?;
+    ensure!(reader.read_at(0, 1024).await? == old[..1024]);
+    bucket.write(&key("data.bin"), new.clone()).await?;
+    let after_seek = reader.read_at(2 * 1024 * 1024, 1024).await;
+    ensure!(
+        matches!(&after_seek, Err(e @ VfsError::Changed) if e.is_transient()),
+        "read {:?}",
+        after_seek.map(|b| String::from_utf8_lossy(&b[..8]).into_owned())
+    );
+    let mut again = vfs.open_read("data.bin").await?;
+    ensure!(again.read_at(2 * 1024 * 1024, 1024).await? == new[..1024]);
+
+    Ok(())
+}

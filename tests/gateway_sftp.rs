@@ -1078,3 +1078,36 @@ print(json.dumps(errors[:3]))
     );
     gateway.stop().await
 }
+
+/// A rename onto the same name, file or directory, plain or posix, succeeds and keeps it.
+#[tokio::test]
+async fn renaming_a_file_or_directory_onto_itself_succeeds_and_keeps_it() -> Result<()> {
+    let _logs = capture_logs();
+    let gateway = TestGateway::start(vec![password_user("cucm", PASSWORD, ALL)]).await?;
+
+    let result = paramiko(
+        gateway.addr,
+        "cucm",
+        PASSWORD,
+        r#"
+t, sftp = connect()
+with sftp.open("X.csv", "w") as f: f.write(b"kept")
+sftp.mkdir("d")
+r = {"posix": attempt(lambda: sftp.posix_rename("X.csv", "X.csv")),
+     "plain": attempt(lambda: sftp.rename("X.csv", "./X.csv")),
+     "posix_dir": attempt(lambda: sftp.posix_rename("d", "d")),
+     "plain_dir": attempt(lambda: sftp.rename("d", "/d"))}
+r["names"] = sorted(sftp.listdir("."))
+print(json.dumps(r))
+"#,
+    )
+    .await?;
+    for rename in ["posix", "plain", "posix_dir", "plain_dir"] {
+        ensure!(result[rename].get("ok").is_some(), "{rename}: {result}");
+    }
+    ensure!(result["names"] == json!(["X.csv", "d"]), "{result}");
+    let home = gateway.data().join("cucm");
+    ensure!(std::fs::read(home.join("X.csv"))? == b"kept");
+    ensure!(home.join("d").is_dir());
+    gateway.stop().await
+}

@@ -29,9 +29,16 @@
 //!   file in the upload directory and publishes it under its name on
 //!   [`FileWriter::close`]; in a bucket it is a multipart upload to the final key, which
 //!   the store makes visible only when it completes on close. Dropping a writer unclosed
-//!   discards the upload.
+//!   discards the upload. A bucket runs at most [`MAX_UPLOADS`] uploads at once per
+//!   gateway process (see [`crate::storage::bucket`]); one more is refused at once with
+//!   [`VfsError::TooManyUploads`], transient, rather than queued.
 //! - Reads stream: a [`FileReader`] serves reads that continue where the previous one
-//!   ended from one open stream (one GET), and restarts it where a client seeks.
+//!   ended from one open stream (one GET), and restarts it where a client seeks. In a
+//!   bucket every GET of a reader is conditional on the ETag the file had when it was
+//!   opened (`If-Match`), where the store supports it, so a file replaced during a
+//!   download fails with [`VfsError::Changed`] (transient) at the next restart rather than
+//!   splicing two versions; the same holds for the kept start a resumed upload copies. On
+//!   the volume a restart reads whatever file is under the name by then.
 //! - Attributes a client sets (SETSTAT: modes, owners, times) are not stored; front ends
 //!   accept and ignore them.
 //! - A resumed upload ([`Vfs::resume`]: FTP `REST` + `STOR`, `APPE`) is an upload like any
@@ -48,8 +55,12 @@
 //!   exclusive creation the same way; a plain rename there checks the target and then
 //!   copies conditionally. An exclusive upload whose name was taken while it was being
 //!   written fails on close. [`Vfs::rename_replacing`] replaces a file at the target.
+//!   Either rename onto the source's own name succeeds without touching storage once the
+//!   source is found (in a bucket the copy-then-delete would otherwise delete it).
 //! - Directories in a bucket are marker objects or prefixes with objects under them; a
-//!   non-empty directory cannot be renamed there ([`VfsError::DirectoryRename`]).
+//!   non-empty directory cannot be renamed there ([`VfsError::DirectoryRename`]). The home
+//!   is always a directory, even once a home that was only a prefix has lost its last
+//!   object.
 //! - Errors are one enum, [`VfsError`]; [`VfsError::reply`] tells a front end which
 //!   protocol reply to send, and its message never contains a storage path. An object
 //!   store that fails or refuses the gateway is [`VfsError::Unavailable`], transient, and
@@ -65,7 +76,9 @@ use sync_wrapper::SyncWrapper;
 
 use crate::api::Permission;
 use crate::gateway::config::GatewayUser;
-use crate::storage::bucket::{Found, ObjectStore, RenameError, RenameRefusal, StorageFault};
+use crate::storage::bucket::{
+    Found, MAX_UPLOADS, ObjectStore, RenameError, RenameRefusal, StorageFault, UploadSlot,
+};
 use crate::storage::{self, ListError, ListedEntry, ListedKind, Listing, Storage, StorageError};
 
 /// Why an operation failed. The message is safe to send to the client.
@@ -140,6 +153,13 @@ pub enum VfsError {
     /// A directory with entries cannot be renamed on an object store.
     #[error("directories that are not empty cannot be renamed on object storage")]
     DirectoryRename,
+    /// The file was replaced while it was being read: what was read belongs to the old
+    /// version, the rest would come from the new one.
+    #[error("the file was replaced while it was being read; read it again")]
+    Changed,
+    /// As many uploads to the object store as the gateway runs at once are in progress.
+    #[error("too many uploads in progress on this server (at most {MAX_UPLOADS}); try again later")]
+    TooManyUploads,
 }
 
 /// The protocol-independent reply an error maps to.
@@ -168,15 +188,19 @@ impl VfsError {
 
     /// Whether retrying later may succeed (a storage hiccup rather than a bad request).
     pub fn is_transient(&self) -> bool {
-        matches!(self, Self::Storage(e) if e.is_temporary()) || matches!(self, Self::Unavailable(_))
+        matches!(self, Self::Storage(e) if e.is_temporary())
+            || matches!(
+                self,
+                Self::Unavailable(_) | Self::TooManyUploads | Self::Changed
+            )
     }
 
-    /// Whether the error is the storage's fault rather than the request's; front ends log
-    /// these as warnings.
+    /// Whether the error is the storage's or the gateway's fault rather than the
+    /// request's; front ends log these as warnings.
     pub fn is_internal(&self) -> bool {
         matches!(
             self,
-            Self::Storage(_) | Self::Volume(_) | Self::Unavailable(_)
+            Self::Storage(_) | Self::Volume(_) | Self::Unavailable(_) | Self::TooManyUploads
         )
     }
 
@@ -207,6 +231,15 @@ impl VfsError {
             Self::from_object_store(error)
         } else {
             Self::from_storage(error)
+        }
+    }
+
+    /// An error reading a file that was opened pinned to one version: a failed condition
+    /// means the file is not that version any more.
+    fn from_read(object_store: bool, error: opendal::Error) -> Self {
+        match error.kind() {
+            ErrorKind::ConditionNotMatch if object_store => Self::Changed,
+            _ => Self::from_backend(object_store, error),
         }
     }
 
@@ -330,6 +363,14 @@ pub enum ResumeAt {
     Offset(u64),
     /// After its last byte, or at the start if there is no file yet (FTP `APPE`).
     End,
+}
+
+/// One version of a file: what reading it needs to know.
+#[derive(Clone, Debug, Default)]
+struct Version {
+    size: u64,
+    /// Its ETag, in a bucket that reports one.
+    etag: Option<String>,
 }
 
 /// Bytes copied at a time when a resumed upload keeps the start of a file.
@@ -470,24 +511,64 @@ impl Vfs {
     pub async fn open_read(&self, path: &str) -> Result<FileReader, VfsError> {
         self.require(Permission::Read)?;
         let target = self.locate(path).await?;
-        let entry = self.entry(&target).await?;
-        if entry.is_dir() {
-            return Err(VfsError::IsADirectory);
-        }
+        let version = self.version(&target).await?;
 
-        let reader = self
-            .operator()
-            .reader(&target.key)
-            .await
-            .map_err(|e| self.storage_error(e))?;
+        let reader = self.pinned_reader(&target.key, &version).await?;
         Ok(FileReader {
             reader,
             stream: None,
             object_store: self.storage.is_object_store(),
             path: target.path,
-            size: entry.size,
+            size: version.size,
             bytes_read: 0,
         })
+    }
+
+    /// The file at `target`, as it is now.
+    async fn version(&self, target: &Target) -> Result<Version, VfsError> {
+        let store = match &self.storage {
+            Storage::Volume(_) => {
+                let entry = self.entry(target).await?;
+                if entry.is_dir() {
+                    return Err(VfsError::IsADirectory);
+                }
+                let size = entry.size;
+                return Ok(Version { size, etag: None });
+            }
+            Storage::Object(store) => store,
+        };
+        match store
+            .stat(&target.key)
+            .await
+            .map_err(VfsError::from_object_store)?
+        {
+            Some(Found::File(meta)) => Ok(Version {
+                size: meta.content_length(),
+                etag: meta.etag().map(str::to_owned),
+            }),
+            Some(Found::Directory) => Err(VfsError::IsADirectory),
+            None if target.is_home() => Err(VfsError::IsADirectory),
+            None => Err(VfsError::NotFound),
+        }
+    }
+
+    /// A reader of `key` that reads only `version` where the store can tell versions
+    /// apart: every request it makes is conditional on the ETag, so a file replaced
+    /// meanwhile fails to read ([`VfsError::Changed`]) instead of mixing two versions.
+    async fn pinned_reader(
+        &self,
+        key: &str,
+        version: &Version,
+    ) -> Result<opendal::Reader, VfsError> {
+        let pin = match &self.storage {
+            Storage::Object(store) if store.has_conditional_reads() => version.etag.as_deref(),
+            _ => None,
+        };
+        let mut reader = self.operator().reader_with(key);
+        if let Some(etag) = pin {
+            reader = reader.if_match(etag);
+        }
+        reader.await.map_err(|e| self.storage_error(e))
     }
 
     /// Starts an upload to `path`; the file appears only when the returned writer is
@@ -531,12 +612,12 @@ impl Vfs {
             return Err(VfsError::IsADirectory);
         }
         self.require_parent_dir(&target).await?;
-        let size = match self.entry(&target).await {
-            Ok(entry) if entry.is_dir() => return Err(VfsError::IsADirectory),
-            Ok(entry) => entry.size,
-            Err(VfsError::NotFound) => 0,
+        let version = match self.version(&target).await {
+            Ok(version) => version,
+            Err(VfsError::NotFound) => Version::default(),
             Err(other) => return Err(other),
         };
+        let size = version.size;
         let keep = match at {
             ResumeAt::End => size,
             ResumeAt::Offset(offset) if offset <= size => offset,
@@ -546,7 +627,7 @@ impl Vfs {
         let key = target.key.clone();
         let mut writer = self.stage(target, WriteMode::Replace).await?;
         if keep > 0
-            && let Err(error) = self.copy_prefix(&key, keep, &mut writer).await
+            && let Err(error) = self.copy_prefix(&key, &version, keep, &mut writer).await
         {
             let _ = writer.abort().await;
             return Err(error);
@@ -554,25 +635,23 @@ impl Vfs {
         Ok(writer)
     }
 
-    /// Copies the first `keep` bytes of the file at `key` into `writer`.
+    /// Copies the first `keep` bytes of `version` of the file at `key` into `writer`.
     async fn copy_prefix(
         &self,
         key: &str,
+        version: &Version,
         keep: u64,
         writer: &mut FileWriter,
     ) -> Result<(), VfsError> {
-        let reader = self
-            .operator()
-            .reader(key)
-            .await
-            .map_err(|e| self.storage_error(e))?;
+        let object_store = self.storage.is_object_store();
+        let reader = self.pinned_reader(key, version).await?;
         while writer.bytes_written < keep {
             let start = writer.bytes_written;
             let end = keep.min(start + COPY_CHUNK);
             let chunk = reader
                 .read(start..end)
                 .await
-                .map_err(|e| self.storage_error(e))?
+                .map_err(|e| VfsError::from_read(object_store, e))?
                 .to_vec();
             if chunk.is_empty() {
                 // Replaced by a shorter file since its size was read.
@@ -586,7 +665,7 @@ impl Vfs {
     /// An upload to `target`: through a fresh temporary file on the volume, straight to
     /// its key (as a multipart upload) in an object store.
     async fn stage(&self, target: Target, mode: WriteMode) -> Result<FileWriter, VfsError> {
-        let (writer, publish) = match &self.storage {
+        let (writer, publish, slot) = match &self.storage {
             Storage::Volume(volume) => {
                 let staged = storage::staging_key();
                 let writer = volume
@@ -598,23 +677,25 @@ impl Vfs {
                     volume: volume.clone(),
                     staged,
                 };
-                (writer, publish)
+                (writer, publish, None)
             }
             Storage::Object(store) => {
+                let slot = store.reserve_upload().ok_or(VfsError::TooManyUploads)?;
                 let exclusive = mode == WriteMode::CreateNew;
                 let writer = store
-                    .writer(&target.key, exclusive)
+                    .writer(&target.key, exclusive, &slot)
                     .await
                     .map_err(VfsError::from_object_store)?;
                 let publish = Publish::Direct {
                     store: store.clone(),
                     check_first: exclusive && !store.has_conditional_writes(),
                 };
-                (writer, publish)
+                (writer, publish, Some(slot))
             }
         };
         Ok(FileWriter {
             writer: Some(writer),
+            slot,
             publish,
             key: target.key,
             mode,
@@ -702,6 +783,11 @@ impl Vfs {
         }
 
         self.entry(&source).await?;
+        // A move onto itself changes nothing, as with rename(2); in a bucket the copy and
+        // delete it would take delete the file.
+        if source.key == destination.key {
+            return Ok(());
+        }
         self.require_parent_dir(&destination).await?;
         if replace && !self.allows(Permission::Write) && self.exists(&destination).await? {
             return Err(VfsError::Denied(Permission::Write));
@@ -790,12 +876,10 @@ impl Vfs {
             Some(Found::File(meta)) => {
                 Entry::from_metadata(target.name(), &meta).ok_or(VfsError::NotFound)
             }
-            Some(Found::Directory) => Ok(Entry {
-                name: target.name().to_owned(),
-                kind: EntryKind::Directory,
-                size: 0,
-                modified: None,
-            }),
+            // The home is a directory even when nothing marks it: one that only existed
+            // as a prefix of its objects disappears from the store with the last of them.
+            Some(Found::Directory) => Ok(directory(target)),
+            None if target.is_home() => Ok(directory(target)),
             None => Err(VfsError::NotFound),
         }
     }
@@ -842,8 +926,19 @@ impl Vfs {
     }
 }
 
+/// A directory entry for `target`, as a bucket knows it (no time).
+fn directory(target: &Target) -> Entry {
+    Entry {
+        name: target.name().to_owned(),
+        kind: EntryKind::Directory,
+        size: 0,
+        modified: None,
+    }
+}
+
 /// Makes sure the home directory `home` exists in `store`: a marker is written only if
-/// there is neither a marker nor an object under the prefix.
+/// there is neither a marker nor an object under the prefix. The session does not depend
+/// on it: its home stays a directory whatever is deleted ([`Vfs::stat`] of `/`).
 async fn create_home(store: &ObjectStore, home: &str) -> Result<(), VfsError> {
     if home.is_empty() {
         return Ok(());
@@ -939,7 +1034,7 @@ impl FileReader {
         while data.len() < wanted {
             if sequential.pending.is_empty() {
                 let next = sequential.stream.get_mut().try_next().await;
-                match next.map_err(|e| VfsError::from_backend(self.object_store, e))? {
+                match next.map_err(|e| VfsError::from_read(self.object_store, e))? {
                     Some(buffer) => sequential.pending = buffer.to_bytes(),
                     // Replaced by a shorter file since it was opened.
                     None => break,
@@ -966,7 +1061,7 @@ impl FileReader {
             .clone()
             .into_stream(offset..self.size)
             .await
-            .map_err(|e| VfsError::from_backend(self.object_store, e))?;
+            .map_err(|e| VfsError::from_read(self.object_store, e))?;
         Ok(Sequential {
             stream: SyncWrapper::new(stream),
             position: offset,
@@ -1010,6 +1105,9 @@ enum Publish {
 pub struct FileWriter {
     /// Writes the temporary file or the object; `None` once closed or aborted.
     writer: Option<opendal::Writer>,
+    /// The upload's place among those an object store runs at once, given up when the
+    /// writer is gone.
+    slot: Option<UploadSlot>,
     publish: Publish,
     key: String,
     mode: WriteMode,
@@ -1113,8 +1211,11 @@ impl Drop for FileWriter {
         let Some(mut writer) = self.writer.take() else {
             return;
         };
+        // The slot goes with the writer: its buffers are freed only once it is aborted.
+        let slot = self.slot.take();
         if let Ok(runtime) = tokio::runtime::Handle::try_current() {
             runtime.spawn(async move {
+                let _slot = slot;
                 if let Err(error) = writer.abort().await {
                     // Only the kind: a store's message can carry its response.
                     tracing::warn!(kind = %error.kind(), "Failed to discard unfinished upload");

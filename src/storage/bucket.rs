@@ -10,7 +10,13 @@
 //!   atomic, so the object appears whole when the writer is closed or not at all; an
 //!   aborted writer aborts its multipart upload, and one a crashed gateway leaves behind is
 //!   invisible (it is not an object) until the bucket's lifecycle rule removes it. Memory
-//!   per upload is bounded by `(UPLOAD_CONCURRENCY + 1) * UPLOAD_CHUNK` (24 MiB).
+//!   per upload is bounded by [`UPLOAD_MEMORY`] (the part being filled and the parts in
+//!   flight, 24 MiB).
+//! - At most [`MAX_UPLOADS`] uploads run at once in one gateway process, whoever runs them:
+//!   a writer needs an [`UploadSlot`] ([`ObjectStore::reserve_upload`]), held until the
+//!   writer is closed, aborted or dropped, and none is waited for, so an upload beyond the
+//!   bound is refused at once. Upload buffers thus never exceed `MAX_UPLOADS *
+//!   UPLOAD_MEMORY` (768 MiB) however many connections, channels and handles clients open.
 //! - Exclusive creation uses a conditional write (`If-None-Match: *`) where the service
 //!   supports it, so of two uploads racing for one name exactly one completes. Without it
 //!   the name is checked just before the upload completes, which two racing clients can
@@ -37,9 +43,12 @@ use std::time::SystemTime;
 
 use std::time::Duration;
 
+use std::sync::Arc;
+
 use futures::TryStreamExt;
 use opendal::layers::{RetryEvent, RetryInterceptor, RetryLayer};
 use opendal::{EntryMode, ErrorKind, Metadata, Operator, Writer};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::storage::object::{Credentials, ObjectStoreConfig, ObjectStoreError, build_operator};
 
@@ -49,14 +58,30 @@ pub const UPLOAD_CHUNK: usize = 8 * 1024 * 1024;
 /// Parts of one upload sent at once.
 pub const UPLOAD_CONCURRENCY: usize = 2;
 
+/// Most memory one upload holds: the part being filled and the parts in flight.
+pub const UPLOAD_MEMORY: usize = (UPLOAD_CONCURRENCY + 1) * UPLOAD_CHUNK;
+
+/// Uploads one gateway process runs at once, so that upload buffers stay within
+/// `MAX_UPLOADS * UPLOAD_MEMORY` (768 MiB).
+pub const MAX_UPLOADS: usize = 32;
+
 /// Retries of a request that failed temporarily.
 pub const RETRIES: usize = 4;
 
-/// A bucket (under its prefix) as the gateway serves it.
+/// A bucket (under its prefix) as the gateway serves it. Clones share one operator and
+/// one bound on uploads.
 #[derive(Clone, Debug)]
 pub struct ObjectStore {
     operator: Operator,
     conditional_writes: bool,
+    uploads: Arc<Semaphore>,
+}
+
+/// One of the [`MAX_UPLOADS`] places for an upload; the place is free again when this is
+/// dropped.
+#[derive(Debug)]
+pub struct UploadSlot {
+    _permit: OwnedSemaphorePermit,
 }
 
 /// What a key names in the store.
@@ -119,6 +144,7 @@ impl ObjectStore {
         Self {
             operator,
             conditional_writes,
+            uploads: Arc::new(Semaphore::new(MAX_UPLOADS)),
         }
     }
 
@@ -172,15 +198,32 @@ impl ObjectStore {
         Ok(true)
     }
 
-    /// A writer for the object at `key`; with `exclusive`, completing it fails with
-    /// `ConditionNotMatch` if the key exists by then (where the store can tell).
-    pub async fn writer(&self, key: &str, exclusive: bool) -> Result<Writer, opendal::Error> {
+    /// A place for one more upload, or `None` if [`MAX_UPLOADS`] are running.
+    pub fn reserve_upload(&self) -> Option<UploadSlot> {
+        let permit = self.uploads.clone().try_acquire_owned().ok()?;
+        Some(UploadSlot { _permit: permit })
+    }
+
+    /// A writer for the object at `key`, for an upload that holds `_slot` for as long as
+    /// the writer lives; with `exclusive`, completing it fails with `ConditionNotMatch` if
+    /// the key exists by then (where the store can tell).
+    pub async fn writer(
+        &self,
+        key: &str,
+        exclusive: bool,
+        _slot: &UploadSlot,
+    ) -> Result<Writer, opendal::Error> {
         self.operator
             .writer_with(key)
             .chunk(UPLOAD_CHUNK)
             .concurrent(UPLOAD_CONCURRENCY)
             .if_not_exists(exclusive && self.conditional_writes)
             .await
+    }
+
+    /// Whether reads can be made conditional on an ETag (`If-Match`).
+    pub fn has_conditional_reads(&self) -> bool {
+        self.operator.info().capability().read_with_if_match
     }
 
     /// Whether exclusive writes are decided by the store itself.
@@ -190,9 +233,14 @@ impl ObjectStore {
 
     /// Renames `from` to `to` (keys without trailing `/`). A file is copied and then
     /// deleted; with `replace` an existing file at `to` is replaced, without it the rename
-    /// is refused if anything is at `to`. A directory moves only if it is empty.
+    /// is refused if anything is at `to`. A directory moves only if it is empty. Renaming an
+    /// existing file or directory onto itself succeeds and changes nothing.
     pub async fn rename(&self, from: &str, to: &str, replace: bool) -> Result<(), RenameError> {
         let source = self.stat(from).await?;
+        if source.is_some() && from == to {
+            // Copying onto itself and deleting the source would delete the file.
+            return Ok(());
+        }
         let target = self.stat(to).await?;
         match (source, target) {
             (None, _) => Err(RenameError::Refused(RenameRefusal::NotFound)),

@@ -17,17 +17,24 @@
 //!   the front end ([`SessionContext::take_append`]), not from the offset libunftp passes:
 //!   libunftp computes an `APPE` offset from `metadata`, which fails without the list or
 //!   read permission and would make an append replace the file. Downloads honour REST
-//!   through ranged reads.
+//!   through ranged reads. A download that fails to read storage midway ends with an
+//!   error, never as a shorter file: [`VfsBackend::get_into`] returns it, and the reader
+//!   [`VfsBackend::get`] hands out fails with it rather than ending early.
 //! - Completed transfers are logged at info with their byte counts; storage failures at
 //!   warn; refused requests at debug.
 
 use std::fmt;
+use std::io;
 use std::path::{Path, PathBuf};
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll, ready};
 use std::time::SystemTime;
 
 use async_trait::async_trait;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use bytes::Bytes;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::sync::mpsc;
 use unftp_core::auth::UserDetail;
 use unftp_core::storage::{
     Error, ErrorKind, FEATURE_RESTART, Fileinfo, Metadata, Permissions, Result, StorageBackend,
@@ -357,21 +364,36 @@ impl StorageBackend<FtpUser> for VfsBackend {
         P: AsRef<Path> + Send + fmt::Debug,
     {
         // libunftp downloads through `get_into`; this serves anything else that asks for a
-        // reader, through a pipe fed by ranged reads.
+        // reader, fed by ranged reads from a task of its own.
         let path = client_path(path.as_ref())?.to_owned();
         let reader = user.vfs.open_read(&path).await;
         let mut reader = reader.map_err(|error| self.refuse("retr", &path, error))?;
-        let (mut feed, pipe) = tokio::io::duplex(CHUNK);
+        let (feed, chunks) = mpsc::channel(2);
+        let backend = Self::new(self.context.clone());
         tokio::spawn(async move {
             let mut position = start_pos;
-            while let Ok(chunk) = reader.read_at(position, CHUNK as u32).await {
-                if chunk.is_empty() || feed.write_all(&chunk).await.is_err() {
-                    break;
+            loop {
+                let sent = match reader.read_at(position, CHUNK as u32).await {
+                    Ok(chunk) if chunk.is_empty() => {
+                        let _ = feed.send(Ok(Feed::END)).await;
+                        return;
+                    }
+                    Ok(chunk) => {
+                        position += chunk.len() as u64;
+                        feed.send(Ok(chunk)).await
+                    }
+                    Err(error) => {
+                        let error = backend.refuse("retr", &path, error);
+                        let _ = feed.send(Err(io::Error::other(error))).await;
+                        return;
+                    }
+                };
+                if sent.is_err() {
+                    return;
                 }
-                position += chunk.len() as u64;
             }
         });
-        Ok(Box::new(pipe))
+        Ok(Box::new(Feed::new(chunks)))
     }
 
     async fn put<P, R>(&self, user: &FtpUser, input: R, path: P, start_pos: u64) -> Result<u64>
@@ -451,6 +473,52 @@ impl StorageBackend<FtpUser> for VfsBackend {
     }
 }
 
+/// The reading end of a download fed by a task: the chunks it sends, then an explicit end
+/// ([`Feed::END`]) or an error. A feed that stops without either (the task died) is an
+/// error too, so a download can never end short and look complete.
+struct Feed {
+    chunks: mpsc::Receiver<io::Result<Bytes>>,
+    pending: Bytes,
+    ended: bool,
+}
+
+impl Feed {
+    /// Sent last, after the last chunk.
+    const END: Bytes = Bytes::new();
+
+    fn new(chunks: mpsc::Receiver<io::Result<Bytes>>) -> Self {
+        Self {
+            chunks,
+            pending: Bytes::new(),
+            ended: false,
+        }
+    }
+}
+
+impl AsyncRead for Feed {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        while self.pending.is_empty() && !self.ended {
+            match ready!(self.chunks.poll_recv(cx)) {
+                Some(Ok(chunk)) if chunk.is_empty() => self.ended = true,
+                Some(Ok(chunk)) => self.pending = chunk,
+                Some(Err(error)) => return Poll::Ready(Err(error)),
+                None => {
+                    let stopped = "the download stopped before the end of the file";
+                    return Poll::Ready(Err(io::Error::other(stopped)));
+                }
+            }
+        }
+        let take = self.pending.len().min(buf.remaining());
+        let chunk = self.pending.split_to(take);
+        buf.put_slice(&chunk);
+        Poll::Ready(Ok(()))
+    }
+}
+
 fn file_info(entry: Entry) -> Fileinfo<PathBuf, Meta> {
     Fileinfo {
         path: PathBuf::from(&entry.name),
@@ -501,11 +569,49 @@ mod tests {
             kind(VfsError::Storage(permanent)),
             ErrorKind::PermanentFileNotAvailable
         );
+        assert_eq!(
+            kind(VfsError::TooManyUploads),
+            ErrorKind::TransientFileNotAvailable
+        );
         let offset = VfsError::NonSequentialWrite {
             expected: 0,
             got: 1,
         };
         assert_eq!(kind(offset), ErrorKind::CommandNotImplemented);
+    }
+
+    #[tokio::test]
+    async fn a_read_error_fails_the_reader_of_get_instead_of_ending_it_early() {
+        let dir = tempfile::tempdir().unwrap();
+        let volume = crate::storage::Volume::open_fs(dir.path()).unwrap();
+        let home = crate::gateway::config::GatewayUser {
+            name: "cucm".into(),
+            password_hash: None,
+            public_keys: vec![],
+            home: "/cucm".into(),
+            permissions: vec![Permission::Read, Permission::List],
+        };
+        let vfs = Vfs::open(volume, &home).await.unwrap();
+        let user = FtpUser::new("cucm".into(), vfs);
+        let backend = VfsBackend::new(SessionContext::new(tracing::Span::none()));
+        std::fs::write(dir.path().join("cucm/whole"), vec![5u8; 600_000]).unwrap();
+        std::fs::write(dir.path().join("cucm/gone"), b"read fails").unwrap();
+
+        let mut whole = Vec::new();
+        let mut reader = backend.get(&user, "whole", 1000).await.unwrap();
+        reader.read_to_end(&mut whole).await.unwrap();
+        assert_eq!(whole, vec![5u8; 599_000]);
+
+        // Opened, then removed before the feeding task (not run yet) reads it.
+        let mut reader = backend.get(&user, "gone", 0).await.unwrap();
+        std::fs::remove_file(dir.path().join("cucm/gone")).unwrap();
+        let mut read = Vec::new();
+        let failed = reader.read_to_end(&mut read).await;
+        assert!(failed.is_err(), "read {read:?} and no error");
+        assert_eq!(
+            backend.context.take_reply_text().as_deref(),
+            Some("no such file or directory")
+        );
     }
 
     #[test]
