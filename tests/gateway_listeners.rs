@@ -69,12 +69,14 @@ fn config(sftp: bool, replicas: Vec<ReplicaPassive>) -> GatewayConfig {
             compliant: true,
             enforced: false,
             policies: vec![],
-            allowed_regions: vec![],
+            violation: None,
+            cross_border_transfers: vec![],
         },
         users: vec![password_user(USER, PASSWORD, ALL)],
         sftp,
         ftps: Some(ftps),
         object_store: None,
+        audit: Default::default(),
     }
 }
 

@@ -23,6 +23,9 @@ pub enum ConditionType {
     TlsCertificateValid,
     /// The object store accepted a probe write and delete with the server's credentials.
     StorageAvailable,
+    /// Some node in the cluster carries the server's region, so its pods can be
+    /// scheduled.
+    Schedulable,
 }
 
 impl ConditionType {
@@ -35,6 +38,7 @@ impl ConditionType {
             Self::ResidencyCompliant => "ResidencyCompliant",
             Self::TlsCertificateValid => "TlsCertificateValid",
             Self::StorageAvailable => "StorageAvailable",
+            Self::Schedulable => "Schedulable",
         }
     }
 }
@@ -78,6 +82,18 @@ pub enum Reason {
     StorageAccessDenied,
     StorageUnreachable,
     StorageProbeFailed,
+    PolicyUnevaluable,
+    StorageClassNotAllowed,
+    VolumeOutsideRegion,
+    EndpointNotAllowed,
+    AuditLogStdoutNotAllowed,
+    CrossBorderTransferExpired,
+    WritesSuspended,
+    NodesInRegion,
+    NoNodeInRegion,
+    ServerCompliant,
+    ServerNotCompliant,
+    ServerReleased,
 }
 
 impl Reason {
@@ -119,6 +135,18 @@ impl Reason {
             Self::StorageAccessDenied => "StorageAccessDenied",
             Self::StorageUnreachable => "StorageUnreachable",
             Self::StorageProbeFailed => "StorageProbeFailed",
+            Self::PolicyUnevaluable => "PolicyUnevaluable",
+            Self::StorageClassNotAllowed => "StorageClassNotAllowed",
+            Self::VolumeOutsideRegion => "VolumeOutsideRegion",
+            Self::EndpointNotAllowed => "EndpointNotAllowed",
+            Self::AuditLogStdoutNotAllowed => "AuditLogStdoutNotAllowed",
+            Self::CrossBorderTransferExpired => "CrossBorderTransferExpired",
+            Self::WritesSuspended => "WritesSuspended",
+            Self::NodesInRegion => "NodesInRegion",
+            Self::NoNodeInRegion => "NoNodeInRegion",
+            Self::ServerCompliant => "ServerCompliant",
+            Self::ServerNotCompliant => "ServerNotCompliant",
+            Self::ServerReleased => "ServerReleased",
         }
     }
 }

@@ -11,11 +11,11 @@ mod user;
 
 pub use conditions::{ConditionType, Reason, set_condition};
 pub use policy::{
-    DataResidencyPolicy, DataResidencyPolicySpec, DataResidencyPolicyStatus, Enforcement,
-    GovernedServer,
+    CrossBorderTransfer, DataResidencyPolicy, DataResidencyPolicySpec, DataResidencyPolicyStatus,
+    Enforcement, GovernedServer, Jurisdiction,
 };
 pub use server::{
-    AddressingStyle, FtpsPort, FtpsProtocol, HostKeyFingerprint, ObjectStorage,
+    AddressingStyle, AuditLog, FtpsPort, FtpsProtocol, HostKeyFingerprint, ObjectStorage,
     ObjectStoreCredentials, ObjectStoreProvider, PassivePortRange, Protocols, SecretReference,
     ServiceExposure, ServiceType, SessionReuse, SftpProtocol, Storage, StorageStatus,
     TlsCertificateStatus, TlsVersion, TransferServer, TransferServerSpec, TransferServerStatus,

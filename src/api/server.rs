@@ -52,6 +52,23 @@ pub struct TransferServerSpec {
     /// How the gateway is exposed. Defaults to a ClusterIP Service.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub service: Option<ServiceExposure>,
+
+    /// Where the gateway keeps its audit log besides the server's own storage, where it
+    /// always goes (one JSON line per login and file operation, under
+    /// `.sluice-audit/`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub audit_log: Option<AuditLog>,
+}
+
+/// Audit log destinations besides the server's storage.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct AuditLog {
+    /// Also write every audit record to the gateway's standard output, for a log
+    /// collector. Defaults to false; a governing DataResidencyPolicy must allow it
+    /// (`allowAuditLogStdout`), because collectors may ship logs out of the region.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stdout: Option<bool>,
 }
 
 /// Protocols served by the gateway.
@@ -218,7 +235,7 @@ pub enum TlsVersion {
 }
 
 /// A Kubernetes resource quantity, as the API server parses it.
-const QUANTITY_PATTERN: &str = r"^(\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))(([KMGTPE]i)|[numkMGTPE]|([eE](\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))))?$";
+pub(crate) const QUANTITY_PATTERN: &str = r"^(\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))(([KMGTPE]i)|[numkMGTPE]|([eE](\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))))?$";
 
 /// Where files are stored. Exactly one backend must be given.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]

@@ -38,6 +38,13 @@ pub struct GatewayConfig {
     /// gateway is given (`--storage-credentials`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub object_store: Option<crate::storage::object::ObjectStoreConfig>,
+    /// Audit log destinations besides the storage; left out when there are none.
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub audit: AuditSettings,
+}
+
+fn is_default<T: Default + PartialEq>(value: &T) -> bool {
+    *value == T::default()
 }
 
 fn yes() -> bool {
@@ -53,23 +60,90 @@ fn is_false(value: &bool) -> bool {
 }
 
 /// The operator's residency decision, stamped into the configuration so the data plane
-/// can refuse to serve storage that does not match it.
+/// can refuse what the policy does not allow.
+///
+/// The operator never rolls out a new gateway for a server an enforced policy finds
+/// non-compliant; a stamp with `compliant: false` and `enforced: true` therefore reaches
+/// a gateway that was rolled out before its server fell out of compliance, and that
+/// gateway must stop accepting writes (uploads, deletes, renames, new directories) while
+/// it keeps serving reads, so nothing stored is lost or hidden.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct ResidencyStamp {
-    /// Whether the server complies with the policy that governs it.
+    /// Whether the server complies with the policies that govern it.
     pub compliant: bool,
-    /// Whether a governing policy is enforced: only then does the gateway refuse storage
-    /// the stamp does not allow (under `Audit` it serves and warns, as the operator rolls
-    /// the server out and reports it). Left out when false.
+    /// Whether a governing policy is enforced: only then does the gateway refuse what the
+    /// stamp does not allow (under `Audit` it serves and warns, as the operator rolls the
+    /// server out and reports it). Left out when false.
     #[serde(default, skip_serializing_if = "is_false")]
     pub enforced: bool,
     /// Names of the DataResidencyPolicies that govern the server, sorted.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub policies: Vec<String>,
-    /// Regions the policy allows (empty when no policy governs the server).
+    /// Why the server does not comply, naming policy and rule; left out when it does.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub violation: Option<String>,
+    /// The cross-border allowances the server relies on: after one expires, or once its
+    /// volume is used up, an enforced gateway stops accepting uploads even before the
+    /// operator re-renders the stamp.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub allowed_regions: Vec<String>,
+    pub cross_border_transfers: Vec<CrossBorderStamp>,
+}
+
+impl ResidencyStamp {
+    /// Why writes are refused at `now` (seconds since the Unix epoch), if they are:
+    /// the server is non-compliant under an enforced policy, or an allowance it relies on
+    /// has expired. Volume limits are checked by the audit log, which counts the bytes.
+    pub fn writes_refused(&self, now: i64) -> Option<String> {
+        if !self.enforced {
+            return None;
+        }
+        if !self.compliant {
+            let why = self
+                .violation
+                .as_deref()
+                .unwrap_or("it violates its residency policy");
+            return Some(format!("writes are suspended: {why}"));
+        }
+        self.cross_border_transfers
+            .iter()
+            .find(|t| t.expires <= now)
+            .map(|t| {
+                format!(
+                    "writes are suspended: cross-border transfer {} to {} has expired",
+                    t.reference, t.region
+                )
+            })
+    }
+}
+
+/// A cross-border allowance as the gateway enforces it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct CrossBorderStamp {
+    /// The DataResidencyPolicy that grants it.
+    pub policy: String,
+    /// The assessment reference.
+    pub reference: String,
+    /// The region outside the allowed ones that it permits.
+    pub region: String,
+    /// When it ends, in seconds since the Unix epoch.
+    pub expires: i64,
+    /// Most bytes of completed uploads it covers, over all of the server's gateways.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_bytes: Option<u64>,
+    /// Most individuals it covers, recorded for the audit log.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_individuals: Option<i64>,
+}
+
+/// Where the gateway writes its audit log besides the server's storage.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct AuditSettings {
+    /// Also write every record to standard output. Left out when false.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub stdout: bool,
 }
 
 /// One login.

@@ -362,39 +362,25 @@ fn open_storage(args: &GatewayArgs, config: &GatewayConfig) -> Result<Storage, G
     Ok(opened.into())
 }
 
-/// The object store's region, if `residency` allows it. The region resolved from the
+/// The object store's region, checked against the stamp. The region resolved from the
 /// endpoint must be the stamped one whatever the policy mode: otherwise the store is not
-/// the one the operator judged. Where a governing policy is enforced, the server must
-/// also be compliant and the region among the allowed ones; under `Audit` a violation is
-/// logged and the store served, as the operator rolled it out.
+/// the one the operator judged, and the gateway refuses to start. A server found
+/// non-compliant is served (reads only, where a governing policy is enforced: see
+/// [`ResidencyStamp::writes_refused`]), so files already stored stay reachable.
 pub fn check_residency(
     store: &ObjectStoreConfig,
     residency: &ResidencyStamp,
 ) -> Result<String, GatewayError> {
     let region = store.check_region()?.region;
-    let refuse = |reason| GatewayError::Residency {
-        region: region.clone(),
-        reason,
-    };
-    let allowed =
-        residency.allowed_regions.is_empty() || residency.allowed_regions.contains(&region);
-    let problem = match (residency.compliant, allowed) {
-        (false, _) => Some("the server is not compliant with its residency policy"),
-        (true, false) => Some("the residency policy does not allow it"),
-        (true, true) => None,
-    };
-    match problem {
-        Some(reason) if residency.enforced => Err(refuse(reason)),
-        Some(reason) => {
-            tracing::warn!(
-                %region,
-                policies = ?residency.policies,
-                "Serving the object store although {reason}: the policy is in Audit mode"
-            );
-            Ok(region)
-        }
-        None => Ok(region),
+    if !residency.compliant {
+        tracing::warn!(
+            %region,
+            policies = ?residency.policies,
+            enforced = residency.enforced,
+            "Serving an object store whose server does not comply with its residency policy"
+        );
     }
+    Ok(region)
 }
 
 fn log_startup(

@@ -1,56 +1,139 @@
 //! Residency evaluation: which policies govern a server and whether it complies.
 //!
-//! Pure: no I/O, no clock. The operator, the offline checker and the policy status all
-//! call [`evaluate`], so they reach the same verdict from the same inputs.
+//! Pure: no I/O, and the time is an argument. The operator, the offline checker
+//! (`sluice check`) and the policy status all call [`evaluate`], so they reach the same
+//! verdict from the same inputs; the admission policy (`sluice admission`) is generated
+//! from the same catalogue.
 //!
-//! Overlapping policies combine strictly: a server must satisfy every policy that
-//! governs it, a region is allowed only if all of them allow it, and a violation is
-//! enforced if any violated policy is in `Enforce` mode.
+//! A policy governs a server when its `namespaceSelector` selects the server's namespace
+//! and its `serverSelector`, if any, the server's labels. Overlapping policies combine
+//! strictly: a server must satisfy every policy that governs it, a region is allowed
+//! only if all of them allow it, and a violation is enforced if any violated policy is in
+//! `Enforce` mode.
+//!
+//! A policy allows a region that it lists in `allowedRegions`, that the catalogue places
+//! in one of its `jurisdictions` ([`region::node_jurisdiction`] for a node region, the
+//! provider's own catalogue for a bucket), or that an unexpired cross-border allowance
+//! names. An expired allowance is a violation of its own (`CrossBorderTransfer`), so the
+//! status says what changed.
 
 pub mod region;
 mod selector;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
+use k8s_openapi::api::core::v1::{NodeSelectorRequirement, PersistentVolume};
+use k8s_openapi::api::storage::v1::StorageClass;
+use k8s_openapi::jiff::Timestamp;
+use kube::ResourceExt;
 use region::{RegionError, ResolvedRegion};
 pub use selector::{SelectorError, matches};
 
-use crate::api::{DEFAULT_REGION_LABEL, DataResidencyPolicy, Enforcement, TransferServerSpec};
+use crate::api::{
+    DEFAULT_REGION_LABEL, DataResidencyPolicy, Enforcement, Jurisdiction, Reason, TransferServer,
+};
+
+/// The node label that carries a node's zone, used to place a volume that names only its
+/// zone.
+pub const ZONE_LABEL: &str = "topology.kubernetes.io/zone";
 
 /// What a policy judges of a server.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct Subject<'a> {
     /// The region the server declares.
     pub region: &'a str,
+    /// The server's labels, for `serverSelector`.
+    pub labels: BTreeMap<String, String>,
     /// Whether the server offers FTP without TLS (`ftps.allowPlaintext`).
     pub plaintext_ftp: bool,
+    /// Whether the server also writes its audit log to standard output.
+    pub audit_log_stdout: bool,
     /// Where an object store keeps the server's files: the region resolved from its
-    /// provider, endpoint and declaration, or why none can be. `None` for a volume, which
-    /// is pinned to `region` with the pods.
+    /// provider, endpoint and declaration, or why none can be. `None` for a volume.
     pub storage: Option<Result<ResolvedRegion, RegionError>>,
+    /// The host of the object store's endpoint: the one given, or the provider's public
+    /// regional endpoint. `None` for a volume, or when no endpoint can be worked out.
+    pub endpoint: Option<String>,
+    /// The volume, when the server keeps its files on one.
+    pub volume: Option<Placement<'a>>,
+}
+
+/// What the cluster says about where a server's volume is.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Placement<'a> {
+    /// The StorageClass the server names.
+    pub storage_class_name: &'a str,
+    /// That StorageClass, `None` when it does not exist.
+    pub storage_class: Option<&'a StorageClass>,
+    /// The PersistentVolume bound to the server's claim, once bound.
+    pub bound: Option<&'a PersistentVolume>,
+    /// The labels of every node, to place a volume that names only its zone.
+    pub nodes: &'a [BTreeMap<String, String>],
 }
 
 impl<'a> Subject<'a> {
-    /// What a policy judges of the server `spec` declares.
-    pub fn of(spec: &'a TransferServerSpec) -> Self {
+    /// What a policy judges of `server`, before anything is known of its volume's
+    /// placement (see [`Subject::with_placement`]).
+    pub fn of(server: &'a TransferServer) -> Self {
+        let spec = &server.spec;
         let plaintext_ftp = spec
             .protocols
             .ftps
             .as_ref()
             .and_then(|f| f.allow_plaintext)
             .unwrap_or(false);
-        let storage = spec.storage.object_store.as_ref().map(|store| {
+        let audit_log_stdout = spec
+            .audit_log
+            .as_ref()
+            .and_then(|a| a.stdout)
+            .unwrap_or(false);
+        let store = spec.storage.object_store.as_ref();
+        let storage = store.map(|store| {
             region::resolve_region(
                 store.provider,
                 store.endpoint.as_deref(),
                 store.region.as_deref(),
             )
         });
+        let endpoint = store.and_then(|store| {
+            let endpoint = match &store.endpoint {
+                Some(endpoint) => Some(endpoint.clone()),
+                None => storage
+                    .as_ref()
+                    .and_then(|r| r.as_ref().ok())
+                    .and_then(|r| {
+                        crate::storage::object::default_endpoint(store.provider, &r.region)
+                    }),
+            };
+            endpoint.map(|e| region::host_of(&e))
+        });
         Self {
             region: &spec.region,
+            labels: server.labels().clone(),
             plaintext_ftp,
+            audit_log_stdout,
             storage,
+            endpoint,
+            volume: None,
         }
+    }
+
+    /// The same subject with its volume's placement, when the server keeps its files on a
+    /// volume.
+    pub fn with_placement(
+        mut self,
+        server: &'a TransferServer,
+        storage_class: Option<&'a StorageClass>,
+        bound: Option<&'a PersistentVolume>,
+        nodes: &'a [BTreeMap<String, String>],
+    ) -> Self {
+        self.volume = server.spec.storage.volume.as_ref().map(|v| Placement {
+            storage_class_name: &v.storage_class_name,
+            storage_class,
+            bound,
+            nodes,
+        });
+        self
     }
 }
 
@@ -59,8 +142,12 @@ impl<'a> From<&'a str> for Subject<'a> {
     fn from(region: &'a str) -> Self {
         Self {
             region,
+            labels: BTreeMap::new(),
             plaintext_ftp: false,
+            audit_log_stdout: false,
             storage: None,
+            endpoint: None,
+            volume: None,
         }
     }
 }
@@ -72,14 +159,31 @@ pub struct ResidencyVerdict {
     pub governing: Vec<String>,
     /// The policies the server violates, sorted by policy name.
     pub violations: Vec<Violation>,
-    /// Regions every governing policy allows, sorted (empty when none governs).
-    pub allowed_regions: Vec<String>,
     /// Node label carrying the region, from the first governing policy by name.
     pub region_label: String,
     /// Whether any governing policy is enforced (`Enforce`, or one that cannot be
     /// evaluated), so that the data plane refuses what the policies do not allow rather
     /// than only reporting it.
     pub enforced: bool,
+    /// The cross-border allowances the server relies on, sorted by policy and reference.
+    pub allowances: Vec<AllowanceUse>,
+}
+
+/// A cross-border allowance a compliant server relies on.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AllowanceUse {
+    /// The policy that grants it.
+    pub policy: String,
+    /// Its assessment reference.
+    pub reference: String,
+    /// The region outside the allowed ones it permits.
+    pub region: String,
+    /// When it ends.
+    pub expires: Timestamp,
+    /// Most bytes of uploads it covers, if limited.
+    pub max_bytes: Option<u64>,
+    /// Most individuals it covers, as recorded.
+    pub max_individuals: Option<i64>,
 }
 
 /// One policy a server violates.
@@ -91,21 +195,66 @@ pub struct Violation {
     pub rule: Rule,
     /// How the violated policy is applied.
     pub enforcement: Enforcement,
-    /// Human-readable explanation naming region and policy.
+    /// Human-readable explanation naming the policy, the rule and the values.
     pub message: String,
 }
 
 /// A rule of a policy that a server can break.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Rule {
     /// The policy cannot be evaluated, so it allows nothing.
     Unevaluable,
-    /// The server's region is not among the allowed regions.
+    /// The server's region is not allowed.
     Region,
-    /// The server offers plaintext FTP and the policy does not allow it.
-    PlaintextFtp,
     /// The object store's region is not allowed, or cannot be resolved.
     StorageRegion,
+    /// The volume's StorageClass is not allowed, or cannot show that its volumes stay
+    /// in the allowed regions.
+    StorageClass,
+    /// The bound PersistentVolume lies outside the allowed regions, or does not say
+    /// where it lies.
+    Volume,
+    /// The object store's endpoint is not among the allowed ones.
+    Endpoint,
+    /// The server offers plaintext FTP and the policy does not allow it.
+    PlaintextFtp,
+    /// The server writes its audit log to standard output and the policy does not allow
+    /// it.
+    AuditLogStdout,
+    /// The cross-border allowance the server relied on has expired.
+    CrossBorderTransfer,
+}
+
+impl Rule {
+    /// The rule's name, as the policy status and `sluice check` show it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Unevaluable => "Unevaluable",
+            Self::Region => "Region",
+            Self::StorageRegion => "StorageRegion",
+            Self::StorageClass => "StorageClass",
+            Self::Volume => "Volume",
+            Self::Endpoint => "Endpoint",
+            Self::PlaintextFtp => "PlaintextFtp",
+            Self::AuditLogStdout => "AuditLogStdout",
+            Self::CrossBorderTransfer => "CrossBorderTransfer",
+        }
+    }
+
+    /// The condition and Event reason for a server that breaks this rule.
+    pub fn reason(self) -> Reason {
+        match self {
+            Self::Unevaluable => Reason::PolicyUnevaluable,
+            Self::Region => Reason::RegionNotAllowed,
+            Self::StorageRegion => Reason::StorageRegionNotAllowed,
+            Self::StorageClass => Reason::StorageClassNotAllowed,
+            Self::Volume => Reason::VolumeOutsideRegion,
+            Self::Endpoint => Reason::EndpointNotAllowed,
+            Self::PlaintextFtp => Reason::PlaintextNotAllowed,
+            Self::AuditLogStdout => Reason::AuditLogStdoutNotAllowed,
+            Self::CrossBorderTransfer => Reason::CrossBorderTransferExpired,
+        }
+    }
 }
 
 impl ResidencyVerdict {
@@ -115,12 +264,9 @@ impl ResidencyVerdict {
     }
 
     /// The condition reason for a non-compliant verdict: what rule is broken.
-    pub fn violation_reason(&self) -> crate::api::Reason {
-        match self.broken_rule() {
-            Some(Rule::PlaintextFtp) => crate::api::Reason::PlaintextNotAllowed,
-            Some(Rule::StorageRegion) => crate::api::Reason::StorageRegionNotAllowed,
-            _ => crate::api::Reason::RegionNotAllowed,
-        }
+    pub fn violation_reason(&self) -> Reason {
+        self.broken_rule()
+            .map_or(Reason::RegionNotAllowed, Rule::reason)
     }
 
     /// Whether the server satisfies every governing policy.
@@ -135,14 +281,30 @@ impl ResidencyVerdict {
             .any(|v| v.enforcement == Enforcement::Enforce)
     }
 
+    /// When the verdict changes by itself: the first expiry of an allowance the server
+    /// relies on.
+    pub fn next_change(&self) -> Option<Timestamp> {
+        self.allowances.iter().map(|a| a.expires).min()
+    }
+
     /// One line for conditions and Events.
     pub fn message(&self, region: &str) -> String {
         match (self.governing.is_empty(), self.violations.is_empty()) {
             (true, _) => "no DataResidencyPolicy governs this server".to_string(),
-            (false, true) => format!(
-                "region {region} is allowed by {}",
-                quoted_list(&self.governing)
-            ),
+            (false, true) => {
+                let mut message = format!(
+                    "region {region} is allowed by {}",
+                    quoted_list(&self.governing)
+                );
+                for a in &self.allowances {
+                    message.push_str(&format!(
+                        "; {} is allowed until {} by cross-border transfer {} of \
+                         DataResidencyPolicy {}",
+                        a.region, a.expires, a.reference, a.policy
+                    ));
+                }
+                message
+            }
             (false, false) => {
                 let messages: Vec<_> = self.violations.iter().map(|v| v.message.as_str()).collect();
                 messages.join("; ")
@@ -151,137 +313,466 @@ impl ResidencyVerdict {
     }
 }
 
-/// Evaluates a server's region against the policies that govern it.
+/// Evaluates a server against the policies that govern it, at time `now`.
 ///
 /// `namespace_labels` are the labels of the server's namespace. A policy whose selector
-/// cannot be evaluated (an unknown operator, say) governs nothing and is reported by
-/// the policy controller, not here.
+/// cannot be evaluated (an unknown operator, say) governs every server and blocks it, so
+/// a typo in a compliance control blocks roll-outs instead of silently allowing any
+/// region.
 pub fn evaluate<'a>(
     subject: impl Into<Subject<'a>>,
     namespace_labels: &BTreeMap<String, String>,
     policies: &[DataResidencyPolicy],
+    now: Timestamp,
 ) -> ResidencyVerdict {
     let subject = subject.into();
-    // A policy whose selector cannot be evaluated governs every server, so a typo in a
-    // compliance control blocks roll-outs instead of silently allowing any region.
     let mut governing: Vec<(&DataResidencyPolicy, Option<SelectorError>)> = policies
         .iter()
-        .filter_map(
-            |p| match matches(&p.spec.namespace_selector, namespace_labels) {
-                Ok(true) => Some((p, None)),
-                Ok(false) => None,
-                Err(error) => Some((p, Some(error))),
-            },
-        )
+        .filter_map(|p| match governs(p, namespace_labels, &subject.labels) {
+            Ok(true) => Some((p, None)),
+            Ok(false) => None,
+            Err(error) => Some((p, Some(error))),
+        })
         .collect();
     governing.sort_by_key(|(p, _)| policy_name(p));
 
-    let violations = governing
-        .iter()
-        .filter_map(|(p, selector_error)| violation(p, selector_error.as_ref(), &subject))
-        .collect();
-    let governing: Vec<&DataResidencyPolicy> = governing.into_iter().map(|(p, _)| p).collect();
+    let mut violations = Vec::new();
+    let mut allowances = Vec::new();
+    for (policy, selector_error) in &governing {
+        let judged = judge(policy, selector_error.as_ref(), &subject, now);
+        violations.extend(judged.violation);
+        allowances.extend(judged.allowances);
+    }
+    allowances
+        .sort_by(|a: &AllowanceUse, b| (&a.policy, &a.reference).cmp(&(&b.policy, &b.reference)));
+    allowances.dedup();
 
     ResidencyVerdict {
         governing: governing
             .iter()
-            .map(|p| policy_name(p).to_string())
+            .map(|(p, _)| policy_name(p).to_string())
             .collect(),
         violations,
-        allowed_regions: intersect_regions(&governing),
-        enforced: governing.iter().any(|p| {
-            let unevaluable = matches(&p.spec.namespace_selector, namespace_labels).is_err();
-            unevaluable || p.spec.enforcement.unwrap_or_default() == Enforcement::Enforce
+        enforced: governing.iter().any(|(p, error)| {
+            error.is_some() || p.spec.enforcement.unwrap_or_default() == Enforcement::Enforce
         }),
         region_label: governing
             .first()
-            .and_then(|p| p.spec.region_label.clone())
+            .and_then(|(p, _)| p.spec.region_label.clone())
             .unwrap_or_else(|| DEFAULT_REGION_LABEL.to_string()),
+        allowances,
     }
 }
 
-fn violation(
+/// Whether `policy` governs a server with `server_labels` in a namespace with
+/// `namespace_labels`.
+pub fn governs(
+    policy: &DataResidencyPolicy,
+    namespace_labels: &BTreeMap<String, String>,
+    server_labels: &BTreeMap<String, String>,
+) -> Result<bool, SelectorError> {
+    let namespace = matches(&policy.spec.namespace_selector, namespace_labels);
+    let server = match &policy.spec.server_selector {
+        Some(selector) => matches(selector, server_labels),
+        None => Ok(true),
+    };
+    Ok(namespace? && server?)
+}
+
+/// How a policy allows a region.
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Allowed {
+    /// Listed, or inside an allowed jurisdiction.
+    Yes,
+    /// By an unexpired cross-border allowance.
+    Allowance(AllowanceUse),
+    /// Only by allowances that have expired (the first to have).
+    Expired(AllowanceUse),
+    /// Not at all.
+    No,
+}
+
+/// Whether `policy` allows `region`, which the catalogue places in `jurisdiction`.
+fn allows(
+    policy: &DataResidencyPolicy,
+    region: &str,
+    jurisdiction: Option<Jurisdiction>,
+    now: Timestamp,
+) -> Allowed {
+    let spec = &policy.spec;
+    let listed = spec.allowed_regions.iter().any(|r| r == region);
+    let inside = jurisdiction.is_some_and(|j| spec.jurisdictions.contains(&j));
+    if listed || inside {
+        return Allowed::Yes;
+    }
+    let mut uses: Vec<AllowanceUse> = spec
+        .cross_border_transfers
+        .iter()
+        .filter(|t| t.destination_region == region)
+        .map(|t| AllowanceUse {
+            policy: policy_name(policy).to_string(),
+            reference: t.assessment_reference.clone(),
+            region: region.to_string(),
+            expires: t.expires.0,
+            max_bytes: t.max_volume.as_deref().and_then(quantity_bytes),
+            max_individuals: t.max_individuals,
+        })
+        .collect();
+    // The allowance lasting longest serves; an expired one only explains a refusal.
+    uses.sort_by_key(|u| std::cmp::Reverse(u.expires));
+    match uses.into_iter().next() {
+        Some(use_) if use_.expires > now => Allowed::Allowance(use_),
+        Some(use_) => Allowed::Expired(use_),
+        None => Allowed::No,
+    }
+}
+
+/// What one policy finds.
+struct Judgement {
+    violation: Option<Violation>,
+    allowances: Vec<AllowanceUse>,
+}
+
+fn judge(
     policy: &DataResidencyPolicy,
     selector_error: Option<&SelectorError>,
     subject: &Subject,
-) -> Option<Violation> {
+    now: Timestamp,
+) -> Judgement {
     let name = policy_name(policy);
-    let region = subject.region;
-    let mut broken = Vec::new();
+    let mut broken: Vec<(Rule, String)> = Vec::new();
+    let mut allowances = Vec::new();
     if let Some(error) = selector_error {
         let message = format!(
             "DataResidencyPolicy {name} cannot be evaluated ({error}); \
              no server is rolled out until it is fixed"
         );
-        broken.push((Rule::Unevaluable, message));
-    } else {
-        if !policy.spec.allowed_regions.iter().any(|r| r == region) {
-            let message = format!(
-                "region {region} is not allowed by DataResidencyPolicy {name} (allowed: {})",
-                policy.spec.allowed_regions.join(", ")
+        return Judgement {
+            violation: Some(Violation {
+                policy: name.to_string(),
+                rule: Rule::Unevaluable,
+                enforcement: Enforcement::Enforce,
+                message,
+            }),
+            allowances,
+        };
+    }
+    let spec = &policy.spec;
+    let allowed_text = allowed_text(policy);
+    let mut judge_region = |what: &str, region: &str, jurisdiction, rule| match allows(
+        policy,
+        region,
+        jurisdiction,
+        now,
+    ) {
+        Allowed::Yes => {}
+        Allowed::Allowance(use_) => allowances.push(use_),
+        Allowed::Expired(use_) => broken.push((
+            Rule::CrossBorderTransfer,
+            format!(
+                "cross-border transfer {} of DataResidencyPolicy {name} to {region} \
+                     expired at {}",
+                use_.reference, use_.expires
+            ),
+        )),
+        Allowed::No => broken.push((
+            rule,
+            format!(
+                "{what} {region} is not allowed by DataResidencyPolicy {name} \
+                     (allowed: {allowed_text})"
+            ),
+        )),
+    };
+
+    judge_region(
+        "region",
+        subject.region,
+        region::node_jurisdiction(subject.region),
+        Rule::Region,
+    );
+    match &subject.storage {
+        None => {}
+        Some(Ok(storage)) => {
+            let jurisdiction = storage.jurisdiction.and_then(Jurisdiction::from_code);
+            judge_region(
+                "storage region",
+                &storage.region,
+                jurisdiction,
+                Rule::StorageRegion,
             );
-            broken.push((Rule::Region, message));
         }
-        if subject.plaintext_ftp && policy.spec.allow_plaintext_ftp != Some(true) {
-            let message = format!(
-                "plaintext FTP (ftps.allowPlaintext) is not allowed by DataResidencyPolicy \
-                 {name} (the policy would need allowPlaintextFtp: true)"
-            );
-            broken.push((Rule::PlaintextFtp, message));
+        Some(Err(error)) => broken.push((
+            Rule::StorageRegion,
+            format!(
+                "the storage region cannot be resolved ({error}), so DataResidencyPolicy \
+                 {name} cannot allow it"
+            ),
+        )),
+    }
+    if let Some(placement) = &subject.volume {
+        let label = spec.region_label.as_deref().unwrap_or(DEFAULT_REGION_LABEL);
+        let mut regions_allowed = |regions: &BTreeSet<String>| {
+            regions
+                .iter()
+                .filter(|r| {
+                    let allowed = allows(policy, r, region::node_jurisdiction(r), now);
+                    !matches!(allowed, Allowed::Yes | Allowed::Allowance(_))
+                })
+                .cloned()
+                .collect::<Vec<_>>()
+        };
+        if let Some(problem) = storage_class_problem(placement, spec, label, &mut regions_allowed) {
+            broken.push((
+                Rule::StorageClass,
+                format!("{problem} (DataResidencyPolicy {name})"),
+            ));
         }
-        match &subject.storage {
-            None => {}
-            Some(Ok(storage)) if policy.spec.allowed_regions.contains(&storage.region) => {}
-            Some(Ok(storage)) => {
-                let message = format!(
-                    "storage region {} is not allowed by DataResidencyPolicy {name} \
-                     (allowed: {})",
-                    storage.region,
-                    policy.spec.allowed_regions.join(", ")
-                );
-                broken.push((Rule::StorageRegion, message));
-            }
-            Some(Err(error)) => {
-                let message = format!(
-                    "the storage region cannot be resolved ({error}), so DataResidencyPolicy \
-                     {name} cannot allow it"
-                );
-                broken.push((Rule::StorageRegion, message));
-            }
+        if let Some(problem) = volume_problem(placement, label, &mut regions_allowed) {
+            broken.push((
+                Rule::Volume,
+                format!("{problem} (DataResidencyPolicy {name})"),
+            ));
         }
     }
-    let rule = broken.first()?.0;
-    let enforcement = match rule {
-        Rule::Unevaluable => Enforcement::Enforce,
-        _ => policy.spec.enforcement.unwrap_or_default(),
-    };
-    let messages: Vec<String> = broken.into_iter().map(|(_, m)| m).collect();
-    Some(Violation {
+    if let Some(host) = &subject.endpoint
+        && !spec.allowed_endpoints.is_empty()
+        && !spec
+            .allowed_endpoints
+            .iter()
+            .any(|p| endpoint_matches(p, host))
+    {
+        broken.push((
+            Rule::Endpoint,
+            format!(
+                "object-store endpoint {host} is not allowed by DataResidencyPolicy {name} \
+                 (allowed: {})",
+                spec.allowed_endpoints.join(", ")
+            ),
+        ));
+    }
+    if subject.plaintext_ftp && spec.allow_plaintext_ftp != Some(true) {
+        broken.push((
+            Rule::PlaintextFtp,
+            format!(
+                "plaintext FTP (ftps.allowPlaintext) is not allowed by DataResidencyPolicy \
+                 {name} (the policy would need allowPlaintextFtp: true)"
+            ),
+        ));
+    }
+    if subject.audit_log_stdout && spec.allow_audit_log_stdout != Some(true) {
+        broken.push((
+            Rule::AuditLogStdout,
+            format!(
+                "an audit log on standard output (auditLog.stdout) is not allowed by \
+                 DataResidencyPolicy {name} (the policy would need allowAuditLogStdout: true)"
+            ),
+        ));
+    }
+
+    let violation = broken.first().map(|(rule, _)| Violation {
         policy: name.to_string(),
-        rule,
-        enforcement,
-        message: messages.join("; "),
+        rule: *rule,
+        enforcement: spec.enforcement.unwrap_or_default(),
+        message: broken
+            .iter()
+            .map(|(_, m)| m.as_str())
+            .collect::<Vec<_>>()
+            .join("; "),
+    });
+    Judgement {
+        violation,
+        allowances,
+    }
+}
+
+/// Why a volume's StorageClass cannot show that its volumes stay in allowed regions.
+/// `disallowed` returns the regions of a set that the policy does not allow.
+fn storage_class_problem(
+    placement: &Placement,
+    spec: &crate::api::DataResidencyPolicySpec,
+    region_label: &str,
+    disallowed: &mut impl FnMut(&BTreeSet<String>) -> Vec<String>,
+) -> Option<String> {
+    let name = placement.storage_class_name;
+    if !spec.allowed_storage_classes.is_empty()
+        && !spec.allowed_storage_classes.iter().any(|c| c == name)
+    {
+        return Some(format!(
+            "StorageClass {name} is not allowed (allowed: {})",
+            spec.allowed_storage_classes.join(", ")
+        ));
+    }
+    let Some(class) = placement.storage_class else {
+        return Some(format!(
+            "StorageClass {name} does not exist, so where its volumes are cannot be checked"
+        ));
+    };
+    if class.volume_binding_mode.as_deref() == Some("WaitForFirstConsumer") {
+        // The volume is provisioned where the region-pinned pod is scheduled.
+        return None;
+    }
+    let Some(regions) = topology_regions(class, region_label) else {
+        return Some(format!(
+            "StorageClass {name} binds volumes immediately and its allowedTopologies do not \
+             restrict {region_label}, so its volumes may be created in any region \
+             (use volumeBindingMode: WaitForFirstConsumer or allowedTopologies)"
+        ));
+    };
+    let outside = disallowed(&regions);
+    (!outside.is_empty()).then(|| {
+        format!(
+            "StorageClass {name} may create volumes in {}, which is not allowed",
+            outside.join(", ")
+        )
     })
+}
+
+/// The regions a StorageClass's `allowedTopologies` restrict `region_label` (or the
+/// default region label) to, if every term restricts it.
+fn topology_regions(class: &StorageClass, region_label: &str) -> Option<BTreeSet<String>> {
+    let terms = class.allowed_topologies.as_deref().unwrap_or_default();
+    if terms.is_empty() {
+        return None;
+    }
+    let mut regions = BTreeSet::new();
+    for term in terms {
+        let restriction = term
+            .match_label_expressions
+            .iter()
+            .flatten()
+            .find(|e| e.key == region_label || e.key == DEFAULT_REGION_LABEL)?;
+        regions.extend(restriction.values.iter().cloned());
+    }
+    Some(regions)
+}
+
+/// Why the bound volume is not in an allowed region, or does not say where it is.
+fn volume_problem(
+    placement: &Placement,
+    region_label: &str,
+    disallowed: &mut impl FnMut(&BTreeSet<String>) -> Vec<String>,
+) -> Option<String> {
+    let volume = placement.bound?;
+    let name = volume.name_any();
+    let Some(regions) = volume_regions(volume, region_label, placement.nodes) else {
+        return Some(format!(
+            "the bound PersistentVolume {name} does not say which region it is in (its \
+             node affinity names no region, and no node carries its zone)"
+        ));
+    };
+    let outside = disallowed(&regions);
+    (!outside.is_empty()).then(|| {
+        format!(
+            "the bound PersistentVolume {name} is in {}, which is not allowed",
+            outside.join(", ")
+        )
+    })
+}
+
+/// The regions a PersistentVolume's required node affinity confines it to: the region
+/// label's values, or the regions of the nodes in the zones it names. `None` when a term
+/// names neither.
+pub fn volume_regions(
+    volume: &PersistentVolume,
+    region_label: &str,
+    nodes: &[BTreeMap<String, String>],
+) -> Option<BTreeSet<String>> {
+    let terms = volume
+        .spec
+        .as_ref()?
+        .node_affinity
+        .as_ref()?
+        .required
+        .as_ref()?
+        .node_selector_terms
+        .as_slice();
+    if terms.is_empty() {
+        return None;
+    }
+    let mut regions = BTreeSet::new();
+    for term in terms {
+        let expressions = term.match_expressions.as_deref().unwrap_or_default();
+        let values = |key: &str| -> Option<&NodeSelectorRequirement> {
+            expressions
+                .iter()
+                .find(|e| e.key == key && e.operator == "In")
+        };
+        if let Some(e) = values(region_label).or_else(|| values(DEFAULT_REGION_LABEL)) {
+            regions.extend(e.values.iter().flatten().cloned());
+            continue;
+        }
+        let zones = values(ZONE_LABEL)?;
+        let zones: Vec<&String> = zones.values.iter().flatten().collect();
+        let of_zones: BTreeSet<String> = nodes
+            .iter()
+            .filter(|n| n.get(ZONE_LABEL).is_some_and(|z| zones.contains(&z)))
+            .filter_map(|n| n.get(region_label).cloned())
+            .collect();
+        if of_zones.is_empty() {
+            return None;
+        }
+        regions.extend(of_zones);
+    }
+    Some(regions)
+}
+
+/// Whether an endpoint host matches an allowed pattern: the host itself, or `*.SUFFIX`
+/// for any host ending in `.SUFFIX`.
+pub fn endpoint_matches(pattern: &str, host: &str) -> bool {
+    let pattern = pattern.trim().trim_end_matches('.').to_ascii_lowercase();
+    match pattern.strip_prefix("*.") {
+        Some(suffix) => host
+            .strip_suffix(suffix)
+            .is_some_and(|rest| rest.ends_with('.') && rest.len() > 1),
+        None => host == pattern,
+    }
+}
+
+/// What a policy allows, for messages: its regions and jurisdictions.
+fn allowed_text(policy: &DataResidencyPolicy) -> String {
+    let regions = policy.spec.allowed_regions.iter().map(String::as_str);
+    let jurisdictions = policy.spec.jurisdictions.iter().map(|j| match j {
+        Jurisdiction::Cn => "jurisdiction CN (mainland China)",
+        other => other.as_str(),
+    });
+    let all: Vec<&str> = regions.chain(jurisdictions).collect();
+    all.join(", ")
+}
+
+/// Bytes in a Kubernetes quantity (`1000G`, `500Gi`, `1e12`), if it is a whole,
+/// non-negative number of bytes.
+pub fn quantity_bytes(quantity: &str) -> Option<u64> {
+    let quantity = quantity.trim();
+    let split = quantity
+        .find(|c: char| !(c.is_ascii_digit() || c == '.' || c == '+'))
+        .unwrap_or(quantity.len());
+    let (number, suffix) = quantity.split_at(split);
+    let number: f64 = number.parse().ok()?;
+    let factor: f64 = match suffix {
+        "" => 1.0,
+        "k" => 1e3,
+        "M" => 1e6,
+        "G" => 1e9,
+        "T" => 1e12,
+        "P" => 1e15,
+        "E" => 1e18,
+        "Ki" => 1024.0,
+        "Mi" => 1024f64.powi(2),
+        "Gi" => 1024f64.powi(3),
+        "Ti" => 1024f64.powi(4),
+        "Pi" => 1024f64.powi(5),
+        "Ei" => 1024f64.powi(6),
+        exponent => {
+            let exponent: i32 = exponent.strip_prefix(['e', 'E'])?.parse().ok()?;
+            10f64.powi(exponent)
+        }
+    };
+    let bytes = number * factor;
+    (bytes.is_finite() && bytes >= 0.0 && bytes < u64::MAX as f64).then_some(bytes.round() as u64)
 }
 
 fn policy_name(policy: &DataResidencyPolicy) -> &str {
     policy.metadata.name.as_deref().unwrap_or_default()
-}
-
-fn intersect_regions(governing: &[&DataResidencyPolicy]) -> Vec<String> {
-    let Some((first, rest)) = governing.split_first() else {
-        return Vec::new();
-    };
-    let mut regions: Vec<String> = first
-        .spec
-        .allowed_regions
-        .iter()
-        .filter(|r| rest.iter().all(|p| p.spec.allowed_regions.contains(r)))
-        .cloned()
-        .collect();
-    regions.sort();
-    regions.dedup();
-    regions
 }
 
 fn quoted_list(names: &[String]) -> String {
@@ -308,8 +799,7 @@ mod tests {
                 namespace_selector: serde_yaml::from_str(selector_yaml).unwrap(),
                 allowed_regions: regions.iter().map(|r| r.to_string()).collect(),
                 enforcement: Some(mode),
-                region_label: None,
-                allow_plaintext_ftp: None,
+                ..Default::default()
             },
         );
         p.metadata.name = Some(name.to_string());
@@ -327,6 +817,10 @@ mod tests {
         labels(&[("sluice.dev/residency", "cn")])
     }
 
+    fn now() -> Timestamp {
+        "2026-12-04T12:00:00Z".parse().unwrap()
+    }
+
     const CN_SELECTOR: &str = "matchLabels: {sluice.dev/residency: cn}";
 
     #[test]
@@ -337,10 +831,9 @@ mod tests {
             &["cn-shanghai"],
             Enforcement::Enforce,
         )];
-        let verdict = evaluate("cn-shanghai", &cn(), &policies);
+        let verdict = evaluate("cn-shanghai", &cn(), &policies, now());
         assert!(verdict.compliant());
         assert_eq!(verdict.governing, ["china"]);
-        assert_eq!(verdict.allowed_regions, ["cn-shanghai"]);
         assert_eq!(verdict.region_label, "topology.kubernetes.io/region");
     }
 
@@ -352,7 +845,7 @@ mod tests {
             &["cn-shanghai", "cn-beijing"],
             Enforcement::Enforce,
         )];
-        let verdict = evaluate("cn-hongkong", &cn(), &policies);
+        let verdict = evaluate("cn-hongkong", &cn(), &policies, now());
         assert!(!verdict.compliant());
         assert!(verdict.blocks_rollout());
         assert_eq!(
@@ -366,7 +859,7 @@ mod tests {
     fn a_policy_that_cannot_be_evaluated_blocks_every_server() {
         let broken = "matchExpressions: [{key: sluice.dev/residency, operator: in, values: [cn]}]";
         let policies = [policy("typo", broken, &["cn-shanghai"], Enforcement::Audit)];
-        let verdict = evaluate("cn-shanghai", &labels(&[("team", "x")]), &policies);
+        let verdict = evaluate("cn-shanghai", &labels(&[("team", "x")]), &policies, now());
         assert_eq!(verdict.governing, ["typo"]);
         assert!(verdict.blocks_rollout());
         assert!(
@@ -385,7 +878,7 @@ mod tests {
             &["cn-shanghai"],
             Enforcement::Audit,
         )];
-        let verdict = evaluate("eu-central-1", &cn(), &policies);
+        let verdict = evaluate("eu-central-1", &cn(), &policies, now());
         assert!(!verdict.compliant());
         assert!(!verdict.blocks_rollout());
     }
@@ -398,7 +891,7 @@ mod tests {
             &["cn-shanghai"],
             Enforcement::Enforce,
         )];
-        let verdict = evaluate("us-east-1", &labels(&[("team", "x")]), &policies);
+        let verdict = evaluate("us-east-1", &labels(&[("team", "x")]), &policies, now());
         assert!(verdict.compliant());
         assert!(verdict.governing.is_empty());
         assert_eq!(
@@ -418,9 +911,8 @@ mod tests {
             ),
             policy("narrow", CN_SELECTOR, &["cn-beijing"], Enforcement::Enforce),
         ];
-        let verdict = evaluate("cn-shanghai", &cn(), &policies);
+        let verdict = evaluate("cn-shanghai", &cn(), &policies, now());
         assert_eq!(verdict.governing, ["narrow", "wide"]);
-        assert_eq!(verdict.allowed_regions, ["cn-beijing"]);
         assert_eq!(verdict.violations.len(), 1);
         assert_eq!(verdict.violations[0].policy, "narrow");
         assert!(verdict.blocks_rollout());
@@ -428,9 +920,8 @@ mod tests {
 
     fn plaintext(region: &str) -> Subject<'_> {
         Subject {
-            region,
             plaintext_ftp: true,
-            storage: None,
+            ..Subject::from(region)
         }
     }
 
@@ -441,6 +932,7 @@ mod tests {
             plaintext("cn-shanghai"),
             &cn(),
             std::slice::from_ref(&china),
+            now(),
         );
         assert!(verdict.blocks_rollout());
         assert_eq!(verdict.broken_rule(), Some(Rule::PlaintextFtp));
@@ -455,6 +947,7 @@ mod tests {
             plaintext("cn-shanghai"),
             &cn(),
             std::slice::from_ref(&china),
+            now(),
         );
         assert!(verdict.compliant(), "{verdict:?}");
     }
@@ -467,7 +960,7 @@ mod tests {
             &["cn-shanghai"],
             Enforcement::Audit,
         )];
-        let verdict = evaluate(plaintext("cn-hongkong"), &cn(), &policies);
+        let verdict = evaluate(plaintext("cn-hongkong"), &cn(), &policies, now());
         assert!(!verdict.compliant());
         assert!(!verdict.blocks_rollout());
         assert_eq!(verdict.broken_rule(), Some(Rule::Region));
@@ -491,6 +984,7 @@ mod tests {
             plaintext("cn-shanghai"),
             &labels(&[("team", "x")]),
             &policies,
+            now(),
         );
         assert!(verdict.compliant());
     }
@@ -502,9 +996,8 @@ mod tests {
         declared: Option<&str>,
     ) -> Subject<'a> {
         Subject {
-            region,
-            plaintext_ftp: false,
             storage: Some(region::resolve_region(provider, endpoint, declared)),
+            ..Subject::from(region)
         }
     }
 
@@ -605,7 +1098,7 @@ mod tests {
         ];
         for (provider, endpoint, declared, allowed) in cases {
             let subject = stored_in("cn-shanghai", provider, endpoint, declared);
-            let verdict = evaluate(subject, &cn(), std::slice::from_ref(&china));
+            let verdict = evaluate(subject, &cn(), std::slice::from_ref(&china), now());
             assert_eq!(
                 verdict.compliant(),
                 allowed,
@@ -632,7 +1125,7 @@ mod tests {
             Some("https://oss-cn-hongkong.aliyuncs.com"),
             None,
         );
-        let verdict = evaluate(subject, &cn(), std::slice::from_ref(&china));
+        let verdict = evaluate(subject, &cn(), std::slice::from_ref(&china), now());
         assert!(!verdict.compliant());
         assert!(
             !verdict.blocks_rollout(),
@@ -654,7 +1147,7 @@ mod tests {
             Some("https://bucket.s3-accelerate.amazonaws.com"),
             None,
         );
-        let verdict = evaluate(subject, &cn(), std::slice::from_ref(&china));
+        let verdict = evaluate(subject, &cn(), std::slice::from_ref(&china), now());
         assert!(verdict.blocks_rollout());
         assert!(
             verdict.message("cn-north-1").contains("cannot be resolved"),

@@ -22,6 +22,8 @@
 
 use std::fmt;
 
+use crate::api::Jurisdiction;
+
 pub use crate::api::ObjectStoreProvider as Provider;
 
 /// Where a region was learnt.
@@ -124,7 +126,7 @@ pub fn resolve_region(
 }
 
 /// The lower-case host of an endpoint given as a host, `host:port` or URL.
-fn host_of(endpoint: &str) -> String {
+pub fn host_of(endpoint: &str) -> String {
     let rest = endpoint
         .trim()
         .split_once("://")
@@ -248,48 +250,90 @@ fn host_contradicts(provider: Provider, host: &str, region: &str) -> Option<Regi
 
 /// The jurisdiction of `region` at `provider`, from the catalogue.
 pub fn jurisdiction(provider: Provider, region: &str) -> Option<&'static str> {
-    let catalogue: &[(&str, &str)] = match provider {
-        Provider::S3 => AWS,
-        Provider::Oss => ALIBABA,
-        Provider::Cos => TENCENT,
-        Provider::Obs => HUAWEI,
-        Provider::AzureBlob => AZURE,
-        Provider::Gcs => GOOGLE,
-        // An S3-compatible store's region ids are its own: nothing is guessed from them.
-        Provider::S3Compatible => &[],
-    };
+    // An S3-compatible store's region ids are its own: nothing is guessed from them.
+    let (_, catalogue) = CATALOGUES.iter().find(|(p, _)| *p == provider)?;
     catalogue
         .iter()
         .find(|(id, _)| *id == region)
         .map(|(_, jurisdiction)| *jurisdiction)
 }
 
+/// The jurisdiction of a node region id, whatever the provider: the one every provider
+/// that uses the id places it in. An id that providers place in different jurisdictions
+/// (`ap-southeast-1`: Singapore at AWS and Alibaba Cloud, Hong Kong at Huawei Cloud) or
+/// that no catalogue knows is in none, so a policy allows it only by listing it.
+pub fn node_jurisdiction(region: &str) -> Option<Jurisdiction> {
+    let mut found = CATALOGUES
+        .iter()
+        .flat_map(|(_, catalogue)| catalogue.iter())
+        .filter(|(id, _)| *id == region)
+        .map(|(_, code)| *code);
+    let first = found.next()?;
+    if found.all(|code| code == first) {
+        Jurisdiction::from_code(first)
+    } else {
+        None
+    }
+}
+
+/// Every provider's catalogue of region ids and the jurisdictions they lie in.
+pub const CATALOGUES: [(Provider, &[(&str, &str)]); 6] = [
+    (Provider::S3, AWS),
+    (Provider::Oss, ALIBABA),
+    (Provider::Cos, TENCENT),
+    (Provider::Obs, HUAWEI),
+    (Provider::AzureBlob, AZURE),
+    (Provider::Gcs, GOOGLE),
+];
+
+/// Amazon Web Services (node labels of EKS, S3 regions).
 const AWS: &[(&str, &str)] = &[
     ("cn-north-1", "CN"),
     ("cn-northwest-1", "CN"),
     ("ap-east-1", "HK"),
-    ("ap-southeast-1", "SG"),
+    ("ap-east-2", "TW"),
     ("ap-northeast-1", "JP"),
     ("ap-northeast-2", "KR"),
+    ("ap-northeast-3", "JP"),
+    ("ap-south-1", "IN"),
+    ("ap-south-2", "IN"),
+    ("ap-southeast-1", "SG"),
+    ("ap-southeast-2", "AU"),
+    ("ap-southeast-3", "ID"),
+    ("ap-southeast-4", "AU"),
+    ("ap-southeast-5", "MY"),
+    ("ap-southeast-7", "TH"),
+    ("af-south-1", "ZA"),
+    ("ca-central-1", "CA"),
+    ("ca-west-1", "CA"),
     ("eu-central-1", "EU"),
     ("eu-central-2", "CH"),
-    ("eu-west-1", "EU"),
-    ("eu-west-2", "GB"),
-    ("eu-west-3", "EU"),
     ("eu-north-1", "EU"),
     ("eu-south-1", "EU"),
     ("eu-south-2", "EU"),
+    ("eu-west-1", "EU"),
+    ("eu-west-2", "GB"),
+    ("eu-west-3", "EU"),
+    ("il-central-1", "IL"),
+    ("me-central-1", "AE"),
+    ("me-south-1", "BH"),
+    ("mx-central-1", "MX"),
+    ("sa-east-1", "BR"),
     ("us-east-1", "US"),
     ("us-east-2", "US"),
     ("us-west-1", "US"),
     ("us-west-2", "US"),
+    ("us-gov-east-1", "US"),
+    ("us-gov-west-1", "US"),
 ];
 
+/// Alibaba Cloud (ACK node labels, OSS regions).
 const ALIBABA: &[(&str, &str)] = &[
     ("cn-hangzhou", "CN"),
     ("cn-shanghai", "CN"),
     ("cn-nanjing", "CN"),
     ("cn-fuzhou", "CN"),
+    ("cn-wuhan-lr", "CN"),
     ("cn-qingdao", "CN"),
     ("cn-beijing", "CN"),
     ("cn-zhangjiakou", "CN"),
@@ -300,14 +344,22 @@ const ALIBABA: &[(&str, &str)] = &[
     ("cn-guangzhou", "CN"),
     ("cn-chengdu", "CN"),
     ("cn-hongkong", "HK"),
-    ("ap-southeast-1", "SG"),
     ("ap-northeast-1", "JP"),
+    ("ap-northeast-2", "KR"),
+    ("ap-southeast-1", "SG"),
+    ("ap-southeast-3", "MY"),
+    ("ap-southeast-5", "ID"),
+    ("ap-southeast-6", "PH"),
+    ("ap-southeast-7", "TH"),
     ("eu-central-1", "EU"),
     ("eu-west-1", "GB"),
-    ("us-west-1", "US"),
+    ("me-east-1", "AE"),
+    ("me-central-1", "SA"),
     ("us-east-1", "US"),
+    ("us-west-1", "US"),
 ];
 
+/// Tencent Cloud (COS regions).
 const TENCENT: &[(&str, &str)] = &[
     ("ap-beijing", "CN"),
     ("ap-nanjing", "CN"),
@@ -319,14 +371,21 @@ const TENCENT: &[(&str, &str)] = &[
     ("ap-shanghai-fsi", "CN"),
     ("ap-beijing-fsi", "CN"),
     ("ap-hongkong", "HK"),
+    ("ap-taipei", "TW"),
     ("ap-singapore", "SG"),
+    ("ap-jakarta", "ID"),
+    ("ap-bangkok", "TH"),
     ("ap-tokyo", "JP"),
     ("ap-seoul", "KR"),
+    ("ap-mumbai", "IN"),
     ("eu-frankfurt", "EU"),
     ("na-siliconvalley", "US"),
     ("na-ashburn", "US"),
+    ("na-toronto", "CA"),
+    ("sa-saopaulo", "BR"),
 ];
 
+/// Huawei Cloud (CCE node labels, OBS regions).
 const HUAWEI: &[(&str, &str)] = &[
     ("cn-north-1", "CN"),
     ("cn-north-4", "CN"),
@@ -339,9 +398,18 @@ const HUAWEI: &[(&str, &str)] = &[
     ("ap-southeast-1", "HK"),
     ("ap-southeast-2", "TH"),
     ("ap-southeast-3", "SG"),
+    ("ap-southeast-4", "ID"),
+    ("af-south-1", "ZA"),
+    ("la-north-2", "MX"),
+    ("la-south-2", "CL"),
+    ("sa-brazil-1", "BR"),
+    ("tr-west-1", "TR"),
+    ("me-east-1", "SA"),
+    ("eu-west-0", "EU"),
     ("eu-west-101", "EU"),
 ];
 
+/// Microsoft Azure, including Azure China (AKS node labels, Blob regions).
 const AZURE: &[(&str, &str)] = &[
     ("chinaeast", "CN"),
     ("chinaeast2", "CN"),
@@ -351,25 +419,78 @@ const AZURE: &[(&str, &str)] = &[
     ("chinanorth3", "CN"),
     ("eastasia", "HK"),
     ("southeastasia", "SG"),
-    ("germanywestcentral", "EU"),
+    ("japaneast", "JP"),
+    ("japanwest", "JP"),
+    ("koreacentral", "KR"),
+    ("koreasouth", "KR"),
+    ("centralindia", "IN"),
+    ("australiaeast", "AU"),
     ("northeurope", "EU"),
     ("westeurope", "EU"),
     ("francecentral", "EU"),
+    ("germanywestcentral", "EU"),
+    ("swedencentral", "EU"),
+    ("italynorth", "EU"),
+    ("polandcentral", "EU"),
+    ("spaincentral", "EU"),
     ("uksouth", "GB"),
+    ("ukwest", "GB"),
+    ("switzerlandnorth", "CH"),
+    ("canadacentral", "CA"),
+    ("brazilsouth", "BR"),
+    ("uaenorth", "AE"),
     ("eastus", "US"),
+    ("eastus2", "US"),
+    ("centralus", "US"),
+    ("southcentralus", "US"),
+    ("westus", "US"),
     ("westus2", "US"),
+    ("westus3", "US"),
 ];
 
+/// Google Cloud (GKE node labels, GCS locations in lower case).
 const GOOGLE: &[(&str, &str)] = &[
     ("asia-east1", "TW"),
     ("asia-east2", "HK"),
+    ("asia-northeast1", "JP"),
+    ("asia-northeast2", "JP"),
+    ("asia-northeast3", "KR"),
     ("asia-southeast1", "SG"),
+    ("asia-southeast2", "ID"),
+    ("asia-south1", "IN"),
+    ("asia-south2", "IN"),
+    ("australia-southeast1", "AU"),
+    ("australia-southeast2", "AU"),
+    ("europe-central2", "EU"),
+    ("europe-north1", "EU"),
+    ("europe-southwest1", "EU"),
     ("europe-west1", "EU"),
+    ("europe-west2", "GB"),
     ("europe-west3", "EU"),
     ("europe-west4", "EU"),
-    ("europe-west2", "GB"),
+    ("europe-west6", "CH"),
+    ("europe-west8", "EU"),
+    ("europe-west9", "EU"),
+    ("me-west1", "IL"),
+    ("northamerica-northeast1", "CA"),
+    ("northamerica-northeast2", "CA"),
+    ("southamerica-east1", "BR"),
     ("us-central1", "US"),
     ("us-east1", "US"),
+    ("us-east4", "US"),
+    ("us-east5", "US"),
+    ("us-south1", "US"),
+    ("us-west1", "US"),
+    ("us-west2", "US"),
+    ("us-west3", "US"),
+    ("us-west4", "US"),
+    // The last five are multi- and dual-regions that stay inside one jurisdiction
+    // (`asia` spans several and is in none).
+    ("eu", "EU"),
+    ("us", "US"),
+    ("eur4", "EU"),
+    ("nam4", "US"),
+    ("asia1", "JP"),
 ];
 
 #[cfg(test)]

@@ -274,12 +274,14 @@ pub fn config(
             compliant: true,
             enforced: false,
             policies: vec![],
-            allowed_regions: vec![],
+            violation: None,
+            cross_border_transfers: vec![],
         },
         users,
         sftp: true,
         ftps,
         object_store,
+        audit: Default::default(),
     }
 }
 

@@ -123,6 +123,18 @@ pub async fn apply(
     Ok(applied)
 }
 
+/// Replaces the gateway configuration of a server that fell out of compliance with
+/// `suspended`, the rendered one with a stamp that stops writes.
+pub async fn suspend_writes(
+    client: &Client,
+    namespace: &str,
+    suspended: &Secret,
+) -> Result<(), Error> {
+    apply_one::<Secret>(client, namespace, suspended).await?;
+    tracing::info!(secret = %suspended.name_any(), "Suspended writes on the running gateway");
+    Ok(())
+}
+
 /// Deletes `name`; one already gone is fine.
 async fn delete<K>(api: &Api<K>, name: &str) -> Result<(), Error>
 where

@@ -29,8 +29,10 @@ use super::passwords::PasswordHashes;
 use super::validate::{ValidServer, ValidUser};
 use crate::api::{ObjectStoreProvider as Provider, TransferServer, VolumeStorage};
 use crate::gateway::config::{
-    CONFIG_KEY, GatewayConfig, GatewayUser, PassivePorts, ResidencyStamp,
+    AuditSettings, CONFIG_KEY, CrossBorderStamp, GatewayConfig, GatewayUser, PassivePorts,
+    ResidencyStamp,
 };
+use crate::residency::ResidencyVerdict;
 
 /// Port the gateway container listens on for SFTP (unprivileged, so it runs as non-root).
 pub const SFTP_CONTAINER_PORT: i32 = 2222;
@@ -147,17 +149,37 @@ fn build_config_secret(
     keys: &HostKeyMaterial,
     hashes: &PasswordHashes,
 ) -> Secret {
-    let json = serde_json::to_vec_pretty(&gateway_config(valid, keys, hashes))
-        .expect("the gateway configuration serialises to JSON");
+    config_secret(&valid.server, &gateway_config(valid, keys, hashes))
+}
+
+fn config_secret(server: &TransferServer, config: &GatewayConfig) -> Secret {
+    let json =
+        serde_json::to_vec_pretty(config).expect("the gateway configuration serialises to JSON");
     Secret {
-        metadata: owned_meta(
-            &valid.server,
-            names::gateway_config(&valid.server.name_any()),
-        ),
+        metadata: owned_meta(server, names::gateway_config(&server.name_any())),
         type_: Some("Opaque".into()),
         data: Some(BTreeMap::from([(CONFIG_KEY.to_string(), ByteString(json))])),
         ..Secret::default()
     }
+}
+
+/// The gateway-config Secret `rendered` with only its residency stamp replaced by
+/// `stamp`, for a gateway whose server fell out of compliance: users, protocols and
+/// storage stay as they were rolled out, since nothing new is rolled out to a server an
+/// enforced policy refuses. `None` when the stamp is already `stamp`, or the rendered
+/// configuration cannot be read (then there is no gateway that could take it either).
+pub fn suspended_config(
+    server: &TransferServer,
+    rendered: &Secret,
+    stamp: ResidencyStamp,
+) -> Option<Secret> {
+    let json = rendered.data.as_ref()?.get(CONFIG_KEY)?;
+    let mut config: GatewayConfig = serde_json::from_slice(&json.0).ok()?;
+    if config.residency == stamp {
+        return None;
+    }
+    config.residency = stamp;
+    Some(config_secret(server, &config))
 }
 
 /// The configuration the gateway reads: users with salted hashes, and the verdict.
@@ -174,12 +196,7 @@ pub fn gateway_config(
             server.name_any()
         ),
         region: server.spec.region.clone(),
-        residency: ResidencyStamp {
-            compliant: valid.verdict.compliant(),
-            enforced: valid.verdict.enforced,
-            policies: valid.verdict.governing.clone(),
-            allowed_regions: valid.verdict.allowed_regions.clone(),
-        },
+        residency: residency_stamp(&valid.verdict, &server.spec.region),
         users: valid
             .users
             .iter()
@@ -194,6 +211,36 @@ pub fn gateway_config(
             .object_store
             .as_ref()
             .map(|store| store.config.clone()),
+        audit: AuditSettings {
+            stdout: server
+                .spec
+                .audit_log
+                .as_ref()
+                .and_then(|a| a.stdout)
+                .unwrap_or(false),
+        },
+    }
+}
+
+/// The residency decision as the gateway enforces it.
+pub fn residency_stamp(verdict: &ResidencyVerdict, region: &str) -> ResidencyStamp {
+    ResidencyStamp {
+        compliant: verdict.compliant(),
+        enforced: verdict.enforced,
+        policies: verdict.governing.clone(),
+        violation: (!verdict.compliant()).then(|| verdict.message(region)),
+        cross_border_transfers: verdict
+            .allowances
+            .iter()
+            .map(|a| CrossBorderStamp {
+                policy: a.policy.clone(),
+                reference: a.reference.clone(),
+                region: a.region.clone(),
+                expires: a.expires.as_second(),
+                max_bytes: a.max_bytes,
+                max_individuals: a.max_individuals,
+            })
+            .collect(),
     }
 }
 

@@ -7,14 +7,18 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
-use k8s_openapi::api::core::v1::{Namespace, PersistentVolumeClaim, Secret, Service};
+use k8s_openapi::api::core::v1::{
+    Namespace, Node, PersistentVolume, PersistentVolumeClaim, Secret, Service,
+};
+use k8s_openapi::api::storage::v1::StorageClass;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::api::ListParams;
 use kube::{Api, Client, ResourceExt};
 
 use super::names;
-use crate::api::{DataResidencyPolicy, TransferServer, TransferUser};
+use crate::api::{DEFAULT_REGION_LABEL, DataResidencyPolicy, TransferServer, TransferUser};
 use crate::operator::Error;
+use crate::residency;
 
 /// What a server's reconcile reads from the cluster.
 pub struct ServerInputs {
@@ -48,10 +52,29 @@ pub struct ServerInputs {
     /// The name of a gateway Deployment this server owns, which versions before the
     /// StatefulSet rendered.
     pub legacy_deployment: Option<String>,
+    /// The gateway-config Secret rendered before, if any: a gateway that falls out of
+    /// compliance gets its residency stamp changed in it, not a new configuration.
+    pub gateway_config: Option<Secret>,
+    /// Where the server's volume lies, when it keeps files on one.
+    pub volume: Option<VolumeInputs>,
+    /// For each node label that may carry the region (the default and every policy's
+    /// `regionLabel`), whether some node has the server's region in it.
+    pub nodes_in_region: BTreeMap<String, bool>,
     /// Metadata of every object that already has one of the names this server's owned
     /// objects take, as `(kind, metadata)`, so validation can refuse to take over
     /// objects that belong to someone else.
     pub existing: Vec<(&'static str, ObjectMeta)>,
+}
+
+/// What the cluster says about where a server's volume is.
+pub struct VolumeInputs {
+    /// The StorageClass the volume is claimed from, `None` when it does not exist.
+    pub storage_class: Option<StorageClass>,
+    /// The PersistentVolume bound to the server's claim, once bound.
+    pub bound: Option<PersistentVolume>,
+    /// Labels of the nodes in the zones the bound volume names, to find their regions
+    /// when it names no region itself.
+    pub zone_nodes: Vec<BTreeMap<String, String>>,
 }
 
 /// One user and the Secret its password comes from.
@@ -136,17 +159,30 @@ pub async fn dereference(
         ),
         None => None,
     };
-    let config = secrets
-        .get_metadata_opt(&names::gateway_config(&name))
+    let gateway_config = secrets
+        .get_opt(&names::gateway_config(&name))
         .await
         .map_err(Error::kube("read gateway-config Secret"))?;
     let volume_claim = Api::<PersistentVolumeClaim>::namespaced(client.clone(), &namespace)
-        .get_metadata_opt(&names::volume_claim(&name))
+        .get_opt(&names::volume_claim(&name))
         .await
         .map_err(Error::kube("read PersistentVolumeClaim"))?;
+    let volume = match &server.spec.storage.volume {
+        Some(spec) => {
+            let claimed = volume_claim
+                .as_ref()
+                .filter(|c| controlled_by(&c.metadata, &server));
+            Some(volume_inputs(client, &spec.storage_class_name, claimed).await?)
+        }
+        None => None,
+    };
+    let nodes_in_region = nodes_in_region(client, &server, &policies).await?;
     let existing = [
         ("Secret", host_keys.as_ref().map(|o| o.metadata.clone())),
-        ("Secret", config.map(|o| o.metadata)),
+        (
+            "Secret",
+            gateway_config.as_ref().map(|o| o.metadata.clone()),
+        ),
         ("PersistentVolumeClaim", volume_claim.map(|o| o.metadata)),
         (
             "StatefulSet",
@@ -176,8 +212,110 @@ pub async fn dereference(
         tls_secret,
         storage_secret,
         legacy_deployment,
+        gateway_config,
+        volume,
+        nodes_in_region,
         existing,
     })
+}
+
+/// Reads the StorageClass, the bound PersistentVolume and, for a volume that names only
+/// zones, the nodes in those zones.
+async fn volume_inputs(
+    client: &Client,
+    storage_class: &str,
+    claim: Option<&PersistentVolumeClaim>,
+) -> Result<VolumeInputs, Error> {
+    let storage_class = Api::<StorageClass>::all(client.clone())
+        .get_opt(storage_class)
+        .await
+        .map_err(Error::kube("read StorageClass"))?;
+    let bound_name = claim
+        .and_then(|c| c.spec.as_ref())
+        .and_then(|s| s.volume_name.clone())
+        .filter(|n| !n.is_empty());
+    let bound = match bound_name {
+        Some(name) => Api::<PersistentVolume>::all(client.clone())
+            .get_opt(&name)
+            .await
+            .map_err(Error::kube("read bound PersistentVolume"))?,
+        None => None,
+    };
+    let zone_nodes = match &bound {
+        Some(volume) => zone_nodes(client, volume).await?,
+        None => Vec::new(),
+    };
+    Ok(VolumeInputs {
+        storage_class,
+        bound,
+        zone_nodes,
+    })
+}
+
+/// Labels of the nodes in the zones `volume`'s required node affinity names (none when
+/// it names no zone), to find the regions of a volume that names only zones.
+pub async fn zone_nodes(
+    client: &Client,
+    volume: &PersistentVolume,
+) -> Result<Vec<BTreeMap<String, String>>, Error> {
+    let zones = volume_zones(volume);
+    if zones.is_empty() {
+        return Ok(Vec::new());
+    }
+    let selector = format!("{} in ({})", residency::ZONE_LABEL, zones.join(","));
+    Ok(Api::<Node>::all(client.clone())
+        .list_metadata(&ListParams::default().labels(&selector))
+        .await
+        .map_err(Error::kube("list Nodes in the volume's zones"))?
+        .items
+        .into_iter()
+        .map(|n| n.metadata.labels.unwrap_or_default())
+        .collect())
+}
+
+/// The zones a PersistentVolume's required node affinity names.
+fn volume_zones(volume: &PersistentVolume) -> Vec<String> {
+    let mut zones: Vec<String> = volume
+        .spec
+        .iter()
+        .filter_map(|s| s.node_affinity.as_ref()?.required.as_ref())
+        .flat_map(|r| r.node_selector_terms.iter())
+        .flat_map(|t| t.match_expressions.iter().flatten())
+        .filter(|e| e.key == residency::ZONE_LABEL && e.operator == "In")
+        .flat_map(|e| e.values.iter().flatten().cloned())
+        .collect();
+    zones.sort();
+    zones.dedup();
+    zones
+}
+
+/// For each label that may carry the region, whether a node has the server's region in
+/// it (one node is enough, so each question lists at most one).
+async fn nodes_in_region(
+    client: &Client,
+    server: &TransferServer,
+    policies: &[DataResidencyPolicy],
+) -> Result<BTreeMap<String, bool>, Error> {
+    let mut labels: Vec<&str> = policies
+        .iter()
+        .filter_map(|p| p.spec.region_label.as_deref())
+        .chain([DEFAULT_REGION_LABEL])
+        .collect();
+    labels.sort();
+    labels.dedup();
+    let nodes = Api::<Node>::all(client.clone());
+    let mut found = BTreeMap::new();
+    for label in labels {
+        let selector = format!("{label}={}", server.spec.region);
+        let some = nodes
+            .list_metadata(&ListParams::default().labels(&selector).limit(1))
+            .await
+            .map_err(Error::kube("list Nodes in the region"))?
+            .items
+            .is_empty();
+        found.insert(label.to_string(), !some);
+    }
+    Ok(found)
 }
 
 /// The Secret holding the object store's credentials, if the server names one.

@@ -162,7 +162,7 @@ async fn reconcile(server: Arc<TransferServer>, context: Arc<Context>) -> Result
     }
     let client = &context.client;
     let inputs = dereference::dereference(client, server.clone()).await?;
-    let valid = match validate::validate(inputs) {
+    let valid = match validate::validate(inputs, Timestamp::now()) {
         Ok(valid) => valid,
         Err(blocked) => return stall(&context, *blocked).await,
     };
@@ -194,6 +194,7 @@ async fn reconcile(server: Arc<TransferServer>, context: Arc<Context>) -> Result
             verdict: Some(valid.verdict),
             reason: Reason::ConfigTooLarge,
             message,
+            suspend: None,
         };
         return stall(&context, blocked).await;
     }
@@ -217,6 +218,7 @@ async fn reconcile(server: Arc<TransferServer>, context: Arc<Context>) -> Result
                 verdict: Some(valid.verdict),
                 reason: Reason::Rejected,
                 message,
+                suspend: None,
             };
             return stall(&context, blocked).await;
         }
@@ -238,6 +240,7 @@ async fn reconcile(server: Arc<TransferServer>, context: Arc<Context>) -> Result
         users: valid.users.len(),
         certificate: certificate.as_ref(),
         passive_addresses_known: announced,
+        schedulable: valid.schedulable,
     };
     let new_status = status::compute(&server, &outcome, now);
     announce(&context, &server, &new_status, None).await;
@@ -248,7 +251,14 @@ async fn reconcile(server: Arc<TransferServer>, context: Arc<Context>) -> Result
         Some(StorageState::Unavailable(..)) => {
             object_store::PROBE_FAILURE_TTL + Duration::from_secs(5)
         }
+        // Nodes labelled with the region send no event this controller watches.
+        _ if !valid.schedulable => Duration::from_secs(30),
         _ => next_check(certificate.as_ref(), now),
+    };
+    // An allowance the server relies on expires without any event.
+    let next = match valid.verdict.next_change() {
+        Some(at) => next.min(until(at.into(), now)),
+        None => next,
     };
     Ok(Action::requeue(next))
 }
@@ -295,9 +305,13 @@ fn next_check(certificate: Option<&ftps::CertificateState>, now: Timestamp) -> D
         Some(ftps::CertificateState::NotYetValid(info)) => info.not_before,
         _ => return RESYNC,
     };
+    RESYNC.min(until(change, now))
+}
+
+/// How long from `now` until just after `at`.
+fn until(at: std::time::SystemTime, now: Timestamp) -> Duration {
     let now: std::time::SystemTime = now.into();
-    let until = change.duration_since(now).unwrap_or_default();
-    RESYNC.min(until + Duration::from_secs(1))
+    at.duration_since(now).unwrap_or_default() + Duration::from_secs(1)
 }
 
 async fn stall(context: &Context, blocked: Blocked) -> Result<Action, Error> {
@@ -306,11 +320,21 @@ async fn stall(context: &Context, blocked: Blocked) -> Result<Action, Error> {
         verdict,
         reason,
         message,
+        suspend,
     } = blocked;
+    let suspended = suspend.is_some();
+    if let (Some(rendered), Some(verdict)) = (&suspend, &verdict) {
+        let stamp = build::residency_stamp(verdict, &server.spec.region);
+        if let Some(secret) = build::suspended_config(&server, rendered, stamp) {
+            let namespace = server.namespace().unwrap_or_default();
+            apply::suspend_writes(&context.client, &namespace, &secret).await?;
+        }
+    }
     let outcome = Outcome::Blocked {
         verdict: verdict.as_ref(),
         reason,
         message: &message,
+        writes_suspended: suspended,
     };
     let new_status = status::compute(&server, &outcome, Timestamp::now());
     announce(context, &server, &new_status, Some(reason)).await;

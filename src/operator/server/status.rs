@@ -39,6 +39,8 @@ pub enum Outcome<'a> {
         certificate: Option<&'a CertificateState>,
         /// Whether every pod knows the passive address to announce.
         passive_addresses_known: bool,
+        /// Whether some node carries the server's region.
+        schedulable: bool,
     },
     /// Not rolled out.
     Blocked {
@@ -48,6 +50,8 @@ pub enum Outcome<'a> {
         reason: Reason,
         /// Explanation.
         message: &'a str,
+        /// Whether a gateway rolled out before keeps running with writes suspended.
+        writes_suspended: bool,
     },
 }
 
@@ -84,6 +88,7 @@ pub fn compute(server: &TransferServer, outcome: &Outcome, now: Timestamp) -> Tr
             verdict,
             reason,
             message,
+            writes_suspended,
         } => {
             if let Some(verdict) = verdict {
                 let (ok, why) = residency_condition(verdict);
@@ -94,7 +99,11 @@ pub fn compute(server: &TransferServer, outcome: &Outcome, now: Timestamp) -> Tr
                     &verdict.message(&server.spec.region),
                 );
             }
-            set(ConditionType::Ready, false, *reason, message);
+            let ready_reason = match writes_suspended {
+                true => Reason::WritesSuspended,
+                false => *reason,
+            };
+            set(ConditionType::Ready, false, ready_reason, message);
             set(ConditionType::Reconciling, false, *reason, "");
             set(ConditionType::Stalled, true, *reason, message);
             status.endpoint = current.endpoint;
@@ -112,6 +121,7 @@ pub fn compute(server: &TransferServer, outcome: &Outcome, now: Timestamp) -> Tr
             users,
             certificate,
             passive_addresses_known,
+            schedulable,
         } => {
             let (ok, why) = residency_condition(verdict);
             set(
@@ -130,7 +140,45 @@ pub fn compute(server: &TransferServer, outcome: &Outcome, now: Timestamp) -> Tr
                 set(ConditionType::StorageAvailable, ok, reason, &message);
                 (!ok).then_some((reason, message))
             });
-            if !statefulset.is_some_and(is_available) {
+            let label = &verdict.region_label;
+            let region = &server.spec.region;
+            if *schedulable {
+                let message = format!("nodes carry {label}={region}");
+                set(
+                    ConditionType::Schedulable,
+                    true,
+                    Reason::NodesInRegion,
+                    &message,
+                );
+            } else {
+                let message = format!(
+                    "no node carries {label}={region}, so the gateway pods cannot be \
+                     scheduled; label the nodes of that region, or correct spec.region"
+                );
+                set(
+                    ConditionType::Schedulable,
+                    false,
+                    Reason::NoNodeInRegion,
+                    &message,
+                );
+            }
+            if !schedulable && !statefulset.is_some_and(is_available) {
+                let message = format!(
+                    "no node carries {label}={region}: the gateway pods cannot be scheduled"
+                );
+                set(
+                    ConditionType::Ready,
+                    false,
+                    Reason::NoNodeInRegion,
+                    &message,
+                );
+                set(
+                    ConditionType::Reconciling,
+                    false,
+                    Reason::NoNodeInRegion,
+                    "",
+                );
+            } else if !statefulset.is_some_and(is_available) {
                 let waiting = "waiting for the gateway StatefulSet to become available";
                 set(
                     ConditionType::Ready,

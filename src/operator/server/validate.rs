@@ -9,6 +9,7 @@ use std::sync::Arc;
 use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::core::v1::{Secret, Service};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use k8s_openapi::jiff::Timestamp;
 use kube::ResourceExt;
 use zeroize::Zeroizing;
 
@@ -49,6 +50,8 @@ pub struct ValidServer {
     pub object_store: Option<ObjectStorePlan>,
     /// The object store's credentials Secret (`Some(None)`: it does not exist).
     pub storage_secret: Option<Option<Secret>>,
+    /// Whether some node carries the server's region in the region label.
+    pub schedulable: bool,
 }
 
 /// Why a server cannot be rolled out.
@@ -62,6 +65,9 @@ pub struct Blocked {
     pub reason: Reason,
     /// Human-readable explanation.
     pub message: String,
+    /// The gateway-config Secret of a gateway rolled out before the server fell out of
+    /// compliance under an enforced policy: its residency stamp must stop writes.
+    pub suspend: Option<Secret>,
 }
 
 /// A user ready to be written into the gateway configuration.
@@ -138,8 +144,8 @@ impl UserProblem {
     }
 }
 
-/// Validates a server and its users.
-pub fn validate(inputs: ServerInputs) -> Result<ValidServer, Box<Blocked>> {
+/// Validates a server and its users at time `now` (cross-border allowances expire).
+pub fn validate(inputs: ServerInputs, now: Timestamp) -> Result<ValidServer, Box<Blocked>> {
     let ServerInputs {
         server,
         namespace_labels,
@@ -153,6 +159,9 @@ pub fn validate(inputs: ServerInputs) -> Result<ValidServer, Box<Blocked>> {
         tls_secret,
         storage_secret,
         legacy_deployment,
+        gateway_config,
+        volume,
+        nodes_in_region,
         existing,
     } = inputs;
     let name = server.name_any();
@@ -166,6 +175,7 @@ pub fn validate(inputs: ServerInputs) -> Result<ValidServer, Box<Blocked>> {
             verdict: None,
             reason: Reason::InvalidSpec,
             message,
+            suspend: None,
         }));
     }
 
@@ -176,6 +186,7 @@ pub fn validate(inputs: ServerInputs) -> Result<ValidServer, Box<Blocked>> {
             verdict: None,
             reason,
             message,
+            suspend: None,
         }));
     }
 
@@ -188,19 +199,29 @@ pub fn validate(inputs: ServerInputs) -> Result<ValidServer, Box<Blocked>> {
                 verdict: None,
                 reason: Reason::InvalidSpec,
                 message,
+                suspend: None,
             }));
         }
     };
 
-    let verdict = residency::evaluate(Subject::of(&server.spec), &namespace_labels, &policies);
+    let no_nodes = Vec::new();
+    let subject = match &volume {
+        Some(v) => Subject::of(&server).with_placement(
+            &server,
+            v.storage_class.as_ref(),
+            v.bound.as_ref(),
+            &v.zone_nodes,
+        ),
+        None => Subject::of(&server).with_placement(&server, None, None, &no_nodes),
+    };
+    let verdict = residency::evaluate(subject, &namespace_labels, &policies, now);
     if verdict.blocks_rollout() {
         let mut message = verdict.message(&server.spec.region);
-        if statefulset.is_some() {
-            // Stopping writes on a gateway that falls out of compliance is the policy
-            // engine's job; until then say plainly that the old roll-out stays.
+        let suspend = gateway_config.filter(|_| statefulset.is_some());
+        if suspend.is_some() {
             message.push_str(
-                "; the gateway rolled out before is left running unchanged until the server \
-                 complies again",
+                "; the gateway rolled out before no longer accepts writes (its files are kept \
+                 and can still be read) until the server complies again",
             );
         }
         let reason = verdict.violation_reason();
@@ -209,8 +230,13 @@ pub fn validate(inputs: ServerInputs) -> Result<ValidServer, Box<Blocked>> {
             verdict: Some(verdict),
             reason,
             message,
+            suspend,
         }));
     }
+    let schedulable = nodes_in_region
+        .get(&verdict.region_label)
+        .copied()
+        .unwrap_or(false);
 
     let ftps = match ftps::plan(&server) {
         Ok(plan) => plan,
@@ -220,6 +246,7 @@ pub fn validate(inputs: ServerInputs) -> Result<ValidServer, Box<Blocked>> {
                 verdict: Some(verdict),
                 reason: Reason::InvalidSpec,
                 message,
+                suspend: None,
             }));
         }
     };
@@ -240,6 +267,7 @@ pub fn validate(inputs: ServerInputs) -> Result<ValidServer, Box<Blocked>> {
         legacy_deployment,
         object_store,
         storage_secret,
+        schedulable,
     })
 }
 
