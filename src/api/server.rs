@@ -30,8 +30,12 @@ pub struct TransferServerSpec {
     /// Region the gateway and its data are pinned to, for example `cn-shanghai`. Pods are
     /// scheduled only onto nodes whose region label (by default
     /// `topology.kubernetes.io/region`, or the one the governing DataResidencyPolicy names)
-    /// has this value, and the governing DataResidencyPolicy must allow it.
-    #[schemars(length(min = 1, max = 63))]
+    /// has this value, and the governing DataResidencyPolicy must allow it. It must be a
+    /// valid label value.
+    #[schemars(
+        length(min = 1, max = 63),
+        regex(pattern = r"^[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$")
+    )]
     pub region: String,
 
     /// Protocols the gateway serves. At least one must be enabled.

@@ -2,6 +2,7 @@
 
 mod crds;
 mod logging;
+mod regions;
 
 use std::process::ExitCode;
 
@@ -31,6 +32,8 @@ pub enum Command {
     Gateway(Box<crate::gateway::GatewayArgs>),
     /// Print the CustomResourceDefinitions, or write them to a directory.
     Crds(crds::CrdsArgs),
+    /// Print the built-in region catalogue (regions, providers, jurisdictions) as Markdown.
+    Regions(regions::RegionsArgs),
 }
 
 /// Runs a parsed command line and returns the process exit code.
@@ -40,6 +43,7 @@ pub async fn run(cli: Cli) -> ExitCode {
         Command::Operator(args) => crate::operator::run(args).await,
         Command::Gateway(args) => crate::gateway::run(*args).await,
         Command::Crds(args) => crds::run(&args),
+        Command::Regions(args) => regions::run(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

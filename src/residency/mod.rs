@@ -1155,4 +1155,553 @@ mod tests {
             verdict.message("cn-north-1")
         );
     }
+
+    fn policy_yaml(yaml: &str) -> DataResidencyPolicy {
+        serde_yaml::from_str(yaml).expect("a DataResidencyPolicy")
+    }
+
+    fn server_yaml(yaml: &str) -> TransferServer {
+        serde_yaml::from_str(yaml).expect("a TransferServer")
+    }
+
+    /// A server in namespace `ns` with the given region and storage (YAML of `storage`).
+    fn server(region: &str, storage: &str) -> TransferServer {
+        server_yaml(&format!(
+            "apiVersion: sluice.dev/v1alpha1
+kind: TransferServer
+metadata: {{name: files, namespace: ns, labels: {{tier: gold}}}}
+spec:
+  region: {region}
+  protocols: {{sftp: {{}}}}
+  storage: {storage}
+"
+        ))
+    }
+
+    const VOLUME: &str = "{volume: {storageClassName: regional, size: 1Gi}}";
+
+    const MAINLAND: &str = "apiVersion: sluice.dev/v1alpha1
+kind: DataResidencyPolicy
+metadata: {name: mainland}
+spec:
+  namespaceSelector: {}
+  jurisdictions: [CN]
+";
+
+    #[test]
+    fn a_cn_jurisdiction_allows_mainland_regions_of_every_provider_and_never_hk_mo_or_tw() {
+        let policies = [policy_yaml(MAINLAND)];
+        let cases = [
+            ("cn-shanghai", true),    // Alibaba Cloud
+            ("cn-north-1", true),     // AWS China and Huawei Cloud agree
+            ("cn-northwest-1", true), // AWS China
+            ("ap-guangzhou", true),   // Tencent Cloud
+            ("cn-east-3", true),      // Huawei Cloud
+            ("chinaeast2", true),     // Azure China
+            ("cn-hongkong", false),
+            ("ap-east-1", false),
+            ("ap-hongkong", false),
+            ("ap-taipei", false),
+            ("asia-east1", false), // Taiwan
+            ("asia-east2", false), // Hong Kong
+            ("eastasia", false),   // Hong Kong
+            // Singapore at AWS and Alibaba Cloud, Hong Kong at Huawei Cloud: in none.
+            ("ap-southeast-1", false),
+            ("mars-north-1", false),
+        ];
+        for (region, allowed) in cases {
+            let verdict = evaluate(region, &BTreeMap::new(), &policies, now());
+            assert_eq!(verdict.compliant(), allowed, "{region}: {verdict:?}");
+            if !allowed {
+                assert_eq!(verdict.broken_rule(), Some(Rule::Region), "{region}");
+                assert_eq!(
+                    verdict.message(region),
+                    format!(
+                        "region {region} is not allowed by DataResidencyPolicy mainland \
+                         (allowed: jurisdiction CN (mainland China))"
+                    )
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn listed_regions_and_jurisdictions_each_allow() {
+        let policies = [policy_yaml(
+            "apiVersion: sluice.dev/v1alpha1
+kind: DataResidencyPolicy
+metadata: {name: europe}
+spec:
+  namespaceSelector: {}
+  allowedRegions: [onprem-frankfurt]
+  jurisdictions: [EU]
+",
+        )];
+        let cases = [
+            ("onprem-frankfurt", true),
+            ("eu-central-1", true),
+            ("westeurope", true),
+            ("europe-west4", true),
+            ("eu-west-2", false), // London
+            ("uksouth", false),
+            ("switzerlandnorth", false),
+            // Ireland at AWS, London at Alibaba Cloud: in no jurisdiction.
+            ("eu-west-1", false),
+        ];
+        for (region, allowed) in cases {
+            let verdict = evaluate(region, &BTreeMap::new(), &policies, now());
+            assert_eq!(verdict.compliant(), allowed, "{region}: {verdict:?}");
+        }
+    }
+
+    #[test]
+    fn a_server_selector_narrows_the_servers_a_policy_governs() {
+        let gold = policy_yaml(
+            "apiVersion: sluice.dev/v1alpha1
+kind: DataResidencyPolicy
+metadata: {name: gold-only}
+spec:
+  namespaceSelector: {matchLabels: {sluice.dev/residency: cn}}
+  serverSelector: {matchExpressions: [{key: tier, operator: In, values: [gold]}]}
+  allowedRegions: [cn-shanghai]
+",
+        );
+        let files = server("cn-beijing", VOLUME);
+        let mut bronze = files.clone();
+        bronze.metadata.labels = Some(labels(&[("tier", "bronze")]));
+        let policies = std::slice::from_ref(&gold);
+
+        let verdict = evaluate(Subject::of(&files), &cn(), policies, now());
+        assert_eq!(verdict.governing, ["gold-only"]);
+        assert_eq!(verdict.broken_rule(), Some(Rule::Region));
+        let verdict = evaluate(Subject::of(&bronze), &cn(), policies, now());
+        assert!(verdict.governing.is_empty(), "{verdict:?}");
+        let verdict = evaluate(Subject::of(&files), &labels(&[]), policies, now());
+        assert!(
+            verdict.governing.is_empty(),
+            "the namespace is not selected"
+        );
+    }
+
+    #[test]
+    fn a_bad_server_selector_governs_every_server_and_blocks_it() {
+        let typo = policy_yaml(
+            "apiVersion: sluice.dev/v1alpha1
+kind: DataResidencyPolicy
+metadata: {name: typo}
+spec:
+  namespaceSelector: {}
+  serverSelector: {matchExpressions: [{key: tier, operator: Equals, values: [gold]}]}
+  allowedRegions: [cn-shanghai]
+  enforcement: Audit
+",
+        );
+        let files = server("cn-shanghai", VOLUME);
+        let verdict = evaluate(Subject::of(&files), &cn(), &[typo], now());
+        assert_eq!(verdict.broken_rule(), Some(Rule::Unevaluable));
+        assert!(verdict.blocks_rollout(), "a broken control fails closed");
+        assert!(verdict.enforced);
+    }
+
+    #[test]
+    fn overlapping_policies_report_each_violation_and_the_strictest_mode_wins() {
+        let policies = [
+            policy_yaml(MAINLAND),
+            policy_yaml(
+                "apiVersion: sluice.dev/v1alpha1
+kind: DataResidencyPolicy
+metadata: {name: shanghai-audit}
+spec:
+  namespaceSelector: {}
+  allowedRegions: [cn-shanghai]
+  enforcement: Audit
+",
+            ),
+        ];
+        let verdict = evaluate("cn-beijing", &cn(), &policies, now());
+        assert_eq!(verdict.governing, ["mainland", "shanghai-audit"]);
+        assert_eq!(verdict.violations.len(), 1);
+        assert_eq!(verdict.violations[0].policy, "shanghai-audit");
+        assert!(
+            !verdict.blocks_rollout(),
+            "only the Audit policy is violated"
+        );
+        assert!(verdict.enforced, "the mainland policy is enforced");
+
+        let verdict = evaluate("cn-hongkong", &cn(), &policies, now());
+        let violated: Vec<&str> = verdict
+            .violations
+            .iter()
+            .map(|v| v.policy.as_str())
+            .collect();
+        assert_eq!(violated, ["mainland", "shanghai-audit"]);
+        assert!(verdict.blocks_rollout(), "one violated policy enforces");
+    }
+
+    fn storage_class(yaml: &str) -> StorageClass {
+        serde_yaml::from_str(yaml).expect("a StorageClass")
+    }
+
+    #[test]
+    fn storage_classes_must_keep_volumes_in_the_allowed_regions() {
+        let policies = [policy_yaml(MAINLAND)];
+        let immediate = |topology: &str| {
+            storage_class(&format!(
+                "apiVersion: storage.k8s.io/v1
+kind: StorageClass
+metadata: {{name: regional}}
+provisioner: disk.csi.example
+volumeBindingMode: Immediate
+{topology}"
+            ))
+        };
+        let in_region = |values: &str| {
+            immediate(&format!(
+                "allowedTopologies:
+- matchLabelExpressions:
+  - {{key: topology.kubernetes.io/region, values: [{values}]}}"
+            ))
+        };
+        let waits = storage_class(
+            "apiVersion: storage.k8s.io/v1
+kind: StorageClass
+metadata: {name: regional}
+provisioner: disk.csi.example
+volumeBindingMode: WaitForFirstConsumer",
+        );
+        let zones_only = immediate(
+            "allowedTopologies:
+- matchLabelExpressions:
+  - {key: topology.kubernetes.io/zone, values: [cn-shanghai-a]}",
+        );
+        // (class, compliant, message fragment)
+        let cases = [
+            (Some(waits), true, ""),
+            (Some(in_region("cn-shanghai, cn-beijing")), true, ""),
+            (
+                Some(in_region("cn-shanghai, cn-hongkong")),
+                false,
+                "StorageClass regional may create volumes in cn-hongkong, which is not allowed",
+            ),
+            (
+                Some(immediate("")),
+                false,
+                "StorageClass regional binds volumes immediately and its allowedTopologies do \
+                 not restrict topology.kubernetes.io/region",
+            ),
+            (Some(zones_only), false, "binds volumes immediately"),
+            (None, false, "StorageClass regional does not exist"),
+        ];
+        let files = server("cn-shanghai", VOLUME);
+        for (class, compliant, fragment) in cases {
+            let subject = Subject::of(&files).with_placement(&files, class.as_ref(), None, &[]);
+            let verdict = evaluate(subject, &cn(), &policies, now());
+            assert_eq!(verdict.compliant(), compliant, "{class:?}: {verdict:?}");
+            if !compliant {
+                assert_eq!(verdict.broken_rule(), Some(Rule::StorageClass));
+                assert_eq!(verdict.violation_reason(), Reason::StorageClassNotAllowed);
+                let message = verdict.message("cn-shanghai");
+                assert!(message.contains(fragment), "{message}");
+                assert!(
+                    message.ends_with("(DataResidencyPolicy mainland)"),
+                    "{message}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn a_storage_class_list_restricts_further_and_the_region_label_is_the_policys() {
+        let policy = policy_yaml(
+            "apiVersion: sluice.dev/v1alpha1
+kind: DataResidencyPolicy
+metadata: {name: classes}
+spec:
+  namespaceSelector: {}
+  jurisdictions: [CN]
+  regionLabel: example.com/region
+  allowedStorageClasses: [regional, cn-ssd]
+",
+        );
+        let labelled = storage_class(
+            "apiVersion: storage.k8s.io/v1
+kind: StorageClass
+metadata: {name: regional}
+provisioner: disk.csi.example
+allowedTopologies:
+- matchLabelExpressions:
+  - {key: example.com/region, values: [cn-beijing]}",
+        );
+        let files = server("cn-shanghai", VOLUME);
+        let subject = Subject::of(&files).with_placement(&files, Some(&labelled), None, &[]);
+        let verdict = evaluate(subject, &cn(), std::slice::from_ref(&policy), now());
+        assert!(verdict.compliant(), "{verdict:?}");
+        assert_eq!(verdict.region_label, "example.com/region");
+
+        let other = server(
+            "cn-shanghai",
+            "{volume: {storageClassName: fast, size: 1Gi}}",
+        );
+        let subject = Subject::of(&other).with_placement(&other, Some(&labelled), None, &[]);
+        let verdict = evaluate(subject, &cn(), std::slice::from_ref(&policy), now());
+        assert_eq!(verdict.broken_rule(), Some(Rule::StorageClass));
+        assert!(
+            verdict
+                .message("cn-shanghai")
+                .starts_with("StorageClass fast is not allowed (allowed: regional, cn-ssd)"),
+            "{}",
+            verdict.message("cn-shanghai")
+        );
+    }
+
+    fn volume(yaml_terms: &str) -> PersistentVolume {
+        serde_yaml::from_str(&format!(
+            "apiVersion: v1
+kind: PersistentVolume
+metadata: {{name: pv-1}}
+spec:
+  capacity: {{storage: 1Gi}}
+  accessModes: [ReadWriteOnce]
+  csi: {{driver: disk.csi.example, volumeHandle: d-1}}
+{yaml_terms}"
+        ))
+        .expect("a PersistentVolume")
+    }
+
+    fn affinity(key: &str, values: &str) -> String {
+        format!(
+            "  nodeAffinity:
+    required:
+      nodeSelectorTerms:
+      - matchExpressions:
+        - {{key: {key}, operator: In, values: [{values}]}}"
+        )
+    }
+
+    #[test]
+    fn the_bound_volume_must_lie_in_an_allowed_region() {
+        let policies = [policy_yaml(MAINLAND)];
+        let waits = storage_class(
+            "apiVersion: storage.k8s.io/v1
+kind: StorageClass
+metadata: {name: regional}
+provisioner: disk.csi.example
+volumeBindingMode: WaitForFirstConsumer",
+        );
+        let nodes = vec![
+            labels(&[
+                (ZONE_LABEL, "cn-shanghai-b"),
+                (DEFAULT_REGION_LABEL, "cn-shanghai"),
+            ]),
+            labels(&[
+                (ZONE_LABEL, "cn-hongkong-b"),
+                (DEFAULT_REGION_LABEL, "cn-hongkong"),
+            ]),
+        ];
+        // (volume, compliant, message fragment)
+        let cases = [
+            (
+                volume(&affinity(DEFAULT_REGION_LABEL, "cn-shanghai")),
+                true,
+                "",
+            ),
+            (volume(&affinity(ZONE_LABEL, "cn-shanghai-b")), true, ""),
+            (
+                volume(&affinity(DEFAULT_REGION_LABEL, "cn-hongkong")),
+                false,
+                "the bound PersistentVolume pv-1 is in cn-hongkong, which is not allowed",
+            ),
+            (
+                volume(&affinity(ZONE_LABEL, "cn-hongkong-b")),
+                false,
+                "is in cn-hongkong",
+            ),
+            (
+                volume(""),
+                false,
+                "the bound PersistentVolume pv-1 does not say which region it is in",
+            ),
+            (
+                volume(&affinity(ZONE_LABEL, "unknown-zone")),
+                false,
+                "does not say which region",
+            ),
+        ];
+        let files = server("cn-shanghai", VOLUME);
+        for (pv, compliant, fragment) in cases {
+            let subject =
+                Subject::of(&files).with_placement(&files, Some(&waits), Some(&pv), &nodes);
+            let verdict = evaluate(subject, &cn(), &policies, now());
+            assert_eq!(verdict.compliant(), compliant, "{fragment}: {verdict:?}");
+            if !compliant {
+                assert_eq!(verdict.broken_rule(), Some(Rule::Volume));
+                assert_eq!(verdict.violation_reason(), Reason::VolumeOutsideRegion);
+                assert!(
+                    verdict.message("cn-shanghai").contains(fragment),
+                    "{verdict:?}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn object_store_endpoints_can_be_restricted_exactly_or_by_suffix() {
+        let policy = policy_yaml(
+            "apiVersion: sluice.dev/v1alpha1
+kind: DataResidencyPolicy
+metadata: {name: internal-only}
+spec:
+  namespaceSelector: {}
+  jurisdictions: [CN]
+  allowedEndpoints: ['*.internal.example', oss-cn-shanghai-internal.aliyuncs.com]
+",
+        );
+        let oss = |endpoint: &str| {
+            let endpoint = match endpoint {
+                "" => String::new(),
+                e => format!(", endpoint: '{e}'"),
+            };
+            server(
+                "cn-shanghai",
+                &format!(
+                    "{{objectStore: {{provider: OSS, bucket: b, region: cn-shanghai{endpoint}, \
+                     credentials: {{secretRef: {{name: c}}}}}}}}"
+                ),
+            )
+        };
+        let cases = [
+            ("https://oss-cn-shanghai-internal.aliyuncs.com", true),
+            ("https://OSS-CN-SHANGHAI-INTERNAL.aliyuncs.com/", true),
+            ("https://oss-cn-shanghai.aliyuncs.com", false),
+            // No endpoint: the provider's public regional endpoint is what is used.
+            ("", false),
+        ];
+        for (endpoint, allowed) in cases {
+            let files = oss(endpoint);
+            let verdict = evaluate(
+                Subject::of(&files),
+                &cn(),
+                std::slice::from_ref(&policy),
+                now(),
+            );
+            assert_eq!(verdict.compliant(), allowed, "{endpoint}: {verdict:?}");
+            if !allowed {
+                assert_eq!(verdict.broken_rule(), Some(Rule::Endpoint));
+                assert_eq!(verdict.violation_reason(), Reason::EndpointNotAllowed);
+            }
+        }
+        assert!(endpoint_matches(
+            "*.internal.example",
+            "s3.internal.example"
+        ));
+        assert!(!endpoint_matches("*.internal.example", "internal.example"));
+        assert!(!endpoint_matches(
+            "*.internal.example",
+            "s3.internal.example.evil.com"
+        ));
+        assert!(!endpoint_matches(
+            "*.internal.example",
+            "s3internal.example"
+        ));
+    }
+
+    const CROSS_BORDER: &str = "apiVersion: sluice.dev/v1alpha1
+kind: DataResidencyPolicy
+metadata: {name: mainland}
+spec:
+  namespaceSelector: {}
+  jurisdictions: [CN]
+  crossBorderTransfers:
+  - destinationRegion: eu-central-1
+    assessmentReference: CAC-2026-0042
+    expires: '2027-06-30T00:00:00Z'
+    maxVolume: 1000G
+    maxIndividuals: 500000
+";
+
+    #[test]
+    fn a_cross_border_allowance_permits_its_region_until_it_expires() {
+        let policies = [policy_yaml(CROSS_BORDER)];
+        let bucket = server(
+            "cn-shanghai",
+            "{objectStore: {provider: S3, bucket: b, region: eu-central-1, \
+             credentials: {secretRef: {name: c}}}}",
+        );
+        let verdict = evaluate(Subject::of(&bucket), &cn(), &policies, now());
+        assert!(verdict.compliant(), "{verdict:?}");
+        let expires: Timestamp = "2027-06-30T00:00:00Z".parse().unwrap();
+        assert_eq!(
+            verdict.allowances,
+            [AllowanceUse {
+                policy: "mainland".into(),
+                reference: "CAC-2026-0042".into(),
+                region: "eu-central-1".into(),
+                expires,
+                max_bytes: Some(1_000_000_000_000),
+                max_individuals: Some(500_000),
+            }]
+        );
+        assert_eq!(verdict.next_change(), Some(expires));
+        assert!(
+            verdict.message("cn-shanghai").contains(
+                "eu-central-1 is allowed until 2027-06-30T00:00:00Z by cross-border \
+                           transfer CAC-2026-0042"
+            ),
+            "{}",
+            verdict.message("cn-shanghai")
+        );
+
+        let later: Timestamp = "2027-07-01T00:00:00Z".parse().unwrap();
+        let verdict = evaluate(Subject::of(&bucket), &cn(), &policies, later);
+        assert_eq!(verdict.broken_rule(), Some(Rule::CrossBorderTransfer));
+        assert_eq!(
+            verdict.violation_reason(),
+            Reason::CrossBorderTransferExpired
+        );
+        assert!(verdict.blocks_rollout());
+        assert_eq!(
+            verdict.message("cn-shanghai"),
+            "cross-border transfer CAC-2026-0042 of DataResidencyPolicy mainland to \
+             eu-central-1 expired at 2027-06-30T00:00:00Z"
+        );
+
+        // Another destination is not covered by it.
+        let verdict = evaluate("us-east-1", &cn(), &policies, now());
+        assert_eq!(verdict.broken_rule(), Some(Rule::Region));
+    }
+
+    #[test]
+    fn an_audit_log_on_stdout_needs_the_policys_permission() {
+        let mut files = server("cn-shanghai", VOLUME);
+        files.spec.audit_log = Some(crate::api::AuditLog { stdout: Some(true) });
+        let mut policy = policy_yaml(MAINLAND);
+        let verdict = evaluate(
+            Subject::of(&files),
+            &cn(),
+            std::slice::from_ref(&policy),
+            now(),
+        );
+        assert_eq!(verdict.broken_rule(), Some(Rule::AuditLogStdout));
+        assert_eq!(verdict.violation_reason(), Reason::AuditLogStdoutNotAllowed);
+        policy.spec.allow_audit_log_stdout = Some(true);
+        let verdict = evaluate(Subject::of(&files), &cn(), &[policy], now());
+        assert!(verdict.compliant(), "{verdict:?}");
+    }
+
+    #[test]
+    fn quantities_are_read_as_bytes() {
+        let cases = [
+            ("1000G", Some(1_000_000_000_000)),
+            ("1Ti", Some(1 << 40)),
+            ("512Mi", Some(512 << 20)),
+            ("1e12", Some(1_000_000_000_000)),
+            ("1.5k", Some(1500)),
+            ("42", Some(42)),
+            ("-1G", None),
+            ("lots", None),
+        ];
+        for (quantity, bytes) in cases {
+            assert_eq!(quantity_bytes(quantity), bytes, "{quantity}");
+        }
+    }
 }

@@ -907,6 +907,48 @@ mod tests {
     }
 
     #[test]
+    fn node_regions_are_placed_only_where_every_provider_agrees() {
+        use crate::api::Jurisdiction::{Cn, Eu, Hk, Tw, Us};
+        let cases = [
+            ("cn-north-1", Some(Cn)), // AWS China and Huawei Cloud
+            ("cn-shanghai", Some(Cn)),
+            ("ap-guangzhou", Some(Cn)),
+            ("us-east-1", Some(Us)), // AWS and Alibaba Cloud
+            ("eu-central-1", Some(Eu)),
+            ("ap-east-1", Some(Hk)),
+            ("asia-east1", Some(Tw)),
+            ("ap-southeast-1", None), // SG at AWS and Alibaba, HK at Huawei
+            ("ap-southeast-3", None), // ID at AWS, MY at Alibaba, SG at Huawei
+            ("eu-west-1", None),      // Ireland at AWS, London at Alibaba
+            ("me-east-1", None),      // UAE at Alibaba, Saudi Arabia at Huawei
+            ("not-a-region", None),
+        ];
+        for (region, expected) in cases {
+            assert_eq!(node_jurisdiction(region), expected, "{region}");
+        }
+    }
+
+    #[test]
+    fn every_catalogue_entry_names_a_known_jurisdiction_once() {
+        for (provider, catalogue) in CATALOGUES {
+            let mut seen = std::collections::BTreeSet::new();
+            for (region, code) in catalogue {
+                assert!(
+                    Jurisdiction::from_code(code).is_some(),
+                    "{provider:?} {region}: {code} is not a Jurisdiction"
+                );
+                assert!(seen.insert(*region), "{provider:?} lists {region} twice");
+                let mainland = *code == "CN";
+                let greater_china = ["HK", "MO", "TW"].contains(code);
+                assert!(!(mainland && greater_china));
+                if region.contains("hongkong") || region.contains("taipei") {
+                    assert!(greater_china, "{provider:?} {region} is not mainland China");
+                }
+            }
+        }
+    }
+
+    #[test]
     fn hosts_are_taken_from_urls_with_ports_and_credentials() {
         assert_eq!(
             host_of("https://user@S3.CN-NORTH-1.amazonaws.com.cn:443/b?x=1"),
