@@ -62,6 +62,30 @@ pub struct TransferServerSpec {
     /// `.sluice-audit/`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub audit_log: Option<AuditLog>,
+
+    /// The NetworkPolicy that limits where gateway pods may connect to. On by default.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub network_policy: Option<NetworkPolicySettings>,
+}
+
+/// The gateway pods' egress NetworkPolicy. It lets them reach only DNS (the cluster's
+/// `kube-dns` pods, and `dnsCIDRs`) and their object store (on the endpoint's port, inside
+/// `objectStore.endpointCIDRs` when given), so a compromised gateway cannot send files
+/// anywhere else. Gateways need nothing else: they never call the Kubernetes API. Ingress
+/// is not restricted (clients connect from wherever the Service is reachable). It takes
+/// effect only where the cluster's network plugin enforces NetworkPolicies.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct NetworkPolicySettings {
+    /// Render the NetworkPolicy. Defaults to true.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub enabled: Option<bool>,
+
+    /// More addresses that answer DNS on port 53, in CIDR notation, for clusters with a
+    /// node-local DNS cache (for example `169.254.20.10/32`).
+    #[serde(default, rename = "dnsCIDRs", skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 8), inner(length(min = 1, max = 43)))]
+    pub dns_cidrs: Vec<String>,
 }
 
 /// Audit log destinations besides the server's storage.
@@ -348,6 +372,18 @@ pub struct ObjectStorage {
 
     /// How the gateway authenticates to the store.
     pub credentials: ObjectStoreCredentials,
+
+    /// The address ranges the endpoint resolves into (for example your VPC endpoint's
+    /// subnets), in CIDR notation. The gateway pods' NetworkPolicy then lets them reach
+    /// the store only there; without them the pods may reach any address on the
+    /// endpoint's port, since a bucket's addresses are not known in advance.
+    #[serde(
+        default,
+        rename = "endpointCIDRs",
+        skip_serializing_if = "Vec::is_empty"
+    )]
+    #[schemars(length(max = 32), inner(length(min = 1, max = 43)))]
+    pub endpoint_cidrs: Vec<String>,
 }
 
 /// An object-storage provider.

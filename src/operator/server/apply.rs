@@ -4,6 +4,7 @@ use std::fmt::Debug;
 
 use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
 use k8s_openapi::api::core::v1::{PersistentVolumeClaim, Secret, Service};
+use k8s_openapi::api::networking::v1::NetworkPolicy;
 use kube::api::{DeleteParams, Patch, PatchParams, PostParams};
 use kube::{Api, Client, Resource, ResourceExt};
 use serde::Serialize;
@@ -73,6 +74,8 @@ pub struct Leftovers<'a> {
     pub pod_services: &'a [String],
     /// The gateway Deployment of versions before the StatefulSet, if the server owns one.
     pub deployment: Option<&'a str>,
+    /// The NetworkPolicy the server owns, if any; deleted when no longer wanted.
+    pub network_policy: Option<&'a str>,
 }
 
 /// Applies every owned object, then deletes the leftovers. Unchanged objects are not
@@ -91,6 +94,7 @@ pub async fn apply(
         statefulset,
         service,
         pod_services,
+        network_policy,
     } = objects;
     apply_one::<Secret>(client, namespace, &host_keys).await?;
     apply_one::<Secret>(client, namespace, &config).await?;
@@ -107,6 +111,18 @@ pub async fn apply(
         let deployments = Api::<Deployment>::namespaced(client.clone(), namespace);
         delete(&deployments, deployment).await?;
         tracing::info!(%deployment, "Removed the gateway Deployment the StatefulSet replaces");
+    }
+    // The policy first, so that no pod of a new template runs without it.
+    let policies = Api::<NetworkPolicy>::namespaced(client.clone(), namespace);
+    match (&network_policy, leftovers.network_policy) {
+        (Some(policy), _) => {
+            apply_one::<NetworkPolicy>(client, namespace, policy).await?;
+        }
+        (None, Some(owned)) => {
+            delete(&policies, owned).await?;
+            tracing::info!(network_policy = %owned, "Removed the gateway NetworkPolicy");
+        }
+        (None, None) => {}
     }
     let applied = apply_one::<StatefulSet>(client, namespace, &statefulset).await?;
 

@@ -16,6 +16,10 @@ use k8s_openapi::api::core::v1::{
     SeccompProfile, Secret, SecretVolumeSource, SecurityContext, Service, ServicePort, ServiceSpec,
     TCPSocketAction, Volume, VolumeMount, VolumeResourceRequirements,
 };
+use k8s_openapi::api::networking::v1::{
+    IPBlock, NetworkPolicy, NetworkPolicyEgressRule, NetworkPolicyPeer, NetworkPolicyPort,
+    NetworkPolicySpec,
+};
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta, OwnerReference};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
@@ -77,6 +81,8 @@ pub struct GatewayObjects {
     /// One Service per pod for its share of the passive FTPS ports, by ordinal; empty
     /// unless the range is split between pods.
     pub pod_services: Vec<Service>,
+    /// The gateway pods' egress NetworkPolicy; none when the spec turns it off.
+    pub network_policy: Option<NetworkPolicy>,
 }
 
 /// Operator-wide settings that shape the objects.
@@ -110,7 +116,116 @@ pub fn build(
         statefulset: build_statefulset(valid, keys, settings),
         service: build_service(server, valid.ftps.as_ref()),
         pod_services: build_pod_services(server, valid.ftps.as_ref()),
+        network_policy: build_network_policy(server, valid.object_store.as_ref()),
     }
+}
+
+/// The namespace and pod labels of the cluster DNS (CoreDNS and kube-dns alike keep the
+/// `k8s-app: kube-dns` label for compatibility).
+const CLUSTER_DNS: [(&str, &str); 2] = [
+    ("kubernetes.io/metadata.name", "kube-system"),
+    ("k8s-app", "kube-dns"),
+];
+
+/// The egress NetworkPolicy of a server's gateway pods: DNS, and the object store's port
+/// (inside its declared CIDRs, or anywhere but link-local addresses, where cloud metadata
+/// services answer). Nothing else: gateways never call the Kubernetes API, and a volume
+/// needs no network. `None` when the spec turns it off.
+fn build_network_policy(
+    server: &TransferServer,
+    object_store: Option<&ObjectStorePlan>,
+) -> Option<NetworkPolicy> {
+    let settings = server.spec.network_policy.clone().unwrap_or_default();
+    if settings.enabled == Some(false) {
+        return None;
+    }
+    let tcp_udp = |port| {
+        ["UDP", "TCP"].map(|protocol| NetworkPolicyPort {
+            port: Some(IntOrString::Int(port)),
+            protocol: Some(protocol.into()),
+            end_port: None,
+        })
+    };
+    let selector = |(key, value): (&str, &str)| LabelSelector {
+        match_labels: Some(BTreeMap::from([(key.to_string(), value.to_string())])),
+        match_expressions: None,
+    };
+    let cluster_dns = NetworkPolicyPeer {
+        namespace_selector: Some(selector(CLUSTER_DNS[0])),
+        pod_selector: Some(selector(CLUSTER_DNS[1])),
+        ip_block: None,
+    };
+    let block = |cidr: &str, except: &[&str]| NetworkPolicyPeer {
+        ip_block: Some(IPBlock {
+            cidr: cidr.to_string(),
+            except: (!except.is_empty()).then(|| except.iter().map(|e| e.to_string()).collect()),
+        }),
+        ..NetworkPolicyPeer::default()
+    };
+    let dns = std::iter::once(cluster_dns)
+        .chain(settings.dns_cidrs.iter().map(|c| block(c, &[])))
+        .collect();
+    let mut egress = vec![NetworkPolicyEgressRule {
+        ports: Some(tcp_udp(53).to_vec()),
+        to: Some(dns),
+    }];
+    if let Some(plan) = object_store {
+        let declared = server
+            .spec
+            .storage
+            .object_store
+            .as_ref()
+            .map(|s| s.endpoint_cidrs.as_slice())
+            .unwrap_or_default();
+        let to = if declared.is_empty() {
+            vec![
+                block("0.0.0.0/0", &["169.254.0.0/16"]),
+                block("::/0", &["fe80::/10"]),
+            ]
+        } else {
+            declared.iter().map(|c| block(c, &[])).collect()
+        };
+        egress.push(NetworkPolicyEgressRule {
+            ports: Some(vec![NetworkPolicyPort {
+                port: Some(IntOrString::Int(endpoint_port(&plan.config.endpoint))),
+                protocol: Some("TCP".into()),
+                end_port: None,
+            }]),
+            to: Some(to),
+        });
+    }
+    Some(NetworkPolicy {
+        metadata: owned_meta(server, names::network_policy(&server.name_any())),
+        spec: Some(NetworkPolicySpec {
+            pod_selector: Some(LabelSelector {
+                match_labels: Some(names::selector_labels(&server.name_any())),
+                match_expressions: None,
+            }),
+            policy_types: Some(vec!["Egress".into()]),
+            egress: Some(egress),
+            ingress: None,
+        }),
+    })
+}
+
+/// The TCP port of an endpoint URL: the one it names, else 443 for `https`, 80 for
+/// `http`.
+fn endpoint_port(endpoint: &str) -> i32 {
+    let (scheme, rest) = endpoint.split_once("://").unwrap_or(("https", endpoint));
+    let authority = rest.split(['/', '?', '#']).next().unwrap_or_default();
+    let authority = authority
+        .rsplit_once('@')
+        .map_or(authority, |(_, host)| host);
+    let port = match authority.strip_prefix('[') {
+        Some(bracketed) => bracketed.split_once("]:").map(|(_, port)| port),
+        None => authority.rsplit_once(':').map(|(_, port)| port),
+    };
+    let named = port.and_then(|p| p.parse().ok());
+    named.unwrap_or(if scheme.eq_ignore_ascii_case("http") {
+        80
+    } else {
+        443
+    })
 }
 
 /// Metadata of an owned object: name, namespace, labels and a controller reference.
@@ -870,6 +985,108 @@ mod tests {
                 labels.get("app.kubernetes.io/instance").map(String::as_str),
                 Some("files")
             );
+        }
+    }
+
+    fn network_policy_of(
+        storage: serde_json::Value,
+        extra: serde_json::Value,
+    ) -> serde_json::Value {
+        let mut spec = serde_json::json!({
+            "region": "cn-shanghai",
+            "protocols": {"sftp": {}},
+            "storage": storage,
+        });
+        for (key, value) in extra.as_object().unwrap() {
+            spec[key] = value.clone();
+        }
+        let mut server = TransferServer::new("files", serde_json::from_value(spec).unwrap());
+        server.metadata.namespace = Some("ns".into());
+        let plan = super::super::object_store::plan(&server).unwrap();
+        serde_json::to_value(build_network_policy(&server, plan.as_ref())).unwrap()
+    }
+
+    const DNS: &str = r#"{"ports": [{"port": 53, "protocol": "UDP"}, {"port": 53, "protocol": "TCP"}],
+        "to": [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "kube-system"}},
+                "podSelector": {"matchLabels": {"k8s-app": "kube-dns"}}}]}"#;
+
+    #[test]
+    fn gateways_on_a_volume_may_reach_only_the_cluster_dns() {
+        let volume = serde_json::json!({"volume": {"storageClassName": "ssd", "size": "1Gi"}});
+        let policy = network_policy_of(volume, serde_json::json!({}));
+        assert_eq!(policy["metadata"]["name"], "files-gateway");
+        assert_eq!(
+            policy["spec"]["podSelector"]["matchLabels"]["app.kubernetes.io/instance"],
+            "files"
+        );
+        assert_eq!(policy["spec"]["policyTypes"], serde_json::json!(["Egress"]));
+        let dns: serde_json::Value = serde_json::from_str(DNS).unwrap();
+        assert_eq!(policy["spec"]["egress"], serde_json::json!([dns]));
+    }
+
+    #[test]
+    fn gateways_reach_their_object_store_on_its_port_only_where_declared() {
+        let store = |endpoint: &str, cidrs: serde_json::Value| {
+            serde_json::json!({"objectStore": {
+                "provider": "S3Compatible", "bucket": "b", "region": "cn-shanghai",
+                "endpoint": endpoint, "endpointCIDRs": cidrs,
+                "credentials": {"secretRef": {"name": "c"}},
+            }})
+        };
+        let policy = network_policy_of(
+            store(
+                "https://s3.internal.example:9443",
+                serde_json::json!(["10.20.0.0/16"]),
+            ),
+            serde_json::json!({"networkPolicy": {"dnsCIDRs": ["169.254.20.10/32"]}}),
+        );
+        let egress = &policy["spec"]["egress"];
+        assert_eq!(
+            egress[0]["to"][1],
+            serde_json::json!({"ipBlock": {"cidr": "169.254.20.10/32"}})
+        );
+        assert_eq!(
+            egress[1],
+            serde_json::json!({"ports": [{"port": 9443, "protocol": "TCP"}],
+                               "to": [{"ipBlock": {"cidr": "10.20.0.0/16"}}]})
+        );
+
+        // Without CIDRs: anywhere on the port, but never link-local (cloud metadata).
+        let policy = network_policy_of(
+            store("http://minio.storage.svc", serde_json::json!([])),
+            serde_json::json!({}),
+        );
+        assert_eq!(
+            policy["spec"]["egress"][1],
+            serde_json::json!({"ports": [{"port": 80, "protocol": "TCP"}], "to": [
+                {"ipBlock": {"cidr": "0.0.0.0/0", "except": ["169.254.0.0/16"]}},
+                {"ipBlock": {"cidr": "::/0", "except": ["fe80::/10"]}},
+            ]})
+        );
+    }
+
+    #[test]
+    fn the_network_policy_can_be_turned_off() {
+        let volume = serde_json::json!({"volume": {"storageClassName": "ssd", "size": "1Gi"}});
+        let policy = network_policy_of(
+            volume,
+            serde_json::json!({"networkPolicy": {"enabled": false}}),
+        );
+        assert_eq!(policy, serde_json::Value::Null);
+    }
+
+    #[test]
+    fn endpoint_ports_come_from_the_url_or_its_scheme() {
+        let cases = [
+            ("https://oss-cn-shanghai.aliyuncs.com", 443),
+            ("http://127.0.0.1:8333", 8333),
+            ("http://minio", 80),
+            ("https://[fd00::5]:9000/", 9000),
+            ("https://[fd00::5]/", 443),
+            ("https://user@host:8443/path", 8443),
+        ];
+        for (endpoint, port) in cases {
+            assert_eq!(endpoint_port(endpoint), port, "{endpoint}");
         }
     }
 }

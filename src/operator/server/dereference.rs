@@ -10,6 +10,7 @@ use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
 use k8s_openapi::api::core::v1::{
     Namespace, Node, PersistentVolume, PersistentVolumeClaim, Secret, Service,
 };
+use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::api::storage::v1::StorageClass;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::api::ListParams;
@@ -52,6 +53,8 @@ pub struct ServerInputs {
     /// The name of a gateway Deployment this server owns, which versions before the
     /// StatefulSet rendered.
     pub legacy_deployment: Option<String>,
+    /// The name of the NetworkPolicy this server owns, if any.
+    pub network_policy: Option<String>,
     /// The gateway-config Secret rendered before, if any: a gateway that falls out of
     /// compliance gets its residency stamp changed in it, not a new configuration.
     pub gateway_config: Option<Secret>,
@@ -177,6 +180,14 @@ pub async fn dereference(
         None => None,
     };
     let nodes_in_region = nodes_in_region(client, &server, &policies).await?;
+    let network_policy_meta = Api::<NetworkPolicy>::namespaced(client.clone(), &namespace)
+        .get_metadata_opt(&names::network_policy(&name))
+        .await
+        .map_err(Error::kube("read gateway NetworkPolicy"))?;
+    let network_policy = network_policy_meta
+        .as_ref()
+        .filter(|p| controlled_by(&p.metadata, &server))
+        .map(|p| p.name_any());
     let existing = [
         ("Secret", host_keys.as_ref().map(|o| o.metadata.clone())),
         (
@@ -189,6 +200,7 @@ pub async fn dereference(
             statefulset.as_ref().map(|o| o.metadata.clone()),
         ),
         ("Service", service.as_ref().map(|o| o.metadata.clone())),
+        ("NetworkPolicy", network_policy_meta.map(|o| o.metadata)),
     ]
     .into_iter()
     .chain(
@@ -212,6 +224,7 @@ pub async fn dereference(
         tls_secret,
         storage_secret,
         legacy_deployment,
+        network_policy,
         gateway_config,
         volume,
         nodes_in_region,

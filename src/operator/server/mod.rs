@@ -22,6 +22,7 @@ use std::time::Duration;
 use futures::{Stream, StreamExt};
 use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::core::v1::{Namespace, PersistentVolumeClaim, Secret, Service};
+use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 use k8s_openapi::jiff::Timestamp;
 use kube::runtime::controller::Action;
@@ -72,7 +73,11 @@ pub fn controller(
         .owns(Api::<StatefulSet>::all(client.clone()), owned.clone())
         .owns(Api::<Service>::all(client.clone()), owned.clone())
         .owns(Api::<Secret>::all(client.clone()), owned.clone())
-        .owns(Api::<PersistentVolumeClaim>::all(client.clone()), owned)
+        .owns(
+            Api::<PersistentVolumeClaim>::all(client.clone()),
+            owned.clone(),
+        )
+        .owns(Api::<NetworkPolicy>::all(client.clone()), owned)
         .watches(
             Api::<TransferUser>::all(client.clone()),
             watcher::Config::default(),
@@ -206,6 +211,7 @@ async fn reconcile(server: Arc<TransferServer>, context: Arc<Context>) -> Result
     let leftovers = apply::Leftovers {
         pod_services: &valid.owned_pod_services,
         deployment: valid.legacy_deployment.as_deref(),
+        network_policy: valid.owned_network_policy.as_deref(),
     };
     let statefulset = match apply::apply(client, &namespace, objects, leftovers).await {
         Ok(statefulset) => statefulset,

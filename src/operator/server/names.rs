@@ -30,6 +30,12 @@ pub fn volume_claim(server: &str) -> String {
     format!("{server}-data")
 }
 
+/// The NetworkPolicy limiting where the gateway pods may connect to; named like the
+/// StatefulSet whose pods it selects.
+pub fn network_policy(server: &str) -> String {
+    statefulset(server)
+}
+
 /// The Secret holding the SSH host keys.
 pub fn host_keys(server: &str) -> String {
     format!("{server}-host-keys")

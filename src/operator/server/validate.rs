@@ -52,6 +52,8 @@ pub struct ValidServer {
     pub storage_secret: Option<Option<Secret>>,
     /// Whether some node carries the server's region in the region label.
     pub schedulable: bool,
+    /// The NetworkPolicy this server owns, if any.
+    pub owned_network_policy: Option<String>,
 }
 
 /// Why a server cannot be rolled out.
@@ -159,6 +161,7 @@ pub fn validate(inputs: ServerInputs, now: Timestamp) -> Result<ValidServer, Box
         tls_secret,
         storage_secret,
         legacy_deployment,
+        network_policy,
         gateway_config,
         volume,
         nodes_in_region,
@@ -268,6 +271,7 @@ pub fn validate(inputs: ServerInputs, now: Timestamp) -> Result<ValidServer, Box
         object_store,
         storage_secret,
         schedulable,
+        owned_network_policy: network_policy,
     })
 }
 
