@@ -19,7 +19,9 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use kube::{Api, Client, ResourceExt};
 use sluice::api::TransferServer;
-use support::cluster::{Operator, apply, eventually, install_crds, read_yaml_dir};
+use support::cluster::{
+    Operator, apply, eventually, install_crds, install_storage_classes, read_yaml_dir,
+};
 use support::controlplane::ControlPlane;
 use support::gateway::{TestPki, VALID_UNTIL};
 use support::kubelet::FakeKubelet;
@@ -66,6 +68,8 @@ async fn existing_cluster() -> Option<Client> {
 /// cert-manager writes that Secret); an existing Secret is left as it is.
 async fn apply_examples(client: &Client, work: &Path) -> Result<std::path::PathBuf> {
     install_crds(client).await?;
+    // The example server's StorageClass, as a region-pinned cluster would have it.
+    install_storage_classes(client, &["cn-shanghai-ssd"]).await?;
     let key = work.join("ops_ed25519");
     if !key.exists() {
         generate_key(work, "ops_ed25519")?;

@@ -19,7 +19,9 @@ use kube::{Api, Client, ResourceExt};
 use sluice::api::{TransferServer, TransferUser};
 use sluice::gateway::config::GatewayConfig;
 
-use support::cluster::{Operator, apply, condition, eventually, install_crds, read_yaml_dir};
+use support::cluster::{
+    Operator, apply, condition, eventually, install_crds, install_storage_classes, read_yaml_dir,
+};
 use support::controlplane::ControlPlane;
 use support::ftp::{FtpClients, succeed};
 use support::gateway::{TestPki, VALID_UNTIL};
@@ -47,6 +49,7 @@ async fn examples_roll_out_a_gateway_that_serves_sftp_and_converges_quietly() ->
     let control_plane = ControlPlane::start().await?;
     let client = control_plane.client();
     install_crds(&client).await?;
+    install_storage_classes(&client, &["ssd", "cn-shanghai-ssd"]).await?;
     let kubelet = FakeKubelet::register(
         client.clone(),
         "node-sh-1",

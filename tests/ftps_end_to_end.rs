@@ -23,7 +23,9 @@ use sluice::api::TransferServer;
 use sluice::gateway::config::GatewayConfig;
 use sluice::gateway::ftps::certificate_info;
 
-use support::cluster::{Operator, apply_all, condition, eventually, install_crds, refused};
+use support::cluster::{
+    Operator, apply_all, condition, eventually, install_crds, install_storage_classes, refused,
+};
 use support::controlplane::ControlPlane;
 use support::ftp::{FtpClients, pasv_port, succeed, succeed_with_stderr};
 use support::gateway::{TestPki, VALID_UNTIL};
@@ -49,6 +51,7 @@ async fn an_ftps_server_serves_both_modes_with_a_renewable_certificate_and_per_p
     let control_plane = ControlPlane::start().await?;
     let client = control_plane.client();
     install_crds(&client).await?;
+    install_storage_classes(&client, &["ssd", "cn-shanghai-ssd"]).await?;
     let kubelet = FakeKubelet::register(
         client.clone(),
         "node-sh-1",

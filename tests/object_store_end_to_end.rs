@@ -19,8 +19,8 @@ use sluice::gateway::config::GatewayConfig;
 use sluice::storage::object::Provider;
 
 use support::cluster::{
-    Operator, apply, apply_all, condition, eventually, install_crds, parse_yaml, refused,
-    warning_event,
+    Operator, apply, apply_all, condition, eventually, install_crds, install_storage_classes,
+    parse_yaml, refused, warning_event,
 };
 use support::controlplane::ControlPlane;
 use support::kubelet::FakeKubelet;
@@ -39,6 +39,7 @@ async fn object_store_servers_are_rendered_probed_and_judged() -> Result<()> {
     let control_plane = ControlPlane::start().await?;
     let client = control_plane.client();
     install_crds(&client).await?;
+    install_storage_classes(&client, &["ssd", "cn-shanghai-ssd"]).await?;
     let operator = Operator::start(client.clone());
     let namespace = json!({
         "apiVersion": "v1",

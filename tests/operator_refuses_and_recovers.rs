@@ -18,8 +18,8 @@ use sluice::api::{TransferServer, TransferUser};
 use sluice::gateway::config::GatewayConfig;
 
 use support::cluster::{
-    Operator, apply, apply_all, condition, eventually, install_crds, parse_yaml, read_yaml_dir,
-    refused,
+    Operator, apply, apply_all, condition, eventually, install_crds, install_storage_classes,
+    parse_yaml, read_yaml_dir, refused,
 };
 use support::controlplane::ControlPlane;
 
@@ -31,6 +31,7 @@ async fn operator_refuses_bad_input_clearly_and_recovers_when_it_is_fixed() -> R
     let control_plane = ControlPlane::start().await?;
     let client = control_plane.client();
     install_crds(&client).await?;
+    install_storage_classes(&client, &["ssd", "cn-shanghai-ssd"]).await?;
     crds_show_no_drift_after_apply(&client).await?;
     let operator = Operator::start(client.clone());
     let namespace = json!({

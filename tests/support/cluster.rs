@@ -148,6 +148,23 @@ pub async fn install_crds(client: &Client) -> Result<()> {
     Ok(())
 }
 
+/// Creates StorageClasses `names` as a region-pinned cluster would have them: volumes
+/// bound only once the (region-pinned) pod is scheduled. Nothing provisions them; the
+/// stand-in kubelet mounts a directory instead.
+pub async fn install_storage_classes(client: &Client, names: &[&str]) -> Result<()> {
+    for name in names {
+        let class = serde_json::json!({
+            "apiVersion": "storage.k8s.io/v1",
+            "kind": "StorageClass",
+            "metadata": {"name": name},
+            "provisioner": "disk.csi.sluice.test",
+            "volumeBindingMode": "WaitForFirstConsumer",
+        });
+        apply(client, &serde_json::from_value(class)?).await?;
+    }
+    Ok(())
+}
+
 /// The operator running in-process, as `sluice operator` would.
 pub struct Operator {
     stop: Option<oneshot::Sender<()>>,

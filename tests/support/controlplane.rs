@@ -68,6 +68,8 @@ pub const CONTROLLERS: &[&str] = &[
     // without them a deleted claim (and a foreground deletion waiting on it) hangs.
     "persistentvolumeclaim-protection-controller",
     "persistentvolume-protection-controller",
+    // Binds claims to volumes, so the bound volume's region can be checked.
+    "persistentvolume-binder-controller",
     "pod-garbage-collector-controller",
 ];
 

@@ -23,6 +23,7 @@ use futures::{Stream, StreamExt};
 use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::core::v1::{Namespace, PersistentVolumeClaim, Secret, Service};
 use k8s_openapi::api::networking::v1::NetworkPolicy;
+use k8s_openapi::api::storage::v1::StorageClass;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 use k8s_openapi::jiff::Timestamp;
 use kube::runtime::controller::Action;
@@ -102,6 +103,11 @@ pub fn controller(
             }),
         )
         .watches(
+            Api::<StorageClass>::all(client.clone()),
+            watcher::Config::default(),
+            servers_using_storage_class(servers.clone()),
+        )
+        .watches(
             Api::<DataResidencyPolicy>::all(client),
             watcher::Config::default(),
             every_object_in(servers),
@@ -141,6 +147,25 @@ fn servers_using_secret(
     servers.sort_by(|a, b| a.name.cmp(&b.name));
     servers.dedup();
     servers
+}
+
+/// A watch mapper from a StorageClass to the servers whose volume is claimed from it, so
+/// that a class created or replaced after the server is judged again.
+fn servers_using_storage_class(
+    servers: Store<TransferServer>,
+) -> impl Fn(StorageClass) -> Vec<ObjectRef<TransferServer>> {
+    move |class| {
+        let name = class.name_any();
+        servers
+            .state()
+            .iter()
+            .filter(|s| {
+                let volume = s.spec.storage.volume.as_ref();
+                volume.is_some_and(|v| v.storage_class_name == name)
+            })
+            .map(|s| ObjectRef::from_obj(s.as_ref()))
+            .collect()
+    }
 }
 
 /// A watch mapper to every server in the namespace `namespace_of` names.

@@ -172,11 +172,12 @@ pub fn compute(server: &TransferServer, outcome: &Outcome, now: Timestamp) -> Tr
                     Reason::NoNodeInRegion,
                     &message,
                 );
+                // Nodes may still join (an autoscaler, a new pool): keep waiting.
                 set(
                     ConditionType::Reconciling,
-                    false,
+                    true,
                     Reason::NoNodeInRegion,
-                    "",
+                    &message,
                 );
             } else if !statefulset.is_some_and(is_available) {
                 let waiting = "waiting for the gateway StatefulSet to become available";
