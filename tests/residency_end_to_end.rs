@@ -19,7 +19,7 @@ use sluice::api::{DataResidencyPolicy, TransferServer};
 use sluice::gateway::config::GatewayConfig;
 
 use support::cluster::{
-    Operator, apply_all, condition, eventually, install_crds, install_storage_classes,
+    Operator, apply_all, condition, eventually, install_crds, install_storage_classes, refused,
 };
 use support::controlplane::ControlPlane;
 use support::kubelet::FakeKubelet;
@@ -43,6 +43,7 @@ async fn residency_is_enforced_before_and_after_roll_out_and_reported_as_evidenc
     )
     .await?;
     let operator = Operator::start(client.clone());
+    a_policy_must_name_where_data_may_live(&client).await?;
     apply_all(
         &client,
         &[
@@ -175,6 +176,27 @@ async fn residency_is_enforced_before_and_after_roll_out_and_reported_as_evidenc
     the_policy_status_lists_every_governed_server(&client).await?;
     drop(pod);
     operator.stop().await
+}
+
+/// The policy's own shape is validated by the API server (CEL), with messages a person
+/// understands.
+async fn a_policy_must_name_where_data_may_live(client: &Client) -> Result<()> {
+    let nowhere = mainland_policy("Enforce", json!({}));
+    refused(client, nowhere, "name the allowed regions").await?;
+    let unknown = mainland_policy("Enforce", json!({"jurisdictions": ["XX"]}));
+    refused(client, unknown, "spec.jurisdictions[0]").await?;
+    let operator = mainland_policy(
+        "Enforce",
+        json!({"jurisdictions": ["CN"],
+               "serverSelector": {"matchExpressions": [{"key": "a", "operator": "in",
+                                                         "values": ["b"]}]}}),
+    );
+    refused(
+        client,
+        operator,
+        "serverSelector.matchExpressions[].operator",
+    )
+    .await
 }
 
 fn mainland_policy(enforcement: &str, regions: Value) -> Value {
