@@ -20,6 +20,7 @@ use sluice::gateway::config::GatewayConfig;
 
 use support::cluster::{
     Operator, apply_all, condition, eventually, install_crds, install_storage_classes, refused,
+    wait_server_condition,
 };
 use support::controlplane::ControlPlane;
 use support::kubelet::FakeKubelet;
@@ -234,15 +235,7 @@ async fn wait_condition(
     type_: &str,
     status: &str,
 ) -> Result<TransferServer> {
-    let api = Api::<TransferServer>::namespaced(client.clone(), NS);
-    eventually(&format!("{name} {type_}={status}"), WAIT, || async {
-        let server = api.get(name).await?;
-        let fresh = server.status.as_ref().and_then(|s| s.observed_generation)
-            == server.metadata.generation;
-        let matches = condition(&server, type_).is_some_and(|c| c.0 == status);
-        Ok((fresh && matches).then_some(server))
-    })
-    .await
+    wait_server_condition(client, NS, name, type_, status).await
 }
 
 async fn gateway_config(client: &Client, server: &str) -> Result<GatewayConfig> {

@@ -118,6 +118,30 @@ pub fn condition(
     Some((c.status.clone(), c.reason.clone(), c.message.clone()))
 }
 
+/// Waits until the TransferServer `namespace/name` reports condition `type_` with
+/// `status` for its current generation, and returns it.
+pub async fn wait_server_condition(
+    client: &Client,
+    namespace: &str,
+    name: &str,
+    type_: &str,
+    status: &str,
+) -> Result<sluice::api::TransferServer> {
+    let api = Api::<sluice::api::TransferServer>::namespaced(client.clone(), namespace);
+    eventually(
+        &format!("{name} {type_}={status}"),
+        Duration::from_secs(60),
+        || async {
+            let server = api.get(name).await?;
+            let fresh = server.status.as_ref().and_then(|s| s.observed_generation)
+                == server.metadata.generation;
+            let matches = condition(&server, type_).is_some_and(|c| c.0 == status);
+            Ok((fresh && matches).then_some(server))
+        },
+    )
+    .await
+}
+
 /// Applies the committed CRDs from `crds/` and waits until they are established.
 pub async fn install_crds(client: &Client) -> Result<()> {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("crds");
