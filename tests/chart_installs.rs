@@ -206,6 +206,29 @@ fn by_default_namespaced_resources_are_granted_cluster_wide_and_the_lease_only_a
 }
 
 #[test]
+fn the_crds_are_kept_on_uninstall_and_left_out_when_managed_elsewhere() -> Result<()> {
+    let crds = of_kind(&render(&[])?, "CustomResourceDefinition")
+        .into_iter()
+        .map(|crd| {
+            let keep = &crd["metadata"]["annotations"]["helm.sh/resource-policy"];
+            ensure!(keep == "keep", "{} is not kept", crd["metadata"]["name"]);
+            Ok(crd["metadata"]["name"]
+                .as_str()
+                .unwrap_or_default()
+                .to_string())
+        })
+        .collect::<Result<BTreeSet<_>>>()?;
+    let committed: BTreeSet<String> = sluice::api::crds()
+        .into_iter()
+        .filter_map(|crd| crd.metadata.name)
+        .collect();
+    ensure!(crds == committed, "{crds:?} != {committed:?}");
+    let without = render(&["--set", "crds.install=false"])?;
+    ensure!(of_kind(&without, "CustomResourceDefinition").is_empty());
+    Ok(())
+}
+
+#[test]
 fn watched_namespaces_get_roles_and_the_cluster_role_keeps_only_cluster_scoped_rules() -> Result<()>
 {
     let everywhere = permissions_of(one(&render(&[])?, "ClusterRole", OPERATOR)?);
@@ -394,7 +417,7 @@ async fn the_installed_chart_lets_the_operator_roll_out_the_examples_with_exactl
 
     let scratch = tempfile::Builder::new().prefix("sluice-chart-").tempdir()?;
     let kubeconfig = operator_kubeconfig(&client, &control_plane, scratch.path()).await?;
-    let mut operator = OperatorProcess::start(&objects, &kubeconfig, scratch.path()).await?;
+    let mut operator = OperatorProcess::start(&objects, &kubeconfig, scratch.path())?;
     let outcome = async {
         let kubelet = FakeKubelet::register(
             client.clone(),
@@ -582,7 +605,7 @@ struct OperatorProcess {
 }
 
 impl OperatorProcess {
-    async fn start(objects: &[Value], kubeconfig: &Path, dir: &Path) -> Result<Self> {
+    fn start(objects: &[Value], kubeconfig: &Path, dir: &Path) -> Result<Self> {
         let binary = env!("CARGO_BIN_EXE_sluice");
         let help = std::process::Command::new(binary)
             .args(["operator", "--help"])
