@@ -20,6 +20,8 @@
 //!   test panics. A process also gets SIGKILL when the thread that started it exits, so start
 //!   the control plane from the test's runtime and keep it in the test's scope, not a `static`.
 //! - `SLUICE_CONTROLPLANE_KEEP=1` keeps the temporary directory (logs, PKI, kubeconfig).
+//! - [`ControlPlane::start_with`] takes [`Options`]: an audit policy (events go to
+//!   [`ControlPlane::audit_log_path`]) and admission plugins beyond the defaults.
 
 // Each test crate that includes this module uses a different part of it.
 #![allow(dead_code)]
@@ -98,8 +100,21 @@ const FRONT_PROXY_KEY: &str = "front-proxy-client.key";
 const SERVICE_ACCOUNT_KEY: &str = "service-account.key";
 const SERVICE_ACCOUNT_PUB: &str = "service-account.pub";
 const KUBECONFIG: &str = "admin.kubeconfig";
+const AUDIT_POLICY: &str = "audit-policy.yaml";
+const AUDIT_LOG: &str = "audit.log";
 const ETCD_DATA: &str = "etcd-data";
 const CONTROLLER_MANAGER_CERTS: &str = "controller-manager-certs";
+
+/// Optional settings of [`ControlPlane::start_with`]; the default is what
+/// [`ControlPlane::start`] runs.
+#[derive(Clone, Debug, Default)]
+pub struct Options {
+    /// An audit policy (`audit.k8s.io/v1` Policy, YAML). The API server then writes the
+    /// events it selects as JSON lines to [`ControlPlane::audit_log_path`].
+    pub audit_policy: Option<String>,
+    /// Admission plugins to enable besides kube-apiserver's default ones.
+    pub admission_plugins: Vec<String>,
+}
 
 /// A running etcd, kube-apiserver and kube-controller-manager; see the module documentation.
 pub struct ControlPlane {
@@ -114,12 +129,18 @@ pub struct ControlPlane {
     bin: PathBuf,
     ports: Ports,
     files: Files,
+    options: Options,
     dir: TempDir,
 }
 
 impl ControlPlane {
     /// Builds or finds the binaries, starts the three processes and waits until they work.
     pub async fn start() -> Result<Self> {
+        Self::start_with(Options::default()).await
+    }
+
+    /// [`ControlPlane::start`] with `options`.
+    pub async fn start_with(options: Options) -> Result<Self> {
         let bin = binaries().await?;
         let keep = std::env::var_os(KEEP_ENV).is_some_and(|v| v == "1");
         let dir = tempfile::Builder::new()
@@ -138,8 +159,12 @@ impl ControlPlane {
         let kubeconfig = files.path(KUBECONFIG);
         let client = admin_client(&kubeconfig).await?;
 
+        if let Some(policy) = &options.audit_policy {
+            files.write(AUDIT_POLICY, policy)?;
+        }
+
         let mut etcd = Process::spawn("etcd", &bin, etcd_args(&files, &ports), &files)?;
-        let args = apiserver_args(&files, &ports);
+        let args = apiserver_args(&files, &ports, &options);
         let mut apiserver = Process::spawn("kube-apiserver", &bin, args, &files)?;
         wait_for_apiserver(&client, &mut [&mut etcd, &mut apiserver]).await?;
 
@@ -158,6 +183,7 @@ impl ControlPlane {
             bin,
             ports,
             files,
+            options,
             dir,
         })
     }
@@ -182,11 +208,22 @@ impl ControlPlane {
         self.dir.path()
     }
 
+    /// The cluster CA's certificate (PEM), which signed the API server's serving certificate.
+    pub fn ca_cert_path(&self) -> PathBuf {
+        self.files.path(CA_CERT)
+    }
+
+    /// Where the API server writes audit events (JSON lines) when started with an audit
+    /// policy.
+    pub fn audit_log_path(&self) -> PathBuf {
+        self.files.path(AUDIT_LOG)
+    }
+
     /// Stops kube-apiserver and starts it again on the same port with the same etcd, then waits
     /// until it is ready. Existing clients reconnect on their next request.
     pub async fn restart_apiserver(&mut self) -> Result<()> {
         self.apiserver.stop().await;
-        let args = apiserver_args(&self.files, &self.ports);
+        let args = apiserver_args(&self.files, &self.ports, &self.options);
         self.apiserver = Process::spawn("kube-apiserver", &self.bin, args, &self.files)?;
         let processes = &mut [
             &mut self.etcd,
@@ -441,8 +478,8 @@ fn etcd_args(files: &Files, ports: &Ports) -> Vec<String> {
     ]
 }
 
-fn apiserver_args(files: &Files, ports: &Ports) -> Vec<String> {
-    vec![
+fn apiserver_args(files: &Files, ports: &Ports, options: &Options) -> Vec<String> {
+    let mut args = vec![
         format!("--etcd-servers=http://127.0.0.1:{}", ports.etcd_client),
         "--bind-address=127.0.0.1".to_string(),
         "--advertise-address=127.0.0.1".to_string(),
@@ -477,7 +514,22 @@ fn apiserver_args(files: &Files, ports: &Ports) -> Vec<String> {
         format!("--proxy-client-key-file={}", files.arg(FRONT_PROXY_KEY)),
         "--allow-privileged=true".to_string(),
         "--profiling=false".to_string(),
-    ]
+    ];
+    if options.audit_policy.is_some() {
+        args.extend([
+            format!("--audit-policy-file={}", files.arg(AUDIT_POLICY)),
+            format!("--audit-log-path={}", files.arg(AUDIT_LOG)),
+            "--audit-log-format=json".to_string(),
+            // Every event is written before the request completes, so a test reading the
+            // log after its last request sees all of them.
+            "--audit-log-mode=blocking".to_string(),
+        ]);
+    }
+    if !options.admission_plugins.is_empty() {
+        let plugins = options.admission_plugins.join(",");
+        args.push(format!("--enable-admission-plugins={plugins}"));
+    }
+    args
 }
 
 fn controller_manager_args(files: &Files, ports: &Ports) -> Vec<String> {
