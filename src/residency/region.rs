@@ -18,7 +18,9 @@
 //!   across providers (`ap-southeast-1` is Singapore at AWS and Alibaba Cloud, Hong Kong
 //!   at Huawei Cloud). Hong Kong, Macau and Taiwan are jurisdictions of their own, never
 //!   mainland China (`CN`). A region the catalogue does not know resolves with no
-//!   jurisdiction, which a policy naming a jurisdiction must treat as not allowed.
+//!   jurisdiction, which a policy naming a jurisdiction must treat as not allowed. An
+//!   S3-compatible store's declared region is placed like a node region
+//!   ([`node_jurisdiction`]): only where every provider using the id agrees.
 
 use std::fmt;
 
@@ -250,8 +252,11 @@ fn host_contradicts(provider: Provider, host: &str, region: &str) -> Option<Regi
 
 /// The jurisdiction of `region` at `provider`, from the catalogue.
 pub fn jurisdiction(provider: Provider, region: &str) -> Option<&'static str> {
-    // An S3-compatible store's region ids are its own: nothing is guessed from them.
-    let (_, catalogue) = CATALOGUES.iter().find(|(p, _)| *p == provider)?;
+    // An S3-compatible store's region is only declared, as trusted as the server's own
+    // region, and placed the same way: where every provider using that id agrees.
+    let Some((_, catalogue)) = CATALOGUES.iter().find(|(p, _)| *p == provider) else {
+        return node_jurisdiction(region).map(Jurisdiction::as_str);
+    };
     catalogue
         .iter()
         .find(|(id, _)| *id == region)
@@ -726,12 +731,20 @@ mod tests {
                 Some("TW"),
                 Declared,
             ),
-            // An S3-compatible store: its own region ids, no jurisdiction guessed.
+            // An S3-compatible store: the declared id, placed like a node region.
             (
                 S3Compatible,
                 Some("http://127.0.0.1:8333"),
                 Some("us-east-1"),
                 "us-east-1",
+                Some("US"),
+                Declared,
+            ),
+            (
+                S3Compatible,
+                Some("http://127.0.0.1:8333"),
+                Some("dc-shanghai-2"),
+                "dc-shanghai-2",
                 None,
                 Declared,
             ),
@@ -903,7 +916,10 @@ mod tests {
         // The same id means different places at different providers.
         assert_eq!(jurisdiction(S3, "ap-southeast-1"), Some("SG"));
         assert_eq!(jurisdiction(Obs, "ap-southeast-1"), Some("HK"));
-        assert_eq!(jurisdiction(S3Compatible, "cn-north-1"), None);
+        // A declared S3-compatible region is placed like a node region.
+        assert_eq!(jurisdiction(S3Compatible, "cn-north-1"), Some("CN"));
+        assert_eq!(jurisdiction(S3Compatible, "ap-southeast-1"), None);
+        assert_eq!(jurisdiction(S3Compatible, "dc-frankfurt-2"), None);
     }
 
     #[test]

@@ -69,10 +69,11 @@ Cluster-scoped resources: always granted by the ClusterRole.
 - apiGroups: [""]
   resources: [persistentvolumes]
   verbs: [get]
-# The region a StorageClass provisions in.
+# The region a StorageClass provisions in; watched, so a class created after its
+# servers is judged.
 - apiGroups: [storage.k8s.io]
   resources: [storageclasses]
-  verbs: [get, list]
+  verbs: [get, list, watch]
 - apiGroups: [sluice.dev]
   resources: [dataresidencypolicies]
   verbs: [list, watch]
