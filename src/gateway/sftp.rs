@@ -56,6 +56,7 @@ use tokio::time::Instant;
 use tracing::{Instrument, Span, field};
 
 use crate::api::Permission;
+use crate::gateway::audit::{AuditLog, AuditProtocol, Entry as AuditEntry, Operation, SessionLog};
 use crate::gateway::auth::{LiveLogins, Login, Logins};
 use crate::gateway::sessions::{
     self, ConnectionLimiter, ConnectionSlot, DISCONNECT_WAIT, Protocol, admission_ends,
@@ -101,21 +102,25 @@ struct Shared {
     host_keys: Vec<PrivateKey>,
     logins: LiveLogins,
     storage: Storage,
+    audit: AuditLog,
     limits: ConnectionLimits,
 }
 
 impl SftpServer {
-    /// A server presenting `host_keys`, checking credentials against `logins` and serving
-    /// files from `storage`, with the default [`ConnectionLimits`].
+    /// A server presenting `host_keys`, checking credentials against `logins`, serving
+    /// files from `storage` and recording into `audit`, with the default
+    /// [`ConnectionLimits`].
     pub fn new(
         host_keys: Vec<PrivateKey>,
         logins: LiveLogins,
         storage: impl Into<Storage>,
+        audit: AuditLog,
     ) -> Self {
         let shared = Shared {
             host_keys,
             logins,
             storage: storage.into(),
+            audit,
             limits: ConnectionLimits::default(),
         };
         Self {
@@ -129,6 +134,7 @@ impl SftpServer {
             host_keys: self.shared.host_keys.clone(),
             logins: self.shared.logins.clone(),
             storage: self.shared.storage.clone(),
+            audit: self.shared.audit.clone(),
             limits,
         };
         Self {
@@ -218,7 +224,16 @@ impl Connection {
     /// Runs the SSH connection to its end: the client's, the deadline's, a revocation's,
     /// or shutdown's once `disconnect` turns true.
     async fn run(mut self, stream: TcpStream) {
-        let span = tracing::info_span!("sftp", peer = %self.peer, user = field::Empty);
+        let log = self
+            .shared
+            .audit
+            .session(AuditProtocol::Sftp, self.peer.ip());
+        let span = tracing::info_span!(
+            "sftp",
+            peer = %self.peer,
+            session = log.id(),
+            user = field::Empty
+        );
         let deadline = Instant::now() + self.shared.limits.login_deadline;
         let logins = self.shared.logins.subscribe();
         let (login_tx, login_rx) = watch::channel(None);
@@ -228,6 +243,7 @@ impl Connection {
             config.methods.clone(),
             span.clone(),
             login_tx,
+            log,
         );
         let (sever, severed) = oneshot::channel();
         let stream = Severable {
@@ -367,6 +383,8 @@ struct SshSession {
     sftp_ids: std::collections::HashSet<ChannelId>,
     /// User and number of public keys refused, for the warning when the client gives up.
     refused_keys: Option<(String, usize)>,
+    /// The connection's audit log.
+    log: SessionLog,
 }
 
 impl SshSession {
@@ -375,6 +393,7 @@ impl SshSession {
         methods: MethodSet,
         span: Span,
         login: watch::Sender<Option<Arc<Login>>>,
+        log: SessionLog,
     ) -> Self {
         Self {
             shared,
@@ -386,6 +405,7 @@ impl SshSession {
             sftp_channels: Arc::default(),
             sftp_ids: std::collections::HashSet::new(),
             refused_keys: None,
+            log,
         }
     }
 
@@ -409,10 +429,11 @@ impl SshSession {
 
     async fn log_in(&mut self, login: Arc<Login>, method: &'static str) -> Auth {
         let user = login.user();
-        match Vfs::open(self.shared.storage.clone(), user).await {
+        match Vfs::open(self.shared.storage.clone(), user, &self.log).await {
             Ok(vfs) => {
                 self.span.record("user", user.name.as_str());
                 tracing::info!(parent: &self.span, method, "Logged in");
+                self.log.login(&user.name, None).await;
                 self.vfs = Some(vfs);
                 self.refused_keys = None;
                 self.login.send_replace(Some(login));
@@ -425,6 +446,8 @@ impl SshSession {
                     error = %ErrorChain(&error),
                     "Login refused: home directory unusable"
                 );
+                let reason = "home directory unusable";
+                self.log.login(&user.name, Some(reason)).await;
                 self.reject()
             }
         }
@@ -457,6 +480,7 @@ impl russh::server::Handler for SshSession {
             Err(refusal) => {
                 let reason = refusal.reason();
                 tracing::warn!(parent: &self.span, user, reason, "Login failed");
+                self.log.login(user, Some(reason)).await;
                 Ok(self.reject())
             }
         }
@@ -497,6 +521,7 @@ impl russh::server::Handler for SshSession {
             None => {
                 let reason = "key not authorised";
                 tracing::warn!(parent: &self.span, user, reason, "Login failed");
+                self.log.login(user, Some(reason)).await;
                 Ok(self.reject())
             }
         }
@@ -628,14 +653,17 @@ impl russh::server::Handler for SshSession {
 impl Drop for SshSession {
     fn drop(&mut self) {
         if let Some((user, keys)) = self.refused_keys.take() {
+            let reason = "no authorised key offered";
             tracing::warn!(
                 parent: &self.span,
                 user,
                 method = "publickey",
                 keys,
-                reason = "no authorised key offered",
+                reason,
                 "Login failed"
             );
+            let entry = AuditEntry::new(Operation::Login).denied(reason);
+            self.log.for_user(&user).note_detached(entry);
         }
         if self.vfs.is_some() {
             tracing::info!(parent: &self.span, "Session closed");
@@ -964,14 +992,14 @@ impl SftpSession {
                 }
             }
             OpenHandle::Read(reader) => {
-                tracing::info!(
-                    parent: &self.span,
-                    path = reader.path(),
-                    bytes = reader.bytes_read(),
-                    size = reader.size(),
-                    "Download completed"
-                );
-                Ok(())
+                let (path, size) = (reader.path().to_owned(), reader.size());
+                match reader.finish().await {
+                    Ok(bytes) => {
+                        tracing::info!(parent: &self.span, path, bytes, size, "Download completed");
+                        Ok(())
+                    }
+                    Err(error) => Err(self.refuse("close", &path, error)),
+                }
             }
             OpenHandle::Dir { .. } => Ok(()),
         }
@@ -1296,7 +1324,10 @@ mod tests {
             let logins = LiveLogins::new(Logins::new(&[user]));
             let dir = tempfile::tempdir().unwrap();
             let volume = crate::storage::Volume::open_fs(dir.path()).unwrap();
-            let server = SftpServer::new(vec![host_key], logins, volume).with_limits(limits);
+            let storage = Storage::from(volume);
+            let audit = crate::gateway::audit::test_log(&storage).await;
+            let server =
+                SftpServer::new(vec![host_key], logins, storage, audit).with_limits(limits);
 
             let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
             let addr = listener.local_addr().unwrap();

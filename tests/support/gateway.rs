@@ -18,6 +18,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use sluice::api::Permission;
+use sluice::gateway::audit::{AuditIdentity, AuditLog, AuditProtocol, SessionLog};
 use sluice::gateway::auth::hash_password;
 use sluice::gateway::config::{
     FtpsSettings, GatewayConfig, GatewayUser, PassivePorts, ResidencyStamp, SessionReuse,
@@ -25,6 +26,7 @@ use sluice::gateway::config::{
 };
 use sluice::gateway::ftps::tls::{CERT_FILE, KEY_FILE};
 use sluice::gateway::{Gateway, GatewayArgs, host_keys};
+use sluice::storage::Storage;
 use sluice::storage::object::ObjectStoreConfig;
 use tempfile::TempDir;
 use tokio::sync::oneshot;
@@ -259,6 +261,19 @@ impl Drop for TestGateway {
             serving.abort();
         }
     }
+}
+
+/// A session log (SFTP, from 127.0.0.1) of an audit log kept in `storage` for pod
+/// `test-0` of the test server, for tests that drive a `Vfs` directly.
+pub async fn session_log(storage: &Storage) -> SessionLog {
+    let config = config(vec![], None, None);
+    let identity = AuditIdentity {
+        server: config.server.clone(),
+        pod: "test-0".into(),
+        region: config.region.clone(),
+    };
+    let log = AuditLog::start(storage, identity, &config).await;
+    log.session(AuditProtocol::Sftp, std::net::Ipv4Addr::LOCALHOST.into())
 }
 
 /// The configuration of a test gateway serving `users`.
