@@ -665,13 +665,20 @@ print(json.dumps(r))
 "#,
         )
         .await?;
-        for operation in ["list", "stat", "put"] {
+        for operation in ["list", "stat"] {
             let message = result[operation]["message"].as_str().unwrap_or_default();
             ensure!(
                 message.contains("storage temporarily unavailable"),
                 "{case}, {operation}: {result}"
             );
         }
+        // The audit log lives in the same store: its failure refuses the upload first,
+        // as transient too (SFTP failure, not permission denied).
+        ensure!(
+            result["put"]["message"] == "audit log unavailable; try again later"
+                && result["put"]["errno"].is_null(),
+            "{case}, put: {result}"
+        );
 
         let ftp = FtpClients {
             ca: gateway.ca_file(),

@@ -267,6 +267,8 @@ enum Message {
     Record(Box<AuditRecord>, Option<oneshot::Sender<()>>),
     /// Tell once everything sent before is durable.
     Flush(oneshot::Sender<()>),
+    /// Re-read every pod's usage counts now (an allowance with a limit was added).
+    Refresh,
 }
 
 /// The gateway's audit log. Cheap to clone; the writer task stops once every clone and
@@ -305,16 +307,33 @@ impl AuditLog {
     }
 
     /// Takes in a reloaded configuration: its residency stamp and whether records also
-    /// go to standard output.
+    /// go to standard output. An allowance with a volume limit that was not there before
+    /// has every pod's counts read at once, rather than at the next refresh.
     pub fn apply(&self, config: &GatewayConfig) {
-        *self
-            .state
-            .stamp
-            .write()
-            .unwrap_or_else(PoisonError::into_inner) = Arc::new(config.residency.clone());
+        let previous = std::mem::replace(
+            &mut *self
+                .state
+                .stamp
+                .write()
+                .unwrap_or_else(PoisonError::into_inner),
+            Arc::new(config.residency.clone()),
+        );
         self.state
             .stdout
             .store(config.audit.stdout, Ordering::Relaxed);
+        let limited = |stamp: &ResidencyStamp| -> Vec<String> {
+            let allowances = stamp.cross_border_transfers.iter();
+            let limited = allowances.filter(|a| a.max_bytes.is_some());
+            limited.map(|a| a.reference.clone()).collect()
+        };
+        let known = limited(&previous);
+        if limited(&config.residency)
+            .iter()
+            .any(|r| !known.contains(r))
+        {
+            // Full means the writer is busy; it refreshes at its next tick then.
+            let _ = self.queue.try_send(Message::Refresh);
+        }
     }
 
     /// The log of a new connection from `peer`, with a fresh session id.
@@ -542,6 +561,10 @@ impl Writer {
                     continue;
                 }
             };
+            if matches!(first, Message::Refresh) {
+                self.refresh_usage().await;
+                continue;
+            }
             let mut batch = vec![first];
             while batch.len() < MAX_BATCH {
                 match queue.try_recv() {
@@ -558,6 +581,7 @@ impl Writer {
     async fn flush(&mut self, batch: Vec<Message>) {
         let mut records = Vec::new();
         let mut waiting = Vec::new();
+        let mut refresh = false;
         for message in batch {
             match message {
                 Message::Record(record, durable) => {
@@ -565,6 +589,7 @@ impl Writer {
                     waiting.extend(durable);
                 }
                 Message::Flush(done) => waiting.push(done),
+                Message::Refresh => refresh = true,
             }
         }
 
@@ -590,6 +615,9 @@ impl Writer {
         self.write_usage().await;
         for durable in waiting {
             let _ = durable.send(());
+        }
+        if refresh {
+            self.refresh_usage().await;
         }
     }
 
