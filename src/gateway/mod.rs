@@ -14,6 +14,12 @@
 //! A problem with FTPS alone (no TLS directory, an unusable `ftps` section, no valid
 //! certificate) is logged at error and leaves SFTP running.
 //!
+//! Every login and file operation is recorded in the [`audit`] log in the server's own
+//! storage, and the residency stamp of the configuration in force decides, at each
+//! operation, whether writes are accepted ([`vfs`]); a reload that suspends or resumes
+//! writes applies to running sessions too. On shutdown the audit log is flushed after the
+//! sessions have ended.
+//!
 //! [`run`] is the subcommand; [`Gateway`] is the same in two steps (bind, then serve), so
 //! a test can learn the bound addresses first.
 
@@ -193,6 +199,8 @@ pub struct Gateway {
     listener: Option<TcpListener>,
     ftps: Option<FtpsServer>,
     audit: AuditLog,
+    /// Why writes are suspended at start, if they are.
+    suspended: Option<String>,
     ordinal: Option<usize>,
     poll_interval: Duration,
     grace: Duration,
@@ -230,7 +238,8 @@ impl Gateway {
             region,
         };
         let audit = AuditLog::start(&storage, identity, &config).await;
-        if let Some(reason) = config.residency.writes_refused(audit::unix_now()) {
+        let suspended = config.residency.writes_refused(audit::unix_now());
+        if let Some(reason) = &suspended {
             tracing::warn!(reason, "Writes are suspended");
         }
         let logins = LiveLogins::new(Logins::new(&config.users));
@@ -243,6 +252,7 @@ impl Gateway {
             listener,
             ftps,
             audit,
+            suspended,
             ordinal: args.ordinal(),
             poll_interval: CONFIG_POLL_INTERVAL,
             grace: SHUTDOWN_GRACE,
@@ -294,7 +304,7 @@ impl Gateway {
                 hash: self.config_hash,
                 logins: self.logins,
                 audit: self.audit,
-                suspended: None,
+                suspended: self.suspended,
                 ftps: self.ftps.as_ref().map(FtpsServer::handle),
                 ordinal: self.ordinal,
                 interval: self.poll_interval,

@@ -21,7 +21,9 @@
 //!   completed transfers (with their byte counts) are logged at info, failed logins at
 //!   warn (user and peer, never the password), storage failures and uploads lost on close
 //!   at warn. A connection that closes before or during the SSH handshake, or never logs
-//!   in, is logged at debug only.
+//!   in, is logged at debug only. Logins, failed ones included, and every file operation
+//!   are also recorded in the audit log ([`crate::gateway::audit`]); the span carries the
+//!   audit session id.
 //! - [`SftpServer::serve`] stops accepting when told to, lets running sessions finish for
 //!   a grace period, then disconnects the rest.
 //! - `OPEN` follows the SFTP specification: `CREATE` without `WRITE` creates the file

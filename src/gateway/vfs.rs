@@ -1761,11 +1761,12 @@ mod tests {
         let vfs = open_as(volume, &user("/", ALL)).await.unwrap();
         upload(&vfs, "visible.txt", b"x").await;
 
+        // The audit log of that upload is on the same volume, and as hidden.
+        assert!(dir.path().join(storage::AUDIT_DIR).is_dir());
         assert_eq!(names(&vfs, "/").await, ["visible.txt"]);
-        assert!(matches!(
-            vfs.list("/.sluice-uploads").await,
-            Err(VfsError::NotFound)
-        ));
+        for reserved in ["/.sluice-uploads", "/.sluice-audit"] {
+            assert!(matches!(vfs.list(reserved).await, Err(VfsError::NotFound)));
+        }
         assert!(matches!(
             vfs.mkdir("/.sluice-uploads/x").await,
             Err(VfsError::NotFound)
@@ -1969,6 +1970,55 @@ mod tests {
         assert!(denied(vfs.remove("f").await));
         assert!(denied(vfs.rename("f", "h").await));
         assert_eq!(vfs.resolve("a/../b").unwrap(), "/b");
+    }
+
+    #[tokio::test]
+    async fn writes_follow_the_live_residency_stamp_and_reads_do_not() {
+        let dir = tempfile::tempdir().unwrap();
+        let storage = Storage::from(Volume::open_fs(dir.path()).unwrap());
+        let log = crate::gateway::audit::test_log(&storage).await;
+        let peer = std::net::Ipv4Addr::LOCALHOST.into();
+        let session = log.session(crate::gateway::audit::AuditProtocol::Sftp, peer);
+        let vfs = Vfs::open(storage, &user("/cucm", ALL), &session)
+            .await
+            .unwrap();
+        upload(&vfs, "kept", b"kept").await;
+        let mut inflight = vfs.create("inflight", WriteMode::Replace).await.unwrap();
+        inflight.write_at(0, b"x".to_vec()).await.unwrap();
+
+        let stamp = |compliant: bool| -> crate::gateway::config::GatewayConfig {
+            serde_json::from_value(serde_json::json!({
+                "server": "ns/s", "region": "cn-shanghai", "users": [],
+                "residency": {"compliant": compliant, "enforced": true, "violation": "rule R"},
+            }))
+            .unwrap()
+        };
+        log.apply(&stamp(false));
+        let suspended = |r: Result<(), VfsError>| match r {
+            Err(error @ VfsError::WritesSuspended(_)) => {
+                error.reply() == Reply::PermissionDenied
+                    && error.to_string() == "writes are suspended: rule R"
+            }
+            _ => false,
+        };
+        assert!(suspended(inflight.close().await.map(drop)));
+        assert!(suspended(
+            vfs.create("new", WriteMode::Replace).await.map(drop)
+        ));
+        assert!(suspended(vfs.resume("kept", ResumeAt::End).await.map(drop)));
+        assert!(suspended(vfs.remove("kept").await));
+        assert!(suspended(vfs.rename("kept", "moved").await));
+        assert!(suspended(vfs.rename_replacing("kept", "moved").await));
+        assert!(suspended(vfs.mkdir("d").await));
+        assert!(suspended(vfs.rmdir("/").await));
+        let mut reader = vfs.open_read("kept").await.unwrap();
+        assert_eq!(reader.read_at(0, 10).await.unwrap(), &b"kept"[..]);
+        assert_eq!(reader.finish().await.unwrap(), 4);
+        assert_eq!(names(&vfs, "/").await, ["kept"]);
+
+        log.apply(&stamp(true));
+        vfs.mkdir("d").await.unwrap();
+        upload(&vfs, "d/new", b"new").await;
     }
 
     #[tokio::test]

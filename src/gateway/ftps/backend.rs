@@ -584,6 +584,18 @@ mod tests {
             kind(VfsError::TooManyUploads),
             ErrorKind::TransientFileNotAvailable
         );
+        assert_eq!(
+            kind(VfsError::WritesSuspended("writes are suspended: x".into())),
+            ErrorKind::PermissionDenied
+        );
+        assert_eq!(
+            kind(VfsError::UploadRefused("upload refused: x".into())),
+            ErrorKind::PermissionDenied
+        );
+        assert_eq!(
+            kind(VfsError::AuditUnavailable),
+            ErrorKind::TransientFileNotAvailable
+        );
         let offset = VfsError::NonSequentialWrite {
             expected: 0,
             got: 1,
