@@ -350,11 +350,15 @@ impl AuditLog {
     /// Waits until everything recorded so far is durable, at most [`CLOSE_WAIT`].
     pub async fn close(&self) {
         let (done, flushed) = oneshot::channel();
-        if self.queue.send(Message::Flush(done)).await.is_err() {
-            return;
-        }
-        match tokio::time::timeout(CLOSE_WAIT, flushed).await {
-            Ok(_) => tracing::info!("Audit log flushed"),
+        let flush = async {
+            match self.queue.send(Message::Flush(done)).await {
+                Ok(()) => flushed.await.is_ok(),
+                Err(_) => false,
+            }
+        };
+        match tokio::time::timeout(CLOSE_WAIT, flush).await {
+            Ok(true) => tracing::info!("Audit log flushed"),
+            Ok(false) => tracing::error!("Audit log writer gone before shutdown"),
             Err(_) => tracing::error!(
                 queued = QUEUE_CAPACITY - self.queue.capacity(),
                 "Audit log not flushed before shutdown: the storage is failing"
@@ -464,12 +468,23 @@ impl SessionLog {
     pub async fn record(&self, entry: Entry) -> Result<(), AuditUnavailable> {
         let (durable, written) = oneshot::channel();
         let message = Message::Record(Box::new(self.complete(entry)), Some(durable));
-        if self.log.queue.send(message).await.is_err() {
-            return Err(AuditUnavailable);
-        }
-        match tokio::time::timeout(DURABLE_WAIT, written).await {
-            Ok(Ok(())) => Ok(()),
-            _ => Err(AuditUnavailable),
+        let queue = self.log.queue.clone();
+        let recorded = async move {
+            match queue.send(message).await {
+                Ok(()) => written.await.is_ok(),
+                Err(_) => false,
+            }
+        };
+        // A record that did not fit the queue in time is sent on regardless: nothing is
+        // dropped, the client is only told it is not confirmed.
+        let mut recorded = Box::pin(recorded);
+        match tokio::time::timeout(DURABLE_WAIT, &mut recorded).await {
+            Ok(true) => Ok(()),
+            Ok(false) => Err(AuditUnavailable),
+            Err(_) => {
+                tokio::spawn(recorded);
+                Err(AuditUnavailable)
+            }
         }
     }
 

@@ -976,6 +976,13 @@ impl SftpSession {
                         tracing::info!(parent: &self.span, path, bytes, "Upload completed");
                         Ok(())
                     }
+                    // Stored, but its audit record is not durable yet: the client is
+                    // told to retry rather than that its upload succeeded.
+                    Err(error @ VfsError::AuditUnavailable) => {
+                        tracing::warn!(parent: &self.span, path, bytes, "Upload not confirmed");
+                        Err(StatusCode::Failure
+                            .with_message(format!("upload stored but not confirmed: {error}")))
+                    }
                     Err(error) => {
                         // Whatever the cause, the client's data is gone: always a warning.
                         tracing::warn!(
