@@ -2022,6 +2022,28 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_resumed_upload_is_recorded_with_the_hash_of_the_whole_stored_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let vfs = open(dir.path(), ALL).await;
+        upload(&vfs, "data", &[7; 2_000_000]).await;
+        let mut writer = vfs
+            .resume("data", ResumeAt::Offset(1_500_000))
+            .await
+            .unwrap();
+        writer.write_at(1_500_000, b"tail".to_vec()).await.unwrap();
+        assert_eq!(writer.close().await.unwrap(), 1_500_004);
+
+        let stored = std::fs::read(dir.path().join("cucm/data")).unwrap();
+        let mut days = std::fs::read_dir(dir.path().join(storage::AUDIT_DIR)).unwrap();
+        let day = days.next().unwrap().unwrap().path();
+        let log = std::fs::read_to_string(day.join("test-0.jsonl")).unwrap();
+        let last: serde_json::Value = serde_json::from_str(log.lines().last().unwrap()).unwrap();
+        assert_eq!(last["operation"], "upload");
+        assert_eq!(last["bytes"], 1_500_004);
+        assert_eq!(last["sha256"], format!("{:x}", Sha256::digest(&stored)));
+    }
+
+    #[tokio::test]
     async fn create_new_fails_on_an_existing_file() {
         let dir = tempfile::tempdir().unwrap();
         let vfs = open(dir.path(), ALL).await;
