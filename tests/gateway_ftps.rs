@@ -81,13 +81,17 @@ fn stored(gateway: &TestGateway, path: &str) -> std::path::PathBuf {
     gateway.data().join(USER).join(path)
 }
 
-/// Every file and directory under `root`, relative to it, sorted.
+/// Every file and directory under `root`, relative to it, sorted; the audit log (which
+/// records even refused commands) is left out.
 fn tree(root: &Path) -> Vec<String> {
     let mut found = Vec::new();
     let mut pending = vec![root.to_path_buf()];
     while let Some(dir) = pending.pop() {
         for entry in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
             let path = entry.path();
+            if path == root.join(sluice::storage::AUDIT_DIR) {
+                continue;
+            }
             found.push(path.strip_prefix(root).unwrap().display().to_string());
             if path.is_dir() {
                 pending.push(path);

@@ -100,6 +100,13 @@ async fn sftp(client: SftpClient, commands: &str) -> Result<String> {
     blocking(move || client.run(&commands)).await
 }
 
+/// The test user's view of `store`, recording into an audit log in the same bucket.
+async fn open_vfs(store: sluice::storage::ObjectStore) -> Result<sluice::gateway::vfs::Vfs> {
+    let storage = sluice::storage::Storage::from(store);
+    let log = support::gateway::session_log(&storage).await;
+    Ok(sluice::gateway::vfs::Vfs::open(storage, &user(), &log).await?)
+}
+
 /// The key of `path` in the user's home.
 fn key(path: &str) -> String {
     format!("{PREFIX}{USER}/{path}")
@@ -658,13 +665,20 @@ print(json.dumps(r))
 "#,
         )
         .await?;
-        for operation in ["list", "stat", "put"] {
+        for operation in ["list", "stat"] {
             let message = result[operation]["message"].as_str().unwrap_or_default();
             ensure!(
                 message.contains("storage temporarily unavailable"),
                 "{case}, {operation}: {result}"
             );
         }
+        // The audit log lives in the same store: its failure refuses the upload first,
+        // as transient too (SFTP failure, not permission denied).
+        ensure!(
+            result["put"]["message"] == "audit log unavailable; try again later"
+                && result["put"]["errno"].is_null(),
+            "{case}, put: {result}"
+        );
 
         let ftp = FtpClients {
             ca: gateway.ca_file(),
@@ -803,7 +817,7 @@ async fn the_gateway_refuses_a_store_that_is_not_the_one_judged() -> Result<()> 
 /// racing for one name, only the first to complete is kept.
 #[tokio::test]
 async fn of_two_exclusive_uploads_only_the_first_to_complete_is_kept() -> Result<()> {
-    use sluice::gateway::vfs::{Vfs, VfsError, WriteMode};
+    use sluice::gateway::vfs::{VfsError, WriteMode};
     use sluice::storage::ObjectStore;
     use sluice::storage::object::Credentials;
 
@@ -816,7 +830,7 @@ async fn of_two_exclusive_uploads_only_the_first_to_complete_is_kept() -> Result
         store.has_conditional_writes(),
         "OpenDAL offers no conditional S3 writes"
     );
-    let vfs = Vfs::open(store, &user()).await?;
+    let vfs = open_vfs(store).await?;
 
     let mut first = vfs.create("race.csv", WriteMode::CreateNew).await?;
     let mut second = vfs.create("race.csv", WriteMode::CreateNew).await?;
@@ -1057,7 +1071,7 @@ print(json.dumps(attempt(after)), flush=True)
 /// upload each frees its place.
 #[tokio::test]
 async fn a_closed_aborted_or_dropped_upload_frees_its_place() -> Result<()> {
-    use sluice::gateway::vfs::{Vfs, VfsError, WriteMode};
+    use sluice::gateway::vfs::{VfsError, WriteMode};
     use sluice::storage::ObjectStore;
     use sluice::storage::bucket::MAX_UPLOADS;
     use sluice::storage::object::Credentials;
@@ -1067,7 +1081,7 @@ async fn a_closed_aborted_or_dropped_upload_frees_its_place() -> Result<()> {
     let credentials =
         Credentials::from_pairs(weed.credentials().iter().map(|(k, v)| (*k, v.as_bytes())));
     let store = ObjectStore::open(&weed.config(&name, PREFIX), &credentials)?;
-    let vfs = Vfs::open(store, &user()).await?;
+    let vfs = open_vfs(store).await?;
 
     let mut writers = Vec::new();
     for i in 0..MAX_UPLOADS {
@@ -1166,7 +1180,7 @@ async fn vfs_on(test: &str) -> Result<(sluice::gateway::vfs::Vfs, Operator)> {
         store.has_conditional_reads(),
         "OpenDAL offers no If-Match reads on S3"
     );
-    let vfs = sluice::gateway::vfs::Vfs::open(store, &user()).await?;
+    let vfs = open_vfs(store).await?;
     Ok((vfs, weed.bucket_operator(&name)?))
 }
 

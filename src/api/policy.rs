@@ -360,9 +360,9 @@ pub struct CrossBorderTransfer {
     /// When the permission ends (RFC 3339, for example `2027-06-30T00:00:00Z`).
     pub expires: Time,
 
-    /// Most data the gateways of governed servers in `destinationRegion` may accept under
-    /// this allowance, as a quantity (`1000G` is 1,000 GB). Counted from the bytes of
-    /// completed uploads in the servers' audit logs; once reached, uploads are refused.
+    /// Most data each governed server's gateways may accept under this allowance, as a
+    /// quantity (`1000G` is 1,000 GB): the bytes of completed uploads, counted per server
+    /// in its audit log's usage files. Once reached, that server's uploads are refused.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(regex(pattern = super::server::QUANTITY_PATTERN))]
     pub max_volume: Option<String>,

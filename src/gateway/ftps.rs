@@ -66,6 +66,7 @@ use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tracing::{Instrument, field};
 
+use crate::gateway::audit::AuditLog;
 use crate::gateway::auth::LiveLogins;
 use crate::gateway::config::FtpsSettings;
 use crate::gateway::ftps::control::{Mode, Policy, SessionSetup};
@@ -154,6 +155,7 @@ impl FtpsServer {
         addrs: FtpsAddrs,
         logins: LiveLogins,
         storage: impl Into<Storage>,
+        audit: AuditLog,
     ) -> Result<Self, FtpsError> {
         validate(settings)?;
         let certificates = CertificateStore::open(tls_dir);
@@ -168,7 +170,7 @@ impl FtpsServer {
         };
 
         let shared = Shared {
-            engine: Engine::new(logins, storage.into()),
+            engine: Engine::new(logins, storage.into(), audit),
             certificates,
             policy: RwLock::new(Arc::new(policy)),
             explicit: settings.explicit,
@@ -370,7 +372,13 @@ struct Connection {
 /// user.
 async fn serve_connection(connection: Connection, stream: TcpStream) {
     let (mode, peer) = (connection.mode, connection.peer);
-    let span = tracing::info_span!("ftps", %peer, mode = mode.as_str(), user = field::Empty);
+    let span = tracing::info_span!(
+        "ftps",
+        %peer,
+        mode = mode.as_str(),
+        session = field::Empty,
+        user = field::Empty
+    );
     async move {
         let shared = &connection.shared;
         if shared.certificates.current().is_none() {
@@ -457,14 +465,23 @@ mod tests {
     /// directory and volume.
     async fn bind_local(dir: &Path) -> FtpsServer {
         let volume = crate::storage::Volume::open_fs(&dir.join("data")).unwrap();
+        let storage = Storage::from(volume);
+        let audit = crate::gateway::audit::test_log(&storage).await;
         let localhost = "127.0.0.1:0".parse().unwrap();
         let addrs = FtpsAddrs {
             explicit: localhost,
             implicit: localhost,
         };
-        FtpsServer::bind(&settings(), dir, addrs, LiveLogins::default(), volume)
-            .await
-            .unwrap()
+        FtpsServer::bind(
+            &settings(),
+            dir,
+            addrs,
+            LiveLogins::default(),
+            storage,
+            audit,
+        )
+        .await
+        .unwrap()
     }
 
     #[tokio::test]

@@ -14,9 +14,16 @@
 //! A problem with FTPS alone (no TLS directory, an unusable `ftps` section, no valid
 //! certificate) is logged at error and leaves SFTP running.
 //!
+//! Every login and file operation is recorded in the [`audit`] log in the server's own
+//! storage, and the residency stamp of the configuration in force decides, at each
+//! operation, whether writes are accepted ([`vfs`]); a reload that suspends or resumes
+//! writes applies to running sessions too. On shutdown the audit log is flushed after the
+//! sessions have ended.
+//!
 //! [`run`] is the subcommand; [`Gateway`] is the same in two steps (bind, then serve), so
 //! a test can learn the bound addresses first.
 
+pub mod audit;
 pub mod auth;
 pub mod config;
 pub mod ftps;
@@ -34,6 +41,7 @@ use sha2::{Digest, Sha256};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
+use crate::gateway::audit::{AuditIdentity, AuditLog};
 use crate::gateway::auth::{LiveLogins, Logins};
 use crate::gateway::config::{GatewayConfig, ResidencyStamp};
 use crate::gateway::ftps::{FtpsAddrs, FtpsError, FtpsHandle, FtpsServer};
@@ -99,7 +107,8 @@ pub struct GatewayArgs {
     pub tls_dir: Option<PathBuf>,
 
     /// This pod's name (`NAME-gateway-ORDINAL`). When the configuration splits the
-    /// passive port range between pods, the ordinal picks this pod's share.
+    /// passive port range between pods, the ordinal picks this pod's share. The audit log
+    /// names the pod with it (the host name when it is not given).
     #[arg(long, env = "SLUICE_POD_NAME")]
     pub pod_name: Option<String>,
 }
@@ -107,6 +116,21 @@ pub struct GatewayArgs {
 impl GatewayArgs {
     fn ordinal(&self) -> Option<usize> {
         self.pod_name.as_deref().and_then(config::ordinal_of_pod)
+    }
+
+    /// The pod's name for the audit log: `--pod-name`, or else the host name (which
+    /// Kubernetes sets to the pod name).
+    fn audit_pod_name(&self) -> String {
+        let given = self.pod_name.as_deref().map(str::trim);
+        if let Some(name) = given.filter(|n| !n.is_empty()) {
+            return name.to_owned();
+        }
+        std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .ok()
+            .or_else(|| std::env::var("HOSTNAME").ok())
+            .map(|name| name.trim().to_owned())
+            .filter(|name| !name.is_empty() && !name.contains('/'))
+            .unwrap_or_else(|| "gateway".to_owned())
     }
 }
 
@@ -174,6 +198,9 @@ pub struct Gateway {
     sftp: SftpServer,
     listener: Option<TcpListener>,
     ftps: Option<FtpsServer>,
+    audit: AuditLog,
+    /// Why writes are suspended at start, if they are.
+    suspended: Option<String>,
     ordinal: Option<usize>,
     poll_interval: Duration,
     grace: Duration,
@@ -187,7 +214,7 @@ impl Gateway {
         let bytes = read_config(&args.config).await?;
         let config = parse_config(&args.config, &bytes)?;
         let host_keys = host_keys::load(&args.host_keys)?;
-        let storage = open_storage(args, &config)?;
+        let (storage, region) = open_storage(args, &config)?;
         let listener = match config.sftp {
             true => Some(
                 TcpListener::bind(args.sftp_listen)
@@ -205,15 +232,27 @@ impl Gateway {
             &host_keys,
             listener.as_ref().and_then(|l| l.local_addr().ok()),
         );
+        let identity = AuditIdentity {
+            server: config.server.clone(),
+            pod: args.audit_pod_name(),
+            region,
+        };
+        let audit = AuditLog::start(&storage, identity, &config).await;
+        let suspended = config.residency.writes_refused(audit::unix_now());
+        if let Some(reason) = &suspended {
+            tracing::warn!(reason, "Writes are suspended");
+        }
         let logins = LiveLogins::new(Logins::new(&config.users));
-        let ftps = bind_ftps(args, &config, logins.clone(), storage.clone()).await?;
+        let ftps = bind_ftps(args, &config, &logins, &storage, &audit).await?;
         Ok(Self {
             config_path: args.config.clone(),
             config_hash: Sha256::digest(&bytes).into(),
-            sftp: SftpServer::new(host_keys, logins.clone(), storage),
+            sftp: SftpServer::new(host_keys, logins.clone(), storage, audit.clone()),
             logins,
             listener,
             ftps,
+            audit,
+            suspended,
             ordinal: args.ordinal(),
             poll_interval: CONFIG_POLL_INTERVAL,
             grace: SHUTDOWN_GRACE,
@@ -254,14 +293,18 @@ impl Gateway {
     }
 
     /// Serves until `shutdown` completes, then stops accepting connections, lets running
-    /// sessions finish within the grace period and disconnects the rest.
+    /// sessions finish within the grace period, disconnects the rest and flushes the
+    /// audit log.
     pub async fn serve(self, shutdown: impl Future<Output = ()>) {
         let (stop_tx, stop_rx) = watch::channel(false);
+        let audit = self.audit.clone();
         let reload = tokio::spawn(watch_config(
             ConfigWatch {
                 path: self.config_path,
                 hash: self.config_hash,
                 logins: self.logins,
+                audit: self.audit,
+                suspended: self.suspended,
                 ftps: self.ftps.as_ref().map(FtpsServer::handle),
                 ordinal: self.ordinal,
                 interval: self.poll_interval,
@@ -288,6 +331,7 @@ impl Gateway {
         tokio::join!(sftp, ftps, stop);
 
         let _ = reload.await;
+        audit.close().await;
         tracing::info!("Gateway stopped");
     }
 }
@@ -297,8 +341,9 @@ impl Gateway {
 async fn bind_ftps(
     args: &GatewayArgs,
     config: &GatewayConfig,
-    logins: LiveLogins,
-    storage: Storage,
+    logins: &LiveLogins,
+    storage: &Storage,
+    audit: &AuditLog,
 ) -> Result<Option<FtpsServer>, GatewayError> {
     let Some(settings) = &config.ftps else {
         return Ok(None);
@@ -321,7 +366,8 @@ async fn bind_ftps(
         explicit: args.ftps_listen,
         implicit: args.ftps_implicit_listen,
     };
-    match FtpsServer::bind(&settings, tls_dir, addrs, logins, storage).await {
+    let (logins, storage, audit) = (logins.clone(), storage.clone(), audit.clone());
+    match FtpsServer::bind(&settings, tls_dir, addrs, logins, storage, audit).await {
         Ok(server) => {
             tracing::info!(
                 explicit = ?server.explicit_addr(),
@@ -339,12 +385,17 @@ async fn bind_ftps(
     }
 }
 
-/// The storage the configuration names: the volume at `--data-dir`, or the object store,
-/// once its region has been resolved again from exactly what the gateway connects to and
-/// found allowed by the operator's residency decision.
-fn open_storage(args: &GatewayArgs, config: &GatewayConfig) -> Result<Storage, GatewayError> {
+/// The storage the configuration names and its region: the volume at `--data-dir` (in
+/// the server's region), or the object store, once its region has been resolved again
+/// from exactly what the gateway connects to and found allowed by the operator's
+/// residency decision.
+fn open_storage(
+    args: &GatewayArgs,
+    config: &GatewayConfig,
+) -> Result<(Storage, String), GatewayError> {
     let Some(store) = &config.object_store else {
-        return Ok(Volume::open_fs(&args.data_dir)?.into());
+        let volume = Volume::open_fs(&args.data_dir)?;
+        return Ok((volume.into(), config.region.clone()));
     };
     let region = check_residency(store, &config.residency)?;
     let credentials = match store.workload_identity {
@@ -359,7 +410,7 @@ fn open_storage(args: &GatewayArgs, config: &GatewayConfig) -> Result<Storage, G
         %region,
         "Serving files from the object store"
     );
-    Ok(opened.into())
+    Ok((opened.into(), region))
 }
 
 /// The object store's region, checked against the stamp. The region resolved from the
@@ -412,6 +463,9 @@ struct ConfigWatch {
     path: PathBuf,
     hash: [u8; 32],
     logins: LiveLogins,
+    audit: AuditLog,
+    /// Why writes were suspended at the last reload, to log changes once.
+    suspended: Option<String>,
     ftps: Option<FtpsHandle>,
     ordinal: Option<usize>,
     interval: Duration,
@@ -450,7 +504,16 @@ async fn watch_config(mut watch: ConfigWatch, mut stop: watch::Receiver<bool>) {
         match parse_config(&watch.path, &bytes) {
             Ok(config) => {
                 watch.logins.replace(Logins::new(&config.users));
+                watch.audit.apply(&config);
                 tracing::info!(users = config.users.len(), "Reloaded configuration");
+                let suspended = config.residency.writes_refused(audit::unix_now());
+                if suspended != watch.suspended {
+                    match &suspended {
+                        Some(reason) => tracing::warn!(reason, "Writes are suspended"),
+                        None => tracing::info!("Writes are accepted again"),
+                    }
+                    watch.suspended = suspended;
+                }
                 match &watch.ftps {
                     Some(ftps) => match config.ftps.map(|f| f.for_replica(watch.ordinal)) {
                         Some(Err(error)) => {

@@ -21,7 +21,9 @@
 //!   completed transfers (with their byte counts) are logged at info, failed logins at
 //!   warn (user and peer, never the password), storage failures and uploads lost on close
 //!   at warn. A connection that closes before or during the SSH handshake, or never logs
-//!   in, is logged at debug only.
+//!   in, is logged at debug only. Logins, failed ones included, and every file operation
+//!   are also recorded in the audit log ([`crate::gateway::audit`]); the span carries the
+//!   audit session id.
 //! - [`SftpServer::serve`] stops accepting when told to, lets running sessions finish for
 //!   a grace period, then disconnects the rest.
 //! - `OPEN` follows the SFTP specification: `CREATE` without `WRITE` creates the file
@@ -56,6 +58,7 @@ use tokio::time::Instant;
 use tracing::{Instrument, Span, field};
 
 use crate::api::Permission;
+use crate::gateway::audit::{AuditLog, AuditProtocol, Entry as AuditEntry, Operation, SessionLog};
 use crate::gateway::auth::{LiveLogins, Login, Logins};
 use crate::gateway::sessions::{
     self, ConnectionLimiter, ConnectionSlot, DISCONNECT_WAIT, Protocol, admission_ends,
@@ -101,21 +104,25 @@ struct Shared {
     host_keys: Vec<PrivateKey>,
     logins: LiveLogins,
     storage: Storage,
+    audit: AuditLog,
     limits: ConnectionLimits,
 }
 
 impl SftpServer {
-    /// A server presenting `host_keys`, checking credentials against `logins` and serving
-    /// files from `storage`, with the default [`ConnectionLimits`].
+    /// A server presenting `host_keys`, checking credentials against `logins`, serving
+    /// files from `storage` and recording into `audit`, with the default
+    /// [`ConnectionLimits`].
     pub fn new(
         host_keys: Vec<PrivateKey>,
         logins: LiveLogins,
         storage: impl Into<Storage>,
+        audit: AuditLog,
     ) -> Self {
         let shared = Shared {
             host_keys,
             logins,
             storage: storage.into(),
+            audit,
             limits: ConnectionLimits::default(),
         };
         Self {
@@ -129,6 +136,7 @@ impl SftpServer {
             host_keys: self.shared.host_keys.clone(),
             logins: self.shared.logins.clone(),
             storage: self.shared.storage.clone(),
+            audit: self.shared.audit.clone(),
             limits,
         };
         Self {
@@ -218,7 +226,16 @@ impl Connection {
     /// Runs the SSH connection to its end: the client's, the deadline's, a revocation's,
     /// or shutdown's once `disconnect` turns true.
     async fn run(mut self, stream: TcpStream) {
-        let span = tracing::info_span!("sftp", peer = %self.peer, user = field::Empty);
+        let log = self
+            .shared
+            .audit
+            .session(AuditProtocol::Sftp, self.peer.ip());
+        let span = tracing::info_span!(
+            "sftp",
+            peer = %self.peer,
+            session = log.id(),
+            user = field::Empty
+        );
         let deadline = Instant::now() + self.shared.limits.login_deadline;
         let logins = self.shared.logins.subscribe();
         let (login_tx, login_rx) = watch::channel(None);
@@ -228,6 +245,7 @@ impl Connection {
             config.methods.clone(),
             span.clone(),
             login_tx,
+            log,
         );
         let (sever, severed) = oneshot::channel();
         let stream = Severable {
@@ -367,6 +385,8 @@ struct SshSession {
     sftp_ids: std::collections::HashSet<ChannelId>,
     /// User and number of public keys refused, for the warning when the client gives up.
     refused_keys: Option<(String, usize)>,
+    /// The connection's audit log.
+    log: SessionLog,
 }
 
 impl SshSession {
@@ -375,6 +395,7 @@ impl SshSession {
         methods: MethodSet,
         span: Span,
         login: watch::Sender<Option<Arc<Login>>>,
+        log: SessionLog,
     ) -> Self {
         Self {
             shared,
@@ -386,6 +407,7 @@ impl SshSession {
             sftp_channels: Arc::default(),
             sftp_ids: std::collections::HashSet::new(),
             refused_keys: None,
+            log,
         }
     }
 
@@ -409,10 +431,11 @@ impl SshSession {
 
     async fn log_in(&mut self, login: Arc<Login>, method: &'static str) -> Auth {
         let user = login.user();
-        match Vfs::open(self.shared.storage.clone(), user).await {
+        match Vfs::open(self.shared.storage.clone(), user, &self.log).await {
             Ok(vfs) => {
                 self.span.record("user", user.name.as_str());
                 tracing::info!(parent: &self.span, method, "Logged in");
+                self.log.login(&user.name, None).await;
                 self.vfs = Some(vfs);
                 self.refused_keys = None;
                 self.login.send_replace(Some(login));
@@ -425,6 +448,8 @@ impl SshSession {
                     error = %ErrorChain(&error),
                     "Login refused: home directory unusable"
                 );
+                let reason = "home directory unusable";
+                self.log.login(&user.name, Some(reason)).await;
                 self.reject()
             }
         }
@@ -457,6 +482,7 @@ impl russh::server::Handler for SshSession {
             Err(refusal) => {
                 let reason = refusal.reason();
                 tracing::warn!(parent: &self.span, user, reason, "Login failed");
+                self.log.login(user, Some(reason)).await;
                 Ok(self.reject())
             }
         }
@@ -497,6 +523,7 @@ impl russh::server::Handler for SshSession {
             None => {
                 let reason = "key not authorised";
                 tracing::warn!(parent: &self.span, user, reason, "Login failed");
+                self.log.login(user, Some(reason)).await;
                 Ok(self.reject())
             }
         }
@@ -628,14 +655,17 @@ impl russh::server::Handler for SshSession {
 impl Drop for SshSession {
     fn drop(&mut self) {
         if let Some((user, keys)) = self.refused_keys.take() {
+            let reason = "no authorised key offered";
             tracing::warn!(
                 parent: &self.span,
                 user,
                 method = "publickey",
                 keys,
-                reason = "no authorised key offered",
+                reason,
                 "Login failed"
             );
+            let entry = AuditEntry::new(Operation::Login).denied(reason);
+            self.log.for_user(&user).note_detached(entry);
         }
         if self.vfs.is_some() {
             tracing::info!(parent: &self.span, "Session closed");
@@ -946,6 +976,13 @@ impl SftpSession {
                         tracing::info!(parent: &self.span, path, bytes, "Upload completed");
                         Ok(())
                     }
+                    // Stored, but its audit record is not durable yet: the client is
+                    // told to retry rather than that its upload succeeded.
+                    Err(error @ VfsError::AuditUnavailable) => {
+                        tracing::warn!(parent: &self.span, path, bytes, "Upload not confirmed");
+                        Err(StatusCode::Failure
+                            .with_message(format!("upload stored but not confirmed: {error}")))
+                    }
                     Err(error) => {
                         // Whatever the cause, the client's data is gone: always a warning.
                         tracing::warn!(
@@ -964,14 +1001,14 @@ impl SftpSession {
                 }
             }
             OpenHandle::Read(reader) => {
-                tracing::info!(
-                    parent: &self.span,
-                    path = reader.path(),
-                    bytes = reader.bytes_read(),
-                    size = reader.size(),
-                    "Download completed"
-                );
-                Ok(())
+                let (path, size) = (reader.path().to_owned(), reader.size());
+                match reader.finish().await {
+                    Ok(bytes) => {
+                        tracing::info!(parent: &self.span, path, bytes, size, "Download completed");
+                        Ok(())
+                    }
+                    Err(error) => Err(self.refuse("close", &path, error)),
+                }
             }
             OpenHandle::Dir { .. } => Ok(()),
         }
@@ -1296,7 +1333,10 @@ mod tests {
             let logins = LiveLogins::new(Logins::new(&[user]));
             let dir = tempfile::tempdir().unwrap();
             let volume = crate::storage::Volume::open_fs(dir.path()).unwrap();
-            let server = SftpServer::new(vec![host_key], logins, volume).with_limits(limits);
+            let storage = Storage::from(volume);
+            let audit = crate::gateway::audit::test_log(&storage).await;
+            let server =
+                SftpServer::new(vec![host_key], logins, storage, audit).with_limits(limits);
 
             let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
             let addr = listener.local_addr().unwrap();

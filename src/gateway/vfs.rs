@@ -22,9 +22,23 @@
 //!   with [`VfsError::Symlink`] and links are left out of listings. Nothing a client can do
 //!   creates a link, so only links planted on the volume by other means are at stake.
 //! - The reserved names at the storage root ([`crate::storage::UPLOADS_DIR`],
-//!   [`crate::storage::PROBE_DIR`]) are neither listed nor reachable, even for a user
+//!   [`crate::storage::PROBE_DIR`], [`crate::storage::AUDIT_DIR`]) are neither listed nor
+//!   reachable, even for a user
 //!   whose home is the root.
 //! - Every operation checks the user's [`Permission`]s before touching storage.
+//! - Writes are gated here, for every front end alike: uploads (resumes included),
+//!   deletes, renames, mkdir and rmdir are refused with [`VfsError::WritesSuspended`]
+//!   while the residency stamp in force at that moment suspends writes (it follows
+//!   configuration reloads, so sessions already logged in are gated too), and new uploads
+//!   with [`VfsError::UploadRefused`] once a cross-border allowance's volume limit is used
+//!   up. An upload running when writes are suspended is discarded when it closes, and its
+//!   client told so. Reads, listings and stat are never gated.
+//! - Every upload, download, delete, rename, mkdir and rmdir is recorded in the audit log
+//!   ([`crate::gateway::audit`]), refused and failed ones included; a success is replied
+//!   to only once its record is durable. While the audit log cannot take records,
+//!   mutating operations and downloads are refused with [`VfsError::AuditUnavailable`]
+//!   (transient). Uploads are hashed (SHA-256) as they stream, the kept start of a resumed
+//!   upload included, so the record holds the hash of exactly what was stored.
 //! - Uploads are streamed and atomic: on the volume a [`FileWriter`] writes to a temporary
 //!   file in the upload directory and publishes it under its name on
 //!   [`FileWriter::close`]; in a bucket it is a multipart upload to the final key, which
@@ -72,9 +86,11 @@ use std::time::SystemTime;
 use bytes::{Bytes, BytesMut};
 use futures::TryStreamExt;
 use opendal::{EntryMode, ErrorKind, Metadata, Operator};
+use sha2::{Digest, Sha256};
 use sync_wrapper::SyncWrapper;
 
 use crate::api::Permission;
+use crate::gateway::audit::{Entry as AuditEntry, Operation, SessionLog};
 use crate::gateway::config::GatewayUser;
 use crate::storage::bucket::{
     Found, MAX_UPLOADS, ObjectStore, RenameError, RenameRefusal, StorageFault, UploadSlot,
@@ -160,6 +176,15 @@ pub enum VfsError {
     /// As many uploads to the object store as the gateway runs at once are in progress.
     #[error("too many uploads in progress on this server (at most {MAX_UPLOADS}); try again later")]
     TooManyUploads,
+    /// The server's residency stamp suspends writes (the message says why).
+    #[error("{0}")]
+    WritesSuspended(String),
+    /// A cross-border allowance's volume limit is used up (the message names it).
+    #[error("{0}")]
+    UploadRefused(String),
+    /// The audit log cannot take records: nothing that would go unrecorded is done.
+    #[error("audit log unavailable; try again later")]
+    AuditUnavailable,
 }
 
 /// The protocol-independent reply an error maps to.
@@ -180,7 +205,11 @@ impl VfsError {
     pub fn reply(&self) -> Reply {
         match self {
             Self::NotFound => Reply::NotFound,
-            Self::Denied(_) | Self::Symlink | Self::ReservedHome(_) => Reply::PermissionDenied,
+            Self::Denied(_)
+            | Self::Symlink
+            | Self::ReservedHome(_)
+            | Self::WritesSuspended(_)
+            | Self::UploadRefused(_) => Reply::PermissionDenied,
             Self::NonSequentialWrite { .. } => Reply::Unsupported,
             _ => Reply::Failure,
         }
@@ -191,8 +220,25 @@ impl VfsError {
         matches!(self, Self::Storage(e) if e.is_temporary())
             || matches!(
                 self,
-                Self::Unavailable(_) | Self::TooManyUploads | Self::Changed
+                Self::Unavailable(_)
+                    | Self::TooManyUploads
+                    | Self::Changed
+                    | Self::AuditUnavailable
             )
+    }
+
+    /// Whether the gateway refused the operation (rather than trying it and failing): the
+    /// audit log records it as `denied`.
+    pub fn is_refusal(&self) -> bool {
+        matches!(
+            self,
+            Self::Denied(_)
+                | Self::Symlink
+                | Self::ReservedHome(_)
+                | Self::WritesSuspended(_)
+                | Self::UploadRefused(_)
+                | Self::AuditUnavailable
+        )
     }
 
     /// Whether the error is the storage's or the gateway's fault rather than the
@@ -200,7 +246,11 @@ impl VfsError {
     pub fn is_internal(&self) -> bool {
         matches!(
             self,
-            Self::Storage(_) | Self::Volume(_) | Self::Unavailable(_) | Self::TooManyUploads
+            Self::Storage(_)
+                | Self::Volume(_)
+                | Self::Unavailable(_)
+                | Self::TooManyUploads
+                | Self::AuditUnavailable
         )
     }
 
@@ -411,13 +461,19 @@ pub struct Vfs {
     user: String,
     home: String,
     permissions: BTreeSet<Permission>,
+    log: SessionLog,
 }
 
 impl Vfs {
-    /// Opens `user`'s view of `storage`, creating the home directory if it is missing.
-    /// An object store that cannot be reached does not stop the login: every request
-    /// then fails with [`VfsError::Unavailable`] until it is back.
-    pub async fn open(storage: impl Into<Storage>, user: &GatewayUser) -> Result<Self, VfsError> {
+    /// Opens `user`'s view of `storage`, creating the home directory if it is missing, and
+    /// recording its operations in `log`. An object store that cannot be reached does not
+    /// stop the login: every request then fails with [`VfsError::Unavailable`] until it is
+    /// back.
+    pub async fn open(
+        storage: impl Into<Storage>,
+        user: &GatewayUser,
+        log: &SessionLog,
+    ) -> Result<Self, VfsError> {
         let storage = storage.into();
         let home = normalize(&user.home)?.trim_start_matches('/').to_owned();
         if !storage::is_faithful_key(&home) {
@@ -453,6 +509,7 @@ impl Vfs {
             user: user.name.clone(),
             home,
             permissions: user.permissions.iter().copied().collect(),
+            log: log.for_user(&user.name),
         })
     }
 
@@ -507,9 +564,20 @@ impl Vfs {
         })
     }
 
-    /// Opens a file for reading at any offset. Needs `read`.
+    /// Opens a file for reading at any offset. Needs `read`. The download is recorded when
+    /// the reader is finished ([`FileReader::finish`]) or dropped; a refusal at once.
     pub async fn open_read(&self, path: &str) -> Result<FileReader, VfsError> {
+        let opened = self.open_read_unaudited(path).await;
+        if let Err(error) = &opened {
+            let entry = AuditEntry::new(Operation::Download).path(shown(path));
+            self.log.note(outcome(entry, error)).await;
+        }
+        opened
+    }
+
+    async fn open_read_unaudited(&self, path: &str) -> Result<FileReader, VfsError> {
         self.require(Permission::Read)?;
+        self.require_audit()?;
         let target = self.locate(path).await?;
         let version = self.version(&target).await?;
 
@@ -521,6 +589,9 @@ impl Vfs {
             path: target.path,
             size: version.size,
             bytes_read: 0,
+            log: self.log.clone(),
+            finished: false,
+            failure: None,
         })
     }
 
@@ -572,9 +643,16 @@ impl Vfs {
     }
 
     /// Starts an upload to `path`; the file appears only when the returned writer is
-    /// closed. The parent directory must exist. Needs `write`.
+    /// closed. The parent directory must exist. Needs `write`, writes not suspended and no
+    /// volume limit used up.
     pub async fn create(&self, path: &str, mode: WriteMode) -> Result<FileWriter, VfsError> {
+        let started = self.create_unaudited(path, mode).await;
+        self.upload_started(path, started).await
+    }
+
+    async fn create_unaudited(&self, path: &str, mode: WriteMode) -> Result<FileWriter, VfsError> {
         self.require(Permission::Write)?;
+        self.require_upload()?;
         let target = self.locate(path).await?;
         if target.is_home() {
             return Err(VfsError::IsADirectory);
@@ -606,7 +684,26 @@ impl Vfs {
     /// closed. Needs `write` only, as a whole upload would: the kept bytes are never shown
     /// to the client.
     pub async fn resume(&self, path: &str, at: ResumeAt) -> Result<FileWriter, VfsError> {
+        let started = self.resume_unaudited(path, at).await;
+        self.upload_started(path, started).await
+    }
+
+    /// Records an upload that could not start; one that did is recorded when it ends.
+    async fn upload_started(
+        &self,
+        path: &str,
+        started: Result<FileWriter, VfsError>,
+    ) -> Result<FileWriter, VfsError> {
+        if let Err(error) = &started {
+            let entry = AuditEntry::new(Operation::Upload).path(shown(path));
+            self.log.note(outcome(entry, error)).await;
+        }
+        started
+    }
+
+    async fn resume_unaudited(&self, path: &str, at: ResumeAt) -> Result<FileWriter, VfsError> {
         self.require(Permission::Write)?;
+        self.require_upload()?;
         let target = self.locate(path).await?;
         if target.is_home() {
             return Err(VfsError::IsADirectory);
@@ -629,9 +726,12 @@ impl Vfs {
         if keep > 0
             && let Err(error) = self.copy_prefix(&key, &version, keep, &mut writer).await
         {
+            // Recorded as the upload that could not start.
+            writer.finished = true;
             let _ = writer.abort().await;
             return Err(error);
         }
+        writer.kept = keep;
         Ok(writer)
     }
 
@@ -701,12 +801,24 @@ impl Vfs {
             mode,
             path: target.path,
             bytes_written: 0,
+            kept: 0,
+            sha256: Sha256::new(),
+            log: self.log.clone(),
+            finished: false,
+            failure: None,
         })
     }
 
-    /// Creates a directory whose parent exists. Needs `mkdir`.
+    /// Creates a directory whose parent exists. Needs `mkdir` and writes not suspended.
     pub async fn mkdir(&self, path: &str) -> Result<(), VfsError> {
+        let entry = AuditEntry::new(Operation::Mkdir).path(shown(path));
+        let made = self.mkdir_unaudited(path).await;
+        self.audited(entry, made).await
+    }
+
+    async fn mkdir_unaudited(&self, path: &str) -> Result<(), VfsError> {
         self.require(Permission::Mkdir)?;
+        self.require_writable()?;
         let target = self.locate(path).await?;
         if target.is_home() {
             return Err(VfsError::AlreadyExists);
@@ -722,9 +834,16 @@ impl Vfs {
             .map_err(|e| self.storage_error(e))
     }
 
-    /// Removes an empty directory. Needs `delete`.
+    /// Removes an empty directory. Needs `delete` and writes not suspended.
     pub async fn rmdir(&self, path: &str) -> Result<(), VfsError> {
+        let entry = AuditEntry::new(Operation::Rmdir).path(shown(path));
+        let removed = self.rmdir_unaudited(path).await;
+        self.audited(entry, removed).await
+    }
+
+    async fn rmdir_unaudited(&self, path: &str) -> Result<(), VfsError> {
         self.require(Permission::Delete)?;
+        self.require_writable()?;
         let target = self.locate(path).await?;
         if target.is_home() {
             return Err(VfsError::Home);
@@ -742,9 +861,16 @@ impl Vfs {
             .map_err(|e| self.storage_error(e))
     }
 
-    /// Removes a file. Needs `delete`.
+    /// Removes a file. Needs `delete` and writes not suspended.
     pub async fn remove(&self, path: &str) -> Result<(), VfsError> {
+        let entry = AuditEntry::new(Operation::Delete).path(shown(path));
+        let removed = self.remove_unaudited(path).await;
+        self.audited(entry, removed).await
+    }
+
+    async fn remove_unaudited(&self, path: &str) -> Result<(), VfsError> {
         self.require(Permission::Delete)?;
+        self.require_writable()?;
         let target = self.locate(path).await?;
         // Looked up first: OpenDAL reports deleting a missing file as success.
         if self.entry(&target).await?.is_dir() {
@@ -772,7 +898,16 @@ impl Vfs {
     }
 
     async fn move_entry(&self, from: &str, to: &str, replace: bool) -> Result<(), VfsError> {
+        let entry = AuditEntry::new(Operation::Rename)
+            .path(shown(from))
+            .target(shown(to));
+        let moved = self.move_unaudited(from, to, replace).await;
+        self.audited(entry, moved).await
+    }
+
+    async fn move_unaudited(&self, from: &str, to: &str, replace: bool) -> Result<(), VfsError> {
         self.require(Permission::Rename)?;
+        self.require_writable()?;
         let source = self.locate(from).await?;
         let destination = self.locate(to).await?;
         if source.is_home() || destination.is_home() {
@@ -823,6 +958,51 @@ impl Vfs {
             Ok(())
         } else {
             Err(VfsError::Denied(permission))
+        }
+    }
+
+    /// Fails unless the audit log takes records: nothing is done that would go unrecorded.
+    fn require_audit(&self) -> Result<(), VfsError> {
+        match self.log.available() {
+            true => Ok(()),
+            false => Err(VfsError::AuditUnavailable),
+        }
+    }
+
+    /// Fails if the residency stamp in force now suspends writes, or the audit log is
+    /// unavailable.
+    fn require_writable(&self) -> Result<(), VfsError> {
+        if let Some(reason) = self.log.writes_refused() {
+            return Err(VfsError::WritesSuspended(reason));
+        }
+        self.require_audit()
+    }
+
+    /// Like [`Vfs::require_writable`], and fails if a volume limit is used up.
+    fn require_upload(&self) -> Result<(), VfsError> {
+        self.require_writable()?;
+        match self.log.upload_refused() {
+            Some(reason) => Err(VfsError::UploadRefused(reason)),
+            None => Ok(()),
+        }
+    }
+
+    /// Records the operation `entry` describes: a success once it is durable (or the
+    /// client is told the audit log is unavailable), a failure or refusal with its reason.
+    async fn audited<T>(
+        &self,
+        entry: AuditEntry,
+        result: Result<T, VfsError>,
+    ) -> Result<T, VfsError> {
+        match result {
+            Ok(value) => {
+                durable(&self.log, entry).await?;
+                Ok(value)
+            }
+            Err(error) => {
+                self.log.note(outcome(entry, &error)).await;
+                Err(error)
+            }
         }
     }
 
@@ -926,6 +1106,28 @@ impl Vfs {
     }
 }
 
+/// `path` as the audit log shows it: normalised if it can be, as given otherwise.
+fn shown(path: &str) -> String {
+    normalize(path).unwrap_or_else(|_| path.to_owned())
+}
+
+/// `entry` with the outcome `error` gives it: denied if the gateway refused, failed
+/// otherwise.
+fn outcome(entry: AuditEntry, error: &VfsError) -> AuditEntry {
+    match error.is_refusal() {
+        true => entry.denied(error.to_string()),
+        false => entry.failed(error.to_string()),
+    }
+}
+
+/// Records a success and waits until it is durable.
+async fn durable(log: &SessionLog, entry: AuditEntry) -> Result<(), VfsError> {
+    log.record(entry).await.map_err(|_| {
+        tracing::warn!("Operation done but its audit record is not durable yet; told the client");
+        VfsError::AuditUnavailable
+    })
+}
+
 /// A directory entry for `target`, as a bucket knows it (no time).
 fn directory(target: &Target) -> Entry {
     Entry {
@@ -1005,6 +1207,11 @@ pub struct FileReader {
     path: String,
     size: u64,
     bytes_read: u64,
+    log: SessionLog,
+    /// Whether the download was recorded.
+    finished: bool,
+    /// Why the last read failed, for the record of a download that ends with it.
+    failure: Option<String>,
 }
 
 /// The stream a [`FileReader`] reads from, and where it stands.
@@ -1024,6 +1231,14 @@ impl FileReader {
         if offset >= end {
             return Ok(Bytes::new());
         }
+        let read = self.read_stream(offset, end).await;
+        if let Err(error) = &read {
+            self.failure = Some(error.to_string());
+        }
+        read
+    }
+
+    async fn read_stream(&mut self, offset: u64, end: u64) -> Result<Bytes, VfsError> {
         let wanted = (end - offset) as usize;
         let mut sequential = match self.stream.take() {
             Some(sequential) if sequential.position == offset => sequential,
@@ -1083,6 +1298,32 @@ impl FileReader {
     pub fn bytes_read(&self) -> u64 {
         self.bytes_read
     }
+
+    /// Ends the download and records it with the bytes sent, waiting until the record is
+    /// durable; fails with [`VfsError::AuditUnavailable`] if it does not become so in
+    /// time. A reader dropped unfinished is recorded as an interrupted download.
+    pub async fn finish(mut self) -> Result<u64, VfsError> {
+        self.finished = true;
+        let entry = AuditEntry::new(Operation::Download)
+            .path(self.path.clone())
+            .bytes(self.bytes_read);
+        durable(&self.log, entry).await?;
+        Ok(self.bytes_read)
+    }
+}
+
+impl Drop for FileReader {
+    fn drop(&mut self) {
+        if self.finished {
+            return;
+        }
+        let reason = self.failure.take();
+        let entry = AuditEntry::new(Operation::Download)
+            .path(self.path.clone())
+            .bytes(self.bytes_read)
+            .failed(reason.unwrap_or_else(|| "download interrupted".to_owned()));
+        self.log.note_detached(entry);
+    }
 }
 
 /// How a finished upload becomes the file.
@@ -1113,6 +1354,15 @@ pub struct FileWriter {
     mode: WriteMode,
     path: String,
     bytes_written: u64,
+    /// Bytes of the existing file a resumed upload kept (already counted once).
+    kept: u64,
+    /// Of everything written, the kept start included.
+    sha256: Sha256,
+    log: SessionLog,
+    /// Whether the upload was recorded (or is recorded by whoever made it).
+    finished: bool,
+    /// Why the last write failed, for the record of an upload abandoned after it.
+    failure: Option<String>,
 }
 
 impl FileWriter {
@@ -1130,21 +1380,50 @@ impl FileWriter {
             return Err(VfsError::NotFound);
         };
         let len = data.len() as u64;
-        writer
-            .write(data)
-            .await
-            .map_err(|e| VfsError::from_backend(object_store, e))?;
+        self.sha256.update(&data);
+        if let Err(error) = writer.write(data).await {
+            let error = VfsError::from_backend(object_store, error);
+            self.failure = Some(error.to_string());
+            return Err(error);
+        }
         self.bytes_written += len;
         Ok(())
     }
 
-    /// Publishes the file under its name and returns its size. On failure the upload is
-    /// discarded; with [`WriteMode::CreateNew`] that includes the name having been taken
-    /// since the upload started ([`VfsError::AlreadyExists`]).
+    /// Publishes the file under its name and returns its size, once its audit record
+    /// (size, SHA-256) is durable. On failure the upload is discarded; with
+    /// [`WriteMode::CreateNew`] that includes the name having been taken since the upload
+    /// started ([`VfsError::AlreadyExists`]). An upload still running when writes are
+    /// suspended is discarded here ([`VfsError::WritesSuspended`]): the client sees the
+    /// failure, so nothing it believes stored is lost. If its record cannot be made durable
+    /// in time, the file is stored but the client is told [`VfsError::AuditUnavailable`].
     pub async fn close(mut self) -> Result<u64, VfsError> {
+        self.finished = true;
+        let entry = AuditEntry::new(Operation::Upload).path(self.path.clone());
+        match self.publish().await {
+            Ok(size) => {
+                let sha256 = format!("{:x}", self.sha256.clone().finalize());
+                let reference = self.log.count_upload(size.saturating_sub(self.kept));
+                let entry = entry.bytes(size).sha256(sha256).reference(reference);
+                durable(&self.log, entry).await?;
+                Ok(size)
+            }
+            Err(error) => {
+                let entry = entry.bytes(self.bytes_written);
+                self.log.note(outcome(entry, &error)).await;
+                Err(error)
+            }
+        }
+    }
+
+    async fn publish(&mut self) -> Result<u64, VfsError> {
         let Some(mut writer) = self.writer.take() else {
             return Err(VfsError::NotFound);
         };
+        if let Some(reason) = self.log.writes_refused() {
+            let _ = writer.abort().await;
+            return Err(VfsError::WritesSuspended(reason));
+        }
         if let Publish::Direct {
             store,
             check_first: true,
@@ -1176,8 +1455,18 @@ impl FileWriter {
         Ok(self.bytes_written)
     }
 
-    /// Discards the upload.
+    /// Discards the upload, recording it as interrupted (with the reason of a failed
+    /// write, if one failed).
     pub async fn abort(mut self) -> Result<(), VfsError> {
+        if !self.finished {
+            self.finished = true;
+            let reason = self.failure.take();
+            let entry = AuditEntry::new(Operation::Upload)
+                .path(self.path.clone())
+                .bytes(self.bytes_written)
+                .failed(reason.unwrap_or_else(|| "upload interrupted; nothing was stored".into()));
+            self.log.note(entry).await;
+        }
         let object_store = self.is_object_store();
         if let Some(mut writer) = self.writer.take() {
             writer
@@ -1211,6 +1500,13 @@ impl Drop for FileWriter {
         let Some(mut writer) = self.writer.take() else {
             return;
         };
+        if !self.finished {
+            let entry = AuditEntry::new(Operation::Upload)
+                .path(self.path.clone())
+                .bytes(self.bytes_written)
+                .failed("upload interrupted; nothing was stored");
+            self.log.note_detached(entry);
+        }
         // The slot goes with the writer: its buffers are freed only once it is aborted.
         let slot = self.slot.take();
         if let Ok(runtime) = tokio::runtime::Handle::try_current() {
@@ -1243,11 +1539,16 @@ mod tests {
         }
     }
 
+    /// `user`'s view of `volume`, recording into an audit log on the same volume.
+    async fn open_as(volume: Volume, user: &GatewayUser) -> Result<Vfs, VfsError> {
+        let storage = Storage::from(volume);
+        let log = crate::gateway::audit::test_session(&storage).await;
+        Vfs::open(storage, user, &log).await
+    }
+
     async fn open(root: &Path, permissions: &[Permission]) -> Vfs {
         let volume = Volume::open_fs(root).unwrap();
-        Vfs::open(volume, &user("/cucm", permissions))
-            .await
-            .unwrap()
+        open_as(volume, &user("/cucm", permissions)).await.unwrap()
     }
 
     const ALL: &[Permission] = &[List, Read, Write, Delete, Mkdir, Rename];
@@ -1331,7 +1632,7 @@ mod tests {
                 "{path:?}"
             );
         }
-        let root = Vfs::open(Volume::open_fs(dir.path()).unwrap(), &user("/", ALL))
+        let root = open_as(Volume::open_fs(dir.path()).unwrap(), &user("/", ALL))
             .await
             .unwrap();
         for path in [" /.sluice-uploads", "\t/.sluice-uploads/x"] {
@@ -1345,7 +1646,7 @@ mod tests {
             ));
         }
         let untrimmed = user("/x ", ALL);
-        let untrimmed_home = Vfs::open(Volume::open_fs(dir.path()).unwrap(), &untrimmed).await;
+        let untrimmed_home = open_as(Volume::open_fs(dir.path()).unwrap(), &untrimmed).await;
         assert!(untrimmed_home.is_err());
     }
 
@@ -1457,20 +1758,21 @@ mod tests {
     async fn the_upload_directory_is_hidden_from_a_user_at_the_volume_root() {
         let dir = tempfile::tempdir().unwrap();
         let volume = Volume::open_fs(dir.path()).unwrap();
-        let vfs = Vfs::open(volume, &user("/", ALL)).await.unwrap();
+        let vfs = open_as(volume, &user("/", ALL)).await.unwrap();
         upload(&vfs, "visible.txt", b"x").await;
 
+        // The audit log of that upload is on the same volume, and as hidden.
+        assert!(dir.path().join(storage::AUDIT_DIR).is_dir());
         assert_eq!(names(&vfs, "/").await, ["visible.txt"]);
-        assert!(matches!(
-            vfs.list("/.sluice-uploads").await,
-            Err(VfsError::NotFound)
-        ));
+        for reserved in ["/.sluice-uploads", "/.sluice-audit"] {
+            assert!(matches!(vfs.list(reserved).await, Err(VfsError::NotFound)));
+        }
         assert!(matches!(
             vfs.mkdir("/.sluice-uploads/x").await,
             Err(VfsError::NotFound)
         ));
         let reserved_home = user("/.sluice-uploads", ALL);
-        let reserved = Vfs::open(Volume::open_fs(dir.path()).unwrap(), &reserved_home).await;
+        let reserved = open_as(Volume::open_fs(dir.path()).unwrap(), &reserved_home).await;
         assert!(matches!(reserved, Err(VfsError::ReservedHome(_))));
     }
 
@@ -1668,6 +1970,77 @@ mod tests {
         assert!(denied(vfs.remove("f").await));
         assert!(denied(vfs.rename("f", "h").await));
         assert_eq!(vfs.resolve("a/../b").unwrap(), "/b");
+    }
+
+    #[tokio::test]
+    async fn writes_follow_the_live_residency_stamp_and_reads_do_not() {
+        let dir = tempfile::tempdir().unwrap();
+        let storage = Storage::from(Volume::open_fs(dir.path()).unwrap());
+        let log = crate::gateway::audit::test_log(&storage).await;
+        let peer = std::net::Ipv4Addr::LOCALHOST.into();
+        let session = log.session(crate::gateway::audit::AuditProtocol::Sftp, peer);
+        let vfs = Vfs::open(storage, &user("/cucm", ALL), &session)
+            .await
+            .unwrap();
+        upload(&vfs, "kept", b"kept").await;
+        let mut inflight = vfs.create("inflight", WriteMode::Replace).await.unwrap();
+        inflight.write_at(0, b"x".to_vec()).await.unwrap();
+
+        let stamp = |compliant: bool| -> crate::gateway::config::GatewayConfig {
+            serde_json::from_value(serde_json::json!({
+                "server": "ns/s", "region": "cn-shanghai", "users": [],
+                "residency": {"compliant": compliant, "enforced": true, "violation": "rule R"},
+            }))
+            .unwrap()
+        };
+        log.apply(&stamp(false));
+        let suspended = |r: Result<(), VfsError>| match r {
+            Err(error @ VfsError::WritesSuspended(_)) => {
+                error.reply() == Reply::PermissionDenied
+                    && error.to_string() == "writes are suspended: rule R"
+            }
+            _ => false,
+        };
+        assert!(suspended(inflight.close().await.map(drop)));
+        assert!(suspended(
+            vfs.create("new", WriteMode::Replace).await.map(drop)
+        ));
+        assert!(suspended(vfs.resume("kept", ResumeAt::End).await.map(drop)));
+        assert!(suspended(vfs.remove("kept").await));
+        assert!(suspended(vfs.rename("kept", "moved").await));
+        assert!(suspended(vfs.rename_replacing("kept", "moved").await));
+        assert!(suspended(vfs.mkdir("d").await));
+        assert!(suspended(vfs.rmdir("/").await));
+        let mut reader = vfs.open_read("kept").await.unwrap();
+        assert_eq!(reader.read_at(0, 10).await.unwrap(), &b"kept"[..]);
+        assert_eq!(reader.finish().await.unwrap(), 4);
+        assert_eq!(names(&vfs, "/").await, ["kept"]);
+
+        log.apply(&stamp(true));
+        vfs.mkdir("d").await.unwrap();
+        upload(&vfs, "d/new", b"new").await;
+    }
+
+    #[tokio::test]
+    async fn a_resumed_upload_is_recorded_with_the_hash_of_the_whole_stored_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let vfs = open(dir.path(), ALL).await;
+        upload(&vfs, "data", &[7; 2_000_000]).await;
+        let mut writer = vfs
+            .resume("data", ResumeAt::Offset(1_500_000))
+            .await
+            .unwrap();
+        writer.write_at(1_500_000, b"tail".to_vec()).await.unwrap();
+        assert_eq!(writer.close().await.unwrap(), 1_500_004);
+
+        let stored = std::fs::read(dir.path().join("cucm/data")).unwrap();
+        let mut days = std::fs::read_dir(dir.path().join(storage::AUDIT_DIR)).unwrap();
+        let day = days.next().unwrap().unwrap().path();
+        let log = std::fs::read_to_string(day.join("test-0.jsonl")).unwrap();
+        let last: serde_json::Value = serde_json::from_str(log.lines().last().unwrap()).unwrap();
+        assert_eq!(last["operation"], "upload");
+        assert_eq!(last["bytes"], 1_500_004);
+        assert_eq!(last["sha256"], format!("{:x}", Sha256::digest(&stored)));
     }
 
     #[tokio::test]

@@ -11,8 +11,8 @@
 //!   final name only when the writer is closed; an aborted writer removes it. A half-written
 //!   upload is therefore never visible under its final name, and the rename never crosses a
 //!   filesystem boundary because the temporary directory lives on the same volume.
-//! - [`UPLOADS_DIR`] and [`PROBE_DIR`] (the operator's bucket probe) are reserved on
-//!   every backend: [`is_reserved`] tells the protocol side to hide them from listings and
+//! - [`UPLOADS_DIR`], [`PROBE_DIR`] (the operator's bucket probe) and [`AUDIT_DIR`] (the
+//!   audit log) are reserved on every backend: [`is_reserved`] tells the protocol side to hide them from listings and
 //!   to refuse paths into them. Temporary files a crashed gateway left behind
 //!   are removed when the volume is opened, once they are older than [`STALE_UPLOAD_AGE`].
 //! - Symbolic links are never followed. The fs service would follow them (it uses
@@ -55,6 +55,11 @@ pub const UPLOADS_DIR: &str = ".sluice-uploads";
 /// Name of the directory, directly under the storage root, where the operator probes an
 /// object store (it writes and deletes one object there). Hidden like [`UPLOADS_DIR`].
 pub const PROBE_DIR: &str = ".sluice-probe";
+
+/// Name of the directory, directly under the storage root, that holds the gateway's audit
+/// log and the volume counts of cross-border allowances (see `gateway::audit`). Hidden
+/// like [`UPLOADS_DIR`]: users can neither list nor reach it, whatever their home.
+pub const AUDIT_DIR: &str = ".sluice-audit";
 
 /// Age after which a temporary upload file is considered abandoned and removed when the
 /// volume is opened. Long enough that an upload still running on another replica that
@@ -197,6 +202,11 @@ impl Volume {
     /// The operator; keys are relative to the volume root.
     pub fn operator(&self) -> &Operator {
         &self.operator
+    }
+
+    /// The directory the volume is rooted at, canonicalised.
+    pub fn local_root(&self) -> &Path {
+        &self.local_root
     }
 
     /// Fails with [`StorageError::Symlink`] if any existing component of `key` is a
@@ -426,7 +436,7 @@ pub fn fs_operator(root: &Path) -> Result<Operator, StorageError> {
 }
 
 /// Whether `key` (relative to the storage root, with or without a leading `/`) lies in
-/// one of the reserved directories, [`UPLOADS_DIR`] or [`PROBE_DIR`].
+/// one of the reserved directories, [`UPLOADS_DIR`], [`PROBE_DIR`] or [`AUDIT_DIR`].
 pub fn is_reserved(key: &str) -> bool {
     key.split('/')
         .find(|c| !c.is_empty())
@@ -435,7 +445,7 @@ pub fn is_reserved(key: &str) -> bool {
 
 /// Whether `name`, an entry of the storage root, is one of the reserved directories.
 pub fn is_reserved_name(name: &str) -> bool {
-    name == UPLOADS_DIR || name == PROBE_DIR
+    name == UPLOADS_DIR || name == PROBE_DIR || name == AUDIT_DIR
 }
 
 /// Whether OpenDAL uses `key` exactly as given, so that what is checked on the volume
@@ -617,6 +627,8 @@ mod tests {
         assert!(!is_reserved("home/.sluice-uploads"));
         assert!(!is_reserved(".sluice-uploads-not"));
         assert!(!is_reserved(""));
+        assert!(is_reserved(".sluice-audit/2026-01-01/pod-0.jsonl"));
+        assert!(!is_reserved("home/.sluice-audit"));
     }
 
     #[test]

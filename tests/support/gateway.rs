@@ -18,6 +18,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use sluice::api::Permission;
+use sluice::gateway::audit::{AuditIdentity, AuditLog, AuditProtocol, SessionLog};
 use sluice::gateway::auth::hash_password;
 use sluice::gateway::config::{
     FtpsSettings, GatewayConfig, GatewayUser, PassivePorts, ResidencyStamp, SessionReuse,
@@ -25,11 +26,15 @@ use sluice::gateway::config::{
 };
 use sluice::gateway::ftps::tls::{CERT_FILE, KEY_FILE};
 use sluice::gateway::{Gateway, GatewayArgs, host_keys};
+use sluice::storage::Storage;
 use sluice::storage::object::ObjectStoreConfig;
 use tempfile::TempDir;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 use tracing_subscriber::EnvFilter;
+
+/// The pod name test gateways run as (it names their audit log files).
+pub const POD: &str = "sftp-gateway-0";
 
 /// Every permission there is.
 pub const ALL: &[Permission] = &[
@@ -52,6 +57,8 @@ pub struct TestGateway {
     pub ftps_implicit: Option<SocketAddr>,
     ftps_settings: Mutex<Option<FtpsSettings>>,
     object_store: Option<ObjectStoreConfig>,
+    /// The last users and residency stamp written, for the next rewrite.
+    live: Mutex<(Vec<GatewayUser>, ResidencyStamp)>,
     pki: Option<TestPki>,
     stop: Option<oneshot::Sender<()>>,
     serving: Option<JoinHandle<()>>,
@@ -138,12 +145,11 @@ impl TestGateway {
             ftps_listen: "127.0.0.1:0".parse()?,
             ftps_implicit_listen: "127.0.0.1:0".parse()?,
             tls_dir: Some(tls_dir),
-            pod_name: None,
+            pod_name: Some(POD.into()),
         };
-        write_config(
-            &args.config,
-            config(users, ftps.clone(), object_store.clone()),
-        )?;
+        let first = config(users.clone(), ftps.clone(), object_store.clone());
+        let live = Mutex::new((users, first.residency.clone()));
+        write_config(&args.config, first)?;
 
         let gateway = Gateway::bind(&args)
             .await?
@@ -162,6 +168,7 @@ impl TestGateway {
             ftps_implicit,
             ftps_settings: Mutex::new(ftps),
             object_store,
+            live,
             pki,
             stop: Some(stop),
             serving: Some(serving),
@@ -210,15 +217,31 @@ impl TestGateway {
     /// Replaces the configuration the way the kubelet updates a mounted Secret: the new
     /// content appears under the same name in one rename.
     pub fn set_users(&self, users: Vec<GatewayUser>) -> Result<()> {
-        let ftps = self.ftps_settings.lock().unwrap().clone();
-        let next = config(users, ftps, self.object_store.clone());
-        write_config(&self.config_path(), next)
+        self.live.lock().unwrap().0 = users;
+        self.rewrite(|_| {})
     }
 
     /// Replaces the configuration like [`TestGateway::set_users`], with new FTPS settings.
     pub fn set_ftps(&self, users: Vec<GatewayUser>, settings: FtpsSettings) -> Result<()> {
-        *self.ftps_settings.lock().unwrap() = Some(settings.clone());
-        let next = config(users, Some(settings), self.object_store.clone());
+        *self.ftps_settings.lock().unwrap() = Some(settings);
+        self.set_users(users)
+    }
+
+    /// Replaces the configuration like [`TestGateway::set_users`], with a new residency
+    /// stamp for the same users.
+    pub fn set_residency(&self, residency: ResidencyStamp) -> Result<()> {
+        self.live.lock().unwrap().1 = residency;
+        self.rewrite(|_| {})
+    }
+
+    /// Rewrites the configuration from the last users, stamp and FTPS settings, changed by
+    /// `change`.
+    pub fn rewrite(&self, change: impl FnOnce(&mut GatewayConfig)) -> Result<()> {
+        let ftps = self.ftps_settings.lock().unwrap().clone();
+        let (users, residency) = self.live.lock().unwrap().clone();
+        let mut next = config(users, ftps, self.object_store.clone());
+        next.residency = residency;
+        change(&mut next);
         write_config(&self.config_path(), next)
     }
 
@@ -259,6 +282,19 @@ impl Drop for TestGateway {
             serving.abort();
         }
     }
+}
+
+/// A session log (SFTP, from 127.0.0.1) of an audit log kept in `storage` for pod
+/// `test-0` of the test server, for tests that drive a `Vfs` directly.
+pub async fn session_log(storage: &Storage) -> SessionLog {
+    let config = config(vec![], None, None);
+    let identity = AuditIdentity {
+        server: config.server.clone(),
+        pod: "test-0".into(),
+        region: config.region.clone(),
+    };
+    let log = AuditLog::start(storage, identity, &config).await;
+    log.session(AuditProtocol::Sftp, std::net::Ipv4Addr::LOCALHOST.into())
 }
 
 /// The configuration of a test gateway serving `users`.

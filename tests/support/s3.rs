@@ -291,8 +291,24 @@ fn register_at_exit(f: extern "C" fn()) {
     }
 }
 
-/// Every key in `bucket`, listed recursively from its root.
+/// Every key in `bucket`, listed recursively from its root, except those of gateways'
+/// audit logs (any key with a `.sluice-audit` component; see [`audit_keys`]).
 pub async fn all_keys(bucket: &Operator) -> Result<Vec<String>> {
+    let keys = every_key(bucket).await?;
+    Ok(keys.into_iter().filter(|k| !is_audit_key(k)).collect())
+}
+
+/// The keys of gateways' audit logs in `bucket`, sorted.
+pub async fn audit_keys(bucket: &Operator) -> Result<Vec<String>> {
+    let keys = every_key(bucket).await?;
+    Ok(keys.into_iter().filter(|k| is_audit_key(k)).collect())
+}
+
+fn is_audit_key(key: &str) -> bool {
+    key.split('/').any(|c| c == sluice::storage::AUDIT_DIR)
+}
+
+async fn every_key(bucket: &Operator) -> Result<Vec<String>> {
     let mut lister = bucket.lister_with("").recursive(true).await?;
     let mut keys = Vec::new();
     while let Some(entry) = lister.try_next().await? {

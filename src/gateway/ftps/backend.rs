@@ -257,13 +257,17 @@ impl VfsBackend {
         }
         output.flush().await?;
 
-        let bytes = reader.bytes_read();
+        let size = reader.size();
+        let bytes = match reader.finish().await {
+            Ok(bytes) => bytes,
+            Err(error) => return Err(self.refuse("retr", path, error)),
+        };
         tracing::info!(
             parent: self.context.span(),
             path,
             bytes,
             offset,
-            size = reader.size(),
+            size,
             "Download completed"
         );
         Ok(bytes)
@@ -375,7 +379,14 @@ impl StorageBackend<FtpUser> for VfsBackend {
             loop {
                 let sent = match reader.read_at(position, CHUNK as u32).await {
                     Ok(chunk) if chunk.is_empty() => {
-                        let _ = feed.send(Ok(Feed::END)).await;
+                        let end = match reader.finish().await {
+                            Ok(_) => Ok(Feed::END),
+                            Err(error) => {
+                                let error = backend.refuse("retr", &path, error);
+                                Err(io::Error::other(error))
+                            }
+                        };
+                        let _ = feed.send(end).await;
                         return;
                     }
                     Ok(chunk) => {
@@ -573,6 +584,18 @@ mod tests {
             kind(VfsError::TooManyUploads),
             ErrorKind::TransientFileNotAvailable
         );
+        assert_eq!(
+            kind(VfsError::WritesSuspended("writes are suspended: x".into())),
+            ErrorKind::PermissionDenied
+        );
+        assert_eq!(
+            kind(VfsError::UploadRefused("upload refused: x".into())),
+            ErrorKind::PermissionDenied
+        );
+        assert_eq!(
+            kind(VfsError::AuditUnavailable),
+            ErrorKind::TransientFileNotAvailable
+        );
         let offset = VfsError::NonSequentialWrite {
             expected: 0,
             got: 1,
@@ -591,9 +614,11 @@ mod tests {
             home: "/cucm".into(),
             permissions: vec![Permission::Read, Permission::List],
         };
-        let vfs = Vfs::open(volume, &home).await.unwrap();
+        let storage = crate::storage::Storage::from(volume);
+        let log = crate::gateway::audit::test_session(&storage).await;
+        let vfs = Vfs::open(storage, &home, &log).await.unwrap();
         let user = FtpUser::new("cucm".into(), vfs);
-        let backend = VfsBackend::new(SessionContext::new(tracing::Span::none()));
+        let backend = VfsBackend::new(SessionContext::new(tracing::Span::none(), log));
         std::fs::write(dir.path().join("cucm/whole"), vec![5u8; 600_000]).unwrap();
         std::fs::write(dir.path().join("cucm/gone"), b"read fails").unwrap();
 

@@ -156,7 +156,9 @@ pub async fn run(
         },
     };
 
-    let context = SessionContext::new(Span::current());
+    let log = setup.engine.session_log(peer.ip());
+    Span::current().record("session", log.id());
+    let context = SessionContext::new(Span::current(), log);
     let (upstream, engine) = match setup.engine.start(context.clone()).await {
         Ok(started) => started,
         Err(error) => {

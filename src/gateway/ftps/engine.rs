@@ -25,6 +25,7 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tracing::{Instrument, Span};
 
+use crate::gateway::audit::{AuditLog, AuditProtocol, SessionLog};
 use crate::gateway::auth::{LiveLogins, Login, Logins};
 use crate::gateway::ftps::backend::{FtpUser, VfsBackend};
 use crate::gateway::ftps::login::PasswordLogin;
@@ -43,6 +44,7 @@ const LOOPBACK_ACCEPTS: usize = 4;
 /// What one client session shares between the front end and its libunftp session.
 pub struct SessionContext {
     span: Span,
+    log: SessionLog,
     login: Mutex<Option<Arc<Login>>>,
     logged_in: watch::Sender<Option<Arc<Login>>>,
     reply_text: Mutex<Option<String>>,
@@ -51,10 +53,11 @@ pub struct SessionContext {
 }
 
 impl SessionContext {
-    /// A context whose events are logged under `span`.
-    pub fn new(span: Span) -> Arc<Self> {
+    /// A context whose events are logged under `span` and recorded in `log`.
+    pub fn new(span: Span, log: SessionLog) -> Arc<Self> {
         Arc::new(Self {
             span,
+            log,
             login: Mutex::new(None),
             logged_in: watch::Sender::new(None),
             append: AtomicBool::new(false),
@@ -79,6 +82,11 @@ impl SessionContext {
     /// every event names it as its parent.
     pub fn span(&self) -> &Span {
         &self.span
+    }
+
+    /// The session's audit log.
+    pub fn log(&self) -> &SessionLog {
+        &self.log
     }
 
     /// Hands a checked login from the authenticator to the user provider.
@@ -133,17 +141,24 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 pub struct Engine {
     logins: LiveLogins,
     storage: Storage,
+    audit: AuditLog,
     logger: slog::Logger,
 }
 
 impl Engine {
-    /// An engine serving `storage` to `logins`.
-    pub fn new(logins: LiveLogins, storage: Storage) -> Self {
+    /// An engine serving `storage` to `logins`, recording into `audit`.
+    pub fn new(logins: LiveLogins, storage: Storage, audit: AuditLog) -> Self {
         Self {
             logins,
             storage,
+            audit,
             logger: slog::Logger::root(TracingDrain.fuse(), slog::o!()),
         }
+    }
+
+    /// The audit log of a new session from `peer`.
+    pub fn session_log(&self, peer: std::net::IpAddr) -> SessionLog {
+        self.audit.session(AuditProtocol::Ftps, peer)
     }
 
     /// Sees every reload of the logins in force.

@@ -55,6 +55,7 @@ impl PasswordLogin {
 
     async fn refuse(&self, user: &str, reason: &'static str) -> AuthenticationError {
         tracing::warn!(parent: self.context.span(), user, reason, "Login failed");
+        self.context.log().login(user, Some(reason)).await;
         tokio::time::sleep(REJECTION_DELAY).await;
         AuthenticationError::BadPassword
     }
@@ -100,11 +101,12 @@ impl UserDetailProvider for PasswordLogin {
             })?;
 
         let user = login.user();
-        match Vfs::open(self.storage.clone(), user).await {
+        match Vfs::open(self.storage.clone(), user, self.context.log()).await {
             Ok(vfs) => {
                 let span = self.context.span();
                 span.record("user", user.name.as_str());
                 tracing::info!(parent: span, method = "password", "Logged in");
+                self.context.log().login(&user.name, None).await;
                 self.context.set_logged_in(login.clone());
                 Ok(FtpUser::new(user.name.clone(), vfs))
             }
@@ -115,6 +117,8 @@ impl UserDetailProvider for PasswordLogin {
                     error = %ErrorChain(&error),
                     "Login refused: home directory unusable"
                 );
+                let reason = "home directory unusable";
+                self.context.log().login(&user.name, Some(reason)).await;
                 Err(UserDetailError::Generic("home directory unusable".into()))
             }
         }
