@@ -127,6 +127,12 @@ async fn residency_is_enforced_before_and_after_roll_out_and_reported_as_evidenc
         statefulsets.get_opt("files-gateway").await?.is_some(),
         "the gateway must keep running"
     );
+    // The kubelet would swap the mounted Secret; the gateway re-reads it by itself.
+    pod.sync_secrets().await?;
+    the_running_gateway_refuses_writes_and_serves_reads(&sftp, scratch.path(), &uploaded)
+        .await
+        .with_context(|| pod.log())?;
+    the_audit_log_holds_both_uploads(&pod.volume_dir("data"), &uploaded)?;
     ensure!(
         Api::<PersistentVolumeClaim>::namespaced(client.clone(), NS)
             .get_opt("files-data")
@@ -198,6 +204,83 @@ async fn a_policy_must_name_where_data_may_live(client: &Client) -> Result<()> {
         "serverSelector.matchExpressions[].operator",
     )
     .await
+}
+
+/// Over SFTP, against the gateway that was running when its server fell out of
+/// compliance: an upload is refused with the policy's reason, the file stored before can
+/// still be downloaded.
+async fn the_running_gateway_refuses_writes_and_serves_reads(
+    sftp: &SftpClient,
+    dir: &std::path::Path,
+    uploaded: &str,
+) -> Result<()> {
+    let local = dir.join("after.bin");
+    random_file(&local, 4096, 8)?;
+    let refused = eventually("the gateway refuses uploads", WAIT, || async {
+        let output = sftp.batch(&format!("put {} after.bin\n", local.display()))?;
+        let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
+        Ok((!output.status.success()).then_some(stderr))
+    })
+    .await?;
+    ensure!(
+        refused.contains("Permission denied") || refused.contains("permission denied"),
+        "{refused}"
+    );
+    let back = dir.join("before-again.bin");
+    sftp.run(&format!("get before.bin {}\n", back.display()))?;
+    ensure!(
+        sha256_file(&back)? == uploaded,
+        "the stored file must still be served"
+    );
+    Ok(())
+}
+
+/// The evidence in the server's own storage: the allowed upload with its hash and
+/// region, and the refused one with the reason.
+fn the_audit_log_holds_both_uploads(data: &std::path::Path, uploaded: &str) -> Result<()> {
+    let mut records = Vec::new();
+    for day in std::fs::read_dir(data.join(".sluice-audit"))? {
+        let day = day?.path();
+        if !day.is_dir() || day.file_name().is_some_and(|n| n == "usage") {
+            continue;
+        }
+        for file in std::fs::read_dir(&day)? {
+            for line in std::fs::read_to_string(file?.path())?.lines() {
+                records.push(serde_json::from_str::<Value>(line)?);
+            }
+        }
+    }
+    let upload = |path: &str| {
+        records
+            .iter()
+            .find(|r| r["operation"] == "upload" && r["path"] == path)
+            .cloned()
+            .with_context(|| format!("no upload record for {path}: {records:#?}"))
+    };
+    let before = upload("/before.bin")?;
+    ensure!(
+        before["decision"] == "allowed"
+            && before["sha256"] == uploaded
+            && before["user"] == "alice"
+            && before["region"] == "cn-shanghai"
+            && before["server"] == "telco/files",
+        "{before}"
+    );
+    // Uploads tried before the gateway re-read its configuration may have been stored;
+    // the one that was refused must be there with the reason.
+    let refused = records.iter().find(|r| {
+        let error = r["error"].as_str().unwrap_or_default();
+        r["operation"] == "upload"
+            && r["path"] == "/after.bin"
+            && r["decision"] == "denied"
+            && error.contains("writes are suspended")
+            && error.contains("mainland")
+    });
+    ensure!(
+        refused.is_some(),
+        "no refused upload recorded: {records:#?}"
+    );
+    Ok(())
 }
 
 fn mainland_policy(enforcement: &str, regions: Value) -> Value {
