@@ -1,5 +1,6 @@
 //! Command-line entry points of the `sluice` binary.
 
+mod admission;
 mod crds;
 mod logging;
 
@@ -31,6 +32,9 @@ pub enum Command {
     Gateway(Box<crate::gateway::GatewayArgs>),
     /// Print the CustomResourceDefinitions, or write them to a directory.
     Crds(crds::CrdsArgs),
+    /// Print the ValidatingAdmissionPolicies that enforce DataResidencyPolicies at
+    /// admission, or write them to a directory.
+    AdmissionPolicy(admission::AdmissionPolicyArgs),
 }
 
 /// Runs a parsed command line and returns the process exit code.
@@ -40,6 +44,7 @@ pub async fn run(cli: Cli) -> ExitCode {
         Command::Operator(args) => crate::operator::run(args).await,
         Command::Gateway(args) => crate::gateway::run(*args).await,
         Command::Crds(args) => crds::run(&args),
+        Command::AdmissionPolicy(args) => admission::run(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -69,6 +69,8 @@ pub const CONTROLLERS: &[&str] = &[
     "persistentvolumeclaim-protection-controller",
     "persistentvolume-protection-controller",
     "pod-garbage-collector-controller",
+    // Type-checks ValidatingAdmissionPolicies into their status.
+    "validatingadmissionpolicy-status-controller",
 ];
 
 const BINARIES: [&str; 3] = ["etcd", "kube-apiserver", "kube-controller-manager"];
