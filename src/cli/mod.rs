@@ -1,6 +1,7 @@
 //! Command-line entry points of the `sluice` binary.
 
 mod admission;
+mod check;
 mod crds;
 mod logging;
 
@@ -35,12 +36,18 @@ pub enum Command {
     /// Print the ValidatingAdmissionPolicies that enforce DataResidencyPolicies at
     /// admission, or write them to a directory.
     AdmissionPolicy(admission::AdmissionPolicyArgs),
+    /// Evaluate manifests against their DataResidencyPolicies offline, as the operator
+    /// would. Exit code 0: nothing violates; 1: a violation or an invalid manifest; 2: a
+    /// usage or I/O error.
+    Check(check::CheckArgs),
 }
 
 /// Runs a parsed command line and returns the process exit code.
 pub async fn run(cli: Cli) -> ExitCode {
     init_logging(cli.log_format);
     let result = match cli.command {
+        // Its exit code says what it found.
+        Command::Check(args) => return check::run(&args),
         Command::Operator(args) => crate::operator::run(args).await,
         Command::Gateway(args) => crate::gateway::run(*args).await,
         Command::Crds(args) => crds::run(&args),
