@@ -37,6 +37,7 @@ async fn the_api_server_admits_refuses_and_warns_as_the_residency_policies_say()
     install_admission_policies(&client).await?;
     let mut cluster = Cluster::new(client);
     cluster.namespace("telephony", &[(RESIDENCY, "cn")]).await?;
+    without_policies_everything_is_admitted(&cluster).await?;
     cluster.namespace("analytics", &[(RESIDENCY, "eu")]).await?;
     cluster.namespace("scratch", &[]).await?;
     cluster
@@ -49,6 +50,7 @@ async fn the_api_server_admits_refuses_and_warns_as_the_residency_policies_say()
     cluster.wait_for_policies().await?;
 
     named_cases_are_judged_with_the_operators_words(&cluster).await?;
+    an_expired_allowance_is_left_to_the_operator(&cluster).await?;
     an_update_is_judged_like_a_create(&cluster).await?;
     every_node_region_of_the_catalogue_is_placed_as_the_operator_places_it(&cluster).await?;
     every_storage_region_of_the_catalogue_is_placed_by_its_own_provider(&cluster).await?;
@@ -69,11 +71,18 @@ fn mainland_china() -> Value {
             "jurisdictions": ["CN"],
             "allowedStorageClasses": ["cn-ssd"],
             "allowedEndpoints": ["*.aliyuncs.com", "*.amazonaws.com.cn"],
-            "crossBorderTransfers": [{
-                "destinationRegion": "eu-central-1",
-                "assessmentReference": "CAC-2026-0042",
-                "expires": "2099-12-31T00:00:00Z",
-            }],
+            "crossBorderTransfers": [
+                {
+                    "destinationRegion": "eu-central-1",
+                    "assessmentReference": "CAC-2026-0042",
+                    "expires": "2099-12-31T00:00:00Z",
+                },
+                {
+                    "destinationRegion": "eu-west-1",
+                    "assessmentReference": "CAC-2024-0007",
+                    "expires": "2025-06-30T00:00:00Z",
+                },
+            ],
         },
     })
 }
@@ -617,6 +626,40 @@ async fn named_cases_are_judged_with_the_operators_words(cluster: &Cluster) -> R
     ensure!(
         outcome.denied.is_none() && outcome.warnings.is_empty(),
         "{outcome:?}"
+    );
+    Ok(())
+}
+
+async fn without_policies_everything_is_admitted(cluster: &Cluster) -> Result<()> {
+    let outcome = cluster
+        .create(&server("telephony", "hong-kong", "cn-hongkong"))
+        .await?;
+    ensure!(
+        outcome
+            == Outcome {
+                denied: None,
+                warnings: vec![]
+            },
+        "{outcome:?}"
+    );
+    Ok(())
+}
+
+/// CEL has no clock: an allowance counts at admission until the operator, which has one,
+/// finds it expired.
+async fn an_expired_allowance_is_left_to_the_operator(cluster: &Cluster) -> Result<()> {
+    let dublin = server("telephony", "dublin", "eu-west-1");
+    let outcome = cluster.create(&dublin).await?;
+    ensure!(outcome.denied.is_none(), "{outcome:?}");
+    let (denials, _) = cluster.expected(&dublin);
+    ensure!(
+        denials
+            == [denial(
+                "dublin",
+                "[CrossBorderTransfer] cross-border transfer CAC-2024-0007 of \
+                 DataResidencyPolicy mainland-china to eu-west-1 expired at 2025-06-30T00:00:00Z"
+            )],
+        "{denials:?}"
     );
     Ok(())
 }

@@ -266,7 +266,7 @@ fn variables(mode: Mode) -> Vec<(&'static str, String)> {
 }
 
 /// The `matchExpressions` of the policy's selectors that cannot be evaluated, namespace
-/// selector first, as [`super::selector`] finds them.
+/// selector first, as the operator's selector matching finds them.
 fn invalid_selector_terms() -> String {
     let p = "params.spec";
     format!(

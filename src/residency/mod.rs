@@ -2,8 +2,8 @@
 //!
 //! Pure: no I/O, and the time is an argument. The operator, the offline checker
 //! (`sluice check`) and the policy status all call [`evaluate`], so they reach the same
-//! verdict from the same inputs; the admission policy (`sluice admission`) is generated
-//! from the same catalogue.
+//! verdict from the same inputs; the admission policy ([`admission`], `sluice
+//! admission-policy`) is generated from the same catalogue, rules and [`messages`].
 //!
 //! A policy governs a server when its `namespaceSelector` selects the server's namespace
 //! and its `serverSelector`, if any, the server's labels. Overlapping policies combine
