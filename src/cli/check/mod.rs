@@ -285,6 +285,90 @@ fn server_problems(server: &TransferServer, source: &manifests::Source) -> (Vec<
 mod tests {
     use super::*;
 
+    /// The JSON report of `yaml`, read as one file, at a fixed time.
+    fn report(yaml: &str) -> serde_json::Value {
+        let mut manifests = Manifests::default();
+        manifests.read_file(std::path::Path::new("m.yaml"), yaml.as_bytes());
+        let now = "2027-01-01T00:00:00Z".parse().unwrap();
+        serde_json::from_str(&evaluate(manifests, now).json()).unwrap()
+    }
+
+    const NAMESPACE: &str = "\
+apiVersion: v1
+kind: Namespace
+metadata: {name: team, labels: {residency: cn}}
+";
+
+    fn server(name: &str) -> String {
+        format!(
+            "apiVersion: sluice.dev/v1alpha1\nkind: TransferServer\n\
+             metadata: {{name: {name}, namespace: team}}\n\
+             spec: {{region: cn-shanghai, protocols: {{sftp: {{}}}},\n  \
+             storage: {{objectStore: {{provider: OSS, bucket: b, region: cn-shanghai,\n  \
+             credentials: {{secretRef: {{name: s}}}}}}}}}}\n"
+        )
+    }
+
+    #[test]
+    fn a_policy_with_an_invalid_selector_is_an_error_and_blocks_every_server() {
+        let policy = "\
+apiVersion: sluice.dev/v1alpha1
+kind: DataResidencyPolicy
+metadata: {name: typo}
+spec:
+  namespaceSelector:
+    matchExpressions: [{key: residency, operator: in, values: [cn]}]
+  allowedRegions: [cn-shanghai]
+  enforcement: Audit
+";
+        let report = report(&format!("{NAMESPACE}---\n{policy}---\n{}", server("files")));
+        let problem = &report["problems"][0];
+        assert_eq!(problem["severity"], "error");
+        assert_eq!(problem["object"], "DataResidencyPolicy typo");
+        assert_eq!(
+            problem["message"],
+            "namespaceSelector cannot be evaluated (unknown label selector operator \"in\"): \
+             the API server refuses the policy, and the operator blocks every server while it \
+             exists"
+        );
+        let violation = &report["servers"][0]["violations"][0];
+        assert_eq!(violation["rule"], "Unevaluable");
+        assert_eq!(violation["enforcement"], "Enforce");
+        assert_eq!(report["servers"][0]["blocksRollout"], true);
+    }
+
+    #[test]
+    fn a_policy_without_regions_and_an_unusable_server_name_are_errors() {
+        let policy = "\
+apiVersion: sluice.dev/v1alpha1
+kind: DataResidencyPolicy
+metadata: {name: empty}
+spec:
+  namespaceSelector: {matchLabels: {residency: eu}}
+";
+        let long = "a".repeat(50);
+        let report = report(&format!("{NAMESPACE}---\n{policy}---\n{}", server(&long)));
+        let messages: Vec<&str> = report["problems"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| p["message"].as_str().unwrap())
+            .collect();
+        assert_eq!(
+            messages,
+            [
+                "names no allowed regions (allowedRegions, jurisdictions or both): the API \
+                 server refuses the policy",
+                "the name must be a DNS label of at most 48 characters (the operator stalls \
+                 the server: InvalidSpec)",
+            ]
+        );
+        // The operator stalls it before judging residency: no condition to expect.
+        assert_eq!(report["servers"][0]["condition"], serde_json::Value::Null);
+        assert_eq!(report["servers"][0]["compliant"], true);
+        assert_eq!(report["summary"]["errors"], 2);
+    }
+
     #[test]
     fn namespace_labels_are_parsed_from_the_flag() {
         let (namespace, labels) =
