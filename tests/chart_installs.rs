@@ -34,7 +34,7 @@ use sluice::api::{TransferServer, TransferUser};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::process::{Child, Command};
 
-use support::cluster::{apply, condition, eventually, parse_yaml, read_yaml_dir};
+use support::cluster::{apply, condition, eventually, parse_yaml, read_yaml_dir, refused};
 use support::controlplane::{ControlPlane, Options};
 use support::gateway::{TestPki, VALID_UNTIL};
 use support::helm::{Helm, chart_dir};
@@ -120,6 +120,8 @@ fn every_value_combination_renders_rbac_without_wildcards_and_a_restricted_opera
                 "ClusterRole",
                 "ClusterRoleBinding",
                 "CustomResourceDefinition",
+                "ValidatingAdmissionPolicy",
+                "ValidatingAdmissionPolicyBinding",
             ]
             .contains(&kind(object));
             let namespace = object["metadata"]["namespace"].as_str();
@@ -426,6 +428,7 @@ async fn the_installed_chart_lets_the_operator_roll_out_the_examples_with_exactl
         )
         .await?;
         apply_examples_in_a_restricted_namespace(&client).await?;
+        the_admission_policy_refuses_a_server_the_policy_forbids(&client).await?;
         let pod = kubelet
             .run_pod(EXAMPLES_NAMESPACE, "app.kubernetes.io/instance=cucm-backup")
             .await;
@@ -727,6 +730,35 @@ async fn apply_examples_in_a_restricted_namespace(client: &Client) -> Result<()>
     });
     apply(client, &serde_json::from_value(tls)?).await?;
     Ok(())
+}
+
+/// The chart installs the residency admission policies: a Hong Kong server in the
+/// examples' mainland-China namespace is refused at apply, with the operator's message.
+async fn the_admission_policy_refuses_a_server_the_policy_forbids(client: &Client) -> Result<()> {
+    let server = json!({
+        "apiVersion": "sluice.dev/v1alpha1",
+        "kind": "TransferServer",
+        "metadata": {"name": "in-hong-kong", "namespace": EXAMPLES_NAMESPACE},
+        "spec": {
+            "region": "cn-hongkong",
+            "protocols": {"sftp": {}},
+            "storage": {"volume": {"storageClassName": "cn-shanghai-ssd", "size": "1Gi"}},
+        },
+    });
+    // The API server learns about a new policy binding within a second or so.
+    eventually("the admission policy refuses", WAIT, || {
+        let server = server.clone();
+        async move {
+            Ok(refused(
+                client,
+                server,
+                "region cn-hongkong is not allowed by DataResidencyPolicy mainland-china",
+            )
+            .await
+            .ok())
+        }
+    })
+    .await
 }
 
 async fn examples_become_ready(client: &Client) -> Result<()> {

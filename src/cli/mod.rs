@@ -1,5 +1,7 @@
 //! Command-line entry points of the `sluice` binary.
 
+mod admission;
+mod check;
 mod crds;
 mod logging;
 mod regions;
@@ -34,16 +36,26 @@ pub enum Command {
     Crds(crds::CrdsArgs),
     /// Print the built-in region catalogue (regions, providers, jurisdictions) as Markdown.
     Regions(regions::RegionsArgs),
+    /// Print the ValidatingAdmissionPolicies that enforce DataResidencyPolicies at
+    /// admission, or write them to a directory.
+    AdmissionPolicy(admission::AdmissionPolicyArgs),
+    /// Evaluate manifests against their DataResidencyPolicies offline, as the operator
+    /// would. Exit code 0: nothing violates; 1: a violation or an invalid manifest; 2: a
+    /// usage or I/O error.
+    Check(check::CheckArgs),
 }
 
 /// Runs a parsed command line and returns the process exit code.
 pub async fn run(cli: Cli) -> ExitCode {
     init_logging(cli.log_format);
     let result = match cli.command {
+        // Its exit code says what it found.
+        Command::Check(args) => return check::run(&args),
         Command::Operator(args) => crate::operator::run(args).await,
         Command::Gateway(args) => crate::gateway::run(*args).await,
         Command::Crds(args) => crds::run(&args),
         Command::Regions(args) => regions::run(&args),
+        Command::AdmissionPolicy(args) => admission::run(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -2,8 +2,8 @@
 //!
 //! Pure: no I/O, and the time is an argument. The operator, the offline checker
 //! (`sluice check`) and the policy status all call [`evaluate`], so they reach the same
-//! verdict from the same inputs; the admission policy (`sluice admission`) is generated
-//! from the same catalogue.
+//! verdict from the same inputs; the admission policy ([`admission`], `sluice
+//! admission-policy`) is generated from the same catalogue, rules and [`messages`].
 //!
 //! A policy governs a server when its `namespaceSelector` selects the server's namespace
 //! and its `serverSelector`, if any, the server's labels. Overlapping policies combine
@@ -17,6 +17,8 @@
 //! names. An expired allowance is a violation of its own (`CrossBorderTransfer`), so the
 //! status says what changed.
 
+pub mod admission;
+pub mod messages;
 pub mod region;
 mod selector;
 
@@ -195,7 +197,20 @@ pub struct Violation {
     pub rule: Rule,
     /// How the violated policy is applied.
     pub enforcement: Enforcement,
-    /// Human-readable explanation naming the policy, the rule and the values.
+    /// Human-readable explanation naming the policy, the rule and the values: the
+    /// messages of every breach, joined by `; `.
+    pub message: String,
+    /// Every rule of the policy the server breaks, in the order they are checked
+    /// (`rule` is the first).
+    pub breaches: Vec<Breach>,
+}
+
+/// One rule of one policy that a server breaks.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Breach {
+    /// The rule.
+    pub rule: Rule,
+    /// What is wrong, naming the policy and the values.
     pub message: String,
 }
 
@@ -261,6 +276,22 @@ impl ResidencyVerdict {
     /// The rule broken by the first violation, if any.
     pub fn broken_rule(&self) -> Option<Rule> {
         self.violations.first().map(|v| v.rule)
+    }
+
+    /// The `ResidencyCompliant` condition the operator reports for this verdict: whether
+    /// the server complies, and the reason (`NoPolicy`, `RegionAllowed`, `AuditOnly` when
+    /// only `Audit` policies are violated, else the reason of the first broken rule).
+    pub fn condition(&self) -> (bool, Reason) {
+        match (
+            self.governing.is_empty(),
+            self.compliant(),
+            self.blocks_rollout(),
+        ) {
+            (true, _, _) => (true, Reason::NoPolicy),
+            (false, true, _) => (true, Reason::RegionAllowed),
+            (false, false, true) => (false, self.violation_reason()),
+            (false, false, false) => (false, Reason::AuditOnly),
+        }
     }
 
     /// The condition reason for a non-compliant verdict: what rule is broken.
@@ -440,19 +471,21 @@ fn judge(
     now: Timestamp,
 ) -> Judgement {
     let name = policy_name(policy);
-    let mut broken: Vec<(Rule, String)> = Vec::new();
+    let mut broken: Vec<Breach> = Vec::new();
     let mut allowances = Vec::new();
+    let mut breach = |rule, message| broken.push(Breach { rule, message });
     if let Some(error) = selector_error {
-        let message = format!(
-            "DataResidencyPolicy {name} cannot be evaluated ({error}); \
-             no server is rolled out until it is fixed"
-        );
+        let message = messages::unevaluable(name, &error.to_string());
         return Judgement {
             violation: Some(Violation {
                 policy: name.to_string(),
                 rule: Rule::Unevaluable,
                 enforcement: Enforcement::Enforce,
-                message,
+                message: message.clone(),
+                breaches: vec![Breach {
+                    rule: Rule::Unevaluable,
+                    message,
+                }],
             }),
             allowances,
         };
@@ -465,49 +498,44 @@ fn judge(
         jurisdiction,
         now,
     ) {
-        Allowed::Yes => {}
-        Allowed::Allowance(use_) => allowances.push(use_),
-        Allowed::Expired(use_) => broken.push((
+        Allowed::Yes => None,
+        Allowed::Allowance(use_) => {
+            allowances.push(use_);
+            None
+        }
+        Allowed::Expired(use_) => Some((
             Rule::CrossBorderTransfer,
-            format!(
-                "cross-border transfer {} of DataResidencyPolicy {name} to {region} \
-                     expired at {}",
-                use_.reference, use_.expires
-            ),
+            messages::allowance_expired(&use_.reference, name, region, &use_.expires.to_string()),
         )),
-        Allowed::No => broken.push((
+        Allowed::No => Some((
             rule,
-            format!(
-                "{what} {region} is not allowed by DataResidencyPolicy {name} \
-                     (allowed: {allowed_text})"
-            ),
+            messages::not_allowed(what, region, name, &allowed_text),
         )),
     };
 
-    judge_region(
-        "region",
-        subject.region,
-        region::node_jurisdiction(subject.region),
-        Rule::Region,
-    );
+    let region = subject.region;
+    let node_jurisdiction = region::node_jurisdiction(region);
+    if let Some((rule, message)) = judge_region("region", region, node_jurisdiction, Rule::Region) {
+        breach(rule, message);
+    }
     match &subject.storage {
         None => {}
         Some(Ok(storage)) => {
             let jurisdiction = storage.jurisdiction.and_then(Jurisdiction::from_code);
-            judge_region(
+            let judged = judge_region(
                 "storage region",
                 &storage.region,
                 jurisdiction,
                 Rule::StorageRegion,
             );
+            if let Some((rule, message)) = judged {
+                breach(rule, message);
+            }
         }
-        Some(Err(error)) => broken.push((
+        Some(Err(error)) => breach(
             Rule::StorageRegion,
-            format!(
-                "the storage region cannot be resolved ({error}), so DataResidencyPolicy \
-                 {name} cannot allow it"
-            ),
-        )),
+            messages::storage_unresolvable(&error.to_string(), name),
+        ),
     }
     if let Some(placement) = &subject.volume {
         let label = spec.region_label.as_deref().unwrap_or(DEFAULT_REGION_LABEL);
@@ -522,16 +550,10 @@ fn judge(
                 .collect::<Vec<_>>()
         };
         if let Some(problem) = storage_class_problem(placement, spec, label, &mut regions_allowed) {
-            broken.push((
-                Rule::StorageClass,
-                format!("{problem} (DataResidencyPolicy {name})"),
-            ));
+            breach(Rule::StorageClass, messages::volume_problem(&problem, name));
         }
         if let Some(problem) = volume_problem(placement, label, &mut regions_allowed) {
-            broken.push((
-                Rule::Volume,
-                format!("{problem} (DataResidencyPolicy {name})"),
-            ));
+            breach(Rule::Volume, messages::volume_problem(&problem, name));
         }
     }
     if let Some(host) = &subject.endpoint
@@ -541,43 +563,29 @@ fn judge(
             .iter()
             .any(|p| endpoint_matches(p, host))
     {
-        broken.push((
+        let allowed = spec.allowed_endpoints.join(", ");
+        breach(
             Rule::Endpoint,
-            format!(
-                "object-store endpoint {host} is not allowed by DataResidencyPolicy {name} \
-                 (allowed: {})",
-                spec.allowed_endpoints.join(", ")
-            ),
-        ));
+            messages::endpoint_not_allowed(host, name, &allowed),
+        );
     }
     if subject.plaintext_ftp && spec.allow_plaintext_ftp != Some(true) {
-        broken.push((
-            Rule::PlaintextFtp,
-            format!(
-                "plaintext FTP (ftps.allowPlaintext) is not allowed by DataResidencyPolicy \
-                 {name} (the policy would need allowPlaintextFtp: true)"
-            ),
-        ));
+        breach(Rule::PlaintextFtp, messages::plaintext_ftp(name));
     }
     if subject.audit_log_stdout && spec.allow_audit_log_stdout != Some(true) {
-        broken.push((
-            Rule::AuditLogStdout,
-            format!(
-                "an audit log on standard output (auditLog.stdout) is not allowed by \
-                 DataResidencyPolicy {name} (the policy would need allowAuditLogStdout: true)"
-            ),
-        ));
+        breach(Rule::AuditLogStdout, messages::audit_log_stdout(name));
     }
 
-    let violation = broken.first().map(|(rule, _)| Violation {
+    let violation = broken.first().map(|first| Violation {
         policy: name.to_string(),
-        rule: *rule,
+        rule: first.rule,
         enforcement: spec.enforcement.unwrap_or_default(),
         message: broken
             .iter()
-            .map(|(_, m)| m.as_str())
+            .map(|b| b.message.as_str())
             .collect::<Vec<_>>()
             .join("; "),
+        breaches: broken.clone(),
     });
     Judgement {
         violation,
@@ -597,10 +605,8 @@ fn storage_class_problem(
     if !spec.allowed_storage_classes.is_empty()
         && !spec.allowed_storage_classes.iter().any(|c| c == name)
     {
-        return Some(format!(
-            "StorageClass {name} is not allowed (allowed: {})",
-            spec.allowed_storage_classes.join(", ")
-        ));
+        let allowed = spec.allowed_storage_classes.join(", ");
+        return Some(messages::storage_class_not_allowed(name, &allowed));
     }
     let Some(class) = placement.storage_class else {
         return Some(format!(
@@ -731,12 +737,7 @@ pub fn endpoint_matches(pattern: &str, host: &str) -> bool {
 /// What a policy allows, for messages: its regions and jurisdictions.
 fn allowed_text(policy: &DataResidencyPolicy) -> String {
     let regions = policy.spec.allowed_regions.iter().map(String::as_str);
-    let jurisdictions = policy.spec.jurisdictions.iter().map(|j| match j {
-        Jurisdiction::Cn => "jurisdiction CN (mainland China)",
-        other => other.as_str(),
-    });
-    let all: Vec<&str> = regions.chain(jurisdictions).collect();
-    all.join(", ")
+    messages::allowed_text(regions, policy.spec.jurisdictions.iter().copied())
 }
 
 /// Bytes in a Kubernetes quantity (`1000G`, `500Gi`, `1e12`), if it is a whole,

@@ -142,22 +142,81 @@ pub fn host_of(endpoint: &str) -> String {
     host.trim_end_matches('.').to_ascii_lowercase()
 }
 
+/// The domains and labels by which the providers' endpoints are read. The admission
+/// policy's CEL (`residency::admission`) is generated from these, so the API server reads
+/// an endpoint as [`resolve_region`] does.
+pub mod endpoints {
+    use super::Provider;
+
+    /// Amazon S3 outside China.
+    pub const AWS: &str = "amazonaws.com";
+    /// Amazon S3 in the AWS China partition.
+    pub const AWS_CHINA: &str = "amazonaws.com.cn";
+    /// The legacy global S3 endpoint (also with a bucket label in front of it)...
+    pub const S3_GLOBAL_HOST: &str = "s3.amazonaws.com";
+    /// ...which serves this region.
+    pub const S3_GLOBAL_REGION: &str = "us-east-1";
+    /// The label of S3 Transfer Acceleration endpoints.
+    pub const S3_ACCELERATE: &str = "s3-accelerate";
+    /// Alibaba Cloud.
+    pub const ALIBABA: &str = "aliyuncs.com";
+    /// Labels of OSS global acceleration endpoints.
+    pub const OSS_ACCELERATE: [&str; 2] = ["oss-accelerate", "oss-accelerate-overseas"];
+    /// What the region label of an OSS endpoint starts with...
+    pub const OSS_PREFIX: &str = "oss-";
+    /// ...and may end with (VPC endpoints).
+    pub const OSS_INTERNAL: &str = "-internal";
+    /// Tencent Cloud's two domains.
+    pub const TENCENT: [&str; 2] = ["myqcloud.com", "tencentcos.cn"];
+    /// The service label in front of a COS region label.
+    pub const COS_SERVICES: [&str; 2] = ["cos", "cos-internal"];
+    /// COS global acceleration.
+    pub const COS_ACCELERATE: &str = "accelerate.myqcloud.com";
+    /// Huawei Cloud.
+    pub const HUAWEI: &str = "myhuaweicloud.com";
+    /// The service label in front of an OBS region label.
+    pub const OBS_SERVICE: &str = "obs";
+
+    /// Partitions that serve only their own regions: the provider, the partition's
+    /// domain, what its region ids start with, and its name.
+    pub const PARTITIONS: [(Provider, &str, &str, &str); 2] = [
+        (Provider::S3, AWS_CHINA, "cn-", "AWS China"),
+        (
+            Provider::AzureBlob,
+            "chinacloudapi.cn",
+            "china",
+            "Azure China",
+        ),
+    ];
+
+    /// How a contradicting partition is named in [`super::RegionError::Contradiction`].
+    pub fn partition_text(name: &str) -> String {
+        format!("the {name} partition")
+    }
+}
+
 fn is_accelerated(provider: Provider, host: &str) -> bool {
+    use endpoints::*;
     let labels: Vec<&str> = host.split('.').collect();
     match provider {
-        Provider::S3 => host.ends_with(".amazonaws.com") && labels.contains(&"s3-accelerate"),
+        Provider::S3 => in_domain(host, AWS) && labels.contains(&S3_ACCELERATE),
         Provider::Oss => {
-            host.ends_with(".aliyuncs.com")
-                && (labels.contains(&"oss-accelerate")
-                    || labels.contains(&"oss-accelerate-overseas"))
+            in_domain(host, ALIBABA) && OSS_ACCELERATE.iter().any(|l| labels.contains(l))
         }
-        Provider::Cos => host.ends_with(".accelerate.myqcloud.com"),
+        Provider::Cos => in_domain(host, COS_ACCELERATE),
         _ => false,
     }
 }
 
+/// Whether `host` is a name under `domain`.
+fn in_domain(host: &str, domain: &str) -> bool {
+    host.strip_suffix(domain)
+        .is_some_and(|rest| rest.ends_with('.'))
+}
+
 /// The region a provider's endpoint names, if it names one.
 fn region_in_endpoint(provider: Provider, host: &str) -> Option<String> {
+    use endpoints::*;
     let labels: Vec<&str> = host.split('.').collect();
     match provider {
         Provider::S3 => s3_region(host, &labels),
@@ -166,24 +225,23 @@ fn region_in_endpoint(provider: Provider, host: &str) -> Option<String> {
         // oss-cn-hongkong.aliyuncs.com` is a bucket in Hong Kong).
         Provider::Oss => {
             // [bucket.]oss-REGION[-internal].aliyuncs.com
-            let label = before_domain(host, "aliyuncs.com", 0)?;
-            let region = label.strip_prefix("oss-")?;
-            let region = region.strip_suffix("-internal").unwrap_or(region);
+            let label = before_domain(host, ALIBABA, 0)?;
+            let region = label.strip_prefix(OSS_PREFIX)?;
+            let region = region.strip_suffix(OSS_INTERNAL).unwrap_or(region);
             Some(region.to_string())
         }
         Provider::Cos => {
             // [bucket-appid.]cos[-internal].REGION.(myqcloud.com|tencentcos.cn)
-            let domain = ["myqcloud.com", "tencentcos.cn"]
-                .into_iter()
-                .find(|d| host.ends_with(&format!(".{d}")))?;
+            let domain = TENCENT.into_iter().find(|d| in_domain(host, d))?;
             let service = before_domain(host, domain, 1)?;
-            matches!(service, "cos" | "cos-internal")
+            COS_SERVICES
+                .contains(&service)
                 .then(|| before_domain(host, domain, 0).map(str::to_string))?
         }
         Provider::Obs => {
             // [bucket.]obs.REGION.myhuaweicloud.com
-            (before_domain(host, "myhuaweicloud.com", 1)? == "obs")
-                .then(|| before_domain(host, "myhuaweicloud.com", 0).map(str::to_string))?
+            (before_domain(host, HUAWEI, 1)? == OBS_SERVICE)
+                .then(|| before_domain(host, HUAWEI, 0).map(str::to_string))?
         }
         Provider::AzureBlob | Provider::Gcs | Provider::S3Compatible => None,
     }
@@ -197,13 +255,12 @@ fn before_domain<'a>(host: &'a str, domain: &str, skip: usize) -> Option<&'a str
 }
 
 fn s3_region(host: &str, labels: &[&str]) -> Option<String> {
-    let china = host.ends_with(".amazonaws.com.cn");
-    if !host.ends_with(".amazonaws.com") && !china {
+    use endpoints::*;
+    if !in_domain(host, AWS) && !in_domain(host, AWS_CHINA) {
         return None;
     }
-    if host == "s3.amazonaws.com" || host.ends_with(".s3.amazonaws.com") {
-        // The legacy global endpoint serves us-east-1.
-        return Some("us-east-1".into());
+    if host == S3_GLOBAL_HOST || in_domain(host, S3_GLOBAL_HOST) {
+        return Some(S3_GLOBAL_REGION.into());
     }
     // s3.REGION..., s3-REGION..., s3.dualstack.REGION..., s3-fips.REGION...,
     // bucket.vpce-ID.s3.REGION.vpce.amazonaws.com
@@ -213,7 +270,6 @@ fn s3_region(host: &str, labels: &[&str]) -> Option<String> {
         .rposition(|l| *l == "s3" || l.starts_with("s3-"))?;
     let label = labels[at];
     if let Some(region) = label.strip_prefix("s3-")
-        && region != "fips"
         && looks_like_aws_region(region)
     {
         return Some(region.to_string());
@@ -239,14 +295,12 @@ fn looks_like_aws_region(label: &str) -> bool {
 /// An endpoint family that contradicts the region: the AWS China partition serves only
 /// the China regions, and Azure China only its own.
 fn host_contradicts(provider: Provider, host: &str, region: &str) -> Option<RegionError> {
-    let (prefix, partition) = match provider {
-        Provider::S3 if host.ends_with(".amazonaws.com.cn") => ("cn-", "AWS China"),
-        Provider::AzureBlob if host.ends_with(".chinacloudapi.cn") => ("china", "Azure China"),
-        _ => return None,
-    };
+    let (_, _, prefix, name) = endpoints::PARTITIONS
+        .into_iter()
+        .find(|(p, domain, _, _)| *p == provider && in_domain(host, domain))?;
     (!region.starts_with(prefix)).then(|| RegionError::Contradiction {
         declared: region.to_string(),
-        endpoint: format!("the {partition} partition"),
+        endpoint: endpoints::partition_text(name),
     })
 }
 

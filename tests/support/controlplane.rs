@@ -73,6 +73,8 @@ pub const CONTROLLERS: &[&str] = &[
     // Binds claims to volumes, so the bound volume's region can be checked.
     "persistentvolume-binder-controller",
     "pod-garbage-collector-controller",
+    // Type-checks ValidatingAdmissionPolicies into their status.
+    "validatingadmissionpolicy-status-controller",
 ];
 
 const BINARIES: [&str; 3] = ["etcd", "kube-apiserver", "kube-controller-manager"];

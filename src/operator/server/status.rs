@@ -91,7 +91,7 @@ pub fn compute(server: &TransferServer, outcome: &Outcome, now: Timestamp) -> Tr
             writes_suspended,
         } => {
             if let Some(verdict) = verdict {
-                let (ok, why) = residency_condition(verdict);
+                let (ok, why) = verdict.condition();
                 set(
                     ConditionType::ResidencyCompliant,
                     ok,
@@ -123,7 +123,7 @@ pub fn compute(server: &TransferServer, outcome: &Outcome, now: Timestamp) -> Tr
             passive_addresses_known,
             schedulable,
         } => {
-            let (ok, why) = residency_condition(verdict);
+            let (ok, why) = verdict.condition();
             set(
                 ConditionType::ResidencyCompliant,
                 ok,
@@ -230,19 +230,6 @@ pub fn compute(server: &TransferServer, outcome: &Outcome, now: Timestamp) -> Tr
     }
     status.conditions = conditions;
     status
-}
-
-fn residency_condition(verdict: &ResidencyVerdict) -> (bool, Reason) {
-    match (
-        verdict.governing.is_empty(),
-        verdict.compliant(),
-        verdict.blocks_rollout(),
-    ) {
-        (true, _, _) => (true, Reason::NoPolicy),
-        (false, true, _) => (true, Reason::RegionAllowed),
-        (false, false, true) => (false, verdict.violation_reason()),
-        (false, false, false) => (false, Reason::AuditOnly),
-    }
 }
 
 fn storage_condition(state: &StorageState) -> (bool, Reason, String) {

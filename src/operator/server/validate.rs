@@ -427,7 +427,9 @@ fn normalise_public_key(line: &str) -> Option<String> {
     key.to_openssh().ok()
 }
 
-fn is_dns_label(name: &str) -> bool {
+/// Whether `name` is a DNS label (RFC 1123, starting with a letter), as every object
+/// name derived from a server's must be.
+pub fn is_dns_label(name: &str) -> bool {
     let bytes = name.as_bytes();
     !bytes.is_empty()
         && bytes.len() <= 63
