@@ -490,6 +490,7 @@ fn compliant() -> ResidencyStamp {
     ResidencyStamp {
         compliant: true,
         enforced: true,
+        suspended: false,
         policies: vec!["mainland-china".into()],
         violation: None,
         cross_border_transfers: vec![],
@@ -502,6 +503,7 @@ const VIOLATION: &str =
 fn non_compliant() -> ResidencyStamp {
     ResidencyStamp {
         compliant: false,
+        suspended: true,
         violation: Some(VIOLATION.into()),
         ..compliant()
     }
@@ -510,6 +512,7 @@ fn non_compliant() -> ResidencyStamp {
 fn allowance(expires: i64, max_bytes: Option<u64>) -> CrossBorderStamp {
     CrossBorderStamp {
         policy: "mainland-china".into(),
+        enforced: true,
         reference: REFERENCE.into(),
         region: "eu-central-1".into(),
         expires,

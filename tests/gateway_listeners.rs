@@ -68,6 +68,7 @@ fn config(sftp: bool, replicas: Vec<ReplicaPassive>) -> GatewayConfig {
         residency: ResidencyStamp {
             compliant: true,
             enforced: false,
+            suspended: false,
             policies: vec![],
             violation: None,
             cross_border_transfers: vec![],

@@ -747,6 +747,7 @@ async fn the_gateway_refuses_a_store_that_is_not_the_one_judged() -> Result<()> 
     let stamp = |enforced| ResidencyStamp {
         compliant: true,
         enforced,
+        suspended: false,
         policies: vec!["pinned".into()],
         violation: None,
         cross_border_transfers: vec![],

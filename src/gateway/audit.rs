@@ -44,7 +44,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::gateway::ErrorChain;
-use crate::gateway::config::{GatewayConfig, ResidencyStamp};
+use crate::gateway::config::{CrossBorderStamp, GatewayConfig, ResidencyStamp};
 use crate::storage::Storage;
 use sink::Sink;
 use usage::Usage;
@@ -422,15 +422,18 @@ impl SessionLog {
         self.log.state.stamp().writes_refused(unix_now())
     }
 
-    /// Why a new upload is refused now besides [`SessionLog::writes_refused`]: under an
-    /// enforced policy, a cross-border allowance whose volume limit is used up.
+    /// Why a new upload is refused now besides [`SessionLog::writes_refused`]: a
+    /// cross-border allowance of an enforced policy whose volume limit is used up.
     pub fn upload_refused(&self) -> Option<String> {
         let stamp = self.log.state.stamp();
-        if !stamp.enforced {
-            return None;
-        }
+        let enforced: Vec<CrossBorderStamp> = stamp
+            .cross_border_transfers
+            .iter()
+            .filter(|a| a.enforced)
+            .cloned()
+            .collect();
         let usage = self.log.state.usage();
-        let exhausted = usage.exhausted(&stamp.cross_border_transfers)?;
+        let exhausted = usage.exhausted(&enforced)?;
         Some(format!(
             "upload refused: cross-border transfer {} to {} has reached its volume limit of \
              {} bytes",

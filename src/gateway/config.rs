@@ -63,42 +63,42 @@ fn is_false(value: &bool) -> bool {
 /// can refuse what the policy does not allow.
 ///
 /// The operator never rolls out a new gateway for a server an enforced policy finds
-/// non-compliant; a stamp with `compliant: false` and `enforced: true` therefore reaches
-/// a gateway that was rolled out before its server fell out of compliance, and that
-/// gateway must stop accepting writes (uploads, deletes, renames, new directories) while
-/// it keeps serving reads, so nothing stored is lost or hidden.
+/// non-compliant; `suspended: true` therefore reaches a gateway that was rolled out before
+/// its server fell out of compliance, and that gateway must stop accepting writes
+/// (uploads, deletes, renames, new directories) while it keeps serving reads, so nothing
+/// stored is lost or hidden. A server that breaks only `Audit` policies is not suspended.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct ResidencyStamp {
-    /// Whether the server complies with the policies that govern it.
+    /// Whether the server complies with every policy that governs it.
     pub compliant: bool,
-    /// Whether a governing policy is enforced: only then does the gateway refuse what the
-    /// stamp does not allow (under `Audit` it serves and warns, as the operator rolls the
-    /// server out and reports it). Left out when false.
+    /// Whether some governing policy is enforced (informational: what the gateway
+    /// enforces is `suspended` and each allowance's own `enforced`). Left out when false.
     #[serde(default, skip_serializing_if = "is_false")]
     pub enforced: bool,
+    /// Whether writes are suspended: an enforced policy the server violates. Left out
+    /// when false.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub suspended: bool,
     /// Names of the DataResidencyPolicies that govern the server, sorted.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub policies: Vec<String>,
     /// Why the server does not comply, naming policy and rule; left out when it does.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub violation: Option<String>,
-    /// The cross-border allowances the server relies on: after one expires, or once its
-    /// volume is used up, an enforced gateway stops accepting uploads even before the
-    /// operator re-renders the stamp.
+    /// The cross-border allowances the server relies on: after one of an enforced policy
+    /// expires, or once its volume is used up, the gateway stops accepting uploads even
+    /// before the operator re-renders the stamp.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub cross_border_transfers: Vec<CrossBorderStamp>,
 }
 
 impl ResidencyStamp {
-    /// Why writes are refused at `now` (seconds since the Unix epoch), if they are:
-    /// the server is non-compliant under an enforced policy, or an allowance it relies on
-    /// has expired. Volume limits are checked by the audit log, which counts the bytes.
+    /// Why writes are refused at `now` (seconds since the Unix epoch), if they are: the
+    /// server violates an enforced policy, or an allowance of an enforced policy it relies
+    /// on has expired. Volume limits are checked by the audit log, which counts the bytes.
     pub fn writes_refused(&self, now: i64) -> Option<String> {
-        if !self.enforced {
-            return None;
-        }
-        if !self.compliant {
+        if self.suspended {
             let why = self
                 .violation
                 .as_deref()
@@ -107,7 +107,7 @@ impl ResidencyStamp {
         }
         self.cross_border_transfers
             .iter()
-            .find(|t| t.expires <= now)
+            .find(|t| t.enforced && t.expires <= now)
             .map(|t| {
                 format!(
                     "writes are suspended: cross-border transfer {} to {} has expired",
@@ -123,6 +123,10 @@ impl ResidencyStamp {
 pub struct CrossBorderStamp {
     /// The DataResidencyPolicy that grants it.
     pub policy: String,
+    /// Whether that policy is enforced: only then do its expiry and volume limit refuse
+    /// uploads. Left out when false.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub enforced: bool,
     /// The assessment reference.
     pub reference: String,
     /// The region outside the allowed ones that it permits.

@@ -178,6 +178,9 @@ pub struct AllowanceUse {
     pub policy: String,
     /// Its assessment reference.
     pub reference: String,
+    /// Whether the granting policy is enforced (then its expiry and volume limit stop
+    /// uploads).
+    pub enforced: bool,
     /// The region outside the allowed ones it permits.
     pub region: String,
     /// When it ends.
@@ -443,6 +446,7 @@ fn allows(
         .map(|t| AllowanceUse {
             policy: policy_name(policy).to_string(),
             reference: t.assessment_reference.clone(),
+            enforced: policy.spec.enforcement.unwrap_or_default() == Enforcement::Enforce,
             region: region.to_string(),
             expires: t.expires.0,
             max_bytes: t.max_volume.as_deref().and_then(quantity_bytes),
@@ -1636,6 +1640,7 @@ spec:
             [AllowanceUse {
                 policy: "mainland".into(),
                 reference: "CAC-2026-0042".into(),
+                enforced: true,
                 region: "eu-central-1".into(),
                 expires,
                 max_bytes: Some(1_000_000_000_000),

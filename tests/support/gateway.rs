@@ -309,6 +309,7 @@ pub fn config(
         residency: ResidencyStamp {
             compliant: true,
             enforced: false,
+            suspended: false,
             policies: vec![],
             violation: None,
             cross_border_transfers: vec![],

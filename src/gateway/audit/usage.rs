@@ -134,6 +134,7 @@ mod tests {
     fn allowance(max_bytes: Option<u64>) -> CrossBorderStamp {
         CrossBorderStamp {
             policy: "cn".into(),
+            enforced: true,
             reference: "CAC-2026-001".into(),
             region: "eu-central-1".into(),
             expires: i64::MAX,

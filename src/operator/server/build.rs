@@ -342,6 +342,8 @@ pub fn residency_stamp(verdict: &ResidencyVerdict, region: &str) -> ResidencySta
     ResidencyStamp {
         compliant: verdict.compliant(),
         enforced: verdict.enforced,
+        // Only an enforced policy's violation stops writes; an Audit one is reported.
+        suspended: verdict.blocks_rollout(),
         policies: verdict.governing.clone(),
         violation: (!verdict.compliant()).then(|| verdict.message(region)),
         cross_border_transfers: verdict
@@ -349,6 +351,7 @@ pub fn residency_stamp(verdict: &ResidencyVerdict, region: &str) -> ResidencySta
             .iter()
             .map(|a| CrossBorderStamp {
                 policy: a.policy.clone(),
+                enforced: a.enforced,
                 reference: a.reference.clone(),
                 region: a.region.clone(),
                 expires: a.expires.as_second(),
