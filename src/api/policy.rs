@@ -137,6 +137,9 @@ pub struct DataResidencyPolicySpec {
     pub cross_border_transfers: Vec<CrossBorderTransfer>,
 }
 
+/// A Kubernetes quantity without a minus sign: a volume limit is never negative.
+const VOLUME_PATTERN: &str = r"^\+?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))(([KMGTPE]i)|[numkMGTPE]|([eE](\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))))?$";
+
 /// A jurisdiction of the built-in region catalogue (`sluice regions` prints it): ISO
 /// 3166 country codes, and `EU` for the European Union.
 #[derive(
@@ -364,7 +367,7 @@ pub struct CrossBorderTransfer {
     /// quantity (`1000G` is 1,000 GB): the bytes of completed uploads, counted per server
     /// in its audit log's usage files. Once reached, that server's uploads are refused.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(regex(pattern = super::server::QUANTITY_PATTERN))]
+    #[schemars(regex(pattern = VOLUME_PATTERN))]
     pub max_volume: Option<String>,
 
     /// Most individuals whose personal information the assessment covers. A file gateway

@@ -360,7 +360,12 @@ pub struct ObjectStorage {
     /// endpoints are refused: they cannot be pinned to a region. Link-local addresses
     /// (cloud metadata services) are refused.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(length(max = 253), regex(pattern = r"^https?://[^/?#@\s]+/?$"))]
+    #[schemars(
+        length(max = 253),
+        regex(
+            pattern = r"^https?://([A-Za-z0-9]([-A-Za-z0-9]*[A-Za-z0-9])?(\.[A-Za-z0-9]([-A-Za-z0-9]*[A-Za-z0-9])?)*\.?|\[[0-9A-Fa-f:.]+\])(:[0-9]{1,5})?/?$"
+        )
+    )]
     pub endpoint: Option<String>,
 
     /// `VirtualHosted` (the default; `https://BUCKET.ENDPOINT/KEY`, which OSS, COS and

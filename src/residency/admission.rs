@@ -240,6 +240,8 @@ fn variables(mode: Mode) -> Vec<(&'static str, String)> {
             format!("has({store}) && has({store}.region) ? {store}.region.trim() : ''"),
         ),
         ("accelerated", accelerated()),
+        ("multiRegion", multi_region()),
+        ("inProviderDomain", in_provider_domain()),
     ];
     variables.extend(named_region_variables());
     variables.extend([
@@ -411,6 +413,43 @@ fn accelerated() -> String {
     )
 }
 
+/// Whether the endpoint is an S3 Multi-Region Access Point.
+fn multi_region() -> String {
+    let host = "variables.endpointHost";
+    let labels: Vec<String> = endpoints::S3_MULTI_REGION
+        .iter()
+        .map(|l| format!("('.' + {host} + '.').contains({})", lit(&format!(".{l}."))))
+        .collect();
+    format!(
+        "{host} != '' && variables.provider == 'S3' && {} && ({})",
+        in_domain(host, endpoints::AWS),
+        labels.join(" || ")
+    )
+}
+
+/// Whether the endpoint is in one of the domains where its provider's endpoints name a
+/// region (then one whose region cannot be read is refused).
+fn in_provider_domain() -> String {
+    let host = "variables.endpointHost";
+    let per_provider: Vec<String> = region::CATALOGUES
+        .iter()
+        .map(|(provider, _)| *provider)
+        .filter(|p| !endpoints::provider_domains(*p).is_empty())
+        .map(|provider| {
+            let domains: Vec<String> = endpoints::provider_domains(provider)
+                .iter()
+                .map(|d| in_domain(host, d))
+                .collect();
+            format!(
+                "(variables.provider == {} && ({}))",
+                lit(&provider_name(provider)),
+                domains.join(" || ")
+            )
+        })
+        .collect();
+    format!("{host} != '' && ({})", per_provider.join("\n || "))
+}
+
 /// The label `skip` places left of the one just before `domain`: an index into
 /// `variables.hostLabels`, which must have at least `skip + 1` labels before the domain.
 fn label_before(domain: &str, skip: usize) -> (String, String) {
@@ -429,6 +468,7 @@ fn named_region_variables() -> Vec<(&'static str, String)> {
     let s3 = format!(
         "!({aws} || {aws_china}) ? ''\n\
          : {host} == {global} || {global_bucket} ? {global_region}\n\
+         : {aws} && ('.' + {host} + '.').contains({external}) ? {external_region}\n\
          : variables.s3Prefix == '' ? ''\n\
          : variables.s3Label.startsWith('s3-')\n  \
          && variables.s3Label.substring(3).matches({aws_region})\n\
@@ -439,6 +479,8 @@ fn named_region_variables() -> Vec<(&'static str, String)> {
         global = lit(endpoints::S3_GLOBAL_HOST),
         global_bucket = in_domain(host, endpoints::S3_GLOBAL_HOST),
         global_region = lit(endpoints::S3_GLOBAL_REGION),
+        external = lit(&format!(".{}.", endpoints::S3_EXTERNAL_LABEL)),
+        external_region = lit(endpoints::S3_EXTERNAL_REGION),
         // The first later label that looks like an AWS region, with its dots...
         after = lit(r"\.[a-z]+(-[a-z]+)+-[0-9]*\."),
         // ...and without them.
@@ -451,10 +493,13 @@ fn named_region_variables() -> Vec<(&'static str, String)> {
         in_domain(host, endpoints::ALIBABA)
     );
     let label = "variables.ossLabel";
+    let (dual_stack_region, dual_stack_size) = label_before(endpoints::ALIBABA, 1);
     let oss = format!(
-        "!{label}.startsWith({prefix}) ? ''\n\
+        "{label} == {dual_stack} ? ({dual_stack_size} ? {dual_stack_region} : '')\n\
+         : !{label}.startsWith({prefix}) ? ''\n\
          : {label}.endsWith({internal}) ? {label}.substring({p}, size({label}) - {i})\n\
          : {label}.substring({p})",
+        dual_stack = lit(endpoints::OSS_DUAL_STACK),
         prefix = lit(endpoints::OSS_PREFIX),
         internal = lit(endpoints::OSS_INTERNAL),
         p = endpoints::OSS_PREFIX.len(),
@@ -475,13 +520,19 @@ fn named_region_variables() -> Vec<(&'static str, String)> {
         .collect();
     let cos = format!("{}: ''", cos.join(": "));
 
-    let (obs_region, _) = label_before(endpoints::HUAWEI, 0);
-    let (obs_service, obs_size) = label_before(endpoints::HUAWEI, 1);
-    let obs = format!(
-        "{} && {obs_size} && {obs_service} == {}\n? {obs_region}\n: ''",
-        in_domain(host, endpoints::HUAWEI),
-        lit(endpoints::OBS_SERVICE),
-    );
+    let obs: Vec<String> = endpoints::HUAWEI
+        .iter()
+        .map(|domain| {
+            let (region, _) = label_before(domain, 0);
+            let (service, size) = label_before(domain, 1);
+            format!(
+                "{} && {size} && {service} == {}\n? {region}\n",
+                in_domain(host, domain),
+                lit(endpoints::OBS_SERVICE),
+            )
+        })
+        .collect();
+    let obs = format!("{}: ''", obs.join(": "));
 
     let named = format!(
         "{host} == '' ? ''\n\
@@ -516,10 +567,10 @@ fn named_region_variables() -> Vec<(&'static str, String)> {
 /// Why the object store's region cannot be resolved, in `RegionError`'s words; `''` when
 /// it can (or there is no object store).
 fn storage_error() -> String {
-    let accelerated = cel_text(
-        &RegionError::Accelerated(slot(0)).to_string(),
-        &["variables.endpointHost"],
-    );
+    let host = &["variables.endpointHost"];
+    let accelerated = cel_text(&RegionError::Accelerated(slot(0)).to_string(), host);
+    let multi_region = cel_text(&RegionError::MultiRegion(slot(0)).to_string(), host);
+    let unknown = cel_text(&RegionError::UnknownEndpoint(slot(0)).to_string(), host);
     let contradiction = cel_text(
         &RegionError::Contradiction {
             declared: slot(0),
@@ -529,26 +580,36 @@ fn storage_error() -> String {
         &["variables.declaredRegion", "variables.namedRegion"],
     );
     let required = lit(&RegionError::RegionRequired.to_string());
+    let partition = |(provider, domain, prefix, name): (Provider, &str, &str, &str),
+                     serves: bool| {
+        let message = RegionError::Contradiction {
+            declared: slot(0),
+            endpoint: endpoints::partition_text(name),
+        };
+        let negation = if serves { "!" } else { "" };
+        format!(
+            ": variables.provider == {} && {} && {negation}variables.storageRegion\
+             .startsWith({})\n  ? {}\n",
+            lit(&provider_name(provider)),
+            in_domain("variables.endpointHost", domain),
+            lit(prefix),
+            cel_text(&message.to_string(), &["variables.storageRegion"]),
+        )
+    };
     let partitions: Vec<String> = endpoints::PARTITIONS
-        .iter()
-        .map(|(provider, domain, prefix, name)| {
-            let message = RegionError::Contradiction {
-                declared: slot(0),
-                endpoint: endpoints::partition_text(name),
-            };
-            format!(
-                ": variables.provider == {} && {} && !variables.storageRegion.startsWith({})\n  \
-                 ? {}\n",
-                lit(&provider_name(*provider)),
-                in_domain("variables.endpointHost", domain),
-                lit(prefix),
-                cel_text(&message.to_string(), &["variables.storageRegion"]),
-            )
-        })
+        .into_iter()
+        .map(|p| partition(p, true))
+        .chain(
+            endpoints::GLOBAL_CLOUDS
+                .into_iter()
+                .map(|p| partition(p, false)),
+        )
         .collect();
     format!(
         "variables.provider == '' ? ''\n\
          : variables.accelerated ? {accelerated}\n\
+         : variables.multiRegion ? {multi_region}\n\
+         : variables.namedRegion == '' && variables.inProviderDomain ? {unknown}\n\
          : variables.namedRegion != '' && variables.declaredRegion != ''\n  \
          && variables.namedRegion != variables.declaredRegion ? {contradiction}\n\
          : variables.storageRegion == '' ? {required}\n\

@@ -107,7 +107,7 @@ impl<'a> Subject<'a> {
                         crate::storage::object::default_endpoint(store.provider, &r.region)
                     }),
             };
-            endpoint.map(|e| region::host_of(&e))
+            endpoint.and_then(|e| region::endpoint_host(&e).ok())
         });
         Self {
             region: &spec.region,
@@ -161,8 +161,9 @@ pub struct ResidencyVerdict {
     pub governing: Vec<String>,
     /// The policies the server violates, sorted by policy name.
     pub violations: Vec<Violation>,
-    /// Node label carrying the region, from the first governing policy by name.
-    pub region_label: String,
+    /// Node labels that must carry the region, one per governing policy's `regionLabel`
+    /// (see [`region_labels`]).
+    pub region_labels: Vec<String>,
     /// Whether any governing policy is enforced (`Enforce`, or one that cannot be
     /// evaluated), so that the data plane refuses what the policies do not allow rather
     /// than only reporting it.
@@ -390,12 +391,44 @@ pub fn evaluate<'a>(
         enforced: governing.iter().any(|(p, error)| {
             error.is_some() || p.spec.enforcement.unwrap_or_default() == Enforcement::Enforce
         }),
-        region_label: governing
-            .first()
-            .and_then(|(p, _)| p.spec.region_label.clone())
-            .unwrap_or_else(|| DEFAULT_REGION_LABEL.to_string()),
+        region_labels: region_labels(governing.iter().map(|(p, _)| *p)),
         allowances,
     }
+}
+
+/// The node labels that must carry the server's region under the policies that govern
+/// it: each policy's `regionLabel` (the default for those that name none), sorted; the
+/// default alone when none governs. Pods are pinned under every one of them.
+pub fn region_labels<'a>(governing: impl Iterator<Item = &'a DataResidencyPolicy>) -> Vec<String> {
+    let mut labels: Vec<String> = governing
+        .map(|p| {
+            p.spec
+                .region_label
+                .clone()
+                .unwrap_or_else(|| DEFAULT_REGION_LABEL.to_string())
+        })
+        .collect();
+    if labels.is_empty() {
+        labels.push(DEFAULT_REGION_LABEL.to_string());
+    }
+    labels.sort();
+    labels.dedup();
+    labels
+}
+
+/// [`region_labels`] of the policies among `policies` that govern a server with
+/// `server_labels` in a namespace with `namespace_labels` (one whose selectors cannot be
+/// evaluated governs, as in [`evaluate`]).
+pub fn region_labels_of(
+    policies: &[DataResidencyPolicy],
+    namespace_labels: &BTreeMap<String, String>,
+    server_labels: &BTreeMap<String, String>,
+) -> Vec<String> {
+    region_labels(
+        policies
+            .iter()
+            .filter(|p| governs(p, namespace_labels, server_labels) != Ok(false)),
+    )
 }
 
 /// Whether `policy` governs a server with `server_labels` in a namespace with
@@ -449,7 +482,7 @@ fn allows(
             enforced: policy.spec.enforcement.unwrap_or_default() == Enforcement::Enforce,
             region: region.to_string(),
             expires: t.expires.0,
-            max_bytes: t.max_volume.as_deref().and_then(quantity_bytes),
+            max_bytes: t.max_volume.as_deref().map(volume_limit),
             max_individuals: t.max_individuals,
         })
         .collect();
@@ -744,8 +777,8 @@ fn allowed_text(policy: &DataResidencyPolicy) -> String {
     messages::allowed_text(regions, policy.spec.jurisdictions.iter().copied())
 }
 
-/// Bytes in a Kubernetes quantity (`1000G`, `500Gi`, `1e12`), if it is a whole,
-/// non-negative number of bytes.
+/// Bytes in a Kubernetes quantity (`1000G`, `500Gi`, `1e12`, `1500m`), rounded up to a
+/// whole byte (and at most `u64::MAX`); `None` for a negative or unreadable one.
 pub fn quantity_bytes(quantity: &str) -> Option<u64> {
     let quantity = quantity.trim();
     let split = quantity
@@ -755,6 +788,9 @@ pub fn quantity_bytes(quantity: &str) -> Option<u64> {
     let number: f64 = number.parse().ok()?;
     let factor: f64 = match suffix {
         "" => 1.0,
+        "n" => 1e-9,
+        "u" => 1e-6,
+        "m" => 1e-3,
         "k" => 1e3,
         "M" => 1e6,
         "G" => 1e9,
@@ -773,7 +809,14 @@ pub fn quantity_bytes(quantity: &str) -> Option<u64> {
         }
     };
     let bytes = number * factor;
-    (bytes.is_finite() && bytes >= 0.0 && bytes < u64::MAX as f64).then_some(bytes.round() as u64)
+    // Beyond u64 is as good as unlimited; `as` saturates.
+    (!bytes.is_nan() && bytes >= 0.0).then_some(bytes.ceil() as u64)
+}
+
+/// The byte limit of an allowance's `maxVolume`: one that cannot be read (negative, say,
+/// from an object older than the schema's pattern) allows nothing rather than everything.
+fn volume_limit(max_volume: &str) -> u64 {
+    quantity_bytes(max_volume).unwrap_or(0)
 }
 
 fn policy_name(policy: &DataResidencyPolicy) -> &str {
@@ -839,7 +882,7 @@ mod tests {
         let verdict = evaluate("cn-shanghai", &cn(), &policies, now());
         assert!(verdict.compliant());
         assert_eq!(verdict.governing, ["china"]);
-        assert_eq!(verdict.region_label, "topology.kubernetes.io/region");
+        assert_eq!(verdict.region_labels, ["topology.kubernetes.io/region"]);
     }
 
     #[test]
@@ -1441,7 +1484,7 @@ allowedTopologies:
         let subject = Subject::of(&files).with_placement(&files, Some(&labelled), None, &[]);
         let verdict = evaluate(subject, &cn(), std::slice::from_ref(&policy), now());
         assert!(verdict.compliant(), "{verdict:?}");
-        assert_eq!(verdict.region_label, "example.com/region");
+        assert_eq!(verdict.region_labels, ["example.com/region"]);
 
         let other = server(
             "cn-shanghai",
@@ -1703,6 +1746,9 @@ spec:
             ("1e12", Some(1_000_000_000_000)),
             ("1.5k", Some(1500)),
             ("42", Some(42)),
+            ("1000m", Some(1)),
+            ("1500m", Some(2)),
+            ("500u", Some(1)),
             ("-1G", None),
             ("lots", None),
         ];

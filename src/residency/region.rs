@@ -64,6 +64,12 @@ pub enum RegionError {
     RegionRequired,
     /// The endpoint routes data through edge locations anywhere in the world.
     Accelerated(String),
+    /// The endpoint routes data to several regions (an S3 Multi-Region Access Point).
+    MultiRegion(String),
+    /// The endpoint is not `http(s)://HOST[:PORT]`.
+    InvalidEndpoint(String),
+    /// The endpoint is in the provider's own domain, in a form whose region is not known.
+    UnknownEndpoint(String),
 }
 
 impl fmt::Display for RegionError {
@@ -81,6 +87,22 @@ impl fmt::Display for RegionError {
                 "{host} is an accelerated endpoint: data passes through edge locations \
                  worldwide, so it cannot be pinned to a region; use the regional endpoint"
             ),
+            Self::MultiRegion(host) => write!(
+                f,
+                "{host} is a multi-region endpoint: data may be stored in any of several \
+                 regions, so it cannot be pinned to one; use the regional endpoint"
+            ),
+            Self::InvalidEndpoint(endpoint) => write!(
+                f,
+                "the endpoint {endpoint:?} must be http(s)://HOST[:PORT] with a DNS name or IP \
+                 address and nothing else (no user, path, query or backslash)"
+            ),
+            Self::UnknownEndpoint(host) => write!(
+                f,
+                "{host} is in the provider's own domain but not in a form whose region Sluice \
+                 can read, so where it stores data is unknown; use the provider's regional \
+                 endpoint"
+            ),
         }
     }
 }
@@ -94,15 +116,24 @@ pub fn resolve_region(
     endpoint: Option<&str>,
     declared: Option<&str>,
 ) -> Result<ResolvedRegion, RegionError> {
-    let host = endpoint.map(host_of);
-    if let Some(host) = &host
-        && is_accelerated(provider, host)
-    {
-        return Err(RegionError::Accelerated(host.clone()));
+    let host = endpoint.map(endpoint_host).transpose()?;
+    if let Some(host) = &host {
+        if is_accelerated(provider, host) {
+            return Err(RegionError::Accelerated(host.clone()));
+        }
+        if is_multi_region(provider, host) {
+            return Err(RegionError::MultiRegion(host.clone()));
+        }
     }
     let named = host
         .as_deref()
         .and_then(|h| region_in_endpoint(provider, h));
+    if let Some(host) = &host
+        && named.is_none()
+        && in_provider_domain(provider, host)
+    {
+        return Err(RegionError::UnknownEndpoint(host.clone()));
+    }
     let declared = declared.map(str::trim).filter(|d| !d.is_empty());
     let (region, source) = match (named, declared) {
         (Some(named), Some(declared)) if named != declared => {
@@ -127,18 +158,64 @@ pub fn resolve_region(
     })
 }
 
-/// The lower-case host of an endpoint given as a host, `host:port` or URL.
-pub fn host_of(endpoint: &str) -> String {
-    let rest = endpoint
-        .trim()
-        .split_once("://")
-        .map_or(endpoint.trim(), |(_, rest)| rest);
-    let host = rest.split(['/', '?', '#']).next().unwrap_or_default();
-    let host = host.rsplit_once('@').map_or(host, |(_, host)| host);
-    let host = match host.rsplit_once(':') {
-        Some((name, port)) if port.bytes().all(|b| b.is_ascii_digit()) => name,
-        _ => host,
+/// The lower-case host of an endpoint written `[http[s]://]HOST[:PORT][/]`, where HOST is
+/// a DNS name (letters, digits, dots, dashes) or an IP address (IPv6 in brackets), or
+/// why it is not one.
+///
+/// Nothing else is accepted (no user, path, query, fragment, percent-encoding or
+/// backslash): HTTP clients disagree with naive parsers about such URLs (WHATWG URL
+/// parsing, which reqwest follows, reads `https://a\.b.example` as host `a`), and the
+/// host judged here must be the host the gateway connects to.
+pub fn endpoint_host(endpoint: &str) -> Result<String, RegionError> {
+    let invalid = || RegionError::InvalidEndpoint(endpoint.to_string());
+    let trimmed = endpoint.trim();
+    let rest = match trimmed.split_once("://") {
+        Some((scheme, rest))
+            if scheme.eq_ignore_ascii_case("https") || scheme.eq_ignore_ascii_case("http") =>
+        {
+            rest
+        }
+        Some(_) => return Err(invalid()),
+        None => trimmed,
     };
+    let authority = rest.strip_suffix('/').unwrap_or(rest);
+    let (host, port) = match authority.strip_prefix('[') {
+        Some(bracketed) => {
+            let (address, after) = bracketed.split_once(']').ok_or_else(invalid)?;
+            let ipv6 = address
+                .parse::<std::net::Ipv6Addr>()
+                .map_err(|_| invalid())?;
+            (ipv6.to_string(), after.strip_prefix(':'))
+        }
+        None => match authority.rsplit_once(':') {
+            Some((host, port)) => (host.to_string(), Some(port)),
+            None => (authority.to_string(), None),
+        },
+    };
+    if let Some(port) = port
+        && !port.parse::<u16>().is_ok_and(|p| p > 0)
+    {
+        return Err(invalid());
+    }
+    let name = host.trim_end_matches('.');
+    let is_name = !name.is_empty()
+        && name
+            .split('.')
+            .all(|l| !l.is_empty() && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-'));
+    if !authority.starts_with('[') && !is_name {
+        return Err(invalid());
+    }
+    Ok(name.to_ascii_lowercase())
+}
+
+/// The lower-case host of a URL the code itself made (a default endpoint, possibly with a
+/// placeholder for the region), without [`endpoint_host`]'s checks: never for endpoints
+/// from a spec.
+pub(crate) fn host_of(endpoint: &str) -> String {
+    let rest = endpoint
+        .split_once("://")
+        .map_or(endpoint, |(_, rest)| rest);
+    let host = rest.split(['/', ':']).next().unwrap_or_default();
     host.trim_end_matches('.').to_ascii_lowercase()
 }
 
@@ -156,8 +233,15 @@ pub mod endpoints {
     pub const S3_GLOBAL_HOST: &str = "s3.amazonaws.com";
     /// ...which serves this region.
     pub const S3_GLOBAL_REGION: &str = "us-east-1";
+    /// The legacy endpoint `s3-external-1.amazonaws.com`...
+    pub const S3_EXTERNAL_LABEL: &str = "s3-external-1";
+    /// ...which also serves this region.
+    pub const S3_EXTERNAL_REGION: &str = "us-east-1";
     /// The label of S3 Transfer Acceleration endpoints.
     pub const S3_ACCELERATE: &str = "s3-accelerate";
+    /// Labels of S3 Multi-Region Access Points (`ALIAS.mrap.accesspoint.s3-global.
+    /// amazonaws.com`), which spread data over several regions.
+    pub const S3_MULTI_REGION: [&str; 2] = ["s3-global", "mrap"];
     /// Alibaba Cloud.
     pub const ALIBABA: &str = "aliyuncs.com";
     /// Labels of OSS global acceleration endpoints.
@@ -166,14 +250,17 @@ pub mod endpoints {
     pub const OSS_PREFIX: &str = "oss-";
     /// ...and may end with (VPC endpoints).
     pub const OSS_INTERNAL: &str = "-internal";
+    /// The service label after the region label of OSS dual-stack endpoints
+    /// (`[bucket.]REGION.oss.aliyuncs.com`).
+    pub const OSS_DUAL_STACK: &str = "oss";
     /// Tencent Cloud's two domains.
     pub const TENCENT: [&str; 2] = ["myqcloud.com", "tencentcos.cn"];
     /// The service label in front of a COS region label.
     pub const COS_SERVICES: [&str; 2] = ["cos", "cos-internal"];
     /// COS global acceleration.
     pub const COS_ACCELERATE: &str = "accelerate.myqcloud.com";
-    /// Huawei Cloud.
-    pub const HUAWEI: &str = "myhuaweicloud.com";
+    /// Huawei Cloud's two domains (`.eu` for its European regions).
+    pub const HUAWEI: [&str; 2] = ["myhuaweicloud.com", "myhuaweicloud.eu"];
     /// The service label in front of an OBS region label.
     pub const OBS_SERVICE: &str = "obs";
 
@@ -188,6 +275,31 @@ pub mod endpoints {
             "Azure China",
         ),
     ];
+
+    /// The providers' global clouds, which serve no region of the partitions above: the
+    /// provider, the domain, the region prefix they never serve, and the name.
+    pub const GLOBAL_CLOUDS: [(Provider, &str, &str, &str); 2] = [
+        (Provider::S3, AWS, "cn-", "AWS global"),
+        (
+            Provider::AzureBlob,
+            "core.windows.net",
+            "china",
+            "Azure global",
+        ),
+    ];
+
+    /// The domains in which each provider's endpoints have a form Sluice reads: an
+    /// endpoint there whose region cannot be read is refused rather than trusted to be
+    /// where the declaration says.
+    pub fn provider_domains(provider: Provider) -> &'static [&'static str] {
+        match provider {
+            Provider::S3 => &[AWS, AWS_CHINA],
+            Provider::Oss => &[ALIBABA],
+            Provider::Cos => &TENCENT,
+            Provider::Obs => &HUAWEI,
+            Provider::AzureBlob | Provider::Gcs | Provider::S3Compatible => &[],
+        }
+    }
 
     /// How a contradicting partition is named in [`super::RegionError::Contradiction`].
     pub fn partition_text(name: &str) -> String {
@@ -208,6 +320,21 @@ fn is_accelerated(provider: Provider, host: &str) -> bool {
     }
 }
 
+/// Whether the endpoint spreads data over several regions.
+fn is_multi_region(provider: Provider, host: &str) -> bool {
+    use endpoints::*;
+    provider == Provider::S3
+        && in_domain(host, AWS)
+        && host.split('.').any(|l| S3_MULTI_REGION.contains(&l))
+}
+
+/// Whether `host` is in one of the domains where `provider`'s endpoints name regions.
+fn in_provider_domain(provider: Provider, host: &str) -> bool {
+    endpoints::provider_domains(provider)
+        .iter()
+        .any(|d| in_domain(host, d))
+}
+
 /// Whether `host` is a name under `domain`.
 fn in_domain(host: &str, domain: &str) -> bool {
     host.strip_suffix(domain)
@@ -224,8 +351,12 @@ fn region_in_endpoint(provider: Provider, host: &str) -> Option<String> {
         // further left are the bucket's, which may look like anything (`oss-cn-shanghai.
         // oss-cn-hongkong.aliyuncs.com` is a bucket in Hong Kong).
         Provider::Oss => {
-            // [bucket.]oss-REGION[-internal].aliyuncs.com
+            // [bucket.]oss-REGION[-internal].aliyuncs.com, or dual-stack
+            // [bucket.]REGION.oss.aliyuncs.com
             let label = before_domain(host, ALIBABA, 0)?;
+            if label == OSS_DUAL_STACK {
+                return before_domain(host, ALIBABA, 1).map(str::to_string);
+            }
             let region = label.strip_prefix(OSS_PREFIX)?;
             let region = region.strip_suffix(OSS_INTERNAL).unwrap_or(region);
             Some(region.to_string())
@@ -239,9 +370,10 @@ fn region_in_endpoint(provider: Provider, host: &str) -> Option<String> {
                 .then(|| before_domain(host, domain, 0).map(str::to_string))?
         }
         Provider::Obs => {
-            // [bucket.]obs.REGION.myhuaweicloud.com
-            (before_domain(host, HUAWEI, 1)? == OBS_SERVICE)
-                .then(|| before_domain(host, HUAWEI, 0).map(str::to_string))?
+            // [bucket.]obs.REGION.(myhuaweicloud.com|myhuaweicloud.eu)
+            let domain = HUAWEI.into_iter().find(|d| in_domain(host, d))?;
+            (before_domain(host, domain, 1)? == OBS_SERVICE)
+                .then(|| before_domain(host, domain, 0).map(str::to_string))?
         }
         Provider::AzureBlob | Provider::Gcs | Provider::S3Compatible => None,
     }
@@ -261,6 +393,9 @@ fn s3_region(host: &str, labels: &[&str]) -> Option<String> {
     }
     if host == S3_GLOBAL_HOST || in_domain(host, S3_GLOBAL_HOST) {
         return Some(S3_GLOBAL_REGION.into());
+    }
+    if labels.contains(&S3_EXTERNAL_LABEL) && in_domain(host, AWS) {
+        return Some(S3_EXTERNAL_REGION.into());
     }
     // s3.REGION..., s3-REGION..., s3.dualstack.REGION..., s3-fips.REGION...,
     // bucket.vpce-ID.s3.REGION.vpce.amazonaws.com
@@ -293,15 +428,23 @@ fn looks_like_aws_region(label: &str) -> bool {
 }
 
 /// An endpoint family that contradicts the region: the AWS China partition serves only
-/// the China regions, and Azure China only its own.
+/// the China regions, and Azure China only its own; the global clouds serve none of
+/// them.
 fn host_contradicts(provider: Provider, host: &str, region: &str) -> Option<RegionError> {
-    let (_, _, prefix, name) = endpoints::PARTITIONS
-        .into_iter()
-        .find(|(p, domain, _, _)| *p == provider && in_domain(host, domain))?;
-    (!region.starts_with(prefix)).then(|| RegionError::Contradiction {
+    let contradiction = |name| RegionError::Contradiction {
         declared: region.to_string(),
         endpoint: endpoints::partition_text(name),
-    })
+    };
+    if let Some((_, _, prefix, name)) = endpoints::PARTITIONS
+        .into_iter()
+        .find(|(p, domain, _, _)| *p == provider && in_domain(host, domain))
+    {
+        return (!region.starts_with(prefix)).then(|| contradiction(name));
+    }
+    let (_, _, prefix, name) = endpoints::GLOBAL_CLOUDS
+        .into_iter()
+        .find(|(p, domain, _, _)| *p == provider && in_domain(host, domain))?;
+    region.starts_with(prefix).then(|| contradiction(name))
 }
 
 /// The jurisdiction of `region` at `provider`, from the catalogue.
@@ -607,7 +750,7 @@ mod tests {
             ),
             (
                 S3,
-                Some("https://logs.s3.ap-east-1.amazonaws.com/x"),
+                Some("https://logs.s3.ap-east-1.amazonaws.com/"),
                 None,
                 "ap-east-1",
                 Some("HK"),
@@ -1019,15 +1162,111 @@ mod tests {
     }
 
     #[test]
-    fn hosts_are_taken_from_urls_with_ports_and_credentials() {
-        assert_eq!(
-            host_of("https://user@S3.CN-NORTH-1.amazonaws.com.cn:443/b?x=1"),
-            "s3.cn-north-1.amazonaws.com.cn"
+    fn every_endpoint_form_of_a_providers_domain_names_its_region_or_is_refused() {
+        use RegionError::{Contradiction, MultiRegion, UnknownEndpoint};
+        let resolves = [
+            (Oss, "https://cn-hongkong.oss.aliyuncs.com", "cn-hongkong"),
+            (
+                Oss,
+                "https://bucket.cn-shanghai.oss.aliyuncs.com",
+                "cn-shanghai",
+            ),
+            (
+                Obs,
+                "https://obs.eu-west-101.myhuaweicloud.eu",
+                "eu-west-101",
+            ),
+            (
+                Obs,
+                "https://b.obs.cn-east-3.myhuaweicloud.com",
+                "cn-east-3",
+            ),
+            (S3, "https://s3-external-1.amazonaws.com", "us-east-1"),
+            (
+                S3,
+                "https://ap-123456789012.s3-accesspoint.eu-west-1.amazonaws.com",
+                "eu-west-1",
+            ),
+        ];
+        for (provider, endpoint, region) in resolves {
+            let resolved = resolve_region(provider, Some(endpoint), None);
+            assert_eq!(
+                resolved.map(|r| r.region).as_deref(),
+                Ok(region),
+                "{endpoint}"
+            );
+        }
+        let unknown = [
+            (Oss, "https://oss.aliyuncs.com"),
+            (Oss, "https://bucket.aliyuncs.com"),
+            (S3, "https://bucket.amazonaws.com"),
+            (Cos, "https://service.cos.myqcloud.com"),
+            (Obs, "https://obs.myhuaweicloud.com"),
+        ];
+        for (provider, endpoint) in unknown {
+            let resolved = resolve_region(provider, Some(endpoint), Some("cn-shanghai"));
+            assert!(
+                matches!(resolved, Err(UnknownEndpoint(_))),
+                "{endpoint}: {resolved:?}"
+            );
+        }
+        let mrap = "https://mfzwi23gnjvgw.mrap.accesspoint.s3-global.amazonaws.com";
+        let resolved = resolve_region(S3, Some(mrap), Some("eu-central-1"));
+        assert!(matches!(resolved, Err(MultiRegion(_))), "{resolved:?}");
+        // A global cloud never serves a China partition's region.
+        let resolved = resolve_region(
+            AzureBlob,
+            Some("https://acct.blob.core.windows.net"),
+            Some("chinaeast2"),
         );
-        assert_eq!(
-            host_of("oss-cn-hangzhou.aliyuncs.com."),
-            "oss-cn-hangzhou.aliyuncs.com"
+        assert!(
+            matches!(resolved, Err(Contradiction { .. })),
+            "{resolved:?}"
         );
-        assert_eq!(host_of("http://127.0.0.1:8333"), "127.0.0.1");
+        // Custom domains still take the declared region.
+        let resolved = resolve_region(Oss, Some("https://files.example.cn"), Some("cn-shanghai"));
+        assert_eq!(resolved.map(|r| r.region).as_deref(), Ok("cn-shanghai"));
+    }
+
+    #[test]
+    fn endpoints_are_plain_hosts_with_an_optional_scheme_and_port() {
+        let accepted = [
+            (
+                "https://S3.CN-NORTH-1.amazonaws.com.cn:443/",
+                "s3.cn-north-1.amazonaws.com.cn",
+            ),
+            (
+                "oss-cn-hangzhou.aliyuncs.com.",
+                "oss-cn-hangzhou.aliyuncs.com",
+            ),
+            ("http://127.0.0.1:8333", "127.0.0.1"),
+            ("https://[fd00::5]:9000", "fd00::5"),
+        ];
+        for (endpoint, host) in accepted {
+            assert_eq!(endpoint_host(endpoint).as_deref(), Ok(host), "{endpoint}");
+        }
+        let refused = [
+            "https://user@s3.cn-north-1.amazonaws.com.cn",
+            "https://s3.cn-north-1.amazonaws.com.cn/bucket",
+            "https://s3.cn-north-1.amazonaws.com.cn?x=1",
+            r"https://203.0.113.7\.s3.eu-central-1.amazonaws.com",
+            r"https://169.254.169.254\.oss-cn-shanghai.aliyuncs.com",
+            "https://a%2eb.example",
+            "ftp://s3.example",
+            "https://s3.example:0",
+            "https://s3.example:99999",
+            "https://[fd00::5",
+            "https://",
+            "https://a..b",
+        ];
+        for endpoint in refused {
+            assert!(
+                matches!(
+                    endpoint_host(endpoint),
+                    Err(RegionError::InvalidEndpoint(_))
+                ),
+                "{endpoint}"
+            );
+        }
     }
 }

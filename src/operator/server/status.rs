@@ -140,10 +140,15 @@ pub fn compute(server: &TransferServer, outcome: &Outcome, now: Timestamp) -> Tr
                 set(ConditionType::StorageAvailable, ok, reason, &message);
                 (!ok).then_some((reason, message))
             });
-            let label = &verdict.region_label;
             let region = &server.spec.region;
+            let label = verdict
+                .region_labels
+                .iter()
+                .map(|l| format!("{l}={region}"))
+                .collect::<Vec<_>>()
+                .join(" and ");
             if *schedulable {
-                let message = format!("nodes carry {label}={region}");
+                let message = format!("nodes carry {label}");
                 set(
                     ConditionType::Schedulable,
                     true,
@@ -152,7 +157,7 @@ pub fn compute(server: &TransferServer, outcome: &Outcome, now: Timestamp) -> Tr
                 );
             } else {
                 let message = format!(
-                    "no node carries {label}={region}, so the gateway pods cannot be \
+                    "no node carries {label}, so the gateway pods cannot be \
                      scheduled; label the nodes of that region, or correct spec.region"
                 );
                 set(
@@ -163,9 +168,8 @@ pub fn compute(server: &TransferServer, outcome: &Outcome, now: Timestamp) -> Tr
                 );
             }
             if !schedulable && !statefulset.is_some_and(is_available) {
-                let message = format!(
-                    "no node carries {label}={region}: the gateway pods cannot be scheduled"
-                );
+                let message =
+                    format!("no node carries {label}: the gateway pods cannot be scheduled");
                 set(
                     ConditionType::Ready,
                     false,

@@ -236,10 +236,7 @@ pub fn validate(inputs: ServerInputs, now: Timestamp) -> Result<ValidServer, Box
             suspend,
         }));
     }
-    let schedulable = nodes_in_region
-        .get(&verdict.region_label)
-        .copied()
-        .unwrap_or(false);
+    let schedulable = nodes_in_region;
 
     let ftps = match ftps::plan(&server) {
         Ok(plan) => plan,
