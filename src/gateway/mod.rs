@@ -162,7 +162,7 @@ pub enum GatewayError {
 /// Runs `sluice gateway` until SIGTERM or Ctrl-C, then shuts down gracefully.
 pub async fn run(args: GatewayArgs) -> anyhow::Result<()> {
     let gateway = Gateway::bind(&args).await?;
-    gateway.serve(shutdown_signal()).await;
+    gateway.serve(crate::cli::terminated()).await;
     Ok(())
 }
 
@@ -509,23 +509,4 @@ impl std::fmt::Display for ErrorChain<'_> {
 pub(crate) async fn stopped(stop: &mut watch::Receiver<bool>) {
     // The guard `wait_for` returns is not `Send`; drop it here, not across an await.
     let _ = stop.wait_for(|now| *now).await;
-}
-
-/// Completes on SIGTERM (how Kubernetes stops a pod) or Ctrl-C.
-async fn shutdown_signal() {
-    let terminate = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut signal) => {
-                signal.recv().await;
-            }
-            Err(error) => {
-                tracing::warn!(%error, "Cannot listen for SIGTERM; only Ctrl-C stops the gateway");
-                std::future::pending::<()>().await;
-            }
-        }
-    };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        () = terminate => {}
-    }
 }

@@ -157,9 +157,12 @@ pub struct Operator {
 impl Operator {
     /// Starts the operator's controllers with `client`.
     pub fn start(client: Client) -> Self {
-        let args = sluice::operator::OperatorArgs {
-            gateway_image: sluice::operator::DEFAULT_GATEWAY_IMAGE.to_string(),
-        };
+        Self::start_with(client, sluice::operator::OperatorArgs::local())
+    }
+
+    /// Starts the operator's controllers with `client` and `args` (metrics must bind
+    /// 127.0.0.1).
+    pub fn start_with(client: Client, args: sluice::operator::OperatorArgs) -> Self {
         let context = sluice::operator::Context::new(client, args);
         let (stop, stopped) = oneshot::channel::<()>();
         let shutdown = async move {
