@@ -4,6 +4,7 @@ pub mod cluster;
 pub mod controlplane;
 pub mod ftp;
 pub mod gateway;
+pub mod http;
 pub mod kubelet;
 pub mod s3;
 pub mod sftp;

@@ -1,0 +1,468 @@
+//! Leader election on a real control plane: the Lease's rules on their own, then two
+//! `sluice operator` processes of which only the leader writes, a standby that takes over
+//! within the lease duration when the leader is killed and finds nothing to write in a
+//! converged state, metrics and health over HTTP, and a graceful stop on SIGTERM that
+//! releases the Lease.
+
+mod support;
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail, ensure};
+use k8s_openapi::api::apps::v1::StatefulSet;
+use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::api::core::v1::{PersistentVolumeClaim, Secret, Service};
+use k8s_openapi::api::events::v1::Event;
+use kube::api::{ListParams, Patch, PatchParams};
+use kube::{Api, Client, ResourceExt};
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+use serde_json::json;
+use sluice::api::{DataResidencyPolicy, TransferServer, TransferUser};
+use sluice::operator::lease::{Attempt, LEASE_NAME, LeaseLock, LeaseTiming};
+use tokio::process::{Child, Command};
+
+use support::cluster::{TEST_MANAGER, apply_all, eventually, install_crds};
+use support::controlplane::ControlPlane;
+use support::http::{get, sample};
+
+const NS: &str = "ha";
+const WAIT: Duration = Duration::from_secs(60);
+/// The operator's default lease duration and retry period.
+const LEASE_DURATION: Duration = Duration::from_secs(15);
+const RETRY_PERIOD: Duration = Duration::from_secs(2);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_standby_operator_takes_over_from_a_killed_leader_and_writes_nothing_new() -> Result<()> {
+    let control_plane = ControlPlane::start().await?;
+    let client = control_plane.client();
+    install_crds(&client).await?;
+    a_lease_goes_to_one_holder_and_to_another_only_when_free(&client).await?;
+
+    let logs = tempfile::tempdir()?;
+    let mut leader = OperatorProcess::start(&control_plane, "operator-a", logs.path()).await?;
+    lease_holder_becomes(&client, "operator-a", WAIT).await?;
+    let mut standby = OperatorProcess::start(&control_plane, "operator-b", logs.path()).await?;
+    apply_all(&client, &fixtures()).await?;
+    converged(&client).await.with_context(|| leader.log())?;
+
+    the_standby_is_ready_and_idle_while_the_leader_reports_its_work(&leader, &standby).await?;
+    let before = written_state(&client).await?;
+    leader.kill()?;
+    let killed = Instant::now();
+    lease_holder_becomes(&client, "operator-b", LEASE_DURATION + RETRY_PERIOD * 3)
+        .await
+        .with_context(|| standby.log())?;
+    let took = killed.elapsed();
+    ensure!(
+        took <= LEASE_DURATION + RETRY_PERIOD + Duration::from_secs(3),
+        "the standby took {took:?} to take over"
+    );
+    the_new_leader_reconciles_everything_and_writes_nothing(&client, &standby, &before)
+        .await
+        .with_context(|| standby.log())?;
+    the_new_leader_rolls_out_a_change(&client)
+        .await
+        .with_context(|| standby.log())?;
+
+    let stopped = standby.terminate().await?;
+    ensure!(
+        stopped.success(),
+        "SIGTERM ended the operator with {stopped}"
+    );
+    let lease = Api::<Lease>::namespaced(client.clone(), "default")
+        .get(LEASE_NAME)
+        .await?;
+    let holder = lease.spec.and_then(|s| s.holder_identity);
+    ensure!(holder.is_none(), "the Lease is still held by {holder:?}");
+    Ok(())
+}
+
+async fn a_lease_goes_to_one_holder_and_to_another_only_when_free(client: &Client) -> Result<()> {
+    let timing = LeaseTiming {
+        lease_duration: Duration::from_secs(3),
+        renew_deadline: Duration::from_secs(2),
+        retry_period: Duration::from_secs(1),
+    };
+    let api = Api::<Lease>::namespaced(client.clone(), "default");
+    let lock = |identity: &str| LeaseLock::new(api.clone(), "lease-rules", identity, timing);
+    let (mut a, mut b, mut c) = (lock("a"), lock("b"), lock("c"));
+
+    ensure!(a.try_acquire_or_renew().await? == Attempt::Leading);
+    ensure!(b.try_acquire_or_renew().await? == Attempt::HeldBy("a".into()));
+    // A renewal restarts the clock of those who see it.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    ensure!(a.try_acquire_or_renew().await? == Attempt::Leading);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    ensure!(
+        b.try_acquire_or_renew().await? == Attempt::HeldBy("a".into()),
+        "taken 3.5 s after the first sighting, although renewed 1.5 s ago"
+    );
+    // Unrenewed for the lease duration since b saw it last change: b takes it.
+    tokio::time::sleep(Duration::from_millis(3200)).await;
+    ensure!(b.try_acquire_or_renew().await? == Attempt::Leading);
+    let spec = api.get("lease-rules").await?.spec.context("no spec")?;
+    ensure!(spec.holder_identity.as_deref() == Some("b"));
+    ensure!(spec.lease_transitions == Some(1), "{spec:?}");
+    ensure!(a.try_acquire_or_renew().await? == Attempt::HeldBy("b".into()));
+
+    // Released: free at once, and of two racing for it exactly one wins.
+    b.release().await?;
+    let (for_a, for_c) = tokio::join!(a.try_acquire_or_renew(), c.try_acquire_or_renew());
+    let winners = [for_a?, for_c?]
+        .into_iter()
+        .filter(|attempt| *attempt == Attempt::Leading)
+        .count();
+    ensure!(winners == 1, "{winners} instances hold the Lease");
+    Ok(())
+}
+
+/// A namespace under a policy, a server and a user with a password.
+fn fixtures() -> Vec<serde_json::Value> {
+    vec![
+        // Volumes are provisioned where the region-pinned pod is scheduled.
+        json!({
+            "apiVersion": "storage.k8s.io/v1",
+            "kind": "StorageClass",
+            "metadata": {"name": "ssd"},
+            "provisioner": "example.com/none",
+            "volumeBindingMode": "WaitForFirstConsumer",
+        }),
+        json!({
+            "apiVersion": "v1",
+            "kind": "Namespace",
+            "metadata": {"name": NS, "labels": {"sluice.dev/residency": "cn"}},
+        }),
+        json!({
+            "apiVersion": "sluice.dev/v1alpha1",
+            "kind": "DataResidencyPolicy",
+            "metadata": {"name": "mainland"},
+            "spec": {
+                "namespaceSelector": {"matchLabels": {"sluice.dev/residency": "cn"}},
+                "allowedRegions": ["cn-shanghai"],
+                "enforcement": "Enforce",
+            },
+        }),
+        json!({
+            "apiVersion": "sluice.dev/v1alpha1",
+            "kind": "TransferServer",
+            "metadata": {"name": "files", "namespace": NS},
+            "spec": {
+                "region": "cn-shanghai",
+                "replicas": 2,
+                "protocols": {"sftp": {}},
+                "storage": {"volume": {"storageClassName": "ssd", "size": "1Gi"}},
+            },
+        }),
+        json!({
+            "apiVersion": "v1",
+            "kind": "Secret",
+            "metadata": {"name": "alice-password", "namespace": NS},
+            "stringData": {"password": "correct horse"},
+        }),
+        json!({
+            "apiVersion": "sluice.dev/v1alpha1",
+            "kind": "TransferUser",
+            "metadata": {"name": "alice", "namespace": NS},
+            "spec": {
+                "serverRef": {"name": "files"},
+                "passwordSecretRef": {"name": "alice-password", "key": "password"},
+                "homeDirectory": "/alice",
+                "permissions": ["list", "read", "write"],
+            },
+        }),
+    ]
+}
+
+/// Waits until the server, its user and the policy report the current generation.
+async fn converged(client: &Client) -> Result<()> {
+    let servers = Api::<TransferServer>::namespaced(client.clone(), NS);
+    let users = Api::<TransferUser>::namespaced(client.clone(), NS);
+    let policies = Api::<DataResidencyPolicy>::all(client.clone());
+    eventually("server, user and policy reconciled", WAIT, || async {
+        let server = servers.get("files").await?;
+        let user = users.get("alice").await?;
+        let policy = policies.get("mainland").await?;
+        let server_done = server.status.as_ref().is_some_and(|s| {
+            s.observed_generation == server.metadata.generation && s.users == Some(1)
+        });
+        let user_done = user
+            .status
+            .as_ref()
+            .is_some_and(|s| s.observed_generation == user.metadata.generation);
+        let policy_done = policy
+            .status
+            .as_ref()
+            .is_some_and(|s| s.governed_servers == Some(1));
+        Ok((server_done && user_done && policy_done).then_some(()))
+    })
+    .await
+}
+
+async fn the_standby_is_ready_and_idle_while_the_leader_reports_its_work(
+    leader: &OperatorProcess,
+    standby: &OperatorProcess,
+) -> Result<()> {
+    for path in ["/healthz", "/readyz"] {
+        for operator in [leader, standby] {
+            let (status, body) = get(operator.metrics, path).await?;
+            ensure!(status == 200, "{} {path}: {status} {body}", operator.name);
+        }
+    }
+    let (_, exposition) = get(standby.metrics, "/metrics").await?;
+    ensure!(
+        sample(&exposition, "sluice_leader", "") == Some(0.0),
+        "{exposition}"
+    );
+    let reconciled = sample(
+        &exposition,
+        "sluice_reconciles_total",
+        r#"controller="server",result="success""#,
+    );
+    ensure!(reconciled.is_none(), "the standby reconciled: {exposition}");
+
+    let (status, exposition) = get(leader.metrics, "/metrics").await?;
+    ensure!(status == 200);
+    ensure!(
+        sample(&exposition, "sluice_leader", "") == Some(1.0),
+        "{exposition}"
+    );
+    for kind in ["TransferServer", "TransferUser", "DataResidencyPolicy"] {
+        let labels = format!(r#"kind="{kind}""#);
+        let count = sample(&exposition, "sluice_managed_objects", &labels);
+        ensure!(count == Some(1.0), "{kind}: {count:?} in\n{exposition}");
+    }
+    for controller in ["server", "user", "policy"] {
+        let labels = format!(r#"controller="{controller}",result="success""#);
+        let count = sample(&exposition, "sluice_reconciles_total", &labels).unwrap_or(0.0);
+        ensure!(
+            count >= 1.0,
+            "{controller} reconciles: {count}\n{exposition}"
+        );
+        let labels = format!(r#"controller="{controller}""#);
+        let timed = sample(
+            &exposition,
+            "sluice_reconcile_duration_seconds_count",
+            &labels,
+        );
+        ensure!(timed.unwrap_or(0.0) >= 1.0, "{controller}: {timed:?}");
+    }
+    Ok(())
+}
+
+async fn the_new_leader_reconciles_everything_and_writes_nothing(
+    client: &Client,
+    leader: &OperatorProcess,
+    before: &BTreeMap<String, String>,
+) -> Result<()> {
+    eventually("the new leader's first pass", WAIT, || async {
+        let (_, exposition) = get(leader.metrics, "/metrics").await?;
+        let all = ["server", "user", "policy"].iter().all(|controller| {
+            let labels = format!(r#"controller="{controller}",result="success""#);
+            sample(&exposition, "sluice_reconciles_total", &labels).unwrap_or(0.0) >= 1.0
+        });
+        let ready = get(leader.metrics, "/readyz").await?.0 == 200;
+        let leading = sample(&exposition, "sluice_leader", "") == Some(1.0);
+        Ok((all && ready && leading).then_some(()))
+    })
+    .await?;
+    // The watches of owned objects trigger more passes shortly after the first.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let after = written_state(client).await?;
+    let changed: Vec<&String> = before
+        .iter()
+        .filter(|(key, version)| after.get(*key) != Some(version))
+        .map(|(key, _)| key)
+        .collect();
+    ensure!(changed.is_empty(), "the new leader wrote {changed:?}");
+    ensure!(after.len() == before.len(), "{before:?}\n{after:?}");
+    Ok(())
+}
+
+async fn the_new_leader_rolls_out_a_change(client: &Client) -> Result<()> {
+    let servers = Api::<TransferServer>::namespaced(client.clone(), NS);
+    let patch = json!({"spec": {"protocols": {"sftp": {"port": 2022}}}});
+    let params = PatchParams {
+        field_manager: Some(TEST_MANAGER.into()),
+        ..PatchParams::default()
+    };
+    servers
+        .patch("files", &params, &Patch::Merge(&patch))
+        .await?;
+    let services = Api::<Service>::namespaced(client.clone(), NS);
+    eventually("the Service on the new port", WAIT, || async {
+        let service = services.get("files").await?;
+        let ports = service.spec.and_then(|s| s.ports).unwrap_or_default();
+        let server = servers.get("files").await?;
+        let observed = server.status.and_then(|s| s.observed_generation);
+        let moved = ports.iter().any(|p| p.port == 2022);
+        Ok((moved && observed == server.metadata.generation).then_some(()))
+    })
+    .await
+}
+
+/// What the operator writes, as `Kind/namespace/name -> resourceVersion` (the
+/// StatefulSet's generation, since its status is the statefulset controller's), plus its
+/// Events with the instance that published them.
+async fn written_state(client: &Client) -> Result<BTreeMap<String, String>> {
+    let mut state = BTreeMap::new();
+    record(
+        &mut state,
+        Api::<TransferServer>::namespaced(client.clone(), NS),
+    )
+    .await?;
+    record(
+        &mut state,
+        Api::<TransferUser>::namespaced(client.clone(), NS),
+    )
+    .await?;
+    record(&mut state, Api::<DataResidencyPolicy>::all(client.clone())).await?;
+    record(&mut state, Api::<Secret>::namespaced(client.clone(), NS)).await?;
+    record(&mut state, Api::<Service>::namespaced(client.clone(), NS)).await?;
+    record(
+        &mut state,
+        Api::<PersistentVolumeClaim>::namespaced(client.clone(), NS),
+    )
+    .await?;
+    // The operator's Events only: the controller-manager's come and go on their own.
+    for event in Api::<Event>::all(client.clone())
+        .list(&ListParams::default())
+        .await?
+    {
+        if event.reporting_controller.as_deref() == Some("sluice.dev/operator") {
+            let instance = event.reporting_instance.clone().unwrap_or_default();
+            state.insert(format!("Event/{}", event.name_any()), instance);
+        }
+    }
+    let statefulsets = Api::<StatefulSet>::namespaced(client.clone(), NS);
+    for statefulset in statefulsets.list(&ListParams::default()).await? {
+        let generation = statefulset.metadata.generation.unwrap_or_default();
+        let key = format!("StatefulSet.generation/{}", statefulset.name_any());
+        state.insert(key, generation.to_string());
+    }
+    Ok(state)
+}
+
+async fn record<K>(state: &mut BTreeMap<String, String>, api: Api<K>) -> Result<()>
+where
+    K: kube::Resource<DynamicType = ()> + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+{
+    for object in api.list(&ListParams::default()).await? {
+        let key = format!(
+            "{}/{}/{}",
+            K::kind(&()),
+            object.namespace().unwrap_or_default(),
+            object.name_any()
+        );
+        state.insert(key, object.resource_version().unwrap_or_default());
+    }
+    Ok(())
+}
+
+async fn lease_holder_becomes(client: &Client, holder: &str, timeout: Duration) -> Result<()> {
+    let leases = Api::<Lease>::namespaced(client.clone(), "default");
+    eventually(&format!("{holder} holding the Lease"), timeout, || async {
+        let lease = leases.get_opt(LEASE_NAME).await?;
+        let current = lease.and_then(|l| l.spec?.holder_identity);
+        Ok((current.as_deref() == Some(holder)).then_some(()))
+    })
+    .await
+}
+
+/// `sluice operator --leader-election` as a child process, logging JSON to a file.
+struct OperatorProcess {
+    name: String,
+    child: Child,
+    log: PathBuf,
+    metrics: SocketAddr,
+}
+
+impl OperatorProcess {
+    async fn start(control_plane: &ControlPlane, name: &str, dir: &Path) -> Result<Self> {
+        let log = dir.join(format!("{name}.log"));
+        let file = std::fs::File::create(&log)?;
+        let child = Command::new(env!("CARGO_BIN_EXE_sluice"))
+            .args([
+                "--log-format",
+                "json",
+                "operator",
+                "--leader-election",
+                "--leader-election-namespace",
+                "default",
+                "--metrics-listen",
+                "127.0.0.1:0",
+            ])
+            .env_clear()
+            .env("PATH", "/usr/local/bin:/usr/bin:/bin")
+            .env("KUBECONFIG", control_plane.kubeconfig_path())
+            .env("POD_NAME", name)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(file.try_clone()?)
+            .stderr(file)
+            .kill_on_drop(true)
+            .spawn()
+            .context("cannot start sluice operator")?;
+        let mut process = Self {
+            name: name.to_string(),
+            child,
+            log,
+            metrics: SocketAddr::from(([127, 0, 0, 1], 0)),
+        };
+        process.metrics = eventually("the metrics address in the log", WAIT, || async {
+            if let Some(status) = process_exited(&process.log) {
+                bail!("{status}");
+            }
+            Ok(logged_metrics_address(&process.log()))
+        })
+        .await
+        .with_context(|| process.log())?;
+        Ok(process)
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    fn signal(&self, signal: Signal) -> Result<()> {
+        let pid = self.child.id().context("the operator has exited")?;
+        kill(Pid::from_raw(i32::try_from(pid)?), signal)?;
+        Ok(())
+    }
+
+    fn kill(&mut self) -> Result<()> {
+        self.signal(Signal::SIGKILL)
+    }
+
+    /// Sends SIGTERM and waits for the exit, at most 10 s.
+    async fn terminate(&mut self) -> Result<std::process::ExitStatus> {
+        self.signal(Signal::SIGTERM)?;
+        let waited = tokio::time::timeout(Duration::from_secs(10), self.child.wait()).await;
+        let status =
+            waited.with_context(|| format!("no exit 10 s after SIGTERM:\n{}", self.log()))?;
+        Ok(status?)
+    }
+}
+
+/// The `metrics` field of the `Starting operator` line in a JSON log.
+fn logged_metrics_address(log: &str) -> Option<SocketAddr> {
+    log.lines().find_map(|line| {
+        let entry: serde_json::Value = serde_json::from_str(line).ok()?;
+        if entry["message"] != "Starting operator" {
+            return None;
+        }
+        entry["metrics"].as_str()?.parse().ok()
+    })
+}
+
+/// A line saying the operator failed to start, if it did.
+fn process_exited(log: &Path) -> Option<String> {
+    let text = std::fs::read_to_string(log).ok()?;
+    text.lines()
+        .find(|line| line.starts_with("error:"))
+        .map(str::to_string)
+}
