@@ -13,20 +13,21 @@ use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
-use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::coordination::v1::Lease;
-use k8s_openapi::api::core::v1::{PersistentVolumeClaim, Secret, Service};
-use k8s_openapi::api::events::v1::Event;
-use kube::api::{ListParams, Patch, PatchParams};
-use kube::{Api, Client, ResourceExt};
+use k8s_openapi::api::core::v1::Service;
+use kube::api::{Patch, PatchParams};
+use kube::{Api, Client};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use serde_json::json;
-use sluice::api::{DataResidencyPolicy, TransferServer, TransferUser};
+use sluice::api::TransferServer;
 use sluice::operator::lease::{Attempt, LEASE_NAME, LeaseLock, LeaseTiming};
 use tokio::process::{Child, Command};
 
-use support::cluster::{TEST_MANAGER, apply_all, eventually, install_crds};
+use support::cluster::{
+    TEST_MANAGER, apply_all, changed_keys, eventually, install_crds, mainland_policy,
+    policy_governs, sftp_server, sftp_server_converged, written_state,
+};
 use support::controlplane::ControlPlane;
 use support::http::{get, sample};
 
@@ -47,11 +48,12 @@ async fn a_standby_operator_takes_over_from_a_killed_leader_and_writes_nothing_n
     let mut leader = OperatorProcess::start(&control_plane, "operator-a", logs.path()).await?;
     lease_holder_becomes(&client, "operator-a", WAIT).await?;
     let mut standby = OperatorProcess::start(&control_plane, "operator-b", logs.path()).await?;
-    apply_all(&client, &fixtures()).await?;
+    apply_all(&client, &mainland_policy()).await?;
+    apply_all(&client, &sftp_server(NS, 2)).await?;
     converged(&client).await.with_context(|| leader.log())?;
 
     the_standby_is_ready_and_idle_while_the_leader_reports_its_work(&leader, &standby).await?;
-    let before = written_state(&client).await?;
+    let before = written_state(&client, NS).await?;
     leader.kill()?;
     let killed = Instant::now();
     lease_holder_becomes(&client, "operator-b", LEASE_DURATION + RETRY_PERIOD * 3)
@@ -121,86 +123,10 @@ async fn a_lease_goes_to_one_holder_and_to_another_only_when_free(client: &Clien
     Ok(())
 }
 
-/// A namespace under a policy, a server and a user with a password.
-fn fixtures() -> Vec<serde_json::Value> {
-    vec![
-        // Volumes are provisioned where the region-pinned pod is scheduled.
-        json!({
-            "apiVersion": "storage.k8s.io/v1",
-            "kind": "StorageClass",
-            "metadata": {"name": "ssd"},
-            "provisioner": "example.com/none",
-            "volumeBindingMode": "WaitForFirstConsumer",
-        }),
-        json!({
-            "apiVersion": "v1",
-            "kind": "Namespace",
-            "metadata": {"name": NS, "labels": {"sluice.dev/residency": "cn"}},
-        }),
-        json!({
-            "apiVersion": "sluice.dev/v1alpha1",
-            "kind": "DataResidencyPolicy",
-            "metadata": {"name": "mainland"},
-            "spec": {
-                "namespaceSelector": {"matchLabels": {"sluice.dev/residency": "cn"}},
-                "allowedRegions": ["cn-shanghai"],
-                "enforcement": "Enforce",
-            },
-        }),
-        json!({
-            "apiVersion": "sluice.dev/v1alpha1",
-            "kind": "TransferServer",
-            "metadata": {"name": "files", "namespace": NS},
-            "spec": {
-                "region": "cn-shanghai",
-                "replicas": 2,
-                "protocols": {"sftp": {}},
-                "storage": {"volume": {"storageClassName": "ssd", "size": "1Gi"}},
-            },
-        }),
-        json!({
-            "apiVersion": "v1",
-            "kind": "Secret",
-            "metadata": {"name": "alice-password", "namespace": NS},
-            "stringData": {"password": "correct horse"},
-        }),
-        json!({
-            "apiVersion": "sluice.dev/v1alpha1",
-            "kind": "TransferUser",
-            "metadata": {"name": "alice", "namespace": NS},
-            "spec": {
-                "serverRef": {"name": "files"},
-                "passwordSecretRef": {"name": "alice-password", "key": "password"},
-                "homeDirectory": "/alice",
-                "permissions": ["list", "read", "write"],
-            },
-        }),
-    ]
-}
-
-/// Waits until the server, its user and the policy report the current generation.
+/// Waits until the server and its user are reconciled and the policy counts the server.
 async fn converged(client: &Client) -> Result<()> {
-    let servers = Api::<TransferServer>::namespaced(client.clone(), NS);
-    let users = Api::<TransferUser>::namespaced(client.clone(), NS);
-    let policies = Api::<DataResidencyPolicy>::all(client.clone());
-    eventually("server, user and policy reconciled", WAIT, || async {
-        let server = servers.get("files").await?;
-        let user = users.get("alice").await?;
-        let policy = policies.get("mainland").await?;
-        let server_done = server.status.as_ref().is_some_and(|s| {
-            s.observed_generation == server.metadata.generation && s.users == Some(1)
-        });
-        let user_done = user
-            .status
-            .as_ref()
-            .is_some_and(|s| s.observed_generation == user.metadata.generation);
-        let policy_done = policy
-            .status
-            .as_ref()
-            .is_some_and(|s| s.governed_servers == Some(1));
-        Ok((server_done && user_done && policy_done).then_some(()))
-    })
-    .await
+    sftp_server_converged(client, NS).await?;
+    policy_governs(client, 1).await
 }
 
 async fn the_standby_is_ready_and_idle_while_the_leader_reports_its_work(
@@ -272,14 +198,9 @@ async fn the_new_leader_reconciles_everything_and_writes_nothing(
     .await?;
     // The watches of owned objects trigger more passes shortly after the first.
     tokio::time::sleep(Duration::from_secs(5)).await;
-    let after = written_state(client).await?;
-    let changed: Vec<&String> = before
-        .iter()
-        .filter(|(key, version)| after.get(*key) != Some(version))
-        .map(|(key, _)| key)
-        .collect();
+    let after = written_state(client, NS).await?;
+    let changed = changed_keys(before, &after);
     ensure!(changed.is_empty(), "the new leader wrote {changed:?}");
-    ensure!(after.len() == before.len(), "{before:?}\n{after:?}");
     Ok(())
 }
 
@@ -303,64 +224,6 @@ async fn the_new_leader_rolls_out_a_change(client: &Client) -> Result<()> {
         Ok((moved && observed == server.metadata.generation).then_some(()))
     })
     .await
-}
-
-/// What the operator writes, as `Kind/namespace/name -> resourceVersion` (the
-/// StatefulSet's generation, since its status is the statefulset controller's), plus its
-/// Events with the instance that published them.
-async fn written_state(client: &Client) -> Result<BTreeMap<String, String>> {
-    let mut state = BTreeMap::new();
-    record(
-        &mut state,
-        Api::<TransferServer>::namespaced(client.clone(), NS),
-    )
-    .await?;
-    record(
-        &mut state,
-        Api::<TransferUser>::namespaced(client.clone(), NS),
-    )
-    .await?;
-    record(&mut state, Api::<DataResidencyPolicy>::all(client.clone())).await?;
-    record(&mut state, Api::<Secret>::namespaced(client.clone(), NS)).await?;
-    record(&mut state, Api::<Service>::namespaced(client.clone(), NS)).await?;
-    record(
-        &mut state,
-        Api::<PersistentVolumeClaim>::namespaced(client.clone(), NS),
-    )
-    .await?;
-    // The operator's Events only: the controller-manager's come and go on their own.
-    for event in Api::<Event>::all(client.clone())
-        .list(&ListParams::default())
-        .await?
-    {
-        if event.reporting_controller.as_deref() == Some("sluice.dev/operator") {
-            let instance = event.reporting_instance.clone().unwrap_or_default();
-            state.insert(format!("Event/{}", event.name_any()), instance);
-        }
-    }
-    let statefulsets = Api::<StatefulSet>::namespaced(client.clone(), NS);
-    for statefulset in statefulsets.list(&ListParams::default()).await? {
-        let generation = statefulset.metadata.generation.unwrap_or_default();
-        let key = format!("StatefulSet.generation/{}", statefulset.name_any());
-        state.insert(key, generation.to_string());
-    }
-    Ok(state)
-}
-
-async fn record<K>(state: &mut BTreeMap<String, String>, api: Api<K>) -> Result<()>
-where
-    K: kube::Resource<DynamicType = ()> + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
-{
-    for object in api.list(&ListParams::default()).await? {
-        let key = format!(
-            "{}/{}/{}",
-            K::kind(&()),
-            object.namespace().unwrap_or_default(),
-            object.name_any()
-        );
-        state.insert(key, object.resource_version().unwrap_or_default());
-    }
-    Ok(())
 }
 
 async fn lease_holder_becomes(client: &Client, holder: &str, timeout: Duration) -> Result<()> {

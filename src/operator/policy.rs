@@ -16,8 +16,8 @@ use kube::runtime::{Controller, watcher};
 use kube::{Api, ResourceExt};
 
 use super::reconciler::{
-    RESYNC, Running, apply_status, error_policy, every_object_in, instrumented, log_outcomes,
-    object_key,
+    RESYNC, Running, WatchBackoff, apply_status, error_policy, every_object_in, instrumented,
+    log_outcomes, object_key,
 };
 use super::server::{self, object_store};
 use super::{Context, Error, scoped_api};
@@ -51,6 +51,7 @@ pub fn controller(
             watcher::Config::default(),
             every_object_in(policies.clone()),
         )
+        .trigger_backoff(WatchBackoff::default())
         .graceful_shutdown_on(shutdown)
         .run(
             instrumented("policy", reconcile),

@@ -70,6 +70,47 @@ where
     }
 }
 
+/// The pause after a failed watch, for the watches of one controller together.
+///
+/// kube-runtime applies one backoff to all of a controller's watches at once (the main
+/// resource, owned and related objects), and pauses all of them while it runs. Its
+/// default (0.8 s doubling to 30 s, reset after two quiet minutes) lets the errors of
+/// different watches add up: after an API-server restart each of a dozen watches fails
+/// once to connect and once with 410 Gone, and the controller stopped seeing changes for
+/// minutes while it reconciled from its stale cache. Capped at one second, every watch
+/// is listing again within seconds, and a down API server costs a request a second.
+#[derive(Clone, Debug)]
+pub struct WatchBackoff {
+    next: std::time::Duration,
+}
+
+impl WatchBackoff {
+    const FIRST: std::time::Duration = std::time::Duration::from_millis(100);
+    const LAST: std::time::Duration = std::time::Duration::from_secs(1);
+}
+
+impl Default for WatchBackoff {
+    fn default() -> Self {
+        Self { next: Self::FIRST }
+    }
+}
+
+impl Iterator for WatchBackoff {
+    type Item = std::time::Duration;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        let delay = self.next;
+        self.next = (delay * 2).min(Self::LAST);
+        Some(delay)
+    }
+}
+
+impl kube::runtime::utils::Backoff for WatchBackoff {
+    fn reset(&mut self) {
+        self.next = Self::FIRST;
+    }
+}
+
 /// How often a converged object is reconciled anyway, to repair drift nobody announced.
 pub const RESYNC: std::time::Duration = std::time::Duration::from_secs(600);
 
@@ -163,5 +204,24 @@ pub fn watch_expired(error: &watcher::Error) -> bool {
         watcher::Error::WatchStartFailed(kube::Error::Api(status))
         | watcher::Error::WatchFailed(kube::Error::Api(status)) => status.code == 410,
         _ => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use kube::runtime::utils::Backoff;
+
+    use super::WatchBackoff;
+
+    #[test]
+    fn watch_backoff_doubles_to_one_second_and_starts_over_after_a_success() {
+        let mut backoff = WatchBackoff::default();
+        let delays: Vec<Duration> = backoff.by_ref().take(6).collect();
+        let millis: Vec<u128> = delays.iter().map(Duration::as_millis).collect();
+        assert_eq!(millis, [100, 200, 400, 800, 1000, 1000]);
+        backoff.reset();
+        assert_eq!(backoff.next(), Some(Duration::from_millis(100)));
     }
 }

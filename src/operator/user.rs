@@ -14,7 +14,8 @@ use kube::runtime::{Controller, watcher};
 use kube::{Api, ResourceExt};
 
 use super::reconciler::{
-    RESYNC, Running, apply_status, error_policy, instrumented, log_outcomes, object_key,
+    RESYNC, Running, WatchBackoff, apply_status, error_policy, instrumented, log_outcomes,
+    object_key,
 };
 use super::server::dereference::password_secret;
 use super::server::validate::{UserProblem, validate_user};
@@ -66,6 +67,7 @@ pub fn controller(
                     .collect::<Vec<_>>()
             },
         )
+        .trigger_backoff(WatchBackoff::default())
         .graceful_shutdown_on(shutdown)
         .run(
             instrumented("user", reconcile),

@@ -35,8 +35,8 @@ use self::object_store::StorageState;
 use self::status::Outcome;
 use self::validate::Blocked;
 use super::reconciler::{
-    RESYNC, Running, apply_status, error_policy, every_object_in, instrumented, log_outcomes,
-    object_key,
+    RESYNC, Running, WatchBackoff, apply_status, error_policy, every_object_in, instrumented,
+    log_outcomes, object_key,
 };
 use super::{Context, Error, scoped_api};
 use crate::api::{ConditionType, DataResidencyPolicy, Reason, TransferServer, TransferUser};
@@ -57,7 +57,7 @@ pub fn controller(
             scoped_api::<TransferUser>(&client, namespace),
             watcher::Config::default(),
         )
-        .default_backoff(),
+        .backoff(WatchBackoff::default()),
     )
     .take_until(shutdown.clone())
     .filter_map({
@@ -121,6 +121,7 @@ pub fn controller(
             watcher::Config::default(),
             every_object_in(servers.clone()),
         )
+        .trigger_backoff(WatchBackoff::default())
         .graceful_shutdown_on(shutdown)
         .run(
             instrumented("server", reconcile),
