@@ -139,6 +139,8 @@ impl TestGateway {
             ftps_implicit_listen: "127.0.0.1:0".parse()?,
             tls_dir: Some(tls_dir),
             pod_name: None,
+            health_listen: None,
+            shutdown_grace: 20,
         };
         write_config(
             &args.config,

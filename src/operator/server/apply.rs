@@ -4,6 +4,7 @@ use std::fmt::Debug;
 
 use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
 use k8s_openapi::api::core::v1::{PersistentVolumeClaim, Secret, Service};
+use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use kube::api::{DeleteParams, Patch, PatchParams, PostParams};
 use kube::{Api, Client, Resource, ResourceExt};
 use serde::Serialize;
@@ -73,6 +74,8 @@ pub struct Leftovers<'a> {
     pub pod_services: &'a [String],
     /// The gateway Deployment of versions before the StatefulSet, if the server owns one.
     pub deployment: Option<&'a str>,
+    /// The PodDisruptionBudget the server owns, if any; deleted when none is wanted.
+    pub disruption_budget: Option<&'a str>,
 }
 
 /// Applies every owned object, then deletes the leftovers. Unchanged objects are not
@@ -91,6 +94,7 @@ pub async fn apply(
         statefulset,
         service,
         pod_services,
+        disruption_budget,
     } = objects;
     apply_one::<Secret>(client, namespace, &host_keys).await?;
     apply_one::<Secret>(client, namespace, &config).await?;
@@ -109,6 +113,18 @@ pub async fn apply(
         tracing::info!(%deployment, "Removed the gateway Deployment the StatefulSet replaces");
     }
     let applied = apply_one::<StatefulSet>(client, namespace, &statefulset).await?;
+    match &disruption_budget {
+        Some(budget) => {
+            apply_one::<PodDisruptionBudget>(client, namespace, budget).await?;
+        }
+        None => {
+            if let Some(name) = leftovers.disruption_budget {
+                let budgets = Api::<PodDisruptionBudget>::namespaced(client.clone(), namespace);
+                delete(&budgets, name).await?;
+                tracing::info!(budget = %name, "Removed the PodDisruptionBudget no longer wanted");
+            }
+        }
+    }
 
     let services = Api::<Service>::namespaced(client.clone(), namespace);
     let wanted: Vec<String> = pod_services.iter().map(ResourceExt::name_any).collect();

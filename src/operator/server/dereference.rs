@@ -10,6 +10,7 @@ use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
 use k8s_openapi::api::core::v1::{
     Namespace, Node, PersistentVolume, PersistentVolumeClaim, Secret, Service,
 };
+use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::api::storage::v1::StorageClass;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::api::ListParams;
@@ -52,6 +53,9 @@ pub struct ServerInputs {
     /// The name of a gateway Deployment this server owns, which versions before the
     /// StatefulSet rendered.
     pub legacy_deployment: Option<String>,
+    /// The name of the PodDisruptionBudget this server owns, if any (it is removed when
+    /// no longer wanted).
+    pub owned_disruption_budget: Option<String>,
     /// The gateway-config Secret rendered before, if any: a gateway that falls out of
     /// compliance gets its residency stamp changed in it, not a new configuration.
     pub gateway_config: Option<Secret>,
@@ -159,6 +163,14 @@ pub async fn dereference(
         ),
         None => None,
     };
+    let disruption_budget = Api::<PodDisruptionBudget>::namespaced(client.clone(), &namespace)
+        .get_metadata_opt(&names::disruption_budget(&name))
+        .await
+        .map_err(Error::kube("read PodDisruptionBudget"))?;
+    let owned_disruption_budget = disruption_budget
+        .as_ref()
+        .filter(|b| controlled_by(&b.metadata, &server))
+        .map(|b| b.name_any());
     let gateway_config = secrets
         .get_opt(&names::gateway_config(&name))
         .await
@@ -189,6 +201,7 @@ pub async fn dereference(
             statefulset.as_ref().map(|o| o.metadata.clone()),
         ),
         ("Service", service.as_ref().map(|o| o.metadata.clone())),
+        ("PodDisruptionBudget", disruption_budget.map(|o| o.metadata)),
     ]
     .into_iter()
     .chain(
@@ -212,6 +225,7 @@ pub async fn dereference(
         tls_secret,
         storage_secret,
         legacy_deployment,
+        owned_disruption_budget,
         gateway_config,
         volume,
         nodes_in_region,

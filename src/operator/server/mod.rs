@@ -232,6 +232,7 @@ async fn reconcile(server: Arc<TransferServer>, context: Arc<Context>) -> Result
     let leftovers = apply::Leftovers {
         pod_services: &valid.owned_pod_services,
         deployment: valid.legacy_deployment.as_deref(),
+        disruption_budget: valid.owned_disruption_budget.as_deref(),
     };
     let statefulset = match apply::apply(client, &namespace, objects, leftovers).await {
         Ok(statefulset) => statefulset,
