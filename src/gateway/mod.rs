@@ -14,6 +14,11 @@
 //! A problem with FTPS alone (no TLS directory, an unusable `ftps` section, no valid
 //! certificate) is logged at error and leaves SFTP running.
 //!
+//! With `--health-listen`, an HTTP listener answers `/healthz` from before the
+//! configuration is read and `/readyz` while serving. On SIGTERM the protocol listeners
+//! close at once, `/readyz` turns 503, running sessions get `--shutdown-grace` seconds to
+//! finish, and the rest are disconnected.
+//!
 //! [`run`] is the subcommand; [`Gateway`] is the same in two steps (bind, then serve), so
 //! a test can learn the bound addresses first.
 
