@@ -2,7 +2,8 @@
 //! `sluice operator` processes of which only the leader writes, a standby that takes over
 //! within the lease duration when the leader is killed and finds nothing to write in a
 //! converged state, metrics and health over HTTP, and a graceful stop on SIGTERM that
-//! releases the Lease.
+//! releases the Lease; and a leader cut off from the API server that stops acting before a
+//! standby can take over.
 
 mod support;
 
@@ -30,6 +31,7 @@ use support::cluster::{
 };
 use support::controlplane::ControlPlane;
 use support::http::{get, sample};
+use support::proxy::TcpProxy;
 
 const NS: &str = "ha";
 const WAIT: Duration = Duration::from_secs(60);
@@ -45,9 +47,11 @@ async fn a_standby_operator_takes_over_from_a_killed_leader_and_writes_nothing_n
     a_lease_goes_to_one_holder_and_to_another_only_when_free(&client).await?;
 
     let logs = tempfile::tempdir()?;
-    let mut leader = OperatorProcess::start(&control_plane, "operator-a", logs.path()).await?;
+    let mut leader =
+        OperatorProcess::start(control_plane.kubeconfig_path(), "operator-a", logs.path()).await?;
     lease_holder_becomes(&client, "operator-a", WAIT).await?;
-    let mut standby = OperatorProcess::start(&control_plane, "operator-b", logs.path()).await?;
+    let mut standby =
+        OperatorProcess::start(control_plane.kubeconfig_path(), "operator-b", logs.path()).await?;
     apply_all(&client, &mainland_policy()).await?;
     apply_all(&client, &sftp_server(NS, 2)).await?;
     converged(&client).await.with_context(|| leader.log())?;
@@ -60,6 +64,7 @@ async fn a_standby_operator_takes_over_from_a_killed_leader_and_writes_nothing_n
         .await
         .with_context(|| standby.log())?;
     let took = killed.elapsed();
+    println!("killed: taken over after {took:?}");
     ensure!(
         took <= LEASE_DURATION + RETRY_PERIOD + Duration::from_secs(3),
         "the standby took {took:?} to take over"
@@ -81,6 +86,90 @@ async fn a_standby_operator_takes_over_from_a_killed_leader_and_writes_nothing_n
         .await?;
     let holder = lease.spec.and_then(|s| s.holder_identity);
     ensure!(holder.is_none(), "the Lease is still held by {holder:?}");
+
+    a_leader_cut_off_from_the_api_server_stops_before_a_standby_takes_over(
+        &control_plane,
+        logs.path(),
+    )
+    .await
+}
+
+async fn a_leader_cut_off_from_the_api_server_stops_before_a_standby_takes_over(
+    control_plane: &ControlPlane,
+    dir: &Path,
+) -> Result<()> {
+    let client = control_plane.client();
+    let apiserver: SocketAddr = control_plane
+        .server_url()
+        .trim_start_matches("https://")
+        .parse()?;
+    let proxy = TcpProxy::start(apiserver).await?;
+    let through_proxy = dir.join("through-proxy.kubeconfig");
+    let kubeconfig = std::fs::read_to_string(control_plane.kubeconfig_path())?;
+    let proxied = format!("https://{}", proxy.addr);
+    std::fs::write(
+        &through_proxy,
+        kubeconfig.replace(control_plane.server_url(), &proxied),
+    )?;
+
+    let mut leader = OperatorProcess::start(&through_proxy, "operator-c", dir).await?;
+    lease_holder_becomes(&client, "operator-c", WAIT).await?;
+    let mut standby =
+        OperatorProcess::start(control_plane.kubeconfig_path(), "operator-d", dir).await?;
+    eventually("operator-d standing by", WAIT, || async {
+        let (_, exposition) = get(standby.metrics, "/metrics").await?;
+        let ready = get(standby.metrics, "/readyz").await?.0 == 200;
+        Ok((ready && sample(&exposition, "sluice_leader", "") == Some(0.0)).then_some(()))
+    })
+    .await?;
+
+    proxy.partition();
+    let cut = Instant::now();
+    let leases = Api::<Lease>::namespaced(client.clone(), "default");
+    let (mut stepped_down, mut taken_over) = (None, None);
+    while (stepped_down.is_none() || taken_over.is_none()) && cut.elapsed() < WAIT {
+        let (_, exposition) = get(leader.metrics, "/metrics").await?;
+        if stepped_down.is_none() && sample(&exposition, "sluice_leader", "") == Some(0.0) {
+            stepped_down = Some(cut.elapsed());
+        }
+        let lease = leases.get(LEASE_NAME).await?;
+        let holder = lease.spec.and_then(|s| s.holder_identity);
+        if taken_over.is_none() && holder.as_deref() == Some("operator-d") {
+            taken_over = Some(cut.elapsed());
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let stepped_down = stepped_down.context("the cut-off leader never stepped down")?;
+    let taken_over = taken_over.context("the standby never took over")?;
+    println!("cut off: stepped down after {stepped_down:?}, taken over after {taken_over:?}");
+    ensure!(
+        stepped_down < taken_over,
+        "the standby took over after {taken_over:?}, before the leader stepped down \
+         ({stepped_down:?})"
+    );
+    // Renew deadline (10 s) after the last renewal, which was at most a retry before.
+    ensure!(
+        stepped_down <= Duration::from_secs(11),
+        "stepped down after {stepped_down:?}"
+    );
+    ensure!(
+        taken_over <= LEASE_DURATION + RETRY_PERIOD * 2 + Duration::from_secs(2),
+        "taken over after {taken_over:?}"
+    );
+
+    // Back in touch, the old leader finds the Lease taken and stands by.
+    proxy.heal();
+    tokio::time::sleep(RETRY_PERIOD * 3).await;
+    let (_, exposition) = get(leader.metrics, "/metrics").await?;
+    ensure!(
+        sample(&exposition, "sluice_leader", "") == Some(0.0),
+        "{exposition}"
+    );
+    lease_holder_becomes(&client, "operator-d", Duration::from_secs(1)).await?;
+    for operator in [&mut leader, &mut standby] {
+        let stopped = operator.terminate().await?;
+        ensure!(stopped.success(), "{} ended with {stopped}", operator.name);
+    }
     Ok(())
 }
 
@@ -245,7 +334,7 @@ struct OperatorProcess {
 }
 
 impl OperatorProcess {
-    async fn start(control_plane: &ControlPlane, name: &str, dir: &Path) -> Result<Self> {
+    async fn start(kubeconfig: &Path, name: &str, dir: &Path) -> Result<Self> {
         let log = dir.join(format!("{name}.log"));
         let file = std::fs::File::create(&log)?;
         let child = Command::new(env!("CARGO_BIN_EXE_sluice"))
@@ -261,7 +350,7 @@ impl OperatorProcess {
             ])
             .env_clear()
             .env("PATH", "/usr/local/bin:/usr/bin:/bin")
-            .env("KUBECONFIG", control_plane.kubeconfig_path())
+            .env("KUBECONFIG", kubeconfig)
             .env("POD_NAME", name)
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())

@@ -371,6 +371,6 @@ async fn run_controllers(context: &Arc<Context>, shutdown: Shutdown) {
     };
     tokio::select! {
         _ = run => {}
-        () = overdue => tracing::warn!("Reconciles still running at the end of the grace period were dropped"),
+        () = overdue => tracing::warn!("Dropped reconciles still running after the grace period"),
     }
 }

@@ -6,5 +6,6 @@ pub mod ftp;
 pub mod gateway;
 pub mod http;
 pub mod kubelet;
+pub mod proxy;
 pub mod s3;
 pub mod sftp;
