@@ -82,6 +82,15 @@ async fn examples_roll_out_a_gateway_that_serves_sftp_and_converges_quietly() ->
 
 async fn apply_examples(client: Client) -> Result<Scenario> {
     let scratch = tempfile::tempdir()?;
+    // The cluster's StorageClass the example names: volumes follow the region-pinned pod.
+    let class = serde_json::json!({
+        "apiVersion": "storage.k8s.io/v1",
+        "kind": "StorageClass",
+        "metadata": {"name": "cn-shanghai-ssd"},
+        "provisioner": "example.com/none",
+        "volumeBindingMode": "WaitForFirstConsumer",
+    });
+    apply(&client, &serde_json::from_value(class)?).await?;
     let (ops_key, ops_public) = generate_key(scratch.path(), "ops_ed25519")?;
     let examples = read_yaml_dir(&Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/examples"))?;
     let mut password = None;
