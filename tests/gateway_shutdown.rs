@@ -1,6 +1,6 @@
 //! A gateway being stopped (SIGTERM, as the kubelet sends it in a rolling update): it
-//! stops accepting at once, goes unready, lets an upload in progress finish and store,
-//! and exits 0; and its health listener says live and ready only when it is.
+//! stops accepting at once, goes unready, lets an upload in progress (SFTP, or FTPS with
+//! its passive data connection) finish and store, and exits 0; and its health listener says live and ready only when it is.
 
 mod support;
 
@@ -12,14 +12,20 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail, ensure};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
+use sluice::gateway::config::FtpsSettings;
+use sluice::gateway::ftps::tls::{CERT_FILE, KEY_FILE};
 use sluice::gateway::{Gateway, GatewayArgs};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::Command;
 
 use support::cluster::eventually;
-use support::gateway::{ALL, config, paramiko_command, password_user, write_host_keys};
+use support::ftp::FtpClients;
+use support::gateway::{
+    ALL, TestPki, VALID_UNTIL, config, ftps_settings, paramiko_command, password_user,
+    write_host_keys,
+};
 use support::http::get;
-use support::sftp::sha256_file;
+use support::sftp::{random_file, sha256_file};
 
 const PASSWORD: &str = "drain-me-7";
 
@@ -97,6 +103,87 @@ print(json.dumps({"sha256": hashlib.sha256(data).hexdigest()}))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_lets_a_running_ftps_upload_finish_and_refuses_new_control_connections()
+-> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let (sftp, health, ftps) = (free_address()?, free_address()?, free_address()?);
+    let args = gateway_args_with(dir.path(), sftp, None, Some((ftps_settings(), ftps)))?;
+    let mut gateway = spawn_gateway(dir.path(), args, health).await?;
+
+    let source = dir.path().join("source.bin");
+    let sha = random_file(&source, 1536 * 1024, 11)?;
+    let clients = FtpClients {
+        ca: dir.path().join("ca.pem"),
+        user: "ops".into(),
+        password: PASSWORD.into(),
+    };
+    // About 5 s at 300 kB/s.
+    let mut upload = clients.curl();
+    upload
+        .args(["--limit-rate", "300k", "-T"])
+        .arg(&source)
+        .arg(format!("ftp://{}:{}/slow.bin", ftps.ip(), ftps.port()))
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    let upload = upload.spawn().context("cannot run curl")?;
+    let data = dir.path().join("data");
+    eventually(
+        "upload bytes on the volume",
+        Duration::from_secs(20),
+        || async { Ok((largest_file(&data)? >= 256 * 1024).then_some(())) },
+    )
+    .await?;
+
+    let pid = i32::try_from(gateway.id().context("the gateway has exited")?)?;
+    kill(Pid::from_raw(pid), Signal::SIGTERM)?;
+    eventually("the FTPS port closed", Duration::from_secs(5), || async {
+        Ok(tokio::net::TcpStream::connect(ftps)
+            .await
+            .is_err()
+            .then_some(()))
+    })
+    .await?;
+    ensure!(
+        gateway.try_wait()?.is_none(),
+        "exited with an upload running"
+    );
+
+    let output = tokio::time::timeout(Duration::from_secs(30), upload.wait_with_output())
+        .await
+        .context("the upload did not end")??;
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    ensure!(
+        output.status.success(),
+        "the upload failed after SIGTERM: {stderr}"
+    );
+    ensure!(
+        sha256_file(&data.join("ops/slow.bin"))? == sha,
+        "the stored file differs"
+    );
+    let exit = tokio::time::timeout(Duration::from_secs(10), gateway.wait())
+        .await
+        .context("the gateway did not exit once its sessions ended")??;
+    ensure!(exit.success(), "the gateway exited with {exit}");
+    Ok(())
+}
+
+/// The size of the largest file below `dir`.
+fn largest_file(dir: &Path) -> Result<u64> {
+    let mut largest = 0;
+    for entry in std::fs::read_dir(dir)? {
+        let entry = entry?;
+        let kind = entry.file_type()?;
+        let size = match kind.is_dir() {
+            true => largest_file(&entry.path())?,
+            false => entry.metadata()?.len(),
+        };
+        largest = largest.max(size);
+    }
+    Ok(largest)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_health_listener_is_live_at_once_and_ready_only_while_serving() -> Result<()> {
     let dir = tempfile::tempdir()?;
     let args = gateway_args(dir.path(), free_address()?, Some(free_address()?))?;
@@ -128,12 +215,37 @@ async fn the_health_listener_is_live_at_once_and_ready_only_while_serving() -> R
 
 /// Arguments for a gateway in `dir` serving SFTP to user `ops` on `sftp`.
 fn gateway_args(dir: &Path, sftp: SocketAddr, health: Option<SocketAddr>) -> Result<GatewayArgs> {
+    gateway_args_with(dir, sftp, health, None)
+}
+
+/// Like [`gateway_args`], serving explicit FTPS too when `ftps` gives its settings and
+/// control port, with a certificate from `dir/ca.pem`'s CA in `dir/tls`.
+fn gateway_args_with(
+    dir: &Path,
+    sftp: SocketAddr,
+    health: Option<SocketAddr>,
+    ftps: Option<(FtpsSettings, SocketAddr)>,
+) -> Result<GatewayArgs> {
     let config_path = dir.join("config.json");
     let users = vec![password_user("ops", PASSWORD, ALL)];
+    let settings = ftps.as_ref().map(|(settings, _)| settings.clone());
     std::fs::write(
         &config_path,
-        serde_json::to_vec(&config(users, None, None))?,
+        serde_json::to_vec(&config(users, settings, None))?,
     )?;
+    let tls_dir = match &ftps {
+        Some(_) => {
+            let pki = TestPki::new()?;
+            let (cert, key) = pki.issue(VALID_UNTIL)?;
+            let tls = dir.join("tls");
+            std::fs::create_dir_all(&tls)?;
+            std::fs::write(tls.join(CERT_FILE), cert)?;
+            std::fs::write(tls.join(KEY_FILE), key)?;
+            std::fs::write(dir.join("ca.pem"), &pki.ca_pem)?;
+            Some(tls)
+        }
+        None => None,
+    };
     std::fs::create_dir_all(dir.join("data"))?;
     Ok(GatewayArgs {
         config: config_path,
@@ -141,9 +253,12 @@ fn gateway_args(dir: &Path, sftp: SocketAddr, health: Option<SocketAddr>) -> Res
         data_dir: dir.join("data"),
         storage_credentials: dir.join("storage-credentials"),
         sftp_listen: sftp,
-        ftps_listen: "127.0.0.1:0".parse()?,
-        ftps_implicit_listen: "127.0.0.1:0".parse()?,
-        tls_dir: None,
+        ftps_listen: match &ftps {
+            Some((_, addr)) => *addr,
+            None => "127.0.0.1:0".parse()?,
+        },
+        ftps_implicit_listen: free_address()?,
+        tls_dir,
         pod_name: None,
         health_listen: health,
         shutdown_grace: 30,
@@ -156,18 +271,38 @@ async fn start_gateway(
     sftp: SocketAddr,
     health: SocketAddr,
 ) -> Result<tokio::process::Child> {
-    let args = gateway_args(dir, sftp, None)?;
+    spawn_gateway(dir, gateway_args(dir, sftp, None)?, health).await
+}
+
+/// Runs `args` (plus the health listener on `health`) as a child process, once ready.
+async fn spawn_gateway(
+    dir: &Path,
+    args: GatewayArgs,
+    health: SocketAddr,
+) -> Result<tokio::process::Child> {
     let log = std::fs::File::create(dir.join("gateway.log"))?;
-    let mut child = Command::new(env!("CARGO_BIN_EXE_sluice"))
+    let mut command = Command::new(env!("CARGO_BIN_EXE_sluice"));
+    command
         .args(["--log-format", "json", "gateway", "--config"])
         .arg(&args.config)
         .arg("--host-keys")
         .arg(&args.host_keys)
         .arg("--data-dir")
         .arg(&args.data_dir)
-        .args(["--sftp-listen", &sftp.to_string()])
+        .args(["--sftp-listen", &args.sftp_listen.to_string()])
         .args(["--health-listen", &health.to_string()])
-        .args(["--shutdown-grace", "30"])
+        .args(["--shutdown-grace", "30"]);
+    if let Some(tls) = &args.tls_dir {
+        command
+            .args(["--ftps-listen", &args.ftps_listen.to_string()])
+            .args([
+                "--ftps-implicit-listen",
+                &args.ftps_implicit_listen.to_string(),
+            ])
+            .arg("--tls-dir")
+            .arg(tls);
+    }
+    let mut child = command
         .env_clear()
         .env("PATH", "/usr/local/bin:/usr/bin:/bin")
         .stdin(Stdio::null())
