@@ -166,10 +166,19 @@ async fn a_leader_cut_off_from_the_api_server_stops_before_a_standby_takes_over(
         "{exposition}"
     );
     lease_holder_becomes(&client, "operator-d", Duration::from_secs(1)).await?;
-    for operator in [&mut leader, &mut standby] {
-        let stopped = operator.terminate().await?;
+    // Ctrl-C stops an operator as SIGTERM does.
+    for (operator, signal) in [
+        (&mut leader, Signal::SIGTERM),
+        (&mut standby, Signal::SIGINT),
+    ] {
+        let stopped = operator.stop_with(signal).await?;
         ensure!(stopped.success(), "{} ended with {stopped}", operator.name);
     }
+    let lease = Api::<Lease>::namespaced(client, "default")
+        .get(LEASE_NAME)
+        .await?;
+    let holder = lease.spec.and_then(|s| s.holder_identity);
+    ensure!(holder.is_none(), "Ctrl-C left the Lease held by {holder:?}");
     Ok(())
 }
 
@@ -392,10 +401,15 @@ impl OperatorProcess {
 
     /// Sends SIGTERM and waits for the exit, at most 10 s.
     async fn terminate(&mut self) -> Result<std::process::ExitStatus> {
-        self.signal(Signal::SIGTERM)?;
+        self.stop_with(Signal::SIGTERM).await
+    }
+
+    /// Sends `signal` and waits for the exit, at most 10 s.
+    async fn stop_with(&mut self, signal: Signal) -> Result<std::process::ExitStatus> {
+        self.signal(signal)?;
         let waited = tokio::time::timeout(Duration::from_secs(10), self.child.wait()).await;
         let status =
-            waited.with_context(|| format!("no exit 10 s after SIGTERM:\n{}", self.log()))?;
+            waited.with_context(|| format!("no exit 10 s after {signal}:\n{}", self.log()))?;
         Ok(status?)
     }
 }
