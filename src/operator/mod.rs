@@ -374,3 +374,55 @@ async fn run_controllers(context: &Arc<Context>, shutdown: Shutdown) {
         () = overdue => tracing::warn!("Dropped reconciles still running after the grace period"),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+    use crate::cli::{Cli, Command};
+
+    fn operator_args(flags: &[&str]) -> OperatorArgs {
+        let words = ["sluice", "operator"].iter().chain(flags);
+        match Cli::try_parse_from(words).expect("valid flags").command {
+            Command::Operator(args) => args,
+            other => panic!("parsed {other:?}"),
+        }
+    }
+
+    #[test]
+    fn the_documented_flags_parse_and_default_as_documented() {
+        let defaults = operator_args(&[]);
+        assert_eq!(defaults.metrics_listen, "0.0.0.0:8080".parse().unwrap());
+        assert!(!defaults.leader_election);
+        assert_eq!(defaults.lease_timing(), LeaseTiming::default());
+        assert_eq!(defaults.watched(), [None]);
+
+        let args = operator_args(&[
+            "--metrics-listen",
+            "127.0.0.1:9090",
+            "--leader-election",
+            "--leader-election-namespace",
+            "sluice-system",
+            "--watch-namespace",
+            "b",
+            "--watch-namespace",
+            "a,b",
+        ]);
+        assert_eq!(args.metrics_listen, "127.0.0.1:9090".parse().unwrap());
+        assert!(args.leader_election);
+        assert_eq!(
+            args.leader_election_namespace.as_deref(),
+            Some("sluice-system")
+        );
+        assert_eq!(args.watched(), [Some("a".into()), Some("b".into())]);
+    }
+
+    #[test]
+    fn local_settings_bind_loopback_only() {
+        let local = OperatorArgs::local();
+        assert!(local.metrics_listen.ip().is_loopback());
+        assert_eq!(local.metrics_listen.port(), 0);
+        assert!(!local.leader_election && local.watch_namespaces.is_empty());
+    }
+}
