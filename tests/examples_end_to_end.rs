@@ -19,7 +19,9 @@ use kube::{Api, Client, ResourceExt};
 use sluice::api::{TransferServer, TransferUser};
 use sluice::gateway::config::GatewayConfig;
 
-use support::cluster::{Operator, apply, condition, eventually, install_crds, read_yaml_dir};
+use support::cluster::{
+    Operator, apply, condition, eventually, install_crds, read_yaml_dir, storage_class,
+};
 use support::controlplane::ControlPlane;
 use support::ftp::{FtpClients, succeed};
 use support::gateway::{TestPki, VALID_UNTIL};
@@ -82,15 +84,12 @@ async fn examples_roll_out_a_gateway_that_serves_sftp_and_converges_quietly() ->
 
 async fn apply_examples(client: Client) -> Result<Scenario> {
     let scratch = tempfile::tempdir()?;
-    // The cluster's StorageClass the example names: volumes follow the region-pinned pod.
-    let class = serde_json::json!({
-        "apiVersion": "storage.k8s.io/v1",
-        "kind": "StorageClass",
-        "metadata": {"name": "cn-shanghai-ssd"},
-        "provisioner": "example.com/none",
-        "volumeBindingMode": "WaitForFirstConsumer",
-    });
-    apply(&client, &serde_json::from_value(class)?).await?;
+    // The cluster's StorageClass the example names.
+    apply(
+        &client,
+        &serde_json::from_value(storage_class("cn-shanghai-ssd"))?,
+    )
+    .await?;
     let (ops_key, ops_public) = generate_key(scratch.path(), "ops_ed25519")?;
     let examples = read_yaml_dir(&Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/examples"))?;
     let mut password = None;

@@ -23,7 +23,9 @@ use sluice::api::TransferServer;
 use sluice::gateway::config::GatewayConfig;
 use sluice::gateway::ftps::certificate_info;
 
-use support::cluster::{Operator, apply_all, condition, eventually, install_crds, refused};
+use support::cluster::{
+    Operator, apply_all, condition, eventually, install_crds, refused, storage_class,
+};
 use support::controlplane::ControlPlane;
 use support::ftp::{FtpClients, pasv_port, succeed, succeed_with_stderr};
 use support::gateway::{TestPki, VALID_UNTIL};
@@ -49,6 +51,7 @@ async fn an_ftps_server_serves_both_modes_with_a_renewable_certificate_and_per_p
     let control_plane = ControlPlane::start().await?;
     let client = control_plane.client();
     install_crds(&client).await?;
+    apply_all(&client, &[storage_class("cn-shanghai-ssd")]).await?;
     let kubelet = FakeKubelet::register(
         client.clone(),
         "node-sh-1",
@@ -392,7 +395,8 @@ async fn the_rendered_objects_expose_every_ftps_port(client: &Client, passive: u
         .flatten()
         .map(|p| p.container_port)
         .collect();
-    ensure!(container_ports.len() == 3 + 16, "{container_ports:?}");
+    // Three control ports, sixteen passive ports and the health port.
+    ensure!(container_ports.len() == 3 + 16 + 1, "{container_ports:?}");
     ensure!(container_ports.contains(&i32::from(passive + 15)));
     let tls = pod
         .volumes

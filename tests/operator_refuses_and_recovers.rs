@@ -19,7 +19,7 @@ use sluice::gateway::config::GatewayConfig;
 
 use support::cluster::{
     Operator, apply, apply_all, condition, eventually, install_crds, parse_yaml, read_yaml_dir,
-    refused,
+    refused, storage_class,
 };
 use support::controlplane::ControlPlane;
 
@@ -38,7 +38,7 @@ async fn operator_refuses_bad_input_clearly_and_recovers_when_it_is_fixed() -> R
         "kind": "Namespace",
         "metadata": {"name": NS, "labels": {"sluice.dev/residency": "cn"}},
     });
-    apply_all(&client, &[namespace]).await?;
+    apply_all(&client, &[namespace, storage_class("ssd")]).await?;
     let examples = Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/examples/01-policy.yaml");
     for policy in parse_yaml(&std::fs::read_to_string(examples)?)? {
         apply(&client, &policy).await?;

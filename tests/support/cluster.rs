@@ -319,17 +319,23 @@ pub fn changed_keys(
     keys
 }
 
-/// A StorageClass `ssd` whose volumes follow the pod, and the policy `mainland` that
-/// allows `cn-shanghai` to namespaces labelled `sluice.dev/residency: cn`.
+/// A StorageClass `name` whose volumes are provisioned where the (region-pinned) pod is
+/// scheduled, which residency policies accept.
+pub fn storage_class(name: &str) -> serde_json::Value {
+    serde_json::json!({
+        "apiVersion": "storage.k8s.io/v1",
+        "kind": "StorageClass",
+        "metadata": {"name": name},
+        "provisioner": "example.com/none",
+        "volumeBindingMode": "WaitForFirstConsumer",
+    })
+}
+
+/// The StorageClass `ssd` ([`storage_class`]), and the policy `mainland` that allows
+/// `cn-shanghai` to namespaces labelled `sluice.dev/residency: cn`.
 pub fn mainland_policy() -> Vec<serde_json::Value> {
     vec![
-        serde_json::json!({
-            "apiVersion": "storage.k8s.io/v1",
-            "kind": "StorageClass",
-            "metadata": {"name": "ssd"},
-            "provisioner": "example.com/none",
-            "volumeBindingMode": "WaitForFirstConsumer",
-        }),
+        storage_class("ssd"),
         serde_json::json!({
             "apiVersion": "sluice.dev/v1alpha1",
             "kind": "DataResidencyPolicy",
