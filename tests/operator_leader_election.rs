@@ -115,7 +115,8 @@ async fn a_leader_cut_off_from_the_api_server_stops_before_a_standby_takes_over(
     let mut leader = OperatorProcess::start(&through_proxy, "operator-c", dir).await?;
     lease_holder_becomes(&client, "operator-c", WAIT).await?;
     let mut standby =
-        OperatorProcess::start(control_plane.kubeconfig_path(), "operator-d", dir).await?;
+        OperatorProcess::start_from_environment(control_plane.kubeconfig_path(), "operator-d", dir)
+            .await?;
     eventually("operator-d standing by", WAIT, || async {
         let (_, exposition) = get(standby.metrics, "/metrics").await?;
         let ready = get(standby.metrics, "/readyz").await?.0 == 200;
@@ -343,21 +344,45 @@ struct OperatorProcess {
 }
 
 impl OperatorProcess {
+    /// Starts an operator configured by flags.
     async fn start(kubeconfig: &Path, name: &str, dir: &Path) -> Result<Self> {
+        let flags = [
+            "--log-format",
+            "json",
+            "operator",
+            "--leader-election",
+            "--leader-election-namespace",
+            "default",
+            "--metrics-listen",
+            "127.0.0.1:0",
+        ];
+        Self::spawn(kubeconfig, name, dir, &flags, &[]).await
+    }
+
+    /// Starts an operator configured by the environment a Deployment would set.
+    async fn start_from_environment(kubeconfig: &Path, name: &str, dir: &Path) -> Result<Self> {
+        let environment = [
+            ("SLUICE_LOG_FORMAT", "json"),
+            ("SLUICE_LEADER_ELECTION", "true"),
+            ("POD_NAMESPACE", "default"),
+            ("SLUICE_METRICS_LISTEN", "127.0.0.1:0"),
+        ];
+        Self::spawn(kubeconfig, name, dir, &["operator"], &environment).await
+    }
+
+    async fn spawn(
+        kubeconfig: &Path,
+        name: &str,
+        dir: &Path,
+        args: &[&str],
+        environment: &[(&str, &str)],
+    ) -> Result<Self> {
         let log = dir.join(format!("{name}.log"));
         let file = std::fs::File::create(&log)?;
         let child = Command::new(env!("CARGO_BIN_EXE_sluice"))
-            .args([
-                "--log-format",
-                "json",
-                "operator",
-                "--leader-election",
-                "--leader-election-namespace",
-                "default",
-                "--metrics-listen",
-                "127.0.0.1:0",
-            ])
+            .args(args)
             .env_clear()
+            .envs(environment.iter().copied())
             .env("PATH", "/usr/local/bin:/usr/bin:/bin")
             .env("KUBECONFIG", kubeconfig)
             .env("POD_NAME", name)
