@@ -11,5 +11,6 @@ pub mod api;
 pub mod cli;
 pub mod gateway;
 pub mod operator;
+pub mod probe_http;
 pub mod residency;
 pub mod storage;

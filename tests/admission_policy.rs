@@ -899,11 +899,23 @@ async fn endpoints_are_read_as_the_operator_reads_them(cluster: &Cluster) -> Res
         ("GCS", "https://storage.googleapis.com", Some("asia-east1")),
         ("S3Compatible", "http://127.0.0.1:8333", Some("cn-shanghai")),
         // Forms an adversarial review found trusted to the declaration before.
-        ("OSS", "https://cn-hongkong.oss.aliyuncs.com", Some("cn-shanghai")),
+        (
+            "OSS",
+            "https://cn-hongkong.oss.aliyuncs.com",
+            Some("cn-shanghai"),
+        ),
         ("OSS", "https://bucket.cn-shanghai.oss.aliyuncs.com", None),
         ("OSS", "https://oss.aliyuncs.com", Some("cn-shanghai")),
-        ("OBS", "https://obs.eu-west-101.myhuaweicloud.eu", Some("cn-east-3")),
-        ("S3", "https://s3-external-1.amazonaws.com", Some("cn-north-1")),
+        (
+            "OBS",
+            "https://obs.eu-west-101.myhuaweicloud.eu",
+            Some("cn-east-3"),
+        ),
+        (
+            "S3",
+            "https://s3-external-1.amazonaws.com",
+            Some("cn-north-1"),
+        ),
         ("S3", "https://bucket.amazonaws.com", Some("eu-central-1")),
         (
             "S3",
@@ -915,7 +927,11 @@ async fn endpoints_are_read_as_the_operator_reads_them(cluster: &Cluster) -> Res
             "https://acct.blob.core.windows.net",
             Some("chinaeast2"),
         ),
-        ("S3Compatible", "http://127.0.0.1:8333", Some("ap-southeast-1")),
+        (
+            "S3Compatible",
+            "http://127.0.0.1:8333",
+            Some("ap-southeast-1"),
+        ),
         ("S3Compatible", "http://[::1]:8333", Some("cn-shanghai")),
     ];
     let mut denied = 0;

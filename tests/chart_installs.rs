@@ -1020,15 +1020,8 @@ fn exemptions(operator: &OperatorProcess) -> BTreeMap<Permission, &'static str> 
         "removes a gateway's NetworkPolicy when its server turns it off \
          (networkPolicy.enabled: false), which the examples do not",
     );
-    for verb in ["get", "list", "watch", "create", "patch", "delete"] {
-        exempt.insert(
-            Permission::from(("policy", "poddisruptionbudgets", verb)),
-            "for the PodDisruptionBudget of each gateway, which the operator on this branch \
-             does not render yet",
-        );
-    }
     if !operator.leader_election {
-        for verb in ["create", "get", "update", "patch"] {
+        for verb in ["create", "get", "update"] {
             exempt.insert(
                 Permission::from(("coordination.k8s.io", "leases", verb)),
                 "leader election, which this sluice binary does not have yet",

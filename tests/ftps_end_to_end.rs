@@ -395,7 +395,8 @@ async fn the_rendered_objects_expose_every_ftps_port(client: &Client, passive: u
         .flatten()
         .map(|p| p.container_port)
         .collect();
-    ensure!(container_ports.len() == 3 + 16, "{container_ports:?}");
+    // Three control ports, sixteen passive ports and the health port.
+    ensure!(container_ports.len() == 3 + 16 + 1, "{container_ports:?}");
     ensure!(container_ports.contains(&i32::from(passive + 15)));
     let tls = pod
         .volumes

@@ -50,6 +50,8 @@ impl Pod {
             ftps_implicit_listen: "127.0.0.1:0".parse()?,
             tls_dir: Some(tls),
             pod_name: pod_name.map(String::from),
+            health_listen: None,
+            shutdown_grace: 20,
         };
         Ok(Self { dir, args })
     }

@@ -771,6 +771,8 @@ async fn the_gateway_refuses_a_store_that_is_not_the_one_judged() -> Result<()> 
             ftps_implicit_listen: "127.0.0.1:0".parse()?,
             tls_dir: None,
             pod_name: None,
+            health_listen: None,
+            shutdown_grace: 20,
         };
         let Err(error) = Gateway::bind(&args).await else {
             anyhow::bail!("{case}: the gateway started");
@@ -806,6 +808,8 @@ async fn the_gateway_refuses_a_store_that_is_not_the_one_judged() -> Result<()> 
         ftps_implicit_listen: "127.0.0.1:0".parse()?,
         tls_dir: None,
         pod_name: None,
+        health_listen: None,
+        shutdown_grace: 20,
     };
     let gateway = Gateway::bind(&args)
         .await

@@ -39,6 +39,20 @@ async fn operator_refuses_bad_input_clearly_and_recovers_when_it_is_fixed() -> R
         "kind": "Namespace",
         "metadata": {"name": NS, "labels": {"sluice.dev/residency": "cn"}},
     });
+    // Nodes in the regions the servers move between, so their pods are schedulable
+    // (there is no kubelet: they never run, and servers stay Reconciling).
+    let node = |name: &str, region: &str| {
+        json!({
+            "apiVersion": "v1",
+            "kind": "Node",
+            "metadata": {"name": name, "labels": {"topology.kubernetes.io/region": region}},
+        })
+    };
+    let nodes = [
+        node("node-sh", "cn-shanghai"),
+        node("node-bj", "cn-beijing"),
+    ];
+    apply_all(&client, &nodes).await?;
     apply_all(&client, &[namespace]).await?;
     let examples = Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/examples/01-policy.yaml");
     for policy in parse_yaml(&std::fs::read_to_string(examples)?)? {

@@ -270,6 +270,7 @@ spec:
         storage_secret: None,
         legacy_deployment: None,
         network_policy: None,
+        owned_disruption_budget: None,
         gateway_config: None,
         volume: Some(VolumeInputs {
             storage_class: Some(class),

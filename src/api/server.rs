@@ -66,6 +66,23 @@ pub struct TransferServerSpec {
     /// The NetworkPolicy that limits where gateway pods may connect to. On by default.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub network_policy: Option<NetworkPolicySettings>,
+
+    /// CPU, memory and ephemeral storage of each gateway pod's container, in the shape of
+    /// a container's `resources`. Without it the gateway requests `100m` CPU and `256Mi`
+    /// memory and is limited to `512Mi` memory on a volume, `1280Mi` on an object store
+    /// (whose uploads buffer up to 768 MiB per pod), with no CPU limit. When given it is
+    /// used exactly as written: nothing is merged with those defaults, and what it leaves
+    /// out is not set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resources: Option<GatewayResources>,
+
+    /// Seconds a gateway pod that is being stopped (rolling update, scale-down, node
+    /// drain) lets running transfers finish. It refuses new connections from the moment
+    /// it is told to stop, and disconnects what is still running when this time is up;
+    /// the pod's `terminationGracePeriodSeconds` is this plus 10. Defaults to 60.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0, max = 86400))]
+    pub shutdown_grace_period_seconds: Option<i32>,
 }
 
 /// The gateway pods' egress NetworkPolicy. It lets them reach only DNS (the cluster's
@@ -86,6 +103,60 @@ pub struct NetworkPolicySettings {
     #[serde(default, rename = "dnsCIDRs", skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 8), inner(length(min = 1, max = 43)))]
     pub dns_cidrs: Vec<String>,
+}
+
+/// Requests and limits of the gateway container: CPU, memory and ephemeral storage only.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+#[schemars(extend("x-kubernetes-validations" = [
+    {
+        "rule": "!has(self.requests) || !has(self.limits) || !has(self.requests.cpu) || !has(self.limits.cpu) || quantity(self.requests.cpu).compareTo(quantity(self.limits.cpu)) <= 0",
+        "message": "requests.cpu must not exceed limits.cpu"
+    },
+    {
+        "rule": "!has(self.requests) || !has(self.limits) || !has(self.requests.memory) || !has(self.limits.memory) || quantity(self.requests.memory).compareTo(quantity(self.limits.memory)) <= 0",
+        "message": "requests.memory must not exceed limits.memory"
+    },
+    {
+        "rule": "!has(self.requests) || !has(self.limits) || !has(self.requests.ephemeral__dash__storage) || !has(self.limits.ephemeral__dash__storage) || quantity(self.requests.ephemeral__dash__storage).compareTo(quantity(self.limits.ephemeral__dash__storage)) <= 0",
+        "message": "requests.ephemeral-storage must not exceed limits.ephemeral-storage"
+    }
+]))]
+pub struct GatewayResources {
+    /// What the scheduler reserves for the container.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub requests: Option<ResourceAmounts>,
+
+    /// The most the container may use: over its memory limit it is killed, over its CPU
+    /// limit it is throttled.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limits: Option<ResourceAmounts>,
+}
+
+/// Amounts of CPU, memory and ephemeral storage, as Kubernetes quantities. They reach the
+/// pod template as written; the API server stores them in canonical form there (`1000m`
+/// becomes `1`), which changes nothing.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct ResourceAmounts {
+    /// CPU, for example `250m` or `2`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 64), regex(pattern = QUANTITY_PATTERN))]
+    pub cpu: Option<String>,
+
+    /// Memory, for example `512Mi` or `2Gi`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 64), regex(pattern = QUANTITY_PATTERN))]
+    pub memory: Option<String>,
+
+    /// Ephemeral storage: the container's writable `/tmp` and its logs, for example
+    /// `1Gi`.
+    #[serde(
+        default,
+        rename = "ephemeral-storage",
+        skip_serializing_if = "Option::is_none"
+    )]
+    #[schemars(length(max = 64), regex(pattern = QUANTITY_PATTERN))]
+    pub ephemeral_storage: Option<String>,
 }
 
 /// Audit log destinations besides the server's storage.

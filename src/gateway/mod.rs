@@ -19,6 +19,10 @@
 //! operation, whether writes are accepted ([`vfs`]); a reload that suspends or resumes
 //! writes applies to running sessions too. On shutdown the audit log is flushed after the
 //! sessions have ended.
+//! With `--health-listen`, an HTTP listener answers `/healthz` from before the
+//! configuration is read and `/readyz` while serving. On SIGTERM the protocol listeners
+//! close at once, `/readyz` turns 503, running sessions get `--shutdown-grace` seconds to
+//! finish, and the rest are disconnected.
 //!
 //! [`run`] is the subcommand; [`Gateway`] is the same in two steps (bind, then serve), so
 //! a test can learn the bound addresses first.
@@ -35,6 +39,8 @@ pub mod vfs;
 use std::io;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use sha2::{Digest, Sha256};
@@ -47,15 +53,18 @@ use crate::gateway::config::{GatewayConfig, ResidencyStamp};
 use crate::gateway::ftps::{FtpsAddrs, FtpsError, FtpsHandle, FtpsServer};
 use crate::gateway::host_keys::HostKeyError;
 use crate::gateway::sftp::SftpServer;
+use crate::probe_http::Response;
 use crate::storage::object::{Credentials, ObjectStoreConfig, ObjectStoreError};
 use crate::storage::{ObjectStore, Storage, StorageError, Volume};
 
 /// How often the configuration file is checked for changes.
 pub const CONFIG_POLL_INTERVAL: Duration = Duration::from_secs(2);
 
-/// How long running sessions may continue after shutdown starts. Shorter than
-/// Kubernetes' default 30 s termination grace period, so sessions are closed cleanly
-/// before the kubelet kills the pod.
+/// How long running sessions may continue after shutdown starts, unless
+/// `--shutdown-grace` says. Shorter than Kubernetes' default 30 s termination grace
+/// period, so sessions are closed cleanly before the kubelet kills the pod; the operator
+/// passes the server's `shutdownGracePeriodSeconds` and sets the pod's grace period to
+/// match.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(20);
 
 /// Arguments of `sluice gateway`.
@@ -111,6 +120,22 @@ pub struct GatewayArgs {
     /// names the pod with it (the host name when it is not given).
     #[arg(long, env = "SLUICE_POD_NAME")]
     pub pod_name: Option<String>,
+
+    /// Address of an HTTP listener for probes: `/healthz` answers while the process
+    /// runs, `/readyz` once every listener is bound and the configuration and storage are
+    /// loaded, until shutdown starts. Not served unless given.
+    #[arg(long, env = "SLUICE_HEALTH_LISTEN")]
+    pub health_listen: Option<SocketAddr>,
+
+    /// Seconds running sessions may continue after SIGTERM before they are disconnected;
+    /// new connections are refused from the signal on.
+    #[arg(
+        long,
+        env = "SLUICE_SHUTDOWN_GRACE",
+        default_value_t = SHUTDOWN_GRACE.as_secs(),
+        value_name = "SECONDS"
+    )]
+    pub shutdown_grace: u64,
 }
 
 impl GatewayArgs {
@@ -172,7 +197,8 @@ pub enum GatewayError {
         /// Why it is refused.
         reason: &'static str,
     },
-    /// A listening address (SFTP or an FTPS control port) could not be bound.
+    /// A listening address (SFTP, an FTPS control port or the health listener) could not
+    /// be bound.
     #[error("failed to listen on {addr}")]
     Listen {
         /// The address.
@@ -186,12 +212,13 @@ pub enum GatewayError {
 /// Runs `sluice gateway` until SIGTERM or Ctrl-C, then shuts down gracefully.
 pub async fn run(args: GatewayArgs) -> anyhow::Result<()> {
     let gateway = Gateway::bind(&args).await?;
-    gateway.serve(shutdown_signal()).await;
+    gateway.serve(crate::cli::terminated()).await;
     Ok(())
 }
 
 /// A gateway whose listener is bound but which does not serve yet.
 pub struct Gateway {
+    health: Option<HealthListener>,
     config_path: PathBuf,
     config_hash: [u8; 32],
     logins: LiveLogins,
@@ -211,6 +238,11 @@ impl Gateway {
     /// address, and the FTPS ports if FTPS is configured. Fails if any of them is unusable
     /// or cannot be bound; a problem with FTPS alone is logged and leaves SFTP running.
     pub async fn bind(args: &GatewayArgs) -> Result<Self, GatewayError> {
+        // First, so the liveness probe is answered while the rest loads.
+        let health = match args.health_listen {
+            Some(addr) => Some(HealthListener::start(addr).await?),
+            None => None,
+        };
         let bytes = read_config(&args.config).await?;
         let config = parse_config(&args.config, &bytes)?;
         let host_keys = host_keys::load(&args.host_keys)?;
@@ -245,6 +277,7 @@ impl Gateway {
         let logins = LiveLogins::new(Logins::new(&config.users));
         let ftps = bind_ftps(args, &config, &logins, &storage, &audit).await?;
         Ok(Self {
+            health,
             config_path: args.config.clone(),
             config_hash: Sha256::digest(&bytes).into(),
             sftp: SftpServer::new(host_keys, logins.clone(), storage, audit.clone()),
@@ -255,8 +288,13 @@ impl Gateway {
             suspended,
             ordinal: args.ordinal(),
             poll_interval: CONFIG_POLL_INTERVAL,
-            grace: SHUTDOWN_GRACE,
+            grace: Duration::from_secs(args.shutdown_grace),
         })
+    }
+
+    /// The address the health listener is bound to, if it is served.
+    pub fn health_addr(&self) -> Option<SocketAddr> {
+        self.health.as_ref().map(|h| h.addr)
     }
 
     /// The address the SFTP server is bound to; an error if SFTP is not served.
@@ -286,7 +324,7 @@ impl Gateway {
         self
     }
 
-    /// Lets sessions run for `grace` after shutdown starts instead of [`SHUTDOWN_GRACE`].
+    /// Lets sessions run for `grace` after shutdown starts instead of `--shutdown-grace`.
     pub fn with_shutdown_grace(mut self, grace: Duration) -> Self {
         self.grace = grace;
         self
@@ -296,6 +334,9 @@ impl Gateway {
     /// sessions finish within the grace period, disconnects the rest and flushes the
     /// audit log.
     pub async fn serve(self, shutdown: impl Future<Output = ()>) {
+        if let Some(health) = &self.health {
+            health.ready.store(true, Ordering::SeqCst);
+        }
         let (stop_tx, stop_rx) = watch::channel(false);
         let audit = self.audit.clone();
         let reload = tokio::spawn(watch_config(
@@ -323,16 +364,58 @@ impl Gateway {
                 ftps.serve(stop_rx, self.grace, self.poll_interval).await;
             }
         };
+        let health = self.health;
         let stop = async {
             shutdown.await;
-            tracing::info!("Shutting down");
+            if let Some(health) = &health {
+                health.ready.store(false, Ordering::SeqCst);
+            }
+            tracing::info!(grace_s = self.grace.as_secs(), "Shutting down");
             let _ = stop_tx.send(true);
         };
         tokio::join!(sftp, ftps, stop);
 
         let _ = reload.await;
         audit.close().await;
+        drop(health);
         tracing::info!("Gateway stopped");
+    }
+}
+
+/// The gateway's HTTP health listener, served from its start until this is dropped.
+struct HealthListener {
+    addr: SocketAddr,
+    ready: Arc<AtomicBool>,
+    _stop: tokio::sync::oneshot::Sender<()>,
+}
+
+impl HealthListener {
+    async fn start(addr: SocketAddr) -> Result<Self, GatewayError> {
+        let listener = TcpListener::bind(addr)
+            .await
+            .map_err(|source| GatewayError::Listen { addr, source })?;
+        let addr = listener
+            .local_addr()
+            .map_err(|source| GatewayError::Listen { addr, source })?;
+        let ready = Arc::new(AtomicBool::new(false));
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let routes = {
+            let ready = ready.clone();
+            move |path: &str| match path {
+                "/healthz" => Response::ok("ok\n"),
+                "/readyz" if ready.load(Ordering::SeqCst) => Response::ok("ok\n"),
+                "/readyz" => Response::unavailable("not serving\n"),
+                _ => Response::not_found(),
+            }
+        };
+        tokio::spawn(crate::probe_http::serve(listener, routes, async {
+            let _ = stopped.await;
+        }));
+        Ok(Self {
+            addr,
+            ready,
+            _stop: stop,
+        })
     }
 }
 
@@ -572,23 +655,4 @@ impl std::fmt::Display for ErrorChain<'_> {
 pub(crate) async fn stopped(stop: &mut watch::Receiver<bool>) {
     // The guard `wait_for` returns is not `Send`; drop it here, not across an await.
     let _ = stop.wait_for(|now| *now).await;
-}
-
-/// Completes on SIGTERM (how Kubernetes stops a pod) or Ctrl-C.
-async fn shutdown_signal() {
-    let terminate = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut signal) => {
-                signal.recv().await;
-            }
-            Err(error) => {
-                tracing::warn!(%error, "Cannot listen for SIGTERM; only Ctrl-C stops the gateway");
-                std::future::pending::<()>().await;
-            }
-        }
-    };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        () = terminate => {}
-    }
 }

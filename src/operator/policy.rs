@@ -7,51 +7,83 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use futures::Stream;
 use k8s_openapi::api::core::v1::{Namespace, PersistentVolume, PersistentVolumeClaim};
 use k8s_openapi::api::storage::v1::StorageClass;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::ListParams;
 use kube::runtime::controller::Action;
 use kube::runtime::{Controller, watcher};
-use kube::{Api, Client, ResourceExt};
+use kube::{Api, ResourceExt};
 
 use super::reconciler::{
-    RESYNC, apply_status, error_policy, every_object_in, log_outcomes, object_key,
+    RESYNC, Running, WatchBackoff, apply_status, error_policy, every_object_in, instrumented,
+    log_outcomes, object_key,
 };
 use super::server::{self, object_store};
-use super::{Context, Error};
+use super::{Context, Error, scoped_api};
 use crate::api::{
     ConditionType, DataResidencyPolicy, DataResidencyPolicyStatus, GovernedServer, Reason,
     TransferServer, set_condition,
 };
 use crate::residency;
 
-/// The controller's stream of reconcile results; drive it to run the controller.
+/// The controller for every policy; it counts the servers of the watched namespaces.
 pub fn controller(
     context: Arc<Context>,
     shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
-) -> impl Stream<Item = ()> {
+) -> Running {
     let client = context.client.clone();
-    let controller = Controller::new(
+    let mut controller = Controller::new(
         Api::<DataResidencyPolicy>::all(client.clone()),
         watcher::Config::default(),
     );
     let policies = controller.store();
-    let results = controller
-        .watches(
-            Api::<TransferServer>::all(client.clone()),
+    for namespace in context.args.watched() {
+        controller = controller.watches(
+            scoped_api::<TransferServer>(&client, namespace.as_deref()),
             watcher::Config::default(),
             every_object_in(policies.clone()),
-        )
+        );
+    }
+    let results = controller
         .watches(
             Api::<Namespace>::all(client),
             watcher::Config::default(),
-            every_object_in(policies),
+            every_object_in(policies.clone()),
         )
+        .trigger_backoff(WatchBackoff::default())
         .graceful_shutdown_on(shutdown)
-        .run(reconcile, error_policy, context);
-    log_outcomes(results)
+        .run(
+            instrumented("policy", reconcile),
+            error_policy,
+            context.clone(),
+        );
+    Running::new(
+        &context,
+        "DataResidencyPolicy",
+        policies,
+        log_outcomes(&context, "policy", results),
+    )
+}
+
+/// Every item `list` returns for each watched namespace (all namespaces for `None`).
+async fn list_watched<K>(
+    context: &Context,
+    params: &ListParams,
+    what: &str,
+) -> Result<Vec<K>, Error>
+where
+    K: kube::Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>
+        + Clone
+        + serde::de::DeserializeOwned
+        + std::fmt::Debug,
+{
+    let mut items = Vec::new();
+    for namespace in context.args.watched() {
+        let api = scoped_api::<K>(&context.client, namespace.as_deref());
+        items.extend(api.list(params).await.map_err(Error::kube(what))?.items);
+    }
+    Ok(items)
 }
 
 async fn reconcile(
@@ -59,11 +91,8 @@ async fn reconcile(
     context: Arc<Context>,
 ) -> Result<Action, Error> {
     let client = &context.client;
-    let servers = Api::<TransferServer>::all(client.clone())
-        .list(&ListParams::default())
-        .await
-        .map_err(Error::kube("list TransferServers"))?
-        .items;
+    let servers: Vec<TransferServer> =
+        list_watched(&context, &ListParams::default(), "list TransferServers").await?;
     let namespaces: BTreeMap<String, BTreeMap<String, String>> =
         Api::<Namespace>::all(client.clone())
             .list_metadata(&ListParams::default())
@@ -73,7 +102,7 @@ async fn reconcile(
             .into_iter()
             .map(|ns| (ns.name_any(), ns.metadata.labels.unwrap_or_default()))
             .collect();
-    let facts = cluster_facts(client, &servers).await?;
+    let facts = cluster_facts(&context, &servers).await?;
     let policies = Api::<DataResidencyPolicy>::all(client.clone())
         .list(&ListParams::default())
         .await
@@ -131,7 +160,11 @@ pub struct ClusterFacts {
     pub zone_nodes: Vec<BTreeMap<String, String>>,
 }
 
-async fn cluster_facts(client: &Client, servers: &[TransferServer]) -> Result<ClusterFacts, Error> {
+async fn cluster_facts(
+    context: &Context,
+    servers: &[TransferServer],
+) -> Result<ClusterFacts, Error> {
+    let client = &context.client;
     let volumes = servers.iter().any(|s| s.spec.storage.volume.is_some());
     if !volumes {
         return Ok(ClusterFacts {
@@ -148,11 +181,9 @@ async fn cluster_facts(client: &Client, servers: &[TransferServer]) -> Result<Cl
         .into_iter()
         .map(|c| (c.name_any(), c))
         .collect();
-    let claims = Api::<PersistentVolumeClaim>::all(client.clone())
-        .list(&ListParams::default().labels("app.kubernetes.io/managed-by=sluice"))
-        .await
-        .map_err(Error::kube("list PersistentVolumeClaims"))?
-        .items;
+    let owned = ListParams::default().labels("app.kubernetes.io/managed-by=sluice");
+    let claims: Vec<PersistentVolumeClaim> =
+        list_watched(context, &owned, "list PersistentVolumeClaims").await?;
     let pvs = Api::<PersistentVolume>::all(client.clone());
     let mut bound = BTreeMap::new();
     for server in servers.iter().filter(|s| s.spec.storage.volume.is_some()) {

@@ -6,7 +6,6 @@
 
 use std::sync::Arc;
 
-use futures::Stream;
 use k8s_openapi::api::core::v1::Secret;
 use k8s_openapi::jiff::Timestamp;
 use kube::runtime::controller::Action;
@@ -14,34 +13,39 @@ use kube::runtime::reflector::ObjectRef;
 use kube::runtime::{Controller, watcher};
 use kube::{Api, ResourceExt};
 
-use super::reconciler::{RESYNC, apply_status, error_policy, log_outcomes, object_key};
+use super::reconciler::{
+    RESYNC, Running, WatchBackoff, apply_status, error_policy, instrumented, log_outcomes,
+    object_key,
+};
 use super::server::dereference::password_secret;
 use super::server::validate::{UserProblem, validate_user};
-use super::{Context, Error};
+use super::{Context, Error, scoped_api};
 use crate::api::{
     ConditionType, Reason, TransferServer, TransferUser, TransferUserStatus, set_condition,
 };
 
-/// The controller's stream of reconcile results; drive it to run the controller.
+/// The controller for the users in `namespace` (every namespace for `None`).
 pub fn controller(
     context: Arc<Context>,
+    namespace: Option<&str>,
     shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
-) -> impl Stream<Item = ()> {
+) -> Running {
     let client = context.client.clone();
     let controller = Controller::new(
-        Api::<TransferUser>::all(client.clone()),
+        scoped_api::<TransferUser>(&client, namespace),
         watcher::Config::default(),
     );
     let users = controller.store();
     let users_of_server = users.clone();
+    let users_of_secret = users.clone();
     let results = controller
         .watches(
-            Api::<Secret>::all(client.clone()),
+            scoped_api::<Secret>(&client, namespace),
             watcher::Config::default(),
             move |secret| {
                 let namespace = secret.namespace();
                 let name = secret.name_any();
-                users
+                users_of_secret
                     .state()
                     .iter()
                     .filter(|u| u.uses_password_secret(namespace.as_deref(), &name))
@@ -50,7 +54,7 @@ pub fn controller(
             },
         )
         .watches(
-            Api::<TransferServer>::all(client),
+            scoped_api::<TransferServer>(&client, namespace),
             watcher::Config::default(),
             move |server| {
                 let namespace = server.namespace();
@@ -63,9 +67,19 @@ pub fn controller(
                     .collect::<Vec<_>>()
             },
         )
+        .trigger_backoff(WatchBackoff::default())
         .graceful_shutdown_on(shutdown)
-        .run(reconcile, error_policy, context);
-    log_outcomes(results)
+        .run(
+            instrumented("user", reconcile),
+            error_policy,
+            context.clone(),
+        );
+    Running::new(
+        &context,
+        "TransferUser",
+        users,
+        log_outcomes(&context, "user", results),
+    )
 }
 
 async fn reconcile(user: Arc<TransferUser>, context: Arc<Context>) -> Result<Action, Error> {

@@ -177,20 +177,14 @@ pub async fn install_crds(client: &Client) -> Result<()> {
 /// stand-in kubelet mounts a directory instead.
 pub async fn install_storage_classes(client: &Client, names: &[&str]) -> Result<()> {
     for name in names {
-        let class = serde_json::json!({
-            "apiVersion": "storage.k8s.io/v1",
-            "kind": "StorageClass",
-            "metadata": {"name": name},
-            "provisioner": "disk.csi.sluice.test",
-            "volumeBindingMode": "WaitForFirstConsumer",
-        });
-        apply(client, &serde_json::from_value(class)?).await?;
+        apply(client, &serde_json::from_value(storage_class(name))?).await?;
     }
     Ok(())
 }
 
 /// The operator running in-process, as `sluice operator` would.
 pub struct Operator {
+    context: std::sync::Arc<sluice::operator::Context>,
     stop: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<anyhow::Result<()>>>,
 }
@@ -198,19 +192,31 @@ pub struct Operator {
 impl Operator {
     /// Starts the operator's controllers with `client`.
     pub fn start(client: Client) -> Self {
-        let args = sluice::operator::OperatorArgs {
-            gateway_image: sluice::operator::DEFAULT_GATEWAY_IMAGE.to_string(),
-        };
+        Self::start_with(client, sluice::operator::OperatorArgs::local())
+    }
+
+    /// Starts the operator's controllers with `client` and `args` (metrics must bind
+    /// 127.0.0.1).
+    pub fn start_with(client: Client, args: sluice::operator::OperatorArgs) -> Self {
         let context = sluice::operator::Context::new(client, args);
         let (stop, stopped) = oneshot::channel::<()>();
         let shutdown = async move {
             let _ = stopped.await;
         };
-        let task = tokio::spawn(sluice::operator::run_with(context, shutdown));
+        let task = tokio::spawn(sluice::operator::run_with(context.clone(), shutdown));
         Self {
+            context,
             stop: Some(stop),
             task: Some(task),
         }
+    }
+
+    /// Where the operator serves `/metrics`, `/healthz` and `/readyz`, once it does.
+    pub async fn metrics_addr(&self) -> Result<std::net::SocketAddr> {
+        eventually("the metrics listener", Duration::from_secs(10), || async {
+            Ok(self.context.metrics_addr())
+        })
+        .await
     }
 
     /// Stops the controllers and waits for them to finish.
@@ -252,6 +258,203 @@ pub async fn warning_event(
                 && e.reason.as_deref() == Some(reason);
             matches.then(|| e.message.unwrap_or_default())
         }))
+    })
+    .await
+}
+
+/// What the operator writes in `namespace` and cluster-wide, as
+/// `Kind/namespace/name -> resourceVersion` (the StatefulSets' generations, since their
+/// status is the statefulset controller's), plus its Events with the instance that
+/// published them: equal before and after means the operator wrote nothing.
+pub async fn written_state(
+    client: &Client,
+    namespace: &str,
+) -> Result<std::collections::BTreeMap<String, String>> {
+    use k8s_openapi::api::apps::v1::StatefulSet;
+    use k8s_openapi::api::core::v1::{PersistentVolumeClaim, Secret, Service};
+    use k8s_openapi::api::policy::v1::PodDisruptionBudget;
+    use sluice::api::{DataResidencyPolicy, TransferServer, TransferUser};
+
+    let mut state = std::collections::BTreeMap::new();
+    let ns = namespace;
+    record(
+        &mut state,
+        Api::<TransferServer>::namespaced(client.clone(), ns),
+    )
+    .await?;
+    record(
+        &mut state,
+        Api::<TransferUser>::namespaced(client.clone(), ns),
+    )
+    .await?;
+    record(&mut state, Api::<DataResidencyPolicy>::all(client.clone())).await?;
+    record(&mut state, Api::<Secret>::namespaced(client.clone(), ns)).await?;
+    record(&mut state, Api::<Service>::namespaced(client.clone(), ns)).await?;
+    record(
+        &mut state,
+        Api::<PersistentVolumeClaim>::namespaced(client.clone(), ns),
+    )
+    .await?;
+    record(
+        &mut state,
+        Api::<PodDisruptionBudget>::namespaced(client.clone(), ns),
+    )
+    .await?;
+    // The operator's Events only: the controller-manager's come and go on their own.
+    let events = Api::<k8s_openapi::api::events::v1::Event>::all(client.clone());
+    for event in events.list(&kube::api::ListParams::default()).await? {
+        if event.reporting_controller.as_deref() == Some("sluice.dev/operator") {
+            let instance = event.reporting_instance.clone().unwrap_or_default();
+            state.insert(format!("Event/{}", event.name_any()), instance);
+        }
+    }
+    let statefulsets = Api::<StatefulSet>::namespaced(client.clone(), ns);
+    for statefulset in statefulsets.list(&kube::api::ListParams::default()).await? {
+        let generation = statefulset.metadata.generation.unwrap_or_default();
+        let key = format!("StatefulSet.generation/{ns}/{}", statefulset.name_any());
+        state.insert(key, generation.to_string());
+    }
+    Ok(state)
+}
+
+async fn record<K>(
+    state: &mut std::collections::BTreeMap<String, String>,
+    api: Api<K>,
+) -> Result<()>
+where
+    K: kube::Resource<DynamicType = ()> + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+{
+    for object in api.list(&kube::api::ListParams::default()).await? {
+        let key = format!(
+            "{}/{}/{}",
+            K::kind(&()),
+            object.namespace().unwrap_or_default(),
+            object.name_any()
+        );
+        state.insert(key, object.resource_version().unwrap_or_default());
+    }
+    Ok(())
+}
+
+/// The keys whose values differ between `before` and `after`, or are in only one.
+pub fn changed_keys(
+    before: &std::collections::BTreeMap<String, String>,
+    after: &std::collections::BTreeMap<String, String>,
+) -> Vec<String> {
+    let mut keys: Vec<String> = before
+        .keys()
+        .chain(after.keys())
+        .filter(|key| before.get(*key) != after.get(*key))
+        .cloned()
+        .collect();
+    keys.dedup();
+    keys.sort();
+    keys.dedup();
+    keys
+}
+
+/// A StorageClass `name` whose volumes are provisioned where the (region-pinned) pod is
+/// scheduled, which residency policies accept.
+pub fn storage_class(name: &str) -> serde_json::Value {
+    serde_json::json!({
+        "apiVersion": "storage.k8s.io/v1",
+        "kind": "StorageClass",
+        "metadata": {"name": name},
+        "provisioner": "example.com/none",
+        "volumeBindingMode": "WaitForFirstConsumer",
+    })
+}
+
+/// The StorageClass `ssd` ([`storage_class`]), and the policy `mainland` that allows
+/// `cn-shanghai` to namespaces labelled `sluice.dev/residency: cn`.
+pub fn mainland_policy() -> Vec<serde_json::Value> {
+    vec![
+        storage_class("ssd"),
+        serde_json::json!({
+            "apiVersion": "sluice.dev/v1alpha1",
+            "kind": "DataResidencyPolicy",
+            "metadata": {"name": "mainland"},
+            "spec": {
+                "namespaceSelector": {"matchLabels": {"sluice.dev/residency": "cn"}},
+                "allowedRegions": ["cn-shanghai"],
+                "enforcement": "Enforce",
+            },
+        }),
+    ]
+}
+
+/// Namespace `namespace` under [`mainland_policy`], an SFTP server `files` there with
+/// `replicas` pods on an `ssd` volume, and its user `alice` with a password Secret.
+pub fn sftp_server(namespace: &str, replicas: i32) -> Vec<serde_json::Value> {
+    vec![
+        serde_json::json!({
+            "apiVersion": "v1",
+            "kind": "Namespace",
+            "metadata": {"name": namespace, "labels": {"sluice.dev/residency": "cn"}},
+        }),
+        serde_json::json!({
+            "apiVersion": "sluice.dev/v1alpha1",
+            "kind": "TransferServer",
+            "metadata": {"name": "files", "namespace": namespace},
+            "spec": {
+                "region": "cn-shanghai",
+                "replicas": replicas,
+                "protocols": {"sftp": {}},
+                "storage": {"volume": {"storageClassName": "ssd", "size": "1Gi"}},
+            },
+        }),
+        serde_json::json!({
+            "apiVersion": "v1",
+            "kind": "Secret",
+            "metadata": {"name": "alice-password", "namespace": namespace},
+            "stringData": {"password": "correct horse"},
+        }),
+        serde_json::json!({
+            "apiVersion": "sluice.dev/v1alpha1",
+            "kind": "TransferUser",
+            "metadata": {"name": "alice", "namespace": namespace},
+            "spec": {
+                "serverRef": {"name": "files"},
+                "passwordSecretRef": {"name": "alice-password", "key": "password"},
+                "homeDirectory": "/alice",
+                "permissions": ["list", "read", "write"],
+            },
+        }),
+    ]
+}
+
+/// Waits until server `files` and user `alice` in `namespace` report their current
+/// generation, the server with one user.
+pub async fn sftp_server_converged(client: &Client, namespace: &str) -> Result<()> {
+    let servers = Api::<sluice::api::TransferServer>::namespaced(client.clone(), namespace);
+    let users = Api::<sluice::api::TransferUser>::namespaced(client.clone(), namespace);
+    eventually(
+        "server and user reconciled",
+        Duration::from_secs(60),
+        || async {
+            let server = servers.get("files").await?;
+            let user = users.get("alice").await?;
+            let server_done = server.status.as_ref().is_some_and(|s| {
+                s.observed_generation == server.metadata.generation && s.users == Some(1)
+            });
+            let user_done = user
+                .status
+                .as_ref()
+                .is_some_and(|s| s.observed_generation == user.metadata.generation);
+            Ok((server_done && user_done).then_some(()))
+        },
+    )
+    .await
+}
+
+/// Waits until policy `mainland` reports governing `count` servers.
+pub async fn policy_governs(client: &Client, count: i32) -> Result<()> {
+    let policies = Api::<sluice::api::DataResidencyPolicy>::all(client.clone());
+    let what = format!("the policy governing {count} servers");
+    eventually(&what, Duration::from_secs(60), || async {
+        let policy = policies.get("mainland").await?;
+        let governed = policy.status.and_then(|s| s.governed_servers);
+        Ok((governed == Some(count)).then_some(()))
     })
     .await
 }

@@ -225,6 +225,12 @@ impl ControlPlane {
     /// until it is ready. Existing clients reconnect on their next request.
     pub async fn restart_apiserver(&mut self) -> Result<()> {
         self.apiserver.stop().await;
+        self.start_apiserver().await
+    }
+
+    /// Starts kube-apiserver again with the arguments it first had, and waits until it is
+    /// ready.
+    async fn start_apiserver(&mut self) -> Result<()> {
         let args = apiserver_args(&self.files, &self.ports, &self.options);
         self.apiserver = Process::spawn("kube-apiserver", &self.bin, args, &self.files)?;
         let processes = &mut [
@@ -233,6 +239,36 @@ impl ControlPlane {
             &mut self.apiserver,
         ];
         wait_for_apiserver(&self.client, processes).await
+    }
+
+    /// Like [`ControlPlane::restart_apiserver`], and while kube-apiserver is down, compacts
+    /// etcd's history up to its current revision, so every watch resumed afterwards from an
+    /// older resourceVersion is answered with 410 Gone and its client must list again.
+    pub async fn restart_apiserver_expiring_watches(&mut self) -> Result<()> {
+        self.apiserver.stop().await;
+        self.compact_etcd().await?;
+        self.start_apiserver().await
+    }
+
+    /// Compacts etcd at its current revision through its JSON gateway.
+    async fn compact_etcd(&self) -> Result<()> {
+        let etcd = std::net::SocketAddr::from(([127, 0, 0, 1], self.ports.etcd_client));
+        // A range over no key still answers with the store's current revision.
+        let (_, status) = super::http::post_json(
+            etcd,
+            "/v3/kv/range",
+            &serde_json::json!({"key": "AA==", "limit": 1}),
+        )
+        .await?;
+        let status: serde_json::Value = serde_json::from_str(&status)?;
+        let revision = status["header"]["revision"]
+            .as_str()
+            .context("etcd answered without a revision")?
+            .to_string();
+        let body = serde_json::json!({"revision": revision, "physical": true});
+        let (code, answer) = super::http::post_json(etcd, "/v3/kv/compaction", &body).await?;
+        anyhow::ensure!(code == 200, "etcd refused to compact: {code} {answer}");
+        Ok(())
     }
 }
 

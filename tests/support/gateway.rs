@@ -146,6 +146,8 @@ impl TestGateway {
             ftps_implicit_listen: "127.0.0.1:0".parse()?,
             tls_dir: Some(tls_dir),
             pod_name: Some(POD.into()),
+            health_listen: None,
+            shutdown_grace: 20,
         };
         let first = config(users.clone(), ftps.clone(), object_store.clone());
         let live = Mutex::new((users, first.residency.clone()));

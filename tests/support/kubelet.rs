@@ -6,9 +6,10 @@
 //! it only if the pod's required node affinity admits the node, materialises the pod's
 //! Secret, PVC and emptyDir volumes into a temporary directory, starts the container's
 //! exact command, args and environment (with `metadata.name` from the downward API),
-//! and reports the pod Running and Ready so the StatefulSet controller counts it
-//! available. An optional Secret volume whose Secret is missing stays empty until
-//! [`RunningPod::sync_secrets`] finds it, as with the kubelet.
+//! and, once the container's HTTP readiness probe answers 200, reports the pod Running
+//! and Ready so the StatefulSet controller counts it available. An optional Secret
+//! volume whose Secret is missing stays empty until [`RunningPod::sync_secrets`] finds
+//! it, as with the kubelet.
 //!
 //! What is remapped, and nothing else: mount paths become directories under the
 //! temporary directory, `0.0.0.0:<containerPort>` in the command line or environment
@@ -28,6 +29,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use k8s_openapi::api::core::v1::{Node, Pod, PodSpec, Secret};
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::api::{ListParams, Patch, PatchParams, PostParams};
 use kube::{Api, Client, ResourceExt};
 use serde_json::json;
@@ -92,6 +94,7 @@ impl FakeKubelet {
         };
         running.materialise_volumes().await?;
         running.start().await?;
+        running.wait_ready().await?;
         running.report_ready().await?;
         Ok(running)
     }
@@ -351,6 +354,47 @@ impl RunningPod {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
         Ok(())
+    }
+
+    /// Waits until the container's HTTP readiness probe, if it has one, answers 200, as
+    /// the kubelet does before it reports the pod Ready.
+    async fn wait_ready(&self) -> Result<()> {
+        let container = &self.spec.containers[0];
+        let Some(get) = container
+            .readiness_probe
+            .as_ref()
+            .and_then(|p| p.http_get.as_ref())
+        else {
+            return Ok(());
+        };
+        let port = match &get.port {
+            IntOrString::Int(port) => *port,
+            IntOrString::String(name) => container
+                .ports
+                .iter()
+                .flatten()
+                .find(|p| p.name.as_deref() == Some(name.as_str()))
+                .map(|p| p.container_port)
+                .with_context(|| format!("the probe names port {name}, which is not declared"))?,
+        };
+        let addr = *self
+            .ports
+            .get(&port)
+            .with_context(|| format!("the probed port {port} is not on the command line"))?;
+        let path = get.path.clone().unwrap_or_else(|| "/".into());
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Ok((200, _)) = super::http::get(addr, &path).await {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "the readiness probe {path} on {addr} never answered 200:\n{}",
+                    self.log()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
     }
 
     async fn report_ready(&self) -> Result<()> {

@@ -5,6 +5,8 @@ pub mod controlplane;
 pub mod ftp;
 pub mod gateway;
 pub mod helm;
+pub mod http;
 pub mod kubelet;
+pub mod proxy;
 pub mod s3;
 pub mod sftp;

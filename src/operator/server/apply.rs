@@ -5,6 +5,7 @@ use std::fmt::Debug;
 use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
 use k8s_openapi::api::core::v1::{PersistentVolumeClaim, Secret, Service};
 use k8s_openapi::api::networking::v1::NetworkPolicy;
+use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use kube::api::{DeleteParams, Patch, PatchParams, PostParams};
 use kube::{Api, Client, Resource, ResourceExt};
 use serde::Serialize;
@@ -76,6 +77,8 @@ pub struct Leftovers<'a> {
     pub deployment: Option<&'a str>,
     /// The NetworkPolicy the server owns, if any; deleted when no longer wanted.
     pub network_policy: Option<&'a str>,
+    /// The PodDisruptionBudget the server owns, if any; deleted when none is wanted.
+    pub disruption_budget: Option<&'a str>,
 }
 
 /// Applies every owned object, then deletes the leftovers. Unchanged objects are not
@@ -95,6 +98,7 @@ pub async fn apply(
         service,
         pod_services,
         network_policy,
+        disruption_budget,
     } = objects;
     apply_one::<Secret>(client, namespace, &host_keys).await?;
     apply_one::<Secret>(client, namespace, &config).await?;
@@ -125,6 +129,18 @@ pub async fn apply(
         (None, None) => {}
     }
     let applied = apply_one::<StatefulSet>(client, namespace, &statefulset).await?;
+    match &disruption_budget {
+        Some(budget) => {
+            apply_one::<PodDisruptionBudget>(client, namespace, budget).await?;
+        }
+        None => {
+            if let Some(name) = leftovers.disruption_budget {
+                let budgets = Api::<PodDisruptionBudget>::namespaced(client.clone(), namespace);
+                delete(&budgets, name).await?;
+                tracing::info!(budget = %name, "Removed the PodDisruptionBudget no longer wanted");
+            }
+        }
+    }
 
     let services = Api::<Service>::namespaced(client.clone(), namespace);
     let wanted: Vec<String> = pod_services.iter().map(ResourceExt::name_any).collect();

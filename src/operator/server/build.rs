@@ -10,16 +10,17 @@ use k8s_openapi::ByteString;
 use k8s_openapi::api::apps::v1::{StatefulSet, StatefulSetSpec};
 use k8s_openapi::api::core::v1::{
     Affinity, Capabilities, Container, ContainerPort, EmptyDirVolumeSource, EnvVar, EnvVarSource,
-    KeyToPath, NodeAffinity, NodeSelector, NodeSelectorRequirement, NodeSelectorTerm,
-    ObjectFieldSelector, PersistentVolumeClaim, PersistentVolumeClaimSpec,
+    HTTPGetAction, KeyToPath, NodeAffinity, NodeSelector, NodeSelectorRequirement,
+    NodeSelectorTerm, ObjectFieldSelector, PersistentVolumeClaim, PersistentVolumeClaimSpec,
     PersistentVolumeClaimVolumeSource, PodSecurityContext, PodSpec, PodTemplateSpec, Probe,
-    SeccompProfile, Secret, SecretVolumeSource, SecurityContext, Service, ServicePort, ServiceSpec,
-    TCPSocketAction, Volume, VolumeMount, VolumeResourceRequirements,
+    ResourceRequirements, SeccompProfile, Secret, SecretVolumeSource, SecurityContext, Service,
+    ServicePort, ServiceSpec, Volume, VolumeMount, VolumeResourceRequirements,
 };
 use k8s_openapi::api::networking::v1::{
     IPBlock, NetworkPolicy, NetworkPolicyEgressRule, NetworkPolicyPeer, NetworkPolicyPort,
     NetworkPolicySpec,
 };
+use k8s_openapi::api::policy::v1::{PodDisruptionBudget, PodDisruptionBudgetSpec};
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta, OwnerReference};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
@@ -31,7 +32,7 @@ use super::names;
 use super::object_store::ObjectStorePlan;
 use super::passwords::PasswordHashes;
 use super::validate::{ValidServer, ValidUser};
-use crate::api::{ObjectStoreProvider as Provider, TransferServer, VolumeStorage};
+use crate::api::{ObjectStoreProvider as Provider, ResourceAmounts, TransferServer, VolumeStorage};
 use crate::gateway::config::{
     AuditSettings, CONFIG_KEY, CrossBorderStamp, GatewayConfig, GatewayUser, PassivePorts,
     ResidencyStamp,
@@ -52,6 +53,20 @@ pub const DATA_DIR: &str = "/var/lib/sluice/data";
 pub const STORAGE_CREDENTIALS_DIR: &str = "/etc/sluice/storage-credentials";
 /// UID and GID the gateway runs as.
 const GATEWAY_UID: i64 = 65532;
+/// Port of the gateway's HTTP health listener (`/healthz`, `/readyz`), which the probes
+/// use so that they never touch, or show up in the logs of, the protocol ports.
+pub const HEALTH_CONTAINER_PORT: i32 = 8081;
+/// Seconds a stopping gateway lets running transfers finish, unless the spec says.
+pub const DEFAULT_SHUTDOWN_GRACE_SECONDS: i32 = 60;
+/// Seconds the kubelet waits beyond the gateway's own grace period before killing it:
+/// time to disconnect what is still running and exit.
+const TERMINATION_MARGIN_SECONDS: i64 = 10;
+/// Memory limit of a gateway on a volume unless the spec says.
+const DEFAULT_MEMORY_LIMIT: &str = "512Mi";
+/// Memory limit of a gateway on an object store unless the spec says: the volume
+/// gateway's 512 MiB plus the 768 MiB its uploads may buffer (32 × 24 MiB, see
+/// `storage::object`).
+const DEFAULT_OBJECT_STORE_MEMORY_LIMIT: &str = "1280Mi";
 
 impl GatewayObjects {
     /// Size of the rendered gateway configuration in bytes.
@@ -83,6 +98,9 @@ pub struct GatewayObjects {
     pub pod_services: Vec<Service>,
     /// The gateway pods' egress NetworkPolicy; none when the spec turns it off.
     pub network_policy: Option<NetworkPolicy>,
+    /// At most one gateway pod down at a time for voluntary disruptions (node drains);
+    /// none with a single replica, where it could only block drains or do nothing.
+    pub disruption_budget: Option<PodDisruptionBudget>,
 }
 
 /// Operator-wide settings that shape the objects.
@@ -117,6 +135,74 @@ pub fn build(
         service: build_service(server, valid.ftps.as_ref()),
         pod_services: build_pod_services(server, valid.ftps.as_ref()),
         network_policy: build_network_policy(server, valid.object_store.as_ref()),
+        disruption_budget: build_disruption_budget(server),
+    }
+}
+
+/// `maxUnavailable: 1` over the gateway pods when there are several; pods that are not
+/// ready may always be evicted, so a broken pod never blocks a node drain.
+fn build_disruption_budget(server: &TransferServer) -> Option<PodDisruptionBudget> {
+    if replicas(server) < 2 {
+        return None;
+    }
+    let name = server.name_any();
+    Some(PodDisruptionBudget {
+        metadata: owned_meta(server, names::disruption_budget(&name)),
+        spec: Some(PodDisruptionBudgetSpec {
+            max_unavailable: Some(IntOrString::Int(1)),
+            selector: Some(LabelSelector {
+                match_labels: Some(names::selector_labels(&name)),
+                match_expressions: None,
+            }),
+            unhealthy_pod_eviction_policy: Some("AlwaysAllow".into()),
+            min_available: None,
+        }),
+        status: None,
+    })
+}
+
+/// How long a stopping gateway lets running transfers finish.
+pub fn shutdown_grace_seconds(server: &TransferServer) -> i32 {
+    server
+        .spec
+        .shutdown_grace_period_seconds
+        .unwrap_or(DEFAULT_SHUTDOWN_GRACE_SECONDS)
+        .max(0)
+}
+
+/// The container's requests and limits: the spec's as written, or the defaults.
+fn container_resources(server: &TransferServer, object_store: bool) -> ResourceRequirements {
+    let amounts = |amounts: Option<&ResourceAmounts>| {
+        let amounts = amounts?;
+        let map: BTreeMap<String, Quantity> = [
+            ("cpu", &amounts.cpu),
+            ("ephemeral-storage", &amounts.ephemeral_storage),
+            ("memory", &amounts.memory),
+        ]
+        .into_iter()
+        .filter_map(|(name, value)| Some((name.to_string(), Quantity(value.clone()?))))
+        .collect();
+        (!map.is_empty()).then_some(map)
+    };
+    if let Some(resources) = &server.spec.resources {
+        return ResourceRequirements {
+            requests: amounts(resources.requests.as_ref()),
+            limits: amounts(resources.limits.as_ref()),
+            claims: None,
+        };
+    }
+    let memory_limit = match object_store {
+        true => DEFAULT_OBJECT_STORE_MEMORY_LIMIT,
+        false => DEFAULT_MEMORY_LIMIT,
+    };
+    let quantity = |name: &str, value: &str| (name.to_string(), Quantity(value.into()));
+    ResourceRequirements {
+        requests: Some(BTreeMap::from([
+            quantity("cpu", "100m"),
+            quantity("memory", "256Mi"),
+        ])),
+        limits: Some(BTreeMap::from([quantity("memory", memory_limit)])),
+        claims: None,
     }
 }
 
@@ -542,6 +628,9 @@ fn pod_spec(valid: &ValidServer, settings: &BuildSettings) -> PodSpec {
             .as_ref()
             .and_then(|store| store.service_account.clone()),
         enable_service_links: Some(false),
+        termination_grace_period_seconds: Some(
+            i64::from(shutdown_grace_seconds(server)) + TERMINATION_MARGIN_SECONDS,
+        ),
         security_context: Some(PodSecurityContext {
             run_as_non_root: Some(true),
             run_as_user: Some(GATEWAY_UID),
@@ -634,15 +723,22 @@ fn gateway_container(
         read_only: read_only.then_some(true),
         ..VolumeMount::default()
     };
-    let ports = container_ports(server, ftps);
-    // A TCP connect on the first control port: no protocol handshake, so probes leave
-    // nothing in the protocol logs.
-    let probe = Probe {
-        tcp_socket: Some(TCPSocketAction {
-            port: IntOrString::String(ports[0].name.clone().unwrap_or_default()),
-            host: None,
+    let mut ports = container_ports(server, ftps);
+    ports.push(ContainerPort {
+        name: Some("health".into()),
+        container_port: HEALTH_CONTAINER_PORT,
+        protocol: Some("TCP".into()),
+        ..ContainerPort::default()
+    });
+    // Probes ask the health listener, never a protocol port, so they leave nothing in
+    // the SFTP and FTPS logs or connection counts.
+    let probe = |path: &str, period: i32| Probe {
+        http_get: Some(HTTPGetAction {
+            path: Some(path.into()),
+            port: IntOrString::String("health".into()),
+            ..HTTPGetAction::default()
         }),
-        period_seconds: Some(10),
+        period_seconds: Some(period),
         ..Probe::default()
     };
     let mut args = [
@@ -653,6 +749,10 @@ fn gateway_container(
         HOST_KEYS_DIR,
         "--sftp-listen",
         &format!("0.0.0.0:{SFTP_CONTAINER_PORT}"),
+        "--health-listen",
+        &format!("0.0.0.0:{HEALTH_CONTAINER_PORT}"),
+        "--shutdown-grace",
+        &shutdown_grace_seconds(server).to_string(),
     ]
     .map(String::from)
     .to_vec();
@@ -713,11 +813,9 @@ fn gateway_container(
             },
         ]),
         ports: Some(ports),
-        readiness_probe: Some(probe.clone()),
-        liveness_probe: Some(Probe {
-            initial_delay_seconds: Some(10),
-            ..probe
-        }),
+        readiness_probe: Some(probe("/readyz", 5)),
+        liveness_probe: Some(probe("/healthz", 10)),
+        resources: Some(container_resources(server, object_store.is_some())),
         security_context: Some(SecurityContext {
             allow_privilege_escalation: Some(false),
             read_only_root_filesystem: Some(true),
@@ -891,7 +989,7 @@ mod tests {
     }
 
     #[test]
-    fn an_ftps_only_server_exposes_no_sftp_port_and_probes_the_ftps_port() {
+    fn an_ftps_only_server_exposes_no_sftp_port_and_probes_only_the_health_port() {
         let server = server(1, "ClusterIP", false);
         let plan = ftps::plan(&server).unwrap();
         let ports = container_ports(&server, plan.as_ref());
@@ -911,19 +1009,104 @@ mod tests {
             hashes: &PasswordHashes::default(),
         };
         let container = gateway_container(&server, plan.as_ref(), None, &settings);
-        let probe = container
-            .readiness_probe
-            .and_then(|p| p.tcp_socket)
-            .unwrap();
-        assert_eq!(probe.port, IntOrString::String("ftps".into()));
+        let health = container.ports.as_ref().unwrap().last().cloned().unwrap();
+        assert_eq!(health.name.as_deref(), Some("health"));
+        assert_eq!(health.container_port, HEALTH_CONTAINER_PORT);
+        for (probe, path) in [
+            (container.readiness_probe.clone(), "/readyz"),
+            (container.liveness_probe.clone(), "/healthz"),
+        ] {
+            let probe = probe.unwrap();
+            assert!(probe.tcp_socket.is_none() && probe.exec.is_none());
+            let get = probe.http_get.unwrap();
+            assert_eq!(get.port, IntOrString::String("health".into()));
+            assert_eq!(get.path.as_deref(), Some(path));
+        }
         let args = container.args.unwrap();
         assert!(
             args.windows(2).any(|w| w == ["--tls-dir", TLS_DIR]),
             "{args:?}"
         );
+        assert!(
+            args.windows(2)
+                .any(|w| w == ["--health-listen", "0.0.0.0:8081"]),
+            "{args:?}"
+        );
         assert_eq!(
             port_names(&build_service(&server, plan.as_ref()))[0],
             ("ftps".into(), 2100, None)
+        );
+    }
+
+    fn quantities(map: &Option<BTreeMap<String, Quantity>>) -> Vec<(String, String)> {
+        map.iter()
+            .flatten()
+            .map(|(k, v)| (k.clone(), v.0.clone()))
+            .collect()
+    }
+
+    #[test]
+    fn resources_default_by_storage_and_are_taken_as_written_when_given() {
+        let volume = server(1, "ClusterIP", true);
+        let defaults = container_resources(&volume, false);
+        let pair = |k: &str, v: &str| (k.to_string(), v.to_string());
+        assert_eq!(
+            quantities(&defaults.requests),
+            [pair("cpu", "100m"), pair("memory", "256Mi")]
+        );
+        assert_eq!(quantities(&defaults.limits), [pair("memory", "512Mi")]);
+        let bucket = container_resources(&volume, true);
+        assert_eq!(quantities(&bucket.limits), [pair("memory", "1280Mi")]);
+
+        let mut given = volume.clone();
+        given.spec.resources = Some(
+            serde_json::from_value(serde_json::json!({
+                "requests": {"cpu": "1000m"},
+                "limits": {"memory": "0.5Gi", "ephemeral-storage": "2Gi"},
+            }))
+            .unwrap(),
+        );
+        let resources = container_resources(&given, true);
+        assert_eq!(quantities(&resources.requests), [pair("cpu", "1000m")]);
+        assert_eq!(
+            quantities(&resources.limits),
+            [pair("ephemeral-storage", "2Gi"), pair("memory", "0.5Gi")]
+        );
+    }
+
+    #[test]
+    fn the_pod_waits_longer_than_the_gateway_lets_transfers_run() {
+        let mut server = server(1, "ClusterIP", true);
+        let settings = BuildSettings {
+            image: "sluice",
+            hashes: &PasswordHashes::default(),
+        };
+        let grace_of = |server: &TransferServer| {
+            let args = gateway_container(server, None, None, &settings)
+                .args
+                .unwrap();
+            let at = args.iter().position(|a| a == "--shutdown-grace").unwrap();
+            args[at + 1].clone()
+        };
+        assert_eq!(grace_of(&server), "60");
+        server.spec.shutdown_grace_period_seconds = Some(5);
+        assert_eq!(grace_of(&server), "5");
+        assert_eq!(shutdown_grace_seconds(&server) + 10, 15);
+    }
+
+    #[test]
+    fn only_several_replicas_get_a_disruption_budget_of_one_pod() {
+        assert!(build_disruption_budget(&server(1, "ClusterIP", true)).is_none());
+        let budget = build_disruption_budget(&server(3, "ClusterIP", true)).unwrap();
+        assert_eq!(budget.metadata.name.as_deref(), Some("files-gateway"));
+        let owner = &budget.metadata.owner_references.as_ref().unwrap()[0];
+        assert_eq!(owner.controller, Some(true));
+        let spec = budget.spec.unwrap();
+        assert_eq!(spec.max_unavailable, Some(IntOrString::Int(1)));
+        assert_eq!(spec.min_available, None);
+        assert_eq!(
+            spec.selector.unwrap().match_labels,
+            Some(names::selector_labels("files"))
         );
     }
 

@@ -11,6 +11,7 @@ use k8s_openapi::api::core::v1::{
     Namespace, Node, PersistentVolume, PersistentVolumeClaim, Secret, Service,
 };
 use k8s_openapi::api::networking::v1::NetworkPolicy;
+use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::api::storage::v1::StorageClass;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::api::ListParams;
@@ -55,6 +56,9 @@ pub struct ServerInputs {
     pub legacy_deployment: Option<String>,
     /// The name of the NetworkPolicy this server owns, if any.
     pub network_policy: Option<String>,
+    /// The name of the PodDisruptionBudget this server owns, if any (it is removed when
+    /// no longer wanted).
+    pub owned_disruption_budget: Option<String>,
     /// The gateway-config Secret rendered before, if any: a gateway that falls out of
     /// compliance gets its residency stamp changed in it, not a new configuration.
     pub gateway_config: Option<Secret>,
@@ -162,6 +166,14 @@ pub async fn dereference(
         ),
         None => None,
     };
+    let disruption_budget = Api::<PodDisruptionBudget>::namespaced(client.clone(), &namespace)
+        .get_metadata_opt(&names::disruption_budget(&name))
+        .await
+        .map_err(Error::kube("read PodDisruptionBudget"))?;
+    let owned_disruption_budget = disruption_budget
+        .as_ref()
+        .filter(|b| controlled_by(&b.metadata, &server))
+        .map(|b| b.name_any());
     let gateway_config = secrets
         .get_opt(&names::gateway_config(&name))
         .await
@@ -201,6 +213,7 @@ pub async fn dereference(
         ),
         ("Service", service.as_ref().map(|o| o.metadata.clone())),
         ("NetworkPolicy", network_policy_meta.map(|o| o.metadata)),
+        ("PodDisruptionBudget", disruption_budget.map(|o| o.metadata)),
     ]
     .into_iter()
     .chain(
@@ -225,6 +238,7 @@ pub async fn dereference(
         storage_secret,
         legacy_deployment,
         network_policy,
+        owned_disruption_budget,
         gateway_config,
         volume,
         nodes_in_region,

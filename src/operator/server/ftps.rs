@@ -142,10 +142,11 @@ pub fn plan(server: &TransferServer) -> Result<Option<FtpsPlan>, String> {
 }
 
 /// Container ports of the gateway's own listeners, which passive ports must avoid.
-const LISTENER_PORTS: [i32; 3] = [
+const LISTENER_PORTS: [i32; 4] = [
     crate::operator::server::build::SFTP_CONTAINER_PORT,
     EXPLICIT_CONTAINER_PORT,
     IMPLICIT_CONTAINER_PORT,
+    crate::operator::server::build::HEALTH_CONTAINER_PORT,
 ];
 
 /// Refuses ports that would collide: two control ports on one Service port, a control
@@ -186,9 +187,13 @@ fn check_ports(
     }
     if let Some(port) = LISTENER_PORTS.iter().find(|p| range.contains(p)) {
         return Err(format!(
-            "passivePorts ({}-{last}) must not include {port}: ports {}, {} and {} are the \
-             gateway's own listeners",
-            passive.first, LISTENER_PORTS[0], LISTENER_PORTS[1], LISTENER_PORTS[2]
+            "passivePorts ({}-{last}) must not include {port}: ports {}, {}, {} and {} are \
+             the gateway's own listeners",
+            passive.first,
+            LISTENER_PORTS[0],
+            LISTENER_PORTS[1],
+            LISTENER_PORTS[2],
+            LISTENER_PORTS[3]
         ));
     }
     Ok(())

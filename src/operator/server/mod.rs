@@ -19,10 +19,11 @@ pub mod validate;
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures::{Stream, StreamExt};
+use futures::StreamExt;
 use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::core::v1::{Namespace, PersistentVolumeClaim, Secret, Service};
 use k8s_openapi::api::networking::v1::NetworkPolicy;
+use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::api::storage::v1::StorageClass;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 use k8s_openapi::jiff::Timestamp;
@@ -36,51 +37,70 @@ use self::object_store::StorageState;
 use self::status::Outcome;
 use self::validate::Blocked;
 use super::reconciler::{
-    RESYNC, apply_status, error_policy, every_object_in, log_outcomes, object_key,
+    RESYNC, Running, WatchBackoff, apply_status, error_policy, every_object_in, instrumented,
+    log_outcomes, object_key,
 };
-use super::{Context, Error};
+use super::{Context, Error, scoped_api};
 use crate::api::{ConditionType, DataResidencyPolicy, Reason, TransferServer, TransferUser};
 
-/// The controller's stream of reconcile results; drive it to run the controller.
+/// The controller for the servers in `namespace` (every namespace for `None`), with the
+/// objects they own and use there.
 pub fn controller(
     context: Arc<Context>,
+    namespace: Option<&str>,
     shutdown: impl std::future::Future<Output = ()> + Clone + Send + Sync + 'static,
-) -> impl Stream<Item = ()> {
+) -> Running {
     let client = context.client.clone();
     // A cache of all users, to map a changed Secret to the servers whose users use it.
     let (users, users_writer) = reflector::store::<TransferUser>();
     let user_cache = reflector(
         users_writer,
         watcher(
-            Api::<TransferUser>::all(client.clone()),
+            scoped_api::<TransferUser>(&client, namespace),
             watcher::Config::default(),
         )
-        .default_backoff(),
+        .backoff(WatchBackoff::default()),
     )
     .take_until(shutdown.clone())
-    .filter_map(|event| async move {
-        if let Err(error) = event {
-            tracing::debug!(error = %error, "User cache watch failed; retrying");
+    .filter_map({
+        let metrics = context.metrics.clone();
+        move |event| {
+            if let Err(error) = &event {
+                metrics.watch_failed("server", super::reconciler::watch_expired(error));
+                tracing::debug!(error = %error, "User cache watch failed; retrying");
+            }
+            async { None::<()> }
         }
-        None::<()>
     });
     let controller = Controller::new(
-        Api::<TransferServer>::all(client.clone()),
+        scoped_api::<TransferServer>(&client, namespace),
         watcher::Config::default(),
     );
     let servers = controller.store();
     let owned = watcher::Config::default().labels("app.kubernetes.io/managed-by=sluice");
+    // Only the watched namespaces' own Namespace objects (their labels select policies).
+    let namespaces = match namespace {
+        Some(namespace) => watcher::Config::default().fields(&format!("metadata.name={namespace}")),
+        None => watcher::Config::default(),
+    };
     let results = controller
-        .owns(Api::<StatefulSet>::all(client.clone()), owned.clone())
-        .owns(Api::<Service>::all(client.clone()), owned.clone())
-        .owns(Api::<Secret>::all(client.clone()), owned.clone())
+        .owns(scoped_api::<StatefulSet>(&client, namespace), owned.clone())
+        .owns(scoped_api::<Service>(&client, namespace), owned.clone())
+        .owns(scoped_api::<Secret>(&client, namespace), owned.clone())
         .owns(
-            Api::<PersistentVolumeClaim>::all(client.clone()),
+            scoped_api::<PodDisruptionBudget>(&client, namespace),
             owned.clone(),
         )
-        .owns(Api::<NetworkPolicy>::all(client.clone()), owned)
+        .owns(
+            scoped_api::<NetworkPolicy>(&client, namespace),
+            owned.clone(),
+        )
+        .owns(
+            scoped_api::<PersistentVolumeClaim>(&client, namespace),
+            owned,
+        )
         .watches(
-            Api::<TransferUser>::all(client.clone()),
+            scoped_api::<TransferUser>(&client, namespace),
             watcher::Config::default(),
             |user| {
                 let namespace = user.namespace().unwrap_or_default();
@@ -88,7 +108,7 @@ pub fn controller(
             },
         )
         .watches(
-            Api::<Secret>::all(client.clone()),
+            scoped_api::<Secret>(&client, namespace),
             watcher::Config::default(),
             {
                 let servers = servers.clone();
@@ -97,7 +117,7 @@ pub fn controller(
         )
         .watches(
             Api::<Namespace>::all(client.clone()),
-            watcher::Config::default(),
+            namespaces,
             servers_in_namespace_of(servers.clone(), |namespace: Namespace| {
                 Some(namespace.name_any())
             }),
@@ -110,11 +130,17 @@ pub fn controller(
         .watches(
             Api::<DataResidencyPolicy>::all(client),
             watcher::Config::default(),
-            every_object_in(servers),
+            every_object_in(servers.clone()),
         )
+        .trigger_backoff(WatchBackoff::default())
         .graceful_shutdown_on(shutdown)
-        .run(reconcile, error_policy, context);
-    futures::stream::select(log_outcomes(results), user_cache)
+        .run(
+            instrumented("server", reconcile),
+            error_policy,
+            context.clone(),
+        );
+    let results = futures::stream::select(log_outcomes(&context, "server", results), user_cache);
+    Running::new(&context, "TransferServer", servers, results)
 }
 
 /// The servers whose FTPS certificate or object-store credentials are `secret`, or with
@@ -237,6 +263,7 @@ async fn reconcile(server: Arc<TransferServer>, context: Arc<Context>) -> Result
         pod_services: &valid.owned_pod_services,
         deployment: valid.legacy_deployment.as_deref(),
         network_policy: valid.owned_network_policy.as_deref(),
+        disruption_budget: valid.owned_disruption_budget.as_deref(),
     };
     let statefulset = match apply::apply(client, &namespace, objects, leftovers).await {
         Ok(statefulset) => statefulset,

@@ -20,6 +20,11 @@ pub fn pod(server: &str, ordinal: usize) -> String {
 /// The label the StatefulSet controller puts on each pod, naming it.
 pub const POD_NAME_LABEL: &str = "statefulset.kubernetes.io/pod-name";
 
+/// The PodDisruptionBudget of the gateway pods.
+pub fn disruption_budget(server: &str) -> String {
+    format!("{server}-gateway")
+}
+
 /// The Service; named like the server so its DNS name is the server's name.
 pub fn service(server: &str) -> String {
     server.to_string()

@@ -46,6 +46,8 @@ pub struct ValidServer {
     pub tls_secret: Option<Option<Secret>>,
     /// A gateway Deployment of an earlier version this server owns, to be removed.
     pub legacy_deployment: Option<String>,
+    /// The PodDisruptionBudget this server owns, to be removed when not wanted.
+    pub owned_disruption_budget: Option<String>,
     /// How the object store is reached, when files live in one.
     pub object_store: Option<ObjectStorePlan>,
     /// The object store's credentials Secret (`Some(None)`: it does not exist).
@@ -162,6 +164,7 @@ pub fn validate(inputs: ServerInputs, now: Timestamp) -> Result<ValidServer, Box
         storage_secret,
         legacy_deployment,
         network_policy,
+        owned_disruption_budget,
         gateway_config,
         volume,
         nodes_in_region,
@@ -265,6 +268,7 @@ pub fn validate(inputs: ServerInputs, now: Timestamp) -> Result<ValidServer, Box
         owned_pod_services,
         tls_secret,
         legacy_deployment,
+        owned_disruption_budget,
         object_store,
         storage_secret,
         schedulable,
