@@ -355,7 +355,7 @@ fn the_text_report_names_policy_rule_message_and_fix_for_each_violation() {
          document 3)\n  \
          region:         cn-north-1\n  \
          governed by:    mainland-china\n  \
-         verdict:        NOT COMPLIANT: not rolled out\n  \
+         verdict:        INVALID: not rolled out (see the problems below)\n  \
          condition:      none: the operator stalls the server (InvalidSpec) before judging \
          residency\n"
             .to_string(),

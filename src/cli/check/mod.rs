@@ -150,6 +150,15 @@ fn evaluate(manifests: Manifests, now: Timestamp) -> Report {
     let policies: Vec<DataResidencyPolicy> = policies.into_iter().map(|p| p.object).collect();
 
     servers.sort_by_key(|s| (s.object.namespace(), s.object.name_any()));
+    if servers.is_empty() {
+        // A pipeline pointed at the wrong directory should not pass silently.
+        problems.push(Problem {
+            severity: Severity::Warning,
+            source: None,
+            object: None,
+            message: "no TransferServer in the manifests: nothing was checked".into(),
+        });
+    }
     let mut reports = Vec::new();
     for Located {
         object: server,

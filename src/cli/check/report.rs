@@ -40,6 +40,7 @@ pub struct ServerReport {
     /// The region the object store resolves to; `null` on a volume or when it cannot be
     /// resolved.
     storage_region: Option<String>,
+    /// Whether the server complies with every governing policy and its spec is valid.
     compliant: bool,
     /// Whether any governing policy is enforced.
     enforced: bool,
@@ -145,9 +146,11 @@ impl ServerReport {
             item: source.item,
             region: server.spec.region.clone(),
             storage_region,
-            compliant: verdict.compliant(),
+            // A spec the operator stalls as invalid is not rolled out, whatever its
+            // residency would be.
+            compliant: judged && verdict.compliant(),
             enforced: verdict.enforced,
-            blocks_rollout: verdict.blocks_rollout(),
+            blocks_rollout: !judged || verdict.blocks_rollout(),
             condition: judged.then(|| ConditionReport {
                 status: if compliant { "True" } else { "False" },
                 reason: reason.as_str(),
@@ -310,10 +313,15 @@ impl ServerReport {
             false => self.governing.join(", "),
         };
         out.push_str(&format!("  governed by:    {governing}\n"));
-        let verdict = match (self.compliant, self.blocks_rollout) {
-            (true, _) => "compliant",
-            (false, true) => "NOT COMPLIANT: not rolled out",
-            (false, false) => "NOT COMPLIANT: rolled out and reported (Audit only)",
+        let verdict = match (
+            self.condition.is_some(),
+            self.compliant,
+            self.blocks_rollout,
+        ) {
+            (false, _, _) => "INVALID: not rolled out (see the problems below)",
+            (true, true, _) => "compliant",
+            (true, false, true) => "NOT COMPLIANT: not rolled out",
+            (true, false, false) => "NOT COMPLIANT: rolled out and reported (Audit only)",
         };
         out.push_str(&format!("  verdict:        {verdict}\n"));
         let condition = match &self.condition {

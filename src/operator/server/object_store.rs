@@ -26,7 +26,9 @@ use std::time::{Duration, Instant};
 use k8s_openapi::api::core::v1::Secret;
 use sha2::{Digest, Sha256};
 
-use crate::api::{ObjectStorage, Reason, TransferServer};
+use crate::api::{
+    AddressingStyle, ObjectStorage, ObjectStoreProvider as Provider, Reason, TransferServer,
+};
 use crate::residency::region::{ResolvedRegion, resolve_region};
 use crate::storage::object::{
     Credentials, ObjectStoreConfig, build_operator, default_endpoint, required_keys,
@@ -86,6 +88,17 @@ fn plan_store(store: &ObjectStorage) -> Result<ObjectStorePlan, String> {
             )
         })?,
     };
+    if let Some(endpoint) = &store.endpoint
+        && virtual_hosted(store)
+        && crate::residency::region::endpoint_host(endpoint)
+            .is_ok_and(|host| host.parse::<std::net::IpAddr>().is_ok())
+    {
+        return Err(format!(
+            "storage.objectStore.endpoint: {endpoint} names an IP address, and virtual-hosted \
+             addressing puts the bucket in the host name; set addressingStyle: Path, or use \
+             the store's DNS name"
+        ));
+    }
     if let Some(problem) = store.prefix.as_deref().and_then(prefix_problem) {
         return Err(format!("storage.objectStore.prefix: {problem}"));
     }
@@ -116,6 +129,18 @@ fn plan_store(store: &ObjectStorage) -> Result<ObjectStorePlan, String> {
             .clone()
             .filter(|_| workload_identity),
     })
+}
+
+/// Whether requests name the bucket in the host: S3 and S3-compatible stores unless
+/// `addressingStyle: Path`, and always OSS, COS and OBS.
+fn virtual_hosted(store: &ObjectStorage) -> bool {
+    match store.provider {
+        Provider::S3 | Provider::S3Compatible => {
+            store.addressing_style.unwrap_or_default() == AddressingStyle::VirtualHosted
+        }
+        Provider::Oss | Provider::Cos | Provider::Obs => true,
+        Provider::AzureBlob | Provider::Gcs => false,
+    }
 }
 
 /// Why a prefix cannot be a server's storage root: a segment that is, or could become, a
@@ -459,7 +484,8 @@ mod tests {
     fn missing_credentials_are_named_without_values() {
         let plan = plan(&server(
             "    provider: S3Compatible\n    bucket: backups\n    region: cn-shanghai\n    \
-             endpoint: http://127.0.0.1:9\n    credentials: {secretRef: {name: s3}}\n",
+             endpoint: http://127.0.0.1:9\n    addressingStyle: Path\n    \
+             credentials: {secretRef: {name: s3}}\n",
         ))
         .unwrap()
         .unwrap();
@@ -547,7 +573,8 @@ mod tests {
         ] {
             let store = format!(
                 "    provider: S3Compatible\n    bucket: backups\n    region: cn-shanghai\n    \
-                 endpoint: \"{endpoint}\"\n    credentials: {{secretRef: {{name: s3}}}}\n"
+                 endpoint: \"{endpoint}\"\n    addressingStyle: Path\n    \
+                 credentials: {{secretRef: {{name: s3}}}}\n"
             );
             let error = plan(&server(&store)).unwrap_err();
             assert!(error.contains("link-local"), "{endpoint}: {error}");
@@ -555,9 +582,49 @@ mod tests {
         for endpoint in ["http://127.0.0.1:8333", "https://minio.storage.svc:9000"] {
             let store = format!(
                 "    provider: S3Compatible\n    bucket: backups\n    region: cn-shanghai\n    \
-                 endpoint: \"{endpoint}\"\n    credentials: {{secretRef: {{name: s3}}}}\n"
+                 endpoint: \"{endpoint}\"\n    addressingStyle: Path\n    \
+                 credentials: {{secretRef: {{name: s3}}}}\n"
             );
             assert!(plan(&server(&store)).is_ok(), "{endpoint}");
+        }
+    }
+
+    #[test]
+    fn virtual_hosted_addressing_needs_a_dns_name() {
+        let store = "    provider: S3Compatible\n    bucket: backups\n    region: cn-shanghai\n    \
+                     endpoint: \"http://127.0.0.1:8333\"\n    \
+                     credentials: {secretRef: {name: s3}}\n";
+        let error = plan(&server(store)).unwrap_err();
+        assert!(error.contains("set addressingStyle: Path"), "{error}");
+        let path = format!("{store}    addressingStyle: Path\n");
+        assert!(plan(&server(&path)).is_ok());
+    }
+
+    #[tokio::test]
+    async fn a_closed_port_is_unreachable() {
+        let closed = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap();
+        {
+            let store = format!(
+                "    provider: S3Compatible\n    bucket: backups\n    region: cn-shanghai\n    \
+                 endpoint: \"http://{closed}\"\n    addressingStyle: Path\n    \
+                 credentials: {{secretRef: {{name: s3}}}}\n"
+            );
+            let plan = plan(&server(&store)).unwrap().unwrap();
+            let credentials = Credentials::from_pairs([
+                ("accessKeyId", b"AKID".as_slice()),
+                ("secretAccessKey", b"secret".as_slice()),
+            ]);
+            let state = probe(&plan, &credentials, "uid").await;
+            assert!(
+                matches!(
+                    state,
+                    StorageState::Unavailable(Reason::StorageUnreachable, _)
+                ),
+                "{state:?}"
+            );
         }
     }
 }
