@@ -776,7 +776,7 @@ mod tests {
             "server": "ns/s",
             "region": "cn-shanghai",
             "residency": {"compliant": true, "enforced": true, "crossBorderTransfers": [{
-                "policy": "p", "reference": "CAC-1", "region": "cn-shanghai",
+                "policy": "p", "enforced": true, "reference": "CAC-1", "region": "cn-shanghai",
                 "expires": i64::MAX, "maxBytes": 10,
             }]},
             "users": [],

@@ -1989,7 +1989,10 @@ mod tests {
         let stamp = |compliant: bool| -> crate::gateway::config::GatewayConfig {
             serde_json::from_value(serde_json::json!({
                 "server": "ns/s", "region": "cn-shanghai", "users": [],
-                "residency": {"compliant": compliant, "enforced": true, "violation": "rule R"},
+                "residency": {
+                    "compliant": compliant, "enforced": true, "suspended": !compliant,
+                    "violation": "rule R",
+                },
             }))
             .unwrap()
         };
