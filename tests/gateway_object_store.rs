@@ -16,7 +16,8 @@ use support::ftp::{FtpClients, run, succeed};
 use support::gateway::{
     ALL, TestGateway, blocking, capture_logs, ftps_settings, paramiko, password_user,
 };
-use support::s3::{SeaweedFs, all_keys};
+use support::names;
+use support::s3::{SeaweedFs, all_keys, audit_keys};
 use support::sftp::{Auth, SftpClient, random_file, sha256_file};
 
 const USER: &str = "cucm";
@@ -1210,4 +1211,42 @@ async fn a_file_replaced_during_a_download_fails_instead_of_mixing_versions() ->
     ensure!(again.read_at(2 * 1024 * 1024, 1024).await? == new[..1024]);
 
     Ok(())
+}
+
+/// On SeaweedFS a `\\` in a key is stored as `/`: a user whose home is the bucket root
+/// would reach the audit log (`\\.sluice-audit\\...`) and the upload directory, and any
+/// user could make directories without `mkdir` (`a\\b`). Such names, and the others some
+/// store rewrites, are refused over SFTP and FTPS, and nothing is stored.
+#[tokio::test]
+async fn names_the_store_would_rewrite_are_refused_over_sftp_and_ftps_and_nothing_is_stored()
+-> Result<()> {
+    let weed = SeaweedFs::shared()?;
+    let name = weed.bucket("unfaithful")?;
+    let bucket = weed.bucket_operator(&name)?;
+    let mut root = user();
+    root.home = "/".into();
+    let gateway = start_gateway(
+        vec![root],
+        Some(ftps_settings()),
+        weed.config(&name, PREFIX),
+        &weed.credentials(),
+    )
+    .await?;
+
+    names::refused_over_sftp(&gateway, USER, PASSWORD).await?;
+    names::refused_over_ftps(&gateway, USER, PASSWORD).await?;
+
+    let keys = all_keys(&bucket).await?;
+    ensure!(
+        keys == [format!("{PREFIX}{}", names::SEED)],
+        "stored besides the seed: {keys:?}"
+    );
+    let forged = audit_keys(&bucket).await?;
+    ensure!(
+        forged
+            .iter()
+            .all(|k| k.ends_with(".jsonl") && !k.contains("forged")),
+        "{forged:?}"
+    );
+    gateway.stop().await
 }

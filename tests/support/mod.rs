@@ -6,5 +6,6 @@ pub mod ftp;
 pub mod gateway;
 pub mod helm;
 pub mod kubelet;
+pub mod names;
 pub mod s3;
 pub mod sftp;
