@@ -1019,3 +1019,86 @@ async fn with_stdout_on_records_are_json_lines_on_stdout_and_flushed_on_sigterm(
     ensure!(stored == printed, "stdout:\n{printed}\nvolume:\n{stored}");
     Ok(())
 }
+
+/// A failed SFTP login with a 200,000-byte user name, a failed FTPS login with a user
+/// name as long as a command line allows, and a refused mkdir of a 5,000-byte path.
+const HUGE_STRINGS: &str = r#"
+import ftplib, ssl
+t = paramiko.Transport((os.environ["SLUICE_HOST"], int(os.environ["SLUICE_PORT"])))
+t.start_client()
+sftp_login = attempt(lambda: t.auth_password("u" * 200000, "wrong"))
+t.close()
+t2, reader = connect(user="reader", password=os.environ["READER_PASSWORD"])
+mkdir = attempt(lambda: reader.mkdir("/" + "d" * 5000))
+t2.close()
+f = ftplib.FTP_TLS(context=ssl.create_default_context(cafile=os.environ["CA"]), timeout=20)
+f.connect("127.0.0.1", int(os.environ["FTPS_PORT"]))
+f.auth()
+ftps_login = attempt(lambda: f.login("v" * 7000, "wrong"))
+print(json.dumps({"sftp": sftp_login, "mkdir": mkdir, "ftps": ftps_login}))
+"#;
+
+/// Whatever a client sends, its record stays small: the user name of a failed login and
+/// the path of a refused operation are cut with a visible marker (the original length
+/// and the start of its SHA-256), `truncated` names what was cut, and a name longer than
+/// any login is refused as such without a password check.
+#[tokio::test]
+async fn strings_a_client_chooses_are_cut_in_records_with_a_visible_marker() -> Result<()> {
+    let fixture = Fixture::volume().await?;
+    let gateway = &fixture.gateway;
+    let mut command = paramiko_command(gateway.addr, USER, PASSWORD, HUGE_STRINGS);
+    command
+        .env("READER_PASSWORD", READER_PASSWORD)
+        .env("CA", gateway.ca_file())
+        .env("FTPS_PORT", gateway.ftps_addr()?.port().to_string());
+    let result = run_json(command).await?;
+    for attempt in ["sftp", "mkdir", "ftps"] {
+        ensure!(result[attempt].get("error").is_some(), "{result}");
+    }
+
+    let cut = |r: &AuditRecord| !r.truncated.is_empty();
+    let records = fixture.records_when(3, cut).await?;
+    let marker = |original: usize| format!("…[truncated from {original} bytes, sha256:");
+    let logins: Vec<&AuditRecord> = records
+        .iter()
+        .filter(|r| r.operation == Operation::Login && cut(r))
+        .collect();
+    ensure!(logins.len() == 2, "{records:#?}");
+    for (login, (protocol, length)) in logins
+        .iter()
+        .zip([(AuditProtocol::Sftp, 200_000), (AuditProtocol::Ftps, 7000)])
+    {
+        ensure!(login.protocol == protocol, "{login:?}");
+        ensure!(login.decision == Decision::Denied, "{login:?}");
+        ensure!(
+            login.error.as_deref() == Some("user name too long"),
+            "{login:?}"
+        );
+        ensure!(login.truncated == ["user"], "{login:?}");
+        ensure!(
+            login.user.len() <= 256 && login.user.contains(&marker(length)),
+            "{login:?}"
+        );
+    }
+    let mkdir = records
+        .iter()
+        .find(|r| r.operation == Operation::Mkdir)
+        .context("no mkdir record")?;
+    ensure!(
+        mkdir.user == READER && mkdir.decision == Decision::Denied,
+        "{mkdir:?}"
+    );
+    let path = mkdir.path.as_deref().unwrap_or_default();
+    ensure!(
+        path.starts_with("/ddd") && path.contains(&marker(5001)) && path.len() <= 1024,
+        "{mkdir:?}"
+    );
+    ensure!(mkdir.truncated == ["path"], "{mkdir:?}");
+
+    for file in volume_logs(&gateway.data())? {
+        for line in std::fs::read_to_string(file)?.lines() {
+            ensure!(line.len() < 4096, "a record of {} bytes", line.len());
+        }
+    }
+    fixture.gateway.stop().await
+}

@@ -58,7 +58,9 @@ use tokio::time::Instant;
 use tracing::{Instrument, Span, field};
 
 use crate::api::Permission;
-use crate::gateway::audit::{AuditLog, AuditProtocol, Entry as AuditEntry, Operation, SessionLog};
+use crate::gateway::audit::{
+    AuditLog, AuditProtocol, Entry as AuditEntry, MAX_USER_BYTES, Operation, SessionLog, clipped,
+};
 use crate::gateway::auth::{LiveLogins, Login, Logins};
 use crate::gateway::sessions::{
     self, ConnectionLimiter, ConnectionSlot, DISCONNECT_WAIT, Protocol, admission_ends,
@@ -481,7 +483,8 @@ impl russh::server::Handler for SshSession {
             Ok(login) => Ok(self.log_in(login, "password").await),
             Err(refusal) => {
                 let reason = refusal.reason();
-                tracing::warn!(parent: &self.span, user, reason, "Login failed");
+                let shown = clipped(user, MAX_USER_BYTES);
+                tracing::warn!(parent: &self.span, user = %shown, reason, "Login failed");
                 self.log.login(user, Some(reason)).await;
                 Ok(self.reject())
             }
@@ -505,7 +508,8 @@ impl russh::server::Handler for SshSession {
             .refused_keys
             .get_or_insert_with(|| (user.to_owned(), 0));
         refused.1 += 1;
-        tracing::debug!(parent: &self.span, user, "Public key not authorised");
+        let shown = clipped(user, MAX_USER_BYTES);
+        tracing::debug!(parent: &self.span, user = %shown, "Public key not authorised");
         Ok(self.reject())
     }
 
@@ -522,7 +526,8 @@ impl russh::server::Handler for SshSession {
             Some(login) => Ok(self.log_in(login, "publickey").await),
             None => {
                 let reason = "key not authorised";
-                tracing::warn!(parent: &self.span, user, reason, "Login failed");
+                let shown = clipped(user, MAX_USER_BYTES);
+                tracing::warn!(parent: &self.span, user = %shown, reason, "Login failed");
                 self.log.login(user, Some(reason)).await;
                 Ok(self.reject())
             }
@@ -658,7 +663,7 @@ impl Drop for SshSession {
             let reason = "no authorised key offered";
             tracing::warn!(
                 parent: &self.span,
-                user,
+                user = %clipped(&user, MAX_USER_BYTES),
                 method = "publickey",
                 keys,
                 reason,
