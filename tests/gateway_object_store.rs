@@ -192,7 +192,8 @@ async fn script(fixture: &Fixture, script: &str) -> Result<serde_json::Value> {
     paramiko(fixture.gateway.addr, USER, PASSWORD, script).await
 }
 
-/// C06: clients that set times and modes after an upload see the upload succeed.
+/// C06: clients that set times and modes after an upload see the upload succeed; a
+/// size change (truncate) is refused rather than acknowledged and ignored.
 #[tokio::test]
 async fn setting_times_and_modes_after_an_upload_never_fails_it() -> Result<()> {
     let logs = capture_logs();
@@ -224,6 +225,9 @@ t, sftp = connect()
 sftp.put({local:?}, "paramiko.csv")
 r = {{"utime": attempt(lambda: sftp.utime("paramiko.csv", (1000000000, 1000000000))),
      "chmod": attempt(lambda: sftp.chmod("paramiko.csv", 0o600)),
+     "same size": attempt(lambda: sftp.truncate("paramiko.csv", 70000)),
+     "truncate": attempt(lambda: sftp.truncate("paramiko.csv", 10)),
+     "ftruncate": attempt(lambda: sftp.open("paramiko.csv", "r").truncate(0)),
      "size": sftp.stat("paramiko.csv").st_size}}
 print(json.dumps(r))
 "#,
@@ -233,6 +237,12 @@ print(json.dumps(r))
     .await?;
     ensure!(result["utime"].get("ok").is_some(), "{result}");
     ensure!(result["chmod"].get("ok").is_some(), "{result}");
+    ensure!(result["same size"].get("ok").is_some(), "{result}");
+    // A size change is refused, never acknowledged with the object unchanged.
+    for refused in ["truncate", "ftruncate"] {
+        let message = result[refused]["message"].as_str().unwrap_or_default();
+        ensure!(message.contains("size is not supported"), "{result}");
+    }
     ensure!(result["size"] == 70_000, "{result}");
     for name in ["scp.csv", "put-p.csv", "paramiko.csv"] {
         let stored = fixture.object(name).await?;

@@ -739,6 +739,61 @@ async fn names_a_store_would_rewrite_are_refused_on_the_volume_over_sftp_and_ftp
     gateway.stop().await
 }
 
+/// SETSTAT and FSETSTAT of times and modes are accepted and store nothing; a size other
+/// than the file's own is refused with OP_UNSUPPORTED and the file keeps every byte, as
+/// does a write handle's upload; the size a file already has is accepted.
+#[tokio::test]
+async fn a_size_change_through_setstat_is_refused_and_the_file_keeps_every_byte() -> Result<()> {
+    let gateway = TestGateway::start(vec![password_user("cucm", PASSWORD, ALL)]).await?;
+    let result = paramiko(
+        gateway.addr,
+        "cucm",
+        PASSWORD,
+        r#"
+import io
+from paramiko.sftp import CMD_FSETSTAT
+from paramiko.sftp_attr import SFTPAttributes
+t, sftp = connect()
+sftp.putfo(io.BytesIO(b"secret data"), "/f.txt")
+def fsetstat_size(handle, size):
+    attr = SFTPAttributes()
+    attr.st_size = size
+    sftp._request(CMD_FSETSTAT, handle, attr)
+def write_then_truncate():
+    with sftp.open("/g.txt", "wb") as f:
+        f.write(b"12345")
+        f.flush()
+        fsetstat_size(f.handle, 5)
+        fsetstat_size(f.handle, 2)
+r = {
+    "truncate": attempt(lambda: sftp.truncate("/f.txt", 0)),
+    "grow": attempt(lambda: sftp.truncate("/f.txt", 100)),
+    "same size": attempt(lambda: sftp.truncate("/f.txt", 11)),
+    "ftruncate": attempt(lambda: sftp.open("/f.txt", "r").truncate(3)),
+    "utime": attempt(lambda: sftp.utime("/f.txt", (1000000000, 1000000000))),
+    "chmod": attempt(lambda: sftp.chmod("/f.txt", 0o600)),
+    "write handle": attempt(write_then_truncate),
+}
+r["content"] = sftp.open("/f.txt").read().decode()
+print(json.dumps(r))
+"#,
+    )
+    .await?;
+    for refused in ["truncate", "grow", "ftruncate", "write handle"] {
+        let message = result[refused]["message"].as_str().unwrap_or_default();
+        ensure!(
+            message.contains("changing a file's size is not supported"),
+            "{refused}: {result}"
+        );
+    }
+    for accepted in ["same size", "utime", "chmod"] {
+        ensure!(result[accepted].get("ok").is_some(), "{accepted}: {result}");
+    }
+    ensure!(result["content"] == "secret data", "{result}");
+    ensure!(std::fs::read(gateway.data().join("cucm/f.txt"))? == b"secret data");
+    gateway.stop().await
+}
+
 /// Closes an SFTP file and reports what the server answered; paramiko's own `close`
 /// swallows errors.
 const STRICT_CLOSE: &str = r#"

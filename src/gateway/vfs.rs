@@ -58,7 +58,7 @@
 //!   splicing two versions; the same holds for the kept start a resumed upload copies. On
 //!   the volume a restart reads whatever file is under the name by then.
 //! - Attributes a client sets (SETSTAT: modes, owners, times) are not stored; front ends
-//!   accept and ignore them.
+//!   accept and ignore them, except a change of size, which the SFTP front end refuses.
 //! - A resumed upload ([`Vfs::resume`]: FTP `REST` + `STOR`, `APPE`) is an upload like any
 //!   other: the kept start of the existing file is copied into the temporary file first,
 //!   the client's bytes follow, and the whole replaces the file on close. Readers see the
