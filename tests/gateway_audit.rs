@@ -1102,3 +1102,114 @@ async fn strings_a_client_chooses_are_cut_in_records_with_a_visible_marker() -> 
     }
     fixture.gateway.stop().await
 }
+
+/// Tries an upload, a mkdir and a download as the full user in a new session; the login
+/// itself must succeed.
+const WRITE_AND_READ: &str = r#"
+import io
+t, sftp = connect()
+r = {
+    "upload": attempt(lambda: sftp.putfo(io.BytesIO(b"new"), "new.txt", confirm=False) and None),
+    "mkdir": attempt(lambda: sftp.mkdir("dir")),
+    "download": attempt(lambda: sftp.open("kept.txt").read().decode()),
+}
+print(json.dumps(r))
+"#;
+
+/// Writes `content` as the configuration the way the kubelet swaps a mounted Secret.
+fn write_raw_config(gateway: &TestGateway, content: &[u8]) -> Result<()> {
+    let staged = gateway.config_path().with_extension("raw");
+    std::fs::write(&staged, content)?;
+    std::fs::rename(&staged, gateway.config_path())?;
+    Ok(())
+}
+
+/// A configuration the gateway cannot parse may be the one that suspends writes: an
+/// operator newer than the gateway stamps `suspended` next to a field this gateway's
+/// `deny_unknown_fields` refuses. While the latest file cannot be parsed or read, writes
+/// are refused with a reason saying so, logins and reads go on under the last valid
+/// configuration, and a valid file ends it.
+#[tokio::test]
+async fn writes_are_refused_while_the_latest_configuration_cannot_be_used() -> Result<()> {
+    let logs = capture_logs();
+    let fixture = Fixture::volume().await?;
+    let gateway = &fixture.gateway;
+    paramiko(
+        gateway.addr,
+        USER,
+        PASSWORD,
+        "import io\nt, sftp = connect()\nsftp.putfo(io.BytesIO(b'kept'), 'kept.txt')\n\
+         print(json.dumps({}))",
+    )
+    .await?;
+
+    let mut newer: Value = serde_json::from_slice(&std::fs::read(gateway.config_path())?)?;
+    newer["residency"]["compliant"] = false.into();
+    newer["residency"]["suspended"] = true.into();
+    newer["residency"]["violation"] = VIOLATION.into();
+    newer["residency"]["suspendedSince"] = "2026-12-04T22:22:04Z".into();
+    write_raw_config(gateway, &serde_json::to_vec(&newer)?)?;
+    logged(&logs, "Writes are suspended", 1).await?;
+
+    let invalid = "writes are suspended: the latest gateway configuration is not valid";
+    let check = |result: &Value, reason: &str| -> Result<()> {
+        for write in ["upload", "mkdir"] {
+            ensure!(
+                result[write]["message"] == format!("[Errno 13] {reason}"),
+                "{write}: {result}"
+            );
+        }
+        ensure!(result["download"]["ok"] == "kept", "{result}");
+        Ok(())
+    };
+    let result = paramiko(gateway.addr, USER, PASSWORD, WRITE_AND_READ).await?;
+    check(&result, invalid)?;
+    let source = gateway.scratch("ftp").join("ftp.txt");
+    std::fs::write(&source, "ftp upload")?;
+    let mut upload = fixture.ftp(USER, PASSWORD).curl();
+    upload
+        .arg("-v")
+        .arg("-T")
+        .arg(&source)
+        .arg(fixture.ftp_url("/ftp.txt")?);
+    let output = run(upload).await?;
+    let verbose = String::from_utf8_lossy(&output.stderr);
+    ensure!(verbose.contains(&format!("550 {invalid}")), "{verbose}");
+
+    // The file is gone for a while: refused still, because it cannot be read.
+    std::fs::remove_file(gateway.config_path())?;
+    logged(&logs, "Writes are suspended", 2).await?;
+    let unreadable = "writes are suspended: the gateway configuration cannot be read";
+    let result = paramiko(gateway.addr, USER, PASSWORD, WRITE_AND_READ).await?;
+    check(&result, unreadable)?;
+
+    // A valid file, from an operator of the gateway's own version, ends it.
+    gateway.set_residency(ResidencyStamp {
+        enforced: false,
+        policies: vec![],
+        ..compliant()
+    })?;
+    logged(&logs, "Writes are accepted again", 1).await?;
+    let result = paramiko(gateway.addr, USER, PASSWORD, WRITE_AND_READ).await?;
+    ensure!(result["upload"].get("ok").is_some(), "{result}");
+    ensure!(result["mkdir"].get("ok").is_some(), "{result}");
+    let home = gateway.data().join(USER);
+    ensure!(!home.join("ftp.txt").exists(), "the FTPS upload was stored");
+
+    let refused = |r: &AuditRecord| {
+        r.decision == Decision::Denied
+            && [invalid, unreadable].contains(&r.error.as_deref().unwrap_or_default())
+    };
+    let records = fixture.records_when(5, refused).await?;
+    let operations: Vec<Operation> = records
+        .iter()
+        .filter(|r| refused(r))
+        .map(|r| r.operation)
+        .collect();
+    use Operation::{Mkdir, Upload};
+    ensure!(
+        operations == [Upload, Mkdir, Upload, Upload, Mkdir],
+        "{operations:?}"
+    );
+    fixture.gateway.stop().await
+}

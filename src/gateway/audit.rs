@@ -34,7 +34,9 @@
 //! - The residency stamp follows configuration reloads ([`AuditLog::apply`]) and is read
 //!   at every operation: [`SessionLog::writes_refused`] and, for uploads,
 //!   [`SessionLog::upload_refused`], which adds the volume limits of cross-border
-//!   allowances (counted by [`usage`], over all pods of the server).
+//!   allowances (counted by [`usage`], over all pods of the server). While the latest
+//!   configuration file cannot be read or parsed ([`AuditLog::set_config_problem`]),
+//!   writes are refused whatever the stamp says: fail closed.
 
 pub mod sink;
 mod timestamp;
@@ -263,6 +265,8 @@ pub struct AuditIdentity {
 /// What the writer task and the sessions share.
 struct State {
     stamp: RwLock<Arc<ResidencyStamp>>,
+    /// Why the latest configuration file cannot be used, while it cannot.
+    config_problem: RwLock<Option<String>>,
     stdout: AtomicBool,
     healthy: AtomicBool,
     usage: Mutex<Usage>,
@@ -278,6 +282,17 @@ impl State {
 
     fn usage(&self) -> std::sync::MutexGuard<'_, Usage> {
         self.usage.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn writes_refused(&self) -> Option<String> {
+        let problem = self
+            .config_problem
+            .read()
+            .unwrap_or_else(PoisonError::into_inner);
+        if let Some(problem) = problem.as_deref() {
+            return Some(format!("writes are suspended: {problem}"));
+        }
+        self.stamp().writes_refused(unix_now())
     }
 }
 
@@ -307,6 +322,7 @@ impl AuditLog {
     pub async fn start(storage: &Storage, identity: AuditIdentity, config: &GatewayConfig) -> Self {
         let state = Arc::new(State {
             stamp: RwLock::new(Arc::new(config.residency.clone())),
+            config_problem: RwLock::new(None),
             stdout: AtomicBool::new(config.audit.stdout),
             healthy: AtomicBool::new(true),
             usage: Mutex::new(Usage::new(&identity.pod)),
@@ -354,6 +370,26 @@ impl AuditLog {
             // Full means the writer is busy; it refreshes at its next tick then.
             let _ = self.queue.try_send(Message::Refresh);
         }
+    }
+
+    /// Says that the latest configuration file cannot be used (`Some`, with why) or that
+    /// the one in force is the latest (`None`). While it cannot, writes are refused with
+    /// that reason whatever the stamp in force says: the file the gateway cannot read may
+    /// be the one that suspends writes (an operator newer than the gateway, say), and
+    /// writes must not go on because it did not parse. Reads and logins go on under the
+    /// last valid configuration.
+    pub fn set_config_problem(&self, problem: Option<&str>) {
+        *self
+            .state
+            .config_problem
+            .write()
+            .unwrap_or_else(PoisonError::into_inner) = problem.map(str::to_owned);
+    }
+
+    /// Why writes are refused now, if they are: the latest configuration cannot be used,
+    /// or the stamp in force refuses them ([`ResidencyStamp::writes_refused`]).
+    pub fn writes_refused(&self) -> Option<String> {
+        self.state.writes_refused()
     }
 
     /// The log of a new connection from `peer`, with a fresh session id.
@@ -437,9 +473,9 @@ impl SessionLog {
         }
     }
 
-    /// Why writes are refused now, if they are (see [`ResidencyStamp::writes_refused`]).
+    /// Why writes are refused now, if they are (see [`AuditLog::writes_refused`]).
     pub fn writes_refused(&self) -> Option<String> {
-        self.log.state.stamp().writes_refused(unix_now())
+        self.log.state.writes_refused()
     }
 
     /// Why a new upload is refused now besides [`SessionLog::writes_refused`]: a
