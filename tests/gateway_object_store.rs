@@ -1223,9 +1223,9 @@ async fn a_file_replaced_during_a_download_fails_instead_of_mixing_versions() ->
     Ok(())
 }
 
-/// On SeaweedFS a `\\` in a key is stored as `/`: a user whose home is the bucket root
-/// would reach the audit log (`\\.sluice-audit\\...`) and the upload directory, and any
-/// user could make directories without `mkdir` (`a\\b`). Such names, and the others some
+/// On SeaweedFS a `\` in a key is stored as `/`: a user whose home is the bucket root
+/// would reach the audit log (`\.sluice-audit\...`) and the upload directory, and any
+/// user could make directories without `mkdir` (`a\b`). Such names, and the others some
 /// store rewrites, are refused over SFTP and FTPS, and nothing is stored.
 #[tokio::test]
 async fn names_the_store_would_rewrite_are_refused_over_sftp_and_ftps_and_nothing_is_stored()

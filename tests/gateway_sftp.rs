@@ -708,9 +708,9 @@ print(json.dumps(r))
     gateway.stop().await
 }
 
-/// The names some object store rewrites (`\\` stored as `/`, control characters, ...)
+/// The names some object store rewrites (`\` stored as `/`, control characters, ...)
 /// are refused on the volume too, over SFTP and FTPS, so that a name means the same file
-/// on every backend; nothing is created, not even the directory `a\\b` would imply.
+/// on every backend; nothing is created, not even the directory `a\b` would imply.
 #[tokio::test]
 async fn names_a_store_would_rewrite_are_refused_on_the_volume_over_sftp_and_ftps() -> Result<()> {
     let gateway =
