@@ -110,8 +110,8 @@ pub enum Operation {
 pub enum Decision {
     /// It ran (it may still have failed: see `error`).
     Allowed,
-    /// It was refused: a failed login, a missing permission, suspended writes, a used-up
-    /// volume limit, or the audit log being unavailable.
+    /// It was refused: a failed login, a missing permission, an invalid file name,
+    /// suspended writes, a used-up volume limit, or the audit log being unavailable.
     Denied,
 }
 
