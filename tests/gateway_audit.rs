@@ -1019,3 +1019,197 @@ async fn with_stdout_on_records_are_json_lines_on_stdout_and_flushed_on_sigterm(
     ensure!(stored == printed, "stdout:\n{printed}\nvolume:\n{stored}");
     Ok(())
 }
+
+/// A failed SFTP login with a 200,000-byte user name, a failed FTPS login with a user
+/// name as long as a command line allows, and a refused mkdir of a 5,000-byte path.
+const HUGE_STRINGS: &str = r#"
+import ftplib, ssl
+t = paramiko.Transport((os.environ["SLUICE_HOST"], int(os.environ["SLUICE_PORT"])))
+t.start_client()
+sftp_login = attempt(lambda: t.auth_password("u" * 200000, "wrong"))
+t.close()
+t2, reader = connect(user="reader", password=os.environ["READER_PASSWORD"])
+mkdir = attempt(lambda: reader.mkdir("/" + "d" * 5000))
+t2.close()
+f = ftplib.FTP_TLS(context=ssl.create_default_context(cafile=os.environ["CA"]), timeout=20)
+f.connect("127.0.0.1", int(os.environ["FTPS_PORT"]))
+f.auth()
+ftps_login = attempt(lambda: f.login("v" * 7000, "wrong"))
+print(json.dumps({"sftp": sftp_login, "mkdir": mkdir, "ftps": ftps_login}))
+"#;
+
+/// Whatever a client sends, its record stays small: the user name of a failed login and
+/// the path of a refused operation are cut with a visible marker (the original length
+/// and the start of its SHA-256), `truncated` names what was cut, and a name longer than
+/// any login is refused as such without a password check.
+#[tokio::test]
+async fn strings_a_client_chooses_are_cut_in_records_with_a_visible_marker() -> Result<()> {
+    let fixture = Fixture::volume().await?;
+    let gateway = &fixture.gateway;
+    let mut command = paramiko_command(gateway.addr, USER, PASSWORD, HUGE_STRINGS);
+    command
+        .env("READER_PASSWORD", READER_PASSWORD)
+        .env("CA", gateway.ca_file())
+        .env("FTPS_PORT", gateway.ftps_addr()?.port().to_string());
+    let result = run_json(command).await?;
+    for attempt in ["sftp", "mkdir", "ftps"] {
+        ensure!(result[attempt].get("error").is_some(), "{result}");
+    }
+
+    let cut = |r: &AuditRecord| !r.truncated.is_empty();
+    let records = fixture.records_when(3, cut).await?;
+    let marker = |original: usize| format!("…[truncated from {original} bytes, sha256:");
+    let logins: Vec<&AuditRecord> = records
+        .iter()
+        .filter(|r| r.operation == Operation::Login && cut(r))
+        .collect();
+    ensure!(logins.len() == 2, "{records:#?}");
+    for (login, (protocol, length)) in logins
+        .iter()
+        .zip([(AuditProtocol::Sftp, 200_000), (AuditProtocol::Ftps, 7000)])
+    {
+        ensure!(login.protocol == protocol, "{login:?}");
+        ensure!(login.decision == Decision::Denied, "{login:?}");
+        ensure!(
+            login.error.as_deref() == Some("user name too long"),
+            "{login:?}"
+        );
+        ensure!(login.truncated == ["user"], "{login:?}");
+        ensure!(
+            login.user.len() <= 256 && login.user.contains(&marker(length)),
+            "{login:?}"
+        );
+    }
+    let mkdir = records
+        .iter()
+        .find(|r| r.operation == Operation::Mkdir)
+        .context("no mkdir record")?;
+    ensure!(
+        mkdir.user == READER && mkdir.decision == Decision::Denied,
+        "{mkdir:?}"
+    );
+    let path = mkdir.path.as_deref().unwrap_or_default();
+    ensure!(
+        path.starts_with("/ddd") && path.contains(&marker(5001)) && path.len() <= 1024,
+        "{mkdir:?}"
+    );
+    ensure!(mkdir.truncated == ["path"], "{mkdir:?}");
+
+    for file in volume_logs(&gateway.data())? {
+        for line in std::fs::read_to_string(file)?.lines() {
+            ensure!(line.len() < 4096, "a record of {} bytes", line.len());
+        }
+    }
+    fixture.gateway.stop().await
+}
+
+/// Tries an upload, a mkdir and a download as the full user in a new session; the login
+/// itself must succeed.
+const WRITE_AND_READ: &str = r#"
+import io
+t, sftp = connect()
+r = {
+    "upload": attempt(lambda: sftp.putfo(io.BytesIO(b"new"), "new.txt", confirm=False) and None),
+    "mkdir": attempt(lambda: sftp.mkdir("dir")),
+    "download": attempt(lambda: sftp.open("kept.txt").read().decode()),
+}
+print(json.dumps(r))
+"#;
+
+/// Writes `content` as the configuration the way the kubelet swaps a mounted Secret.
+fn write_raw_config(gateway: &TestGateway, content: &[u8]) -> Result<()> {
+    let staged = gateway.config_path().with_extension("raw");
+    std::fs::write(&staged, content)?;
+    std::fs::rename(&staged, gateway.config_path())?;
+    Ok(())
+}
+
+/// A configuration the gateway cannot parse may be the one that suspends writes: an
+/// operator newer than the gateway stamps `suspended` next to a field this gateway's
+/// `deny_unknown_fields` refuses. While the latest file cannot be parsed or read, writes
+/// are refused with a reason saying so, logins and reads go on under the last valid
+/// configuration, and a valid file ends it.
+#[tokio::test]
+async fn writes_are_refused_while_the_latest_configuration_cannot_be_used() -> Result<()> {
+    let logs = capture_logs();
+    let fixture = Fixture::volume().await?;
+    let gateway = &fixture.gateway;
+    paramiko(
+        gateway.addr,
+        USER,
+        PASSWORD,
+        "import io\nt, sftp = connect()\nsftp.putfo(io.BytesIO(b'kept'), 'kept.txt')\n\
+         print(json.dumps({}))",
+    )
+    .await?;
+
+    let mut newer: Value = serde_json::from_slice(&std::fs::read(gateway.config_path())?)?;
+    newer["residency"]["compliant"] = false.into();
+    newer["residency"]["suspended"] = true.into();
+    newer["residency"]["violation"] = VIOLATION.into();
+    newer["residency"]["suspendedSince"] = "2026-12-04T22:22:04Z".into();
+    write_raw_config(gateway, &serde_json::to_vec(&newer)?)?;
+    logged(&logs, "Writes are suspended", 1).await?;
+
+    let invalid = "writes are suspended: the latest gateway configuration is not valid";
+    let check = |result: &Value, reason: &str| -> Result<()> {
+        for write in ["upload", "mkdir"] {
+            ensure!(
+                result[write]["message"] == format!("[Errno 13] {reason}"),
+                "{write}: {result}"
+            );
+        }
+        ensure!(result["download"]["ok"] == "kept", "{result}");
+        Ok(())
+    };
+    let result = paramiko(gateway.addr, USER, PASSWORD, WRITE_AND_READ).await?;
+    check(&result, invalid)?;
+    let source = gateway.scratch("ftp").join("ftp.txt");
+    std::fs::write(&source, "ftp upload")?;
+    let mut upload = fixture.ftp(USER, PASSWORD).curl();
+    upload
+        .arg("-v")
+        .arg("-T")
+        .arg(&source)
+        .arg(fixture.ftp_url("/ftp.txt")?);
+    let output = run(upload).await?;
+    let verbose = String::from_utf8_lossy(&output.stderr);
+    ensure!(verbose.contains(&format!("550 {invalid}")), "{verbose}");
+
+    // The file is gone for a while: refused still, because it cannot be read.
+    std::fs::remove_file(gateway.config_path())?;
+    logged(&logs, "Writes are suspended", 2).await?;
+    let unreadable = "writes are suspended: the gateway configuration cannot be read";
+    let result = paramiko(gateway.addr, USER, PASSWORD, WRITE_AND_READ).await?;
+    check(&result, unreadable)?;
+
+    // A valid file, from an operator of the gateway's own version, ends it.
+    gateway.set_residency(ResidencyStamp {
+        enforced: false,
+        policies: vec![],
+        ..compliant()
+    })?;
+    logged(&logs, "Writes are accepted again", 1).await?;
+    let result = paramiko(gateway.addr, USER, PASSWORD, WRITE_AND_READ).await?;
+    ensure!(result["upload"].get("ok").is_some(), "{result}");
+    ensure!(result["mkdir"].get("ok").is_some(), "{result}");
+    let home = gateway.data().join(USER);
+    ensure!(!home.join("ftp.txt").exists(), "the FTPS upload was stored");
+
+    let refused = |r: &AuditRecord| {
+        r.decision == Decision::Denied
+            && [invalid, unreadable].contains(&r.error.as_deref().unwrap_or_default())
+    };
+    let records = fixture.records_when(5, refused).await?;
+    let operations: Vec<Operation> = records
+        .iter()
+        .filter(|r| refused(r))
+        .map(|r| r.operation)
+        .collect();
+    use Operation::{Mkdir, Upload};
+    ensure!(
+        operations == [Upload, Mkdir, Upload, Upload, Mkdir],
+        "{operations:?}"
+    );
+    fixture.gateway.stop().await
+}

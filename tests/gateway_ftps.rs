@@ -1265,6 +1265,49 @@ async fn site_commands_long_lines_and_tls_garbage_get_a_clear_reply_or_a_closed_
     assert_clean_logs(&logs, &[PASSWORD])
 }
 
+/// libunftp ends a verb at a carriage return where the front end ends it at a space
+/// only, so `STAT\r` and `PORT\r...` would be served by libunftp as `STAT` and `PORT`,
+/// past the front end's own answers. Every line with a control character in it is refused
+/// by the front end with a 500 and never passed on; the session goes on.
+#[tokio::test]
+async fn a_command_line_with_a_control_character_is_refused_and_never_passed_on() -> Result<()> {
+    let gateway = gateway(ftps_settings()).await?;
+    let mut ftp = Ftp::logged_in(&gateway).await?;
+    let before = tree(&gateway.data());
+
+    for line in [
+        &b"STAT\r"[..],
+        b"STAT\r /",
+        b"PORT\r127,0,0,1,0,21",
+        b"PORT 127,0,0,1,0,21\r",
+        b"EPRT\r|1|127.0.0.1|21|",
+        b"HELP\r",
+        b"SITE\rCHMOD 777 /",
+        b"FEAT\x00",
+        b"MKD made\tby-tab",
+        b"MKD escape\x1b[31m",
+        b"STOR nel\xc2\x85",
+    ] {
+        let reply = ftp.command_bytes(line).await?;
+        let shown = String::from_utf8_lossy(line);
+        ensure!(
+            reply.code == 500 && reply.text.contains("control character"),
+            "{shown:?}: {reply:?}"
+        );
+        ensure!(
+            !reply.text.contains("libunftp") && !reply.text.contains("VfsBackend"),
+            "{shown:?} reached libunftp: {reply:?}"
+        );
+    }
+    // The front end's own STAT still answers, and libunftp was never asked.
+    let status = ftp.expect("STAT", 211).await?;
+    ensure!(status.text.contains("Sluice FTPS"), "{status:?}");
+    ftp.expect("NOOP", 200).await?;
+    ensure!(tree(&gateway.data()) == before, "something was created");
+    ftp.expect("QUIT", 221).await?;
+    gateway.stop().await
+}
+
 #[tokio::test]
 async fn a_passive_connection_that_is_opened_and_never_used_does_not_disturb_the_session()
 -> Result<()> {

@@ -16,7 +16,8 @@ use support::ftp::{FtpClients, run, succeed};
 use support::gateway::{
     ALL, TestGateway, blocking, capture_logs, ftps_settings, paramiko, password_user,
 };
-use support::s3::{SeaweedFs, all_keys};
+use support::names;
+use support::s3::{SeaweedFs, all_keys, audit_keys};
 use support::sftp::{Auth, SftpClient, random_file, sha256_file};
 
 const USER: &str = "cucm";
@@ -191,7 +192,8 @@ async fn script(fixture: &Fixture, script: &str) -> Result<serde_json::Value> {
     paramiko(fixture.gateway.addr, USER, PASSWORD, script).await
 }
 
-/// C06: clients that set times and modes after an upload see the upload succeed.
+/// C06: clients that set times and modes after an upload see the upload succeed; a
+/// size change (truncate) is refused rather than acknowledged and ignored.
 #[tokio::test]
 async fn setting_times_and_modes_after_an_upload_never_fails_it() -> Result<()> {
     let logs = capture_logs();
@@ -223,6 +225,9 @@ t, sftp = connect()
 sftp.put({local:?}, "paramiko.csv")
 r = {{"utime": attempt(lambda: sftp.utime("paramiko.csv", (1000000000, 1000000000))),
      "chmod": attempt(lambda: sftp.chmod("paramiko.csv", 0o600)),
+     "same size": attempt(lambda: sftp.truncate("paramiko.csv", 70000)),
+     "truncate": attempt(lambda: sftp.truncate("paramiko.csv", 10)),
+     "ftruncate": attempt(lambda: sftp.open("paramiko.csv", "r").truncate(0)),
      "size": sftp.stat("paramiko.csv").st_size}}
 print(json.dumps(r))
 "#,
@@ -232,6 +237,12 @@ print(json.dumps(r))
     .await?;
     ensure!(result["utime"].get("ok").is_some(), "{result}");
     ensure!(result["chmod"].get("ok").is_some(), "{result}");
+    ensure!(result["same size"].get("ok").is_some(), "{result}");
+    // A size change is refused, never acknowledged with the object unchanged.
+    for refused in ["truncate", "ftruncate"] {
+        let message = result[refused]["message"].as_str().unwrap_or_default();
+        ensure!(message.contains("size is not supported"), "{result}");
+    }
     ensure!(result["size"] == 70_000, "{result}");
     for name in ["scp.csv", "put-p.csv", "paramiko.csv"] {
         let stored = fixture.object(name).await?;
@@ -1214,4 +1225,42 @@ async fn a_file_replaced_during_a_download_fails_instead_of_mixing_versions() ->
     ensure!(again.read_at(2 * 1024 * 1024, 1024).await? == new[..1024]);
 
     Ok(())
+}
+
+/// On SeaweedFS a `\` in a key is stored as `/`: a user whose home is the bucket root
+/// would reach the audit log (`\.sluice-audit\...`) and the upload directory, and any
+/// user could make directories without `mkdir` (`a\b`). Such names, and the others some
+/// store rewrites, are refused over SFTP and FTPS, and nothing is stored.
+#[tokio::test]
+async fn names_the_store_would_rewrite_are_refused_over_sftp_and_ftps_and_nothing_is_stored()
+-> Result<()> {
+    let weed = SeaweedFs::shared()?;
+    let name = weed.bucket("unfaithful")?;
+    let bucket = weed.bucket_operator(&name)?;
+    let mut root = user();
+    root.home = "/".into();
+    let gateway = start_gateway(
+        vec![root],
+        Some(ftps_settings()),
+        weed.config(&name, PREFIX),
+        &weed.credentials(),
+    )
+    .await?;
+
+    names::refused_over_sftp(&gateway, USER, PASSWORD).await?;
+    names::refused_over_ftps(&gateway, USER, PASSWORD).await?;
+
+    let keys = all_keys(&bucket).await?;
+    ensure!(
+        keys == [format!("{PREFIX}{}", names::SEED)],
+        "stored besides the seed: {keys:?}"
+    );
+    let forged = audit_keys(&bucket).await?;
+    ensure!(
+        forged
+            .iter()
+            .all(|k| k.ends_with(".jsonl") && !k.contains("forged")),
+        "{forged:?}"
+    );
+    gateway.stop().await
 }

@@ -17,6 +17,7 @@ use tokio::net::TcpStream;
 use support::gateway::{
     ALL, TestGateway, blocking, capture_logs, key_user, paramiko, paramiko_command, password_user,
 };
+use support::names;
 use support::sftp::{Auth, SftpClient, generate_key, random_file, sha256_file};
 
 const PASSWORD: &str = "Tr0ub4dor&3-correct-horse";
@@ -694,14 +695,102 @@ print(json.dumps(r))
     let root_refusals = ["stat", "write", "rename"].map(|k| (k, &root[k]));
     for (attempt, outcome) in refusals.map(|(k, v)| (k.as_str(), v)).chain(root_refusals) {
         let message = outcome["message"].as_str().unwrap_or_default();
+        // `\t` is a control character before it is whitespace: refused either way.
         ensure!(
-            message.contains("whitespace"),
+            message.starts_with("invalid file name: ")
+                && (message.contains("whitespace") || message.contains("control")),
             "{attempt:?} was not refused for its name: {outcome}"
         );
     }
     ensure!(root["listing"] == json!(["cucm"]), "{root}");
     ensure!(gateway.data().join(sluice::storage::UPLOADS_DIR).is_dir());
     ensure!(!gateway.data().join("stolen").exists());
+    gateway.stop().await
+}
+
+/// The names some object store rewrites (`\` stored as `/`, control characters, ...)
+/// are refused on the volume too, over SFTP and FTPS, so that a name means the same file
+/// on every backend; nothing is created, not even the directory `a\b` would imply.
+#[tokio::test]
+async fn names_a_store_would_rewrite_are_refused_on_the_volume_over_sftp_and_ftps() -> Result<()> {
+    let gateway =
+        TestGateway::start_ftps(vec![root_user("root")], support::gateway::ftps_settings()).await?;
+
+    names::refused_over_sftp(&gateway, "root", PASSWORD).await?;
+    names::refused_over_ftps(&gateway, "root", PASSWORD).await?;
+
+    let mut stored: Vec<String> = std::fs::read_dir(gateway.data())?
+        .map(|entry| Ok(entry?.file_name().to_string_lossy().into_owned()))
+        .collect::<Result<_>>()?;
+    stored.sort();
+    ensure!(
+        stored == [".sluice-audit", ".sluice-uploads", names::SEED],
+        "{stored:?}"
+    );
+    let uploads = std::fs::read_dir(gateway.data().join(".sluice-uploads"))?.count();
+    ensure!(uploads == 0, "{uploads} files left in the upload directory");
+    let audit_days = std::fs::read_dir(gateway.data().join(".sluice-audit"))?;
+    for day in audit_days {
+        for file in std::fs::read_dir(day?.path())? {
+            let file = file?.file_name();
+            ensure!(file.to_string_lossy().ends_with(".jsonl"), "{file:?}");
+        }
+    }
+    gateway.stop().await
+}
+
+/// SETSTAT and FSETSTAT of times and modes are accepted and store nothing; a size other
+/// than the file's own is refused with OP_UNSUPPORTED and the file keeps every byte, as
+/// does a write handle's upload; the size a file already has is accepted.
+#[tokio::test]
+async fn a_size_change_through_setstat_is_refused_and_the_file_keeps_every_byte() -> Result<()> {
+    let gateway = TestGateway::start(vec![password_user("cucm", PASSWORD, ALL)]).await?;
+    let result = paramiko(
+        gateway.addr,
+        "cucm",
+        PASSWORD,
+        r#"
+import io
+from paramiko.sftp import CMD_FSETSTAT
+from paramiko.sftp_attr import SFTPAttributes
+t, sftp = connect()
+sftp.putfo(io.BytesIO(b"secret data"), "/f.txt")
+def fsetstat_size(handle, size):
+    attr = SFTPAttributes()
+    attr.st_size = size
+    sftp._request(CMD_FSETSTAT, handle, attr)
+def write_then_truncate():
+    with sftp.open("/g.txt", "wb") as f:
+        f.write(b"12345")
+        f.flush()
+        fsetstat_size(f.handle, 5)
+        fsetstat_size(f.handle, 2)
+r = {
+    "truncate": attempt(lambda: sftp.truncate("/f.txt", 0)),
+    "grow": attempt(lambda: sftp.truncate("/f.txt", 100)),
+    "same size": attempt(lambda: sftp.truncate("/f.txt", 11)),
+    "ftruncate": attempt(lambda: sftp.open("/f.txt", "r").truncate(3)),
+    "utime": attempt(lambda: sftp.utime("/f.txt", (1000000000, 1000000000))),
+    "chmod": attempt(lambda: sftp.chmod("/f.txt", 0o600)),
+    "write handle": attempt(write_then_truncate),
+}
+r["content"] = sftp.open("/f.txt").read().decode()
+print(json.dumps(r))
+"#,
+    )
+    .await?;
+    for refused in ["truncate", "grow", "ftruncate", "write handle"] {
+        let message = result[refused]["message"].as_str().unwrap_or_default();
+        ensure!(
+            message.contains("changing a file's size is not supported"),
+            "{refused}: {result}"
+        );
+    }
+    for accepted in ["same size", "utime", "chmod"] {
+        ensure!(result[accepted].get("ok").is_some(), "{accepted}: {result}");
+    }
+    ensure!(result["content"] == "secret data", "{result}");
+    ensure!(std::fs::read(gateway.data().join("cucm/f.txt"))? == b"secret data");
     gateway.stop().await
 }
 

@@ -19,6 +19,13 @@
 //!   until it succeeds; meanwhile [`SessionLog::available`] is false and the file system
 //!   refuses new mutating and transfer operations with a transient error. The queue holds
 //!   at most [`QUEUE_CAPACITY`] records; beyond that, whoever records waits.
+//! - A record stays small whatever a client sends: the strings a client chooses (`user`,
+//!   `path`, `target`, and `error`, which may quote them) are cut to [`MAX_USER_BYTES`],
+//!   [`MAX_PATH_BYTES`] and [`MAX_ERROR_BYTES`] bytes of JSON text, ending in a visible
+//!   marker with the original length and the start of its SHA-256 (see [`bounded`]), and
+//!   the record then names the cut fields in `truncated`. Without this, an
+//!   unauthenticated client could make each failed login store a user name of hundreds
+//!   of KiB and fill the region-pinned storage.
 //! - With `audit.stdout` in the configuration, every record is also printed on standard
 //!   output, one JSON line each, once it is durable. Logs go to standard error, so standard
 //!   output stays a clean JSON-lines stream.
@@ -27,12 +34,15 @@
 //! - The residency stamp follows configuration reloads ([`AuditLog::apply`]) and is read
 //!   at every operation: [`SessionLog::writes_refused`] and, for uploads,
 //!   [`SessionLog::upload_refused`], which adds the volume limits of cross-border
-//!   allowances (counted by [`usage`], over all pods of the server).
+//!   allowances (counted by [`usage`], over all pods of the server). While the latest
+//!   configuration file cannot be read or parsed ([`AuditLog::set_config_problem`]),
+//!   writes are refused whatever the stamp says: fail closed.
 
 pub mod sink;
 mod timestamp;
 pub mod usage;
 
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::io::Write;
 use std::net::IpAddr;
@@ -41,6 +51,7 @@ use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::gateway::ErrorChain;
@@ -62,6 +73,14 @@ pub const DURABLE_WAIT: Duration = Duration::from_secs(10);
 pub const CLOSE_WAIT: Duration = Duration::from_secs(5);
 /// How often each pod re-reads all pods' usage counts.
 pub const USAGE_REFRESH: Duration = Duration::from_secs(30);
+/// Longest `user` in a record, in bytes of its JSON text (quotes excluded). Login names
+/// are Kubernetes object names, at most 253 characters.
+pub const MAX_USER_BYTES: usize = 256;
+/// Longest `path` and `target` in a record, in bytes of their JSON text: S3 keys have at
+/// most 1,024 bytes, so a path that was stored is cut only on a volume.
+pub const MAX_PATH_BYTES: usize = 1024;
+/// Longest `error` in a record, in bytes of its JSON text.
+pub const MAX_ERROR_BYTES: usize = 1024;
 /// First and longest wait between attempts to write a failing flush.
 const RETRY_DELAYS: (Duration, Duration) = (Duration::from_millis(100), Duration::from_secs(5));
 
@@ -91,8 +110,8 @@ pub enum Operation {
 pub enum Decision {
     /// It ran (it may still have failed: see `error`).
     Allowed,
-    /// It was refused: a failed login, a missing permission, suspended writes, a used-up
-    /// volume limit, or the audit log being unavailable.
+    /// It was refused: a failed login, a missing permission, an invalid file name,
+    /// suspended writes, a used-up volume limit, or the audit log being unavailable.
     Denied,
 }
 
@@ -150,6 +169,9 @@ pub struct AuditRecord {
     /// (comma-separated if several).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reference: Option<String>,
+    /// The fields whose values were too long and were cut (see [`bounded`]).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub truncated: Vec<String>,
 }
 
 /// What a front end or the file system knows of an operation; the session adds the rest.
@@ -243,6 +265,8 @@ pub struct AuditIdentity {
 /// What the writer task and the sessions share.
 struct State {
     stamp: RwLock<Arc<ResidencyStamp>>,
+    /// Why the latest configuration file cannot be used, while it cannot.
+    config_problem: RwLock<Option<String>>,
     stdout: AtomicBool,
     healthy: AtomicBool,
     usage: Mutex<Usage>,
@@ -258,6 +282,17 @@ impl State {
 
     fn usage(&self) -> std::sync::MutexGuard<'_, Usage> {
         self.usage.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn writes_refused(&self) -> Option<String> {
+        let problem = self
+            .config_problem
+            .read()
+            .unwrap_or_else(PoisonError::into_inner);
+        if let Some(problem) = problem.as_deref() {
+            return Some(format!("writes are suspended: {problem}"));
+        }
+        self.stamp().writes_refused(unix_now())
     }
 }
 
@@ -287,6 +322,7 @@ impl AuditLog {
     pub async fn start(storage: &Storage, identity: AuditIdentity, config: &GatewayConfig) -> Self {
         let state = Arc::new(State {
             stamp: RwLock::new(Arc::new(config.residency.clone())),
+            config_problem: RwLock::new(None),
             stdout: AtomicBool::new(config.audit.stdout),
             healthy: AtomicBool::new(true),
             usage: Mutex::new(Usage::new(&identity.pod)),
@@ -334,6 +370,26 @@ impl AuditLog {
             // Full means the writer is busy; it refreshes at its next tick then.
             let _ = self.queue.try_send(Message::Refresh);
         }
+    }
+
+    /// Says that the latest configuration file cannot be used (`Some`, with why) or that
+    /// the one in force is the latest (`None`). While it cannot, writes are refused with
+    /// that reason whatever the stamp in force says: the file the gateway cannot read may
+    /// be the one that suspends writes (an operator newer than the gateway, say), and
+    /// writes must not go on because it did not parse. Reads and logins go on under the
+    /// last valid configuration.
+    pub fn set_config_problem(&self, problem: Option<&str>) {
+        *self
+            .state
+            .config_problem
+            .write()
+            .unwrap_or_else(PoisonError::into_inner) = problem.map(str::to_owned);
+    }
+
+    /// Why writes are refused now, if they are: the latest configuration cannot be used,
+    /// or the stamp in force refuses them ([`ResidencyStamp::writes_refused`]).
+    pub fn writes_refused(&self) -> Option<String> {
+        self.state.writes_refused()
     }
 
     /// The log of a new connection from `peer`, with a fresh session id.
@@ -417,9 +473,9 @@ impl SessionLog {
         }
     }
 
-    /// Why writes are refused now, if they are (see [`ResidencyStamp::writes_refused`]).
+    /// Why writes are refused now, if they are (see [`AuditLog::writes_refused`]).
     pub fn writes_refused(&self) -> Option<String> {
-        self.log.state.stamp().writes_refused(unix_now())
+        self.log.state.writes_refused()
     }
 
     /// Why a new upload is refused now besides [`SessionLog::writes_refused`]: a
@@ -527,24 +583,87 @@ impl SessionLog {
 
     fn complete(&self, entry: Entry) -> AuditRecord {
         let identity = &self.log.identity;
+        let mut truncated = Vec::new();
+        let mut bound = |field: &str, value: &str, limit: usize| match bounded(value, limit) {
+            Some(cut) => {
+                truncated.push(field.to_owned());
+                cut
+            }
+            None => value.to_owned(),
+        };
+        let user = bound("user", &self.user, MAX_USER_BYTES);
+        let path = entry.path.map(|p| bound("path", &p, MAX_PATH_BYTES));
+        let target = entry.target.map(|t| bound("target", &t, MAX_PATH_BYTES));
+        let error = entry.error.map(|e| bound("error", &e, MAX_ERROR_BYTES));
         AuditRecord {
             time: rfc3339_millis(SystemTime::now()),
             server: identity.server.clone(),
             pod: identity.pod.clone(),
             session: self.session.to_string(),
             protocol: self.protocol,
-            user: self.user.to_string(),
+            user,
             peer: self.peer.to_string(),
             operation: entry.operation,
-            path: entry.path,
-            target: entry.target,
+            path,
+            target,
             bytes: entry.bytes,
             sha256: entry.sha256,
             region: identity.region.clone(),
             decision: entry.decision,
-            error: entry.error,
+            error,
             reference: entry.reference,
+            truncated,
         }
+    }
+}
+
+/// `value` cut to at most `limit` bytes of JSON text (quotes excluded; a control
+/// character counts as its escape), if it is longer: as many whole characters from its
+/// start as fit before the marker `…[truncated from N bytes, sha256:H]`, where `N` is the
+/// original length in bytes and `H` the first 16 hex digits of its SHA-256, so that cut
+/// values can still be told apart and matched. `None` when `value` fits. `limit` must
+/// leave room for the marker (about 60 bytes).
+pub fn bounded(value: &str, limit: usize) -> Option<String> {
+    if json_len(value) <= limit {
+        return None;
+    }
+    let digest = format!("{:x}", Sha256::digest(value.as_bytes()));
+    let marker = format!(
+        "…[truncated from {} bytes, sha256:{}]",
+        value.len(),
+        &digest[..16]
+    );
+    let room = limit.saturating_sub(json_len(&marker));
+    let mut used = 0;
+    let mut end = 0;
+    for (at, c) in value.char_indices() {
+        used += json_char_len(c);
+        if used > room {
+            break;
+        }
+        end = at + c.len_utf8();
+    }
+    Some(format!("{}{marker}", &value[..end]))
+}
+
+/// `value` as logs may show it: cut like [`bounded`] when it is longer than `limit`.
+pub fn clipped(value: &str, limit: usize) -> Cow<'_, str> {
+    match bounded(value, limit) {
+        Some(cut) => Cow::Owned(cut),
+        None => Cow::Borrowed(value),
+    }
+}
+
+/// Bytes `value` takes in a JSON string, quotes excluded, as serde_json writes it.
+fn json_len(value: &str) -> usize {
+    value.chars().map(json_char_len).sum()
+}
+
+fn json_char_len(c: char) -> usize {
+    match c {
+        '"' | '\\' | '\u{8}' | '\t' | '\n' | '\u{c}' | '\r' => 2,
+        c if c < ' ' => 6,
+        c => c.len_utf8(),
     }
 }
 
@@ -722,7 +841,63 @@ mod tests {
             decision: Decision::Allowed,
             error: None,
             reference: Some("CAC-2026-001".into()),
+            truncated: vec![],
         }
+    }
+
+    #[test]
+    fn a_value_within_its_limit_is_kept_and_a_longer_one_is_cut_with_a_marker() {
+        assert_eq!(bounded("cucm", MAX_USER_BYTES), None);
+        assert_eq!(bounded(&"u".repeat(256), MAX_USER_BYTES), None);
+
+        let long = "u".repeat(200_000);
+        let cut = bounded(&long, MAX_USER_BYTES).unwrap();
+        let digest = format!("{:x}", Sha256::digest(long.as_bytes()));
+        let marker = format!("…[truncated from 200000 bytes, sha256:{}]", &digest[..16]);
+        assert!(cut.ends_with(&marker), "{cut}");
+        assert!(cut.starts_with("uuuu"), "{cut}");
+        assert!(
+            cut.len() <= MAX_USER_BYTES && cut.len() > MAX_USER_BYTES - 4,
+            "{cut}"
+        );
+
+        // Characters are never split, and escapes count at their written length.
+        for value in ["é".repeat(1000), "\u{1}".repeat(1000), "\"".repeat(1000)] {
+            let cut = bounded(&value, MAX_PATH_BYTES).unwrap();
+            let written = serde_json::to_string(&cut).unwrap();
+            assert!(written.len() - 2 <= MAX_PATH_BYTES, "{written}");
+            assert!(cut.contains("truncated from"), "{cut}");
+        }
+        assert_eq!(clipped("short", 64), "short");
+    }
+
+    #[tokio::test]
+    async fn a_failed_login_with_a_huge_user_name_makes_a_small_record_naming_the_cut() {
+        let dir = tempfile::tempdir().unwrap();
+        let storage = crate::storage::Volume::open_fs(dir.path()).unwrap().into();
+        let session = test_session(&storage).await;
+        let name = "\u{1b}".repeat(200_000);
+        let record = session.complete(
+            Entry::new(Operation::Rename)
+                .path("/a".repeat(100_000))
+                .target("/b".repeat(100_000))
+                .denied(format!("no such user {name}")),
+        );
+        let record = AuditRecord {
+            user: session
+                .for_user(&name)
+                .complete(Entry::new(Operation::Login))
+                .user,
+            ..record
+        };
+        let line = serde_json::to_string(&record).unwrap();
+        assert!(line.len() < 4096, "{} bytes", line.len());
+        assert_eq!(record.truncated, ["path", "target", "error"]);
+        let login = session
+            .for_user(&name)
+            .complete(Entry::new(Operation::Login).denied("x"));
+        assert_eq!(login.truncated, ["user"]);
+        assert!(serde_json::to_string(&login).unwrap().len() < 1024);
     }
 
     #[test]

@@ -13,7 +13,9 @@
 //! - [`LiveLogins::check_password`] costs one Argon2 evaluation through that queue for
 //!   every attempt, including unknown users and users without a password (checked
 //!   against a decoy hash of the same cost), so the time a refusal takes does not tell
-//!   which names exist.
+//!   which names exist. A name longer than [`MAX_USER_NAME`] cannot be a login and is
+//!   refused at once, without that cost (the length says nothing about which names
+//!   exist).
 //! - Public keys are compared as keys (algorithm and key data), never as strings, so
 //!   comments and whitespace in `authorized_keys` lines do not matter.
 //! - [`Logins::admits`] tells whether a login made earlier still holds under the logins in
@@ -38,6 +40,10 @@ use crate::gateway::config::GatewayUser;
 /// memory of the costliest hash it has checked (19 MiB for the hashes the operator
 /// renders). Fewer on a pod with fewer cores.
 pub const MAX_PASSWORD_WORKERS: usize = 4;
+
+/// Longest login name, in bytes: a login is a TransferUser, whose name is a Kubernetes
+/// object name of at most 253 characters (ASCII).
+pub const MAX_USER_NAME: usize = 253;
 
 /// Password checks waiting for a worker, at most; further attempts wait for room.
 pub const PASSWORD_QUEUE: usize = 64;
@@ -360,6 +366,8 @@ pub enum PasswordRefusal {
     NoPasswordLogin,
     /// The password is wrong.
     WrongPassword,
+    /// The name is longer than any login's ([`MAX_USER_NAME`]).
+    NameTooLong,
 }
 
 impl PasswordRefusal {
@@ -368,6 +376,7 @@ impl PasswordRefusal {
         match self {
             Self::NoPasswordLogin => "no such password login",
             Self::WrongPassword => "wrong password",
+            Self::NameTooLong => "user name too long",
         }
     }
 }
@@ -481,12 +490,16 @@ impl LiveLogins {
     }
 
     /// Checks `password` for `user` against the logins in force, on a password-check
-    /// worker. Every attempt costs the same, whether the user exists or not.
+    /// worker. Every attempt costs the same, whether the user exists or not, except for a
+    /// name longer than [`MAX_USER_NAME`], which no login has and which is refused at once.
     pub async fn check_password(
         &self,
         user: &str,
         password: &[u8],
     ) -> Result<Arc<Login>, PasswordRefusal> {
+        if user.len() > MAX_USER_NAME {
+            return Err(PasswordRefusal::NameTooLong);
+        }
         let logins = self.current();
         let login = logins.get(user).filter(|login| login.has_password());
         let hash = login
@@ -642,6 +655,21 @@ mod tests {
         }
         let refused = live.check_password("nobody", b"guess").await;
         assert_eq!(refused.err(), Some(PasswordRefusal::NoPasswordLogin));
+    }
+
+    #[tokio::test]
+    async fn a_name_longer_than_any_login_is_refused_without_a_password_check() {
+        let mut long = user(Some(hash_password(b"right", &[5; 16])), vec![]);
+        long.name = "u".repeat(MAX_USER_NAME);
+        let live = LiveLogins::new(Logins::new(&[long]));
+        let longest = "u".repeat(MAX_USER_NAME);
+        assert!(live.check_password(&longest, b"right").await.is_ok());
+
+        let refused = live.check_password(&"u".repeat(200_000), b"right").await;
+        assert_eq!(refused.err(), Some(PasswordRefusal::NameTooLong));
+        let one_more = format!("{longest}u");
+        let refused = live.check_password(&one_more, b"right").await;
+        assert_eq!(refused.err(), Some(PasswordRefusal::NameTooLong));
     }
 
     #[test]

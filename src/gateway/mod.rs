@@ -7,9 +7,14 @@
 //! content changed and parses, swaps the set of logins in one step; sessions already
 //! logged in keep running, except SFTP sessions whose user is gone or whose password hash
 //! or keys changed, and FTPS sessions whose user is gone or whose password hash changed,
-//! which are disconnected ([`sftp`], [`ftps`]). The kubelet replaces mounted Secret
-//! files by swapping symlinks, which file-change notifications on the file itself miss,
-//! hence polling by content hash (the FTPS certificate is polled the same way).
+//! which are disconnected ([`sftp`], [`ftps`]). While the file cannot be read or does not
+//! parse (an operator newer than the gateway writing a field it does not know, say), the
+//! last valid configuration keeps serving logins and reads, and every write is refused
+//! ([`audit::AuditLog::set_config_problem`]): the file that failed may be the one that
+//! suspends writes, so failing open is not an option. A valid file ends it. The kubelet
+//! replaces mounted Secret files by swapping symlinks, which file-change notifications on
+//! the file itself miss, hence polling by content hash (the FTPS certificate is polled the
+//! same way).
 //!
 //! A problem with FTPS alone (no TLS directory, an unusable `ftps` section, no valid
 //! certificate) is logged at error and leaves SFTP running.
@@ -270,7 +275,7 @@ impl Gateway {
             region,
         };
         let audit = AuditLog::start(&storage, identity, &config).await;
-        let suspended = config.residency.writes_refused(audit::unix_now());
+        let suspended = audit.writes_refused();
         if let Some(reason) = &suspended {
             tracing::warn!(reason, "Writes are suspended");
         }
@@ -343,6 +348,8 @@ impl Gateway {
             ConfigWatch {
                 path: self.config_path,
                 hash: self.config_hash,
+                invalid: false,
+                problem: None,
                 logins: self.logins,
                 audit: self.audit,
                 suspended: self.suspended,
@@ -541,13 +548,37 @@ fn log_startup(
     );
 }
 
+/// Why the latest configuration file cannot be used.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum ConfigProblem {
+    /// It cannot be read (gone, unreadable).
+    Unreadable,
+    /// It is not a valid gateway configuration.
+    Invalid,
+}
+
+impl ConfigProblem {
+    /// What clients are told, after "writes are suspended: ".
+    fn reason(self) -> &'static str {
+        match self {
+            Self::Unreadable => "the gateway configuration cannot be read",
+            Self::Invalid => "the latest gateway configuration is not valid",
+        }
+    }
+}
+
 /// What the configuration watcher needs.
 struct ConfigWatch {
     path: PathBuf,
+    /// Hash of the content read last, valid or not.
     hash: [u8; 32],
+    /// Whether that content failed to parse.
+    invalid: bool,
+    /// Why the file could not be used at the last check, if it could not.
+    problem: Option<ConfigProblem>,
     logins: LiveLogins,
     audit: AuditLog,
-    /// Why writes were suspended at the last reload, to log changes once.
+    /// Why writes were refused at the last check, to log changes once.
     suspended: Option<String>,
     ftps: Option<FtpsHandle>,
     ordinal: Option<usize>,
@@ -555,67 +586,98 @@ struct ConfigWatch {
 }
 
 /// Polls the configuration file until `stop` turns true, swapping in the logins of each
-/// new valid version. An invalid version is reported once and the previous one kept.
+/// new valid version. While the file cannot be read or parsed, the previous version keeps
+/// serving and writes are refused; a change of whether writes are refused, for that or
+/// for the stamp, is logged once.
 async fn watch_config(mut watch: ConfigWatch, mut stop: watch::Receiver<bool>) {
     let mut ticker = tokio::time::interval(watch.interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
-    let mut read_failing = false;
     loop {
         tokio::select! {
             () = stopped(&mut stop) => return,
             _ = ticker.tick() => {}
         }
 
-        let bytes = match read_config(&watch.path).await {
+        let problem = watch.poll().await;
+        if problem.is_none() && watch.problem.is_some() {
+            tracing::info!("Gateway configuration usable again");
+        }
+        watch.problem = problem;
+        watch
+            .audit
+            .set_config_problem(problem.map(ConfigProblem::reason));
+        let suspended = watch.audit.writes_refused();
+        if suspended != watch.suspended {
+            match &suspended {
+                Some(reason) => tracing::warn!(reason, "Writes are suspended"),
+                None => tracing::info!("Writes are accepted again"),
+            }
+            watch.suspended = suspended;
+        }
+    }
+}
+
+impl ConfigWatch {
+    /// Reads the file and puts it in force if it changed and parses; returns why the
+    /// file cannot be used, if it cannot. Each problem is logged when it starts.
+    async fn poll(&mut self) -> Option<ConfigProblem> {
+        let bytes = match read_config(&self.path).await {
             Ok(bytes) => bytes,
             Err(error) => {
-                if !read_failing {
+                if self.problem != Some(ConfigProblem::Unreadable) {
                     let error = ErrorChain(&error);
-                    tracing::warn!(%error, "Keeping the previous configuration");
+                    tracing::warn!(
+                        %error,
+                        "Keeping the previous configuration for reads; refusing writes"
+                    );
                 }
-                read_failing = true;
-                continue;
+                return Some(ConfigProblem::Unreadable);
             }
         };
-        read_failing = false;
-
         let hash: [u8; 32] = Sha256::digest(&bytes).into();
-        if hash == watch.hash {
-            continue;
+        if hash == self.hash {
+            // Unchanged since it was read last: as usable as it was then (a file that was
+            // unreadable for a while and is back unchanged is the one in force).
+            return self.invalid.then_some(ConfigProblem::Invalid);
         }
-        watch.hash = hash;
-        match parse_config(&watch.path, &bytes) {
+        self.hash = hash;
+        self.invalid = false;
+        match parse_config(&self.path, &bytes) {
             Ok(config) => {
-                watch.logins.replace(Logins::new(&config.users));
-                watch.audit.apply(&config);
-                tracing::info!(users = config.users.len(), "Reloaded configuration");
-                let suspended = config.residency.writes_refused(audit::unix_now());
-                if suspended != watch.suspended {
-                    match &suspended {
-                        Some(reason) => tracing::warn!(reason, "Writes are suspended"),
-                        None => tracing::info!("Writes are accepted again"),
-                    }
-                    watch.suspended = suspended;
-                }
-                match &watch.ftps {
-                    Some(ftps) => match config.ftps.map(|f| f.for_replica(watch.ordinal)) {
-                        Some(Err(error)) => {
-                            let error = ErrorChain(&error);
-                            tracing::warn!(%error, "Keeping the previous FTPS settings");
-                        }
-                        settings => ftps.apply(settings.and_then(Result::ok).as_ref()),
-                    },
-                    None if config.ftps.is_some() => {
-                        tracing::warn!(
-                            "FTPS was added to the configuration; restart the gateway to serve it"
-                        );
-                    }
-                    None => {}
-                }
+                self.apply(config);
+                None
             }
             Err(error) => {
-                tracing::warn!(error = %ErrorChain(&error), "Keeping the previous configuration");
+                self.invalid = true;
+                let error = ErrorChain(&error);
+                tracing::warn!(
+                    %error,
+                    "Keeping the previous configuration for reads; refusing writes"
+                );
+                Some(ConfigProblem::Invalid)
             }
+        }
+    }
+
+    /// Puts a new valid configuration in force.
+    fn apply(&self, config: GatewayConfig) {
+        self.logins.replace(Logins::new(&config.users));
+        self.audit.apply(&config);
+        tracing::info!(users = config.users.len(), "Reloaded configuration");
+        match &self.ftps {
+            Some(ftps) => match config.ftps.map(|f| f.for_replica(self.ordinal)) {
+                Some(Err(error)) => {
+                    let error = ErrorChain(&error);
+                    tracing::warn!(%error, "Keeping the previous FTPS settings");
+                }
+                settings => ftps.apply(settings.and_then(Result::ok).as_ref()),
+            },
+            None if config.ftps.is_some() => {
+                tracing::warn!(
+                    "FTPS was added to the configuration; restart the gateway to serve it"
+                );
+            }
+            None => {}
         }
     }
 }

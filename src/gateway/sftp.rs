@@ -30,7 +30,9 @@
 //!   (empty) if it is missing, `EXCL` fails if it exists, and the handle reads.
 //! - `RENAME` never replaces its target (the SFTP specification); the advertised
 //!   `posix-rename@openssh.com` extension does ([`Vfs::rename_replacing`]). `SETSTAT` and
-//!   `FSETSTAT` are accepted and store nothing. A channel the client ends gets
+//!   `FSETSTAT` of modes, owners and times are accepted and store nothing; a size other
+//!   than the file's own (a truncate) is refused with `OP_UNSUPPORTED`, never answered
+//!   `OK` with the file unchanged. A channel the client ends gets
 //!   `exit-status 0` before it is closed, which `scp` over SFTP waits for.
 
 use std::collections::HashMap;
@@ -58,7 +60,9 @@ use tokio::time::Instant;
 use tracing::{Instrument, Span, field};
 
 use crate::api::Permission;
-use crate::gateway::audit::{AuditLog, AuditProtocol, Entry as AuditEntry, Operation, SessionLog};
+use crate::gateway::audit::{
+    AuditLog, AuditProtocol, Entry as AuditEntry, MAX_USER_BYTES, Operation, SessionLog, clipped,
+};
 use crate::gateway::auth::{LiveLogins, Login, Logins};
 use crate::gateway::sessions::{
     self, ConnectionLimiter, ConnectionSlot, DISCONNECT_WAIT, Protocol, admission_ends,
@@ -481,7 +485,8 @@ impl russh::server::Handler for SshSession {
             Ok(login) => Ok(self.log_in(login, "password").await),
             Err(refusal) => {
                 let reason = refusal.reason();
-                tracing::warn!(parent: &self.span, user, reason, "Login failed");
+                let shown = clipped(user, MAX_USER_BYTES);
+                tracing::warn!(parent: &self.span, user = %shown, reason, "Login failed");
                 self.log.login(user, Some(reason)).await;
                 Ok(self.reject())
             }
@@ -505,7 +510,8 @@ impl russh::server::Handler for SshSession {
             .refused_keys
             .get_or_insert_with(|| (user.to_owned(), 0));
         refused.1 += 1;
-        tracing::debug!(parent: &self.span, user, "Public key not authorised");
+        let shown = clipped(user, MAX_USER_BYTES);
+        tracing::debug!(parent: &self.span, user = %shown, "Public key not authorised");
         Ok(self.reject())
     }
 
@@ -522,7 +528,8 @@ impl russh::server::Handler for SshSession {
             Some(login) => Ok(self.log_in(login, "publickey").await),
             None => {
                 let reason = "key not authorised";
-                tracing::warn!(parent: &self.span, user, reason, "Login failed");
+                let shown = clipped(user, MAX_USER_BYTES);
+                tracing::warn!(parent: &self.span, user = %shown, reason, "Login failed");
                 self.log.login(user, Some(reason)).await;
                 Ok(self.reject())
             }
@@ -658,7 +665,7 @@ impl Drop for SshSession {
             let reason = "no authorised key offered";
             tracing::warn!(
                 parent: &self.span,
-                user,
+                user = %clipped(&user, MAX_USER_BYTES),
                 method = "publickey",
                 keys,
                 reason,
@@ -898,6 +905,22 @@ impl SftpSession {
         attrs
     }
 
+    /// Refuses a SETSTAT that would change the size of a file of `size` bytes: uploads are
+    /// whole files, so the size cannot change in place, and a client told it had would
+    /// believe a file truncated that still holds every byte. Setting the size it has
+    /// already changes nothing and is accepted.
+    fn keep_size(&self, path: &str, requested: Option<u64>, size: u64) -> Result<(), StatusReply> {
+        match requested {
+            Some(requested) if requested != size => {
+                tracing::debug!(parent: &self.span, path, requested, size, "Refused a size change");
+                Err(StatusCode::OpUnsupported.with_message(
+                    "changing a file's size is not supported: upload the file again instead",
+                ))
+            }
+            _ => Ok(()),
+        }
+    }
+
     async fn stat_path(&self, id: u32, path: String) -> Result<Attrs, StatusReply> {
         match self.vfs.stat(&path).await {
             Ok(entry) => Ok(Attrs {
@@ -1108,23 +1131,30 @@ impl russh_sftp::server::Handler for SftpSession {
         &mut self,
         id: u32,
         path: String,
-        _attrs: FileAttributes,
+        attrs: FileAttributes,
     ) -> Result<Status, Self::Error> {
         // Modes, owners and times are not stored (object stores have none); accepting the
         // request keeps clients that set them after an upload (`put -p`, WinSCP) working.
         if !self.vfs.allows(Permission::Write) {
             return Err(self.refuse("setstat", &path, VfsError::Denied(Permission::Write)));
         }
-        self.stat_path(id, path).await.map(|_| ok(id))
+        let size = self.stat_path(id, path.clone()).await?.attrs.size;
+        self.keep_size(&path, attrs.size, size.unwrap_or_default())?;
+        Ok(ok(id))
     }
 
     async fn fsetstat(
         &mut self,
         id: u32,
         handle: String,
-        _attrs: FileAttributes,
+        attrs: FileAttributes,
     ) -> Result<Status, Self::Error> {
-        self.handle(&handle)?;
+        let (path, size) = match self.handle(&handle)? {
+            OpenHandle::Read(reader) => (reader.path().to_owned(), reader.size()),
+            OpenHandle::Write(writer) => (writer.path().to_owned(), writer.bytes_written()),
+            OpenHandle::Dir { .. } => (String::new(), 0),
+        };
+        self.keep_size(&path, attrs.size, size)?;
         Ok(ok(id))
     }
 

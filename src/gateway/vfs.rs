@@ -10,11 +10,15 @@
 //!   directory (clients resolve their own against `REALPATH(".")`) and FTP front ends join
 //!   their working directory before calling in. A normalised path cannot name anything
 //!   outside the home.
-//! - A path component that begins or ends with whitespace (in the Unicode sense) is
-//!   refused with [`VfsError::UntrimmedName`]. OpenDAL trims whitespace from both ends of
-//!   every key, so such a name cannot be stored faithfully anyway, and `"leaf "` would be
-//!   checked as one file and opened as another. Every key is also checked to be exactly
-//!   the key OpenDAL will use ([`storage::is_faithful_key`]) before any check runs on it.
+//! - A path component that some backend would not keep as given is refused with
+//!   [`VfsError::InvalidName`] ("invalid file name"), on every backend alike, before
+//!   anything is checked or created: a backslash (SeaweedFS stores it as `/`, so
+//!   `\.sluice-audit\x` would reach the audit log), control characters, Unicode
+//!   noncharacters, whitespace at either end (OpenDAL trims it, so `"leaf "` would be
+//!   checked as one file and opened as another) and a trailing dot
+//!   ([`storage::name_problem`] has the rule). Every key is also checked to be exactly
+//!   the key the storage will use ([`storage::is_faithful_key`]) before any check runs on
+//!   it.
 //! - Symbolic links are never followed (the volume only; buckets have none). The fs
 //!   backend would follow them, so before a
 //!   path is used every existing component of it, from the volume root down, is checked
@@ -54,7 +58,7 @@
 //!   splicing two versions; the same holds for the kept start a resumed upload copies. On
 //!   the volume a restart reads whatever file is under the name by then.
 //! - Attributes a client sets (SETSTAT: modes, owners, times) are not stored; front ends
-//!   accept and ignore them.
+//!   accept and ignore them, except a change of size, which the SFTP front end refuses.
 //! - A resumed upload ([`Vfs::resume`]: FTP `REST` + `STOR`, `APPE`) is an upload like any
 //!   other: the kept start of the existing file is copied into the temporary file first,
 //!   the client's bytes follow, and the whole replaces the file on close. Readers see the
@@ -124,12 +128,12 @@ pub enum VfsError {
     /// The home directory itself cannot be created, removed or renamed.
     #[error("the home directory cannot be changed")]
     Home,
-    /// The path contains a NUL byte or moves a directory into itself.
+    /// The path moves a directory into itself, or names a key the storage would change.
     #[error("invalid path")]
     InvalidPath,
-    /// A component of the path begins or ends with whitespace.
-    #[error("invalid path: file names cannot begin or end with whitespace")]
-    UntrimmedName,
+    /// A component of the path is a name the storage cannot keep as given.
+    #[error("invalid file name: {0}")]
+    InvalidName(#[from] storage::NameProblem),
     /// The user's home directory is not usable.
     #[error("home directory {0} is reserved")]
     ReservedHome(String),
@@ -235,6 +239,7 @@ impl VfsError {
             Self::Denied(_)
                 | Self::Symlink
                 | Self::ReservedHome(_)
+                | Self::InvalidName(_)
                 | Self::WritesSuspended(_)
                 | Self::UploadRefused(_)
                 | Self::AuditUnavailable
@@ -326,12 +331,10 @@ impl VfsError {
 }
 
 /// Normalises a client path to an absolute path inside the home: `""`, `"."` and `"/"`
-/// give `/`; `"a/../b"` gives `/b`; `"../../etc"` gives `/etc`. Fails on a NUL byte and
-/// on a component that begins or ends with whitespace.
+/// give `/`; `"a/../b"` gives `/b`; `"../../etc"` gives `/etc`. Fails with
+/// [`VfsError::InvalidName`] on a component the storage cannot keep as given
+/// ([`storage::name_problem`]), even one a later `..` would remove.
 pub fn normalize(path: &str) -> Result<String, VfsError> {
-    if path.contains('\0') {
-        return Err(VfsError::InvalidPath);
-    }
     let mut components: Vec<&str> = Vec::new();
     for component in path.split('/') {
         match component {
@@ -339,12 +342,10 @@ pub fn normalize(path: &str) -> Result<String, VfsError> {
             ".." => {
                 components.pop();
             }
-            name if name.starts_with(char::is_whitespace)
-                || name.ends_with(char::is_whitespace) =>
-            {
-                return Err(VfsError::UntrimmedName);
-            }
-            name => components.push(name),
+            name => match storage::name_problem(name) {
+                Some(problem) => return Err(VfsError::InvalidName(problem)),
+                None => components.push(name),
+            },
         }
     }
     Ok(format!("/{}", components.join("/")))
@@ -1526,7 +1527,7 @@ mod tests {
     use std::path::Path;
 
     use super::*;
-    use crate::storage::Volume;
+    use crate::storage::{NameProblem, Volume};
     use Permission::*;
 
     fn user(home: &str, permissions: &[Permission]) -> GatewayUser {
@@ -1586,27 +1587,99 @@ mod tests {
         ] {
             assert_eq!(normalize(input).unwrap(), expected, "{input:?}");
         }
-        assert!(matches!(normalize("a\0b"), Err(VfsError::InvalidPath)));
+        assert!(matches!(
+            normalize("a\0b"),
+            Err(VfsError::InvalidName(NameProblem::Control))
+        ));
     }
 
     #[test]
-    fn names_that_begin_or_end_with_whitespace_are_refused() {
-        for input in [
-            "leaf ",
-            "leaf\t",
-            "leaf\u{3000}",
-            " /.sluice-uploads",
-            "a/ b/c",
-            "\u{a0}x",
-            "dir\n/x",
-            " ",
+    fn names_the_storage_would_not_keep_as_given_are_refused() {
+        for (input, problem) in [
+            ("leaf ", NameProblem::Untrimmed),
+            ("leaf\u{3000}", NameProblem::Untrimmed),
+            (" /.sluice-uploads", NameProblem::Untrimmed),
+            ("a/ b/c", NameProblem::Untrimmed),
+            ("\u{a0}x", NameProblem::Untrimmed),
+            (" ", NameProblem::Untrimmed),
+            ("leaf\t", NameProblem::Control),
+            ("dir\n/x", NameProblem::Control),
+            (
+                "\\.sluice-audit\\2026-01-01\\x.jsonl",
+                NameProblem::Backslash,
+            ),
+            ("a\\b", NameProblem::Backslash),
+            ("a\\b/..", NameProblem::Backslash),
+            ("x/\u{fffe}", NameProblem::Noncharacter),
+            (".sluice-audit./x", NameProblem::TrailingDot),
+            ("report.", NameProblem::TrailingDot),
         ] {
-            assert!(
-                matches!(normalize(input), Err(VfsError::UntrimmedName)),
-                "{input:?}"
-            );
+            match normalize(input) {
+                Err(VfsError::InvalidName(found)) => assert_eq!(found, problem, "{input:?}"),
+                other => panic!("{input:?} gave {other:?}"),
+            }
         }
         assert_eq!(normalize("a b/c\u{3000}d").unwrap(), "/a b/c\u{3000}d");
+        assert_eq!(normalize("a..b/.x").unwrap(), "/a..b/.x");
+        let message = normalize("a\\b").unwrap_err().to_string();
+        assert_eq!(
+            message,
+            "invalid file name: file names cannot contain a backslash"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_user_at_the_root_creates_nothing_through_a_name_the_storage_would_rewrite() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = open_as(Volume::open_fs(dir.path()).unwrap(), &user("/", ALL))
+            .await
+            .unwrap();
+        upload(&root, "seed", b"seed").await;
+        let before = tree(dir.path());
+        for name in [
+            "\\.sluice-audit\\x.jsonl",
+            "a\\b",
+            "a\u{1}b",
+            "x.",
+            "a\u{ffff}",
+        ] {
+            let invalid = |result: Result<(), VfsError>| {
+                assert!(
+                    matches!(result, Err(VfsError::InvalidName(_))),
+                    "{name:?}: {result:?}"
+                );
+            };
+            invalid(root.create(name, WriteMode::Replace).await.map(drop));
+            invalid(root.resume(name, ResumeAt::End).await.map(drop));
+            invalid(root.mkdir(name).await);
+            invalid(root.rename("seed", name).await);
+            invalid(root.rename_replacing("seed", name).await);
+            invalid(root.remove(name).await);
+            invalid(root.rmdir(name).await);
+            invalid(root.stat(name).await.map(drop));
+        }
+        assert_eq!(tree(dir.path()), before);
+    }
+
+    /// Every path under `root` except the audit log, sorted.
+    fn tree(root: &std::path::Path) -> Vec<String> {
+        let mut found = Vec::new();
+        let mut pending = vec![root.to_owned()];
+        while let Some(dir) = pending.pop() {
+            for entry in std::fs::read_dir(&dir).unwrap().flatten() {
+                let path = entry.path();
+                let shown = path.strip_prefix(root).unwrap().display().to_string();
+                if shown.starts_with(crate::storage::AUDIT_DIR) {
+                    continue;
+                }
+                if path.is_dir() {
+                    pending.push(path);
+                }
+                found.push(shown);
+            }
+        }
+        found.sort();
+        found
     }
 
     #[cfg(unix)]
@@ -1628,7 +1701,7 @@ mod tests {
             "dirlink /secret",
         ] {
             assert!(
-                matches!(vfs.open_read(path).await, Err(VfsError::UntrimmedName)),
+                matches!(vfs.open_read(path).await, Err(VfsError::InvalidName(_))),
                 "{path:?}"
             );
         }
@@ -1638,11 +1711,11 @@ mod tests {
         for path in [" /.sluice-uploads", "\t/.sluice-uploads/x"] {
             assert!(matches!(
                 root.stat(path).await,
-                Err(VfsError::UntrimmedName)
+                Err(VfsError::InvalidName(_))
             ));
             assert!(matches!(
                 root.rename(path, "stolen").await,
-                Err(VfsError::UntrimmedName)
+                Err(VfsError::InvalidName(_))
             ));
         }
         let untrimmed = user("/x ", ALL);
@@ -1989,8 +2062,10 @@ mod tests {
         let stamp = |compliant: bool| -> crate::gateway::config::GatewayConfig {
             serde_json::from_value(serde_json::json!({
                 "server": "ns/s", "region": "cn-shanghai", "users": [],
-                "residency": {"compliant": compliant, "enforced": true,
-                              "suspended": !compliant, "violation": "rule R"},
+                "residency": {
+                    "compliant": compliant, "enforced": true, "suspended": !compliant,
+                    "violation": "rule R",
+                },
             }))
             .unwrap()
         };

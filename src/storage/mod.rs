@@ -27,7 +27,15 @@
 //!   the file OpenDAL then opens. OpenDAL normalises each key before use, and among other
 //!   things trims whitespace from both ends of it, so `"leaf "` would be checked as one
 //!   file and opened as another. Callers use only keys for which [`is_faithful_key`]
-//!   holds: keys OpenDAL leaves exactly as they are.
+//!   holds: keys OpenDAL leaves exactly as they are, made of names every backend keeps
+//!   as given ([`name_problem`]).
+//! - A name is kept faithfully only if no backend rewrites it. Object stores do: SeaweedFS
+//!   stores `\` as `/` (so `\.sluice-audit\x` would land in the audit directory) and
+//!   lists C0 control characters and U+FFFE/U+FFFF (not allowed in the XML of a listing) as
+//!   U+FFFD; Azure Blob advises against names ending in `.` and refuses control
+//!   characters; OpenDAL trims whitespace. [`name_problem`] refuses all of these on every
+//!   backend alike, the volume included, so that one name means one file everywhere and a
+//!   server can move between backends.
 //! - Moves that must not replace anything are single filesystem operations, not a check
 //!   followed by a rename, because OpenDAL's rename and atomic writes always replace:
 //!   [`Volume::publish`] and [`Volume::rename`] move a file with `link` (which fails if the
@@ -448,12 +456,65 @@ pub fn is_reserved_name(name: &str) -> bool {
     name == UPLOADS_DIR || name == PROBE_DIR || name == AUDIT_DIR
 }
 
-/// Whether OpenDAL uses `key` exactly as given, so that what is checked on the volume
-/// under that name is what OpenDAL opens. The empty key (the volume root) and directory
-/// keys ending in `/` qualify; keys with a leading `/`, empty components or whitespace at
-/// either end do not.
+/// Why a file or directory name (one component of a key) cannot be stored as given.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum NameProblem {
+    /// A backslash, which some object stores (SeaweedFS) store as `/`.
+    #[error("file names cannot contain a backslash")]
+    Backslash,
+    /// A control character (C0, DEL or C1, NUL included): object stores list some as
+    /// U+FFFD or refuse them, and FTP cannot carry them.
+    #[error("file names cannot contain control characters")]
+    Control,
+    /// A Unicode noncharacter (U+FFFE, U+FDD0, ...): not allowed in the XML of a listing.
+    #[error("file names cannot contain Unicode noncharacters")]
+    Noncharacter,
+    /// Whitespace at either end, which OpenDAL trims.
+    #[error("file names cannot begin or end with whitespace")]
+    Untrimmed,
+    /// A dot at the end (`.` and `..` included), which some stores and clients drop.
+    #[error("file names cannot end with a dot")]
+    TrailingDot,
+}
+
+/// Why `name`, one component of a path, cannot be stored faithfully on every backend, if
+/// it cannot (see the module's contract).
+pub fn name_problem(name: &str) -> Option<NameProblem> {
+    for c in name.chars() {
+        if c == '\\' {
+            return Some(NameProblem::Backslash);
+        }
+        if c.is_control() {
+            return Some(NameProblem::Control);
+        }
+        if is_noncharacter(c) {
+            return Some(NameProblem::Noncharacter);
+        }
+    }
+    if name.starts_with(char::is_whitespace) || name.ends_with(char::is_whitespace) {
+        return Some(NameProblem::Untrimmed);
+    }
+    name.ends_with('.').then_some(NameProblem::TrailingDot)
+}
+
+/// U+FDD0 to U+FDEF and the last two code points of every plane.
+fn is_noncharacter(c: char) -> bool {
+    let code = u32::from(c);
+    (0xFDD0..=0xFDEF).contains(&code) || code & 0xFFFE == 0xFFFE
+}
+
+/// Whether OpenDAL uses `key` exactly as given and every backend keeps each of its
+/// names as given, so that what is checked on the storage under that name is what is
+/// then opened. The empty key (the volume root) and directory keys ending in `/`
+/// qualify; keys with a leading `/`, empty components, or a name [`name_problem`]
+/// refuses do not.
 pub fn is_faithful_key(key: &str) -> bool {
-    key.is_empty() || opendal::raw::normalize_path(key) == key
+    key.is_empty()
+        || (opendal::raw::normalize_path(key) == key
+            && key
+                .trim_end_matches('/')
+                .split('/')
+                .all(|name| name_problem(name).is_none()))
 }
 
 /// A key under [`UPLOADS_DIR`], not used before, to stage an upload at.
@@ -632,8 +693,8 @@ mod tests {
     }
 
     #[test]
-    fn faithful_keys_are_those_opendal_leaves_unchanged() {
-        for key in ["", "a", "home/a b/c", "home/.x", "a/\u{3000}x\u{3000}/b"] {
+    fn faithful_keys_are_those_opendal_and_every_backend_keep_as_given() {
+        for key in ["", "a", "home/a b/c", "home/.x", "a/x\u{3000}y/b"] {
             assert!(is_faithful_key(key), "{key:?}");
         }
         for key in [
@@ -643,8 +704,58 @@ mod tests {
             "leaf\u{3000}",
             "/a",
             "a//b",
+            "a/\u{3000}x/b",
+            "\\.sluice-audit\\x",
+            "home/a\\b/",
+            "home/a\u{1}b",
+            "a/./b",
+            "a/../b",
+            "home/x.",
+            "a\u{fffe}",
         ] {
             assert!(!is_faithful_key(key), "{key:?}");
+        }
+        assert!(is_faithful_key("home/dir/"));
+    }
+
+    #[test]
+    fn names_a_backend_would_rewrite_are_refused_with_the_reason() {
+        let refused = [
+            ("a\\b", NameProblem::Backslash),
+            ("\\.sluice-audit", NameProblem::Backslash),
+            ("a\0b", NameProblem::Control),
+            ("a\rb", NameProblem::Control),
+            ("a\u{1b}[31m", NameProblem::Control),
+            ("a\u{7f}", NameProblem::Control),
+            ("a\u{85}b", NameProblem::Control),
+            ("a\u{fffe}b", NameProblem::Noncharacter),
+            ("a\u{ffff}", NameProblem::Noncharacter),
+            ("\u{fdd0}", NameProblem::Noncharacter),
+            ("a\u{10ffff}", NameProblem::Noncharacter),
+            (" a", NameProblem::Untrimmed),
+            ("a\u{3000}", NameProblem::Untrimmed),
+            ("a.", NameProblem::TrailingDot),
+            (".sluice-audit.", NameProblem::TrailingDot),
+            ("..", NameProblem::TrailingDot),
+        ];
+        for (name, problem) in refused {
+            assert_eq!(name_problem(name), Some(problem), "{name:?}");
+        }
+        let kept = [
+            "a.txt",
+            ".hidden",
+            "a b",
+            "a%2Fb",
+            "a+b",
+            "日本語.csv",
+            "e\u{301}",
+            "a\u{fffd}b",
+            "a\u{a0}b",
+            "a\u{1f600}",
+            "a..b",
+        ];
+        for name in kept {
+            assert_eq!(name_problem(name), None, "{name:?}");
         }
     }
 

@@ -7,6 +7,7 @@ pub mod gateway;
 pub mod helm;
 pub mod http;
 pub mod kubelet;
+pub mod names;
 pub mod proxy;
 pub mod s3;
 pub mod sftp;

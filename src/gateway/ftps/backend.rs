@@ -284,7 +284,7 @@ fn error_kind(error: &VfsError, directory: bool) -> ErrorKind {
         Reply::Failure if error.is_transient() => ErrorKind::TransientFileNotAvailable,
         Reply::Failure => match error {
             VfsError::NotEmpty => ErrorKind::PermanentDirectoryNotEmpty,
-            VfsError::InvalidPath | VfsError::UntrimmedName => ErrorKind::FileNameNotAllowedError,
+            VfsError::InvalidPath | VfsError::InvalidName(_) => ErrorKind::FileNameNotAllowedError,
             VfsError::NotADirectory if directory => ErrorKind::PermanentDirectoryNotAvailable,
             _ => ErrorKind::PermanentFileNotAvailable,
         },
@@ -541,6 +541,7 @@ fn file_info(entry: Entry) -> Fileinfo<PathBuf, Meta> {
 mod tests {
     use super::*;
     use crate::api::Permission;
+    use crate::storage::NameProblem;
 
     #[test]
     fn vfs_errors_map_to_transient_and_permanent_replies() {
@@ -564,6 +565,10 @@ mod tests {
         );
         assert_eq!(
             kind(VfsError::InvalidPath),
+            ErrorKind::FileNameNotAllowedError
+        );
+        assert_eq!(
+            kind(VfsError::InvalidName(NameProblem::Backslash)),
             ErrorKind::FileNameNotAllowedError
         );
         assert_eq!(

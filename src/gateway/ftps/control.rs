@@ -29,7 +29,9 @@
 //!   offer it: behind an address shared by several pods its data connection could reach
 //!   another pod, and clients fall back to `PASV`.
 //! - A command line longer than [`MAX_COMMAND_LINE`] gets a 500 and the connection is
-//!   closed; one that is not UTF-8 gets a 501 and is not sent on.
+//!   closed; one that is not UTF-8 gets a 501, and one with a control character anywhere
+//!   but in its CRLF end (a verb ending in a carriage return, which libunftp would read
+//!   as another verb than this front end does) a 500; neither is sent on.
 //! - Logins and transfers are logged by the back end; this module logs only what it
 //!   refuses. A connection that ends before or during TLS is logged at debug.
 
@@ -465,6 +467,11 @@ impl Session {
                 tracing::debug!("Refused a command line that is not UTF-8");
                 let refusal = "Command line is not valid UTF-8; names must be UTF-8";
                 self.reply(Reply::new(501, refusal)).await
+            }
+            Err(CommandError::ControlCharacter) => {
+                tracing::info!("Refused a command line with a control character");
+                let refusal = "Command line holds a control character; it was not run";
+                self.reply(Reply::new(500, refusal)).await
             }
         }
     }

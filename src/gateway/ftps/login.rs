@@ -17,6 +17,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::gateway::ErrorChain;
+use crate::gateway::audit::{MAX_USER_BYTES, clipped};
 use crate::gateway::auth::LiveLogins;
 use crate::gateway::ftps::backend::FtpUser;
 use crate::gateway::ftps::engine::SessionContext;
@@ -54,7 +55,8 @@ impl PasswordLogin {
     }
 
     async fn refuse(&self, user: &str, reason: &'static str) -> AuthenticationError {
-        tracing::warn!(parent: self.context.span(), user, reason, "Login failed");
+        let shown = clipped(user, MAX_USER_BYTES);
+        tracing::warn!(parent: self.context.span(), user = %shown, reason, "Login failed");
         self.context.log().login(user, Some(reason)).await;
         tokio::time::sleep(REJECTION_DELAY).await;
         AuthenticationError::BadPassword

@@ -110,12 +110,20 @@ pub enum CommandError {
     /// The line is not UTF-8. File names are UTF-8; anything else would be stored under a
     /// mangled name.
     NotUtf8,
+    /// The line holds a control character (a carriage return, a tab, ...). libunftp ends
+    /// a verb at a carriage return where this parser does not, so such a line could be
+    /// one command here and another there; and no file name may hold one.
+    ControlCharacter,
 }
 
-/// Parses a client line (without its line end), after removing Telnet commands.
+/// Parses a client line (without its line end), after removing Telnet commands. A line
+/// with a control character anywhere in it is refused, never passed on.
 pub fn parse_command(line: &[u8]) -> Result<Command, CommandError> {
     let line = strip_telnet(line);
     let line = String::from_utf8(line).map_err(|_| CommandError::NotUtf8)?;
+    if line.contains(char::is_control) {
+        return Err(CommandError::ControlCharacter);
+    }
     let (verb, argument) = line.split_once(' ').unwrap_or((&line, ""));
     if verb.is_empty() {
         return Err(CommandError::Empty);
@@ -360,6 +368,31 @@ mod tests {
         );
         assert_eq!(parse_command(b"MKD \xc3\x28"), Err(CommandError::NotUtf8));
         assert_eq!(parse_command(b""), Err(CommandError::Empty));
+    }
+
+    #[test]
+    fn a_line_with_a_control_character_is_refused_wherever_it_is() {
+        for line in [
+            &b"STAT\r"[..],
+            b"PORT\r127,0,0,1,0,21",
+            b"STAT\r\r",
+            b"\rSTAT",
+            b"RETR a\rb",
+            b"STOR a\tb",
+            b"MKD a\x1b[31m",
+            b"DELE a\x7f",
+            b"CWD \x00",
+            "MKD a\u{85}b".as_bytes(),
+            b"\xff\xf4\rABOR",
+        ] {
+            assert_eq!(
+                parse_command(line),
+                Err(CommandError::ControlCharacter),
+                "{:?}",
+                String::from_utf8_lossy(line)
+            );
+        }
+        assert_eq!(parse_command(b"STAT").unwrap().verb, "STAT");
     }
 
     #[test]

@@ -114,7 +114,10 @@ pub enum UserProblem {
         index: usize,
     },
     /// The home directory is not an absolute path without `..`.
-    #[error("homeDirectory {0:?} must start with / and must not contain .. or NUL")]
+    #[error(
+        "homeDirectory {0:?} must start with / and must not contain .., a backslash, \
+         control characters, or names that begin or end with whitespace or end with a dot"
+    )]
     InvalidHomeDirectory(String),
     /// Neither a password nor a key.
     #[error("the user has neither passwordSecretRef nor sshPublicKeys")]
@@ -402,7 +405,7 @@ fn password_from(
 /// whitespace are refused because the storage layer trims them (`/ ab` would alias
 /// `/ab`), and the gateway's reserved upload directory cannot be anyone's home.
 pub fn normalise_home(home: &str) -> Option<String> {
-    if !home.starts_with('/') || home.contains('\0') || home.contains('\\') {
+    if !home.starts_with('/') {
         return None;
     }
     let mut segments = Vec::new();
@@ -410,7 +413,8 @@ pub fn normalise_home(home: &str) -> Option<String> {
         match segment {
             "" | "." => {}
             ".." => return None,
-            s if s.trim() != s => return None,
+            // The gateway's rule for names every backend keeps faithfully.
+            s if crate::storage::name_problem(s).is_some() => return None,
             other => segments.push(other),
         }
     }
