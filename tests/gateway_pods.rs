@@ -70,6 +70,20 @@ fn fixtures() -> Vec<Value> {
         "requests": {"cpu": "1000m", "memory": "0.25Gi"},
         "limits": {"memory": "1024Mi", "ephemeral-storage": "2Gi"},
     });
+    server["spec"]["pod"] = json!({
+        "imagePullSecrets": [{"name": "registry"}],
+        "tolerations": [{"key": "dedicated", "operator": "Equal", "value": "transfer",
+                         "effect": "NoSchedule"}],
+        "nodeSelector": {"pool": "transfer", "topology.kubernetes.io/region": "elsewhere"},
+        "priorityClassName": "transfer-gateways",
+        "annotations": {"example.com/scrape": "true", "sluice.dev/storage-revision": "x"},
+    });
+    objects.push(json!({
+        "apiVersion": "scheduling.k8s.io/v1",
+        "kind": "PriorityClass",
+        "metadata": {"name": "transfer-gateways"},
+        "value": 1000,
+    }));
     objects
 }
 
@@ -116,6 +130,19 @@ async fn requests_above_limits_are_refused_at_admission(client: &Client) -> Resu
     .await
 }
 
+async fn statefulset_pod_annotations(
+    client: &Client,
+) -> Result<std::collections::BTreeMap<String, String>> {
+    let statefulset = Api::<StatefulSet>::namespaced(client.clone(), NS)
+        .get("files-gateway")
+        .await?;
+    Ok(statefulset
+        .spec
+        .and_then(|s| s.template.metadata)
+        .and_then(|m| m.annotations)
+        .unwrap_or_default())
+}
+
 async fn gateway_container(client: &Client) -> Result<(StatefulSet, Container)> {
     let statefulset = Api::<StatefulSet>::namespaced(client.clone(), NS)
         .get("files-gateway")
@@ -136,6 +163,32 @@ async fn the_statefulset_renders_the_spec(client: &Client) -> Result<()> {
         .and_then(|s| s.template.spec)
         .context("no pod")?;
     ensure!(pod.termination_grace_period_seconds == Some(40));
+    // spec.pod, with the region left to the required affinity and Sluice's annotations
+    // its own.
+    let pulls: Vec<String> = pod
+        .image_pull_secrets
+        .iter()
+        .flatten()
+        .map(|s| s.name.clone())
+        .collect();
+    ensure!(pulls == ["registry"], "{pulls:?}");
+    let tolerations = pod.tolerations.clone().unwrap_or_default();
+    ensure!(
+        tolerations.len() == 1 && tolerations[0].key.as_deref() == Some("dedicated"),
+        "{tolerations:?}"
+    );
+    let selector = pod.node_selector.clone().unwrap_or_default();
+    ensure!(
+        selector.len() == 1 && selector.get("pool").map(String::as_str) == Some("transfer"),
+        "the region cannot be set by a node selector: {selector:?}"
+    );
+    ensure!(pod.priority_class_name.as_deref() == Some("transfer-gateways"));
+    let annotations = statefulset_pod_annotations(client).await?;
+    ensure!(
+        annotations.get("example.com/scrape").map(String::as_str) == Some("true")
+            && !annotations.contains_key("sluice.dev/storage-revision"),
+        "{annotations:?}"
+    );
 
     let resources = container.resources.clone().context("no resources")?;
     let amounts = |map: Option<std::collections::BTreeMap<String, _>>| -> Vec<(String, String)> {

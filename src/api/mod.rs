@@ -15,11 +15,12 @@ pub use policy::{
     Enforcement, GovernedServer, Jurisdiction,
 };
 pub use server::{
-    AddressingStyle, AuditLog, FtpsPort, FtpsProtocol, GatewayResources, HostKeyFingerprint,
-    NetworkPolicySettings, ObjectStorage, ObjectStoreCredentials, ObjectStoreProvider,
-    PassivePortRange, Protocols, ResourceAmounts, SecretReference, ServiceExposure, ServiceType,
-    SessionReuse, SftpProtocol, Storage, StorageStatus, TlsCertificateStatus, TlsVersion,
-    TransferServer, TransferServerSpec, TransferServerStatus, VolumeStorage,
+    AddressingStyle, AuditLog, FtpsPort, FtpsProtocol, GatewayPod, GatewayResources,
+    HostKeyFingerprint, NetworkPolicySettings, ObjectStorage, ObjectStoreCredentials,
+    ObjectStoreProvider, PassivePortRange, Protocols, ResourceAmounts, SecretReference,
+    ServiceExposure, ServiceType, SessionReuse, SftpProtocol, Storage, StorageStatus,
+    TlsCertificateStatus, TlsVersion, TransferServer, TransferServerSpec, TransferServerStatus,
+    VolumeStorage,
 };
 pub use user::{
     Permission, SecretKeySelector, ServerReference, TransferUser, TransferUserSpec,

@@ -83,6 +83,43 @@ pub struct TransferServerSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 0, max = 86400))]
     pub shutdown_grace_period_seconds: Option<i32>,
+
+    /// Where and how the gateway pods run, besides the required node affinity on the
+    /// region, which always applies: registry credentials, tolerations for tainted
+    /// regional node pools, more node labels, priority, annotations.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pod: Option<GatewayPod>,
+}
+
+/// Settings of the gateway pods.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct GatewayPod {
+    /// Secrets (of type `kubernetes.io/dockerconfigjson`, in the server's namespace) for
+    /// pulling the gateway image from a private registry.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 16))]
+    pub image_pull_secrets: Vec<SecretReference>,
+
+    /// Tolerations, for node pools of the region that carry taints.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 32))]
+    pub tolerations: Vec<k8s_openapi::api::core::v1::Toleration>,
+
+    /// Node labels the pods' nodes must also carry (a node pool, say). The region label is
+    /// required anyway and cannot be set here.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub node_selector: std::collections::BTreeMap<String, String>,
+
+    /// PriorityClass of the gateway pods.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 253))]
+    pub priority_class_name: Option<String>,
+
+    /// Annotations on the gateway pods (a service mesh's or a log collector's, say).
+    /// Annotations Sluice sets itself (`sluice.dev/...`) win.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub annotations: std::collections::BTreeMap<String, String>,
 }
 
 /// The gateway pods' egress NetworkPolicy. It lets them reach only DNS (the cluster's

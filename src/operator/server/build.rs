@@ -10,11 +10,12 @@ use k8s_openapi::ByteString;
 use k8s_openapi::api::apps::v1::{StatefulSet, StatefulSetSpec};
 use k8s_openapi::api::core::v1::{
     Affinity, Capabilities, Container, ContainerPort, EmptyDirVolumeSource, EnvVar, EnvVarSource,
-    HTTPGetAction, KeyToPath, NodeAffinity, NodeSelector, NodeSelectorRequirement,
-    NodeSelectorTerm, ObjectFieldSelector, PersistentVolumeClaim, PersistentVolumeClaimSpec,
-    PersistentVolumeClaimVolumeSource, PodSecurityContext, PodSpec, PodTemplateSpec, Probe,
-    ResourceRequirements, SeccompProfile, Secret, SecretVolumeSource, SecurityContext, Service,
-    ServicePort, ServiceSpec, Volume, VolumeMount, VolumeResourceRequirements,
+    HTTPGetAction, KeyToPath, LocalObjectReference, NodeAffinity, NodeSelector,
+    NodeSelectorRequirement, NodeSelectorTerm, ObjectFieldSelector, PersistentVolumeClaim,
+    PersistentVolumeClaimSpec, PersistentVolumeClaimVolumeSource, PodSecurityContext, PodSpec,
+    PodTemplateSpec, Probe, ResourceRequirements, SeccompProfile, Secret, SecretVolumeSource,
+    SecurityContext, Service, ServicePort, ServiceSpec, Volume, VolumeMount,
+    VolumeResourceRequirements,
 };
 use k8s_openapi::api::networking::v1::{
     IPBlock, NetworkPolicy, NetworkPolicyEgressRule, NetworkPolicyPeer, NetworkPolicyPort,
@@ -520,8 +521,7 @@ fn build_statefulset(
             template: PodTemplateSpec {
                 metadata: Some(ObjectMeta {
                     labels: Some(pod_labels(server, valid.object_store.as_ref())),
-                    annotations: storage_revision(valid, keys)
-                        .map(|revision| BTreeMap::from([(STORAGE_REVISION.into(), revision)])),
+                    annotations: pod_annotations(server, storage_revision(valid, keys)),
                     ..ObjectMeta::default()
                 }),
                 spec: Some(pod_spec(valid, settings)),
@@ -530,6 +530,24 @@ fn build_statefulset(
         }),
         status: None,
     }
+}
+
+/// The pod's annotations: the spec's, then Sluice's own, which win.
+fn pod_annotations(
+    server: &TransferServer,
+    storage_revision: Option<String>,
+) -> Option<BTreeMap<String, String>> {
+    let mut annotations = pod_settings(server).annotations;
+    annotations.retain(|key, _| !key.starts_with("sluice.dev/"));
+    if let Some(revision) = storage_revision {
+        annotations.insert(STORAGE_REVISION.into(), revision);
+    }
+    (!annotations.is_empty()).then_some(annotations)
+}
+
+/// `spec.pod`, or its defaults.
+fn pod_settings(server: &TransferServer) -> crate::api::GatewayPod {
+    server.spec.pod.clone().unwrap_or_default()
 }
 
 /// Pod annotation that changes whenever the object store or its credentials do.
@@ -614,8 +632,23 @@ fn pod_spec(valid: &ValidServer, settings: &BuildSettings) -> PodSpec {
         }
         volumes.push(volume);
     }
+    let pod = pod_settings(server);
+    let mut node_selector = pod.node_selector;
+    // The region is pinned by the required affinity; a selector cannot loosen it.
+    node_selector.retain(|key, _| !region_labels.contains(key));
     PodSpec {
         affinity: Some(region_affinity(region_labels, &server.spec.region)),
+        image_pull_secrets: (!pod.image_pull_secrets.is_empty()).then(|| {
+            pod.image_pull_secrets
+                .iter()
+                .map(|s| LocalObjectReference {
+                    name: s.name.clone(),
+                })
+                .collect()
+        }),
+        tolerations: (!pod.tolerations.is_empty()).then_some(pod.tolerations),
+        node_selector: (!node_selector.is_empty()).then_some(node_selector),
+        priority_class_name: pod.priority_class_name,
         automount_service_account_token: Some(false),
         containers: vec![gateway_container(
             server,
