@@ -965,8 +965,7 @@ async fn with_stdout_on_records_are_json_lines_on_stdout_and_flushed_on_sigterm(
             let event: Value = serde_json::from_str(&line).unwrap_or_default();
             if event["message"] == "Gateway listening" {
                 let sftp = event["sftp"].as_str().unwrap_or_default();
-                let addr = sftp.trim_start_matches("Some(").trim_end_matches(')');
-                return Ok(addr.parse()?);
+                return Ok(sftp.parse()?);
             }
         }
         bail!("the gateway exited before listening")

@@ -1090,8 +1090,7 @@ impl GatewayProcess {
                 let event: serde_json::Value = serde_json::from_str(&line).unwrap_or_default();
                 if event["message"] == "Gateway listening" {
                     let sftp = event["sftp"].as_str().unwrap_or_default();
-                    let addr = sftp.trim_start_matches("Some(").trim_end_matches(')');
-                    return Ok(addr.parse()?);
+                    return Ok(sftp.parse()?);
                 }
             }
             anyhow::bail!("the gateway exited before listening")

@@ -30,7 +30,7 @@ pub struct Cli {
 pub enum Command {
     /// Run the operator against the current kubeconfig or the in-cluster config.
     Operator(crate::operator::OperatorArgs),
-    /// Run an SFTP gateway for one TransferServer (what gateway pods run).
+    /// Run the SFTP and FTPS gateway of one TransferServer (what gateway pods run).
     Gateway(Box<crate::gateway::GatewayArgs>),
     /// Print the CustomResourceDefinitions, or write them to a directory.
     Crds(crds::CrdsArgs),

@@ -539,11 +539,12 @@ fn log_startup(
             "Serving a server that its residency policy reports as not compliant"
         );
     }
+    let sftp = addr.map_or_else(|| "off".to_string(), |a| a.to_string());
     tracing::info!(
         server = %config.server,
         region = %config.region,
         users = config.users.len(),
-        sftp = ?addr,
+        %sftp,
         "Gateway listening"
     );
 }
