@@ -40,7 +40,7 @@ use kube::api::{Api, GetParams};
 use kube::config::{KubeConfigOptions, Kubeconfig};
 use nix::sys::prctl::set_pdeathsig;
 use nix::sys::signal::{Signal, kill};
-use nix::unistd::Pid;
+use nix::unistd::{Pid, getppid};
 use rcgen::{
     BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
     Issuer, KeyPair, KeyUsagePurpose,
@@ -681,10 +681,7 @@ impl Process {
             .stdout(stdout)
             .stderr(stderr)
             .kill_on_drop(true);
-        // SAFETY: the closure only makes the prctl(2) system call, which is async-signal-safe.
-        unsafe {
-            command.pre_exec(|| Ok(set_pdeathsig(Signal::SIGKILL)?));
-        }
+        die_with_parent(&mut command);
         let child = command
             .spawn()
             .with_context(|| format!("cannot start {}", program.display()))?;
@@ -753,6 +750,34 @@ impl Process {
 impl Drop for Process {
     fn drop(&mut self) {
         self.stop_blocking();
+    }
+}
+
+/// Makes the process `command` starts get SIGKILL from the kernel when its parent goes,
+/// however the parent goes.
+///
+/// Why the parent-death signal (`prctl(PR_SET_PDEATHSIG)`, Linux only) rather than only
+/// `kill_on_drop` or `Drop`: those run in the parent, so a parent killed with SIGKILL, or
+/// one that aborts, never runs them, and its children would live on as orphans holding
+/// their ports and files. The kernel sends the parent-death signal whatever ends the
+/// parent. Two caveats: the signal comes when the *thread* that spawned the child exits,
+/// so spawn from a thread that lives as long as the child is wanted (a test's or a
+/// program's main thread, or a runtime worker; not a short-lived blocking-pool thread);
+/// and a parent that dies between `fork` and the `prctl` is caught by comparing
+/// `getppid` with the parent's pid, in which case the child does not start.
+pub fn die_with_parent(command: &mut Command) {
+    let parent = std::process::id();
+    // SAFETY: the closure only makes the prctl(2) and getppid(2) system calls, which are
+    // async-signal-safe, and allocates nothing.
+    unsafe {
+        command.pre_exec(move || {
+            set_pdeathsig(Signal::SIGKILL)?;
+            match u32::try_from(getppid().as_raw()) == Ok(parent) {
+                true => Ok(()),
+                // "No such process": the parent is gone already.
+                false => Err(nix::errno::Errno::ESRCH.into()),
+            }
+        });
     }
 }
 

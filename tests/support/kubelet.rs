@@ -17,6 +17,11 @@
 //! passive FTP ports the gateway binds by number from its configuration, keep their
 //! numbers), and the command `sluice` resolves to the binary Cargo built for this test
 //! run.
+//!
+//! The process is killed (SIGKILL, as on a node failure) when the [`RunningPod`] is
+//! dropped, which returns once it has exited and then removes the temporary directory;
+//! and the kernel kills it when the process that runs this kubelet dies, however it dies
+//! (see [`super::controlplane::die_with_parent`]).
 
 #![allow(dead_code)]
 
@@ -311,6 +316,9 @@ impl RunningPod {
             .stdout(log.try_clone()?)
             .stderr(log)
             .kill_on_drop(true);
+        // Also when whoever runs this kubelet is killed outright (SIGKILL): no orphaned
+        // gateway keeps listening.
+        super::controlplane::die_with_parent(&mut command);
         for var in container.env.iter().flatten() {
             let from_field = var
                 .value_from
@@ -428,6 +436,22 @@ impl RunningPod {
             .await
             .context("cannot report the pod Ready")?;
         Ok(())
+    }
+}
+
+impl Drop for RunningPod {
+    /// Kills the process and waits (up to a few seconds, blocking the thread) until it
+    /// has exited, so its ports are free and nothing writes into the temporary directory
+    /// while it is removed.
+    fn drop(&mut self) {
+        let Some(child) = self.child.as_mut() else {
+            return;
+        };
+        let _ = child.start_kill();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while matches!(child.try_wait(), Ok(None)) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 }
 
