@@ -628,7 +628,11 @@ async fn a_gateway_that_falls_out_of_compliance_refuses_writes_and_serves_reads(
         !output.status.success(),
         "an upload succeeded while suspended"
     );
-    ensure!(verbose.contains(&format!("550 {reason}")), "{verbose}");
+    // Refused as the answer to STOR, before any data is sent.
+    ensure!(
+        verbose.contains(&format!("< 550 {reason}")) && !verbose.contains("< 150"),
+        "{verbose}"
+    );
     let mut rename = clients.curl();
     rename
         .args(["-v", "-Q", "RNFR /kept.txt", "-Q", "RNTO /moved.txt"])

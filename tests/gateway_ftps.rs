@@ -392,6 +392,27 @@ impl Ftp {
         self.reply().await
     }
 
+    /// Sends an upload command that the gateway must refuse before its data connection is
+    /// used: the first reply is the final one (no `150`), and the data connection it
+    /// prepared is closed unused. Returns that reply.
+    async fn refused_store(&mut self, line: &str) -> Result<Reply> {
+        let port = self.epsv().await?;
+        let mut data = self.connect_data(port).await?;
+        let refused = self.command(line).await?;
+        ensure!(
+            refused.code >= 400,
+            "{line}: expected a refusal before any data, got {refused:?}"
+        );
+        let mut rest = Vec::new();
+        let read = timeout(CLIENT_TIMEOUT, data.read_to_end(&mut rest)).await?;
+        ensure!(
+            read.is_err() || rest.is_empty(),
+            "{line}: the data connection carried {} bytes",
+            rest.len()
+        );
+        Ok(refused)
+    }
+
     /// `STOR`s `content` under `name` over EPSV and TLS; returns the final reply.
     async fn store(&mut self, name: &[u8], content: &[u8]) -> Result<Reply> {
         let port = self.epsv().await?;
@@ -1724,7 +1745,7 @@ async fn rest_beyond_the_end_is_refused_and_a_write_only_user_appends_and_resume
     ensure!(std::fs::read(&log)? == b"one\n2\n");
 
     ftp.expect("REST 99", 350).await?;
-    let refused = ftp.store_with("STOR log", b"never").await?;
+    let refused = ftp.refused_store("STOR log").await?;
     // A user who may not read the file is not told its size.
     ensure!(
         refused.code == 550
@@ -1745,6 +1766,85 @@ async fn rest_beyond_the_end_is_refused_and_a_write_only_user_appends_and_resume
     // The staging directory is left empty: every refused or completed upload was cleared.
     ensure!(
         tree(&gateway.data()) == [UPLOADS_DIR, "drop", "drop/log"],
+        "{:?}",
+        tree(&gateway.data())
+    );
+    gateway.stop().await
+}
+
+#[tokio::test]
+async fn an_upload_that_cannot_start_is_refused_before_its_150_and_the_session_goes_on()
+-> Result<()> {
+    const READER: &str = "reader";
+    const READER_PASSWORD: &str = "Read-Only-Password-4";
+    let users = vec![
+        password_user(USER, PASSWORD, ALL),
+        password_user(READER, READER_PASSWORD, &[sluice::api::Permission::Read]),
+    ];
+    let gateway = TestGateway::start_ftps(users, ftps_settings()).await?;
+    std::fs::create_dir_all(gateway.data().join(READER))?;
+    std::fs::write(gateway.data().join(READER).join("report.csv"), b"a,b\n")?;
+    let (mut ftp, _) = Ftp::explicit(&gateway).await?;
+    ftp.secure().await?;
+    ftp.login(READER, READER_PASSWORD).await?;
+
+    let denied = "550 permission denied: the Write permission is not granted";
+    for line in ["STOR new.csv", "APPE report.csv", "STOR /report.csv"] {
+        let refused = ftp.refused_store(line).await?;
+        ensure!(refused.text.trim_end() == denied, "{line}: {refused:?}");
+    }
+    // A REST offset is not kept past a refused upload: the next download is whole.
+    ftp.expect("REST 2", 350).await?;
+    ftp.refused_store("STOR report.csv").await?;
+    let (bytes, done) = ftp.fetch("RETR report.csv").await?;
+    ensure!(bytes == b"a,b\n" && done.code == 226, "{bytes:?} {done:?}");
+    ftp.expect("QUIT", 221).await?;
+
+    let (mut ftp, _) = Ftp::explicit(&gateway).await?;
+    ftp.secure().await?;
+    ftp.login(USER, PASSWORD).await?;
+    ftp.expect("MKD /dir", 257).await?;
+    ftp.expect("CWD /dir", 250).await?;
+    // Names resolve against the working directory, as libunftp's own would.
+    let missing = ftp.refused_store("STOR missing/file").await?;
+    ensure!(missing.code == 550, "{missing:?}");
+    let is_dir = ftp.refused_store("STOR ../dir").await?;
+    ensure!(is_dir.code == 550, "{is_dir:?}");
+    ensure!(ftp.store_with("STOR here.bin", b"here").await?.code == 226);
+    ensure!(std::fs::read(gateway.data().join(USER).join("dir/here.bin"))? == b"here");
+    ftp.expect("QUIT", 221).await?;
+
+    // curl sees the refusal as the answer to its STOR, never a 150.
+    let source = gateway.scratch("curl").join("up.csv");
+    std::fs::write(&source, "x")?;
+    let reader = FtpClients {
+        ca: gateway.ca_file(),
+        user: READER.into(),
+        password: READER_PASSWORD.into(),
+    };
+    let mut upload = reader.curl();
+    upload
+        .arg("-v")
+        .arg("-T")
+        .arg(&source)
+        .arg(explicit_url(&gateway, "/up.csv")?);
+    let output = run(upload).await?;
+    let verbose = String::from_utf8_lossy(&output.stderr);
+    ensure!(!output.status.success(), "{verbose}");
+    ensure!(
+        verbose.contains(&format!("< {denied}")) && !verbose.contains("< 150"),
+        "{verbose}"
+    );
+    ensure!(
+        tree(&gateway.data())
+            == [
+                UPLOADS_DIR,
+                "cucm",
+                "cucm/dir",
+                "cucm/dir/here.bin",
+                "reader",
+                "reader/report.csv"
+            ],
         "{:?}",
         tree(&gateway.data())
     );

@@ -416,6 +416,23 @@ pub enum ResumeAt {
     End,
 }
 
+/// How an upload starts: what [`Vfs::check_upload`] checks for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum UploadStart {
+    /// As a new file ([`Vfs::create`]).
+    New(WriteMode),
+    /// Keeping the start of the existing file ([`Vfs::resume`]).
+    Resume(ResumeAt),
+}
+
+/// An upload that passed its checks: where it goes, how, and for a resume the version of
+/// the file whose start it keeps and how many bytes of it.
+struct UploadPlan {
+    target: Target,
+    mode: WriteMode,
+    keep: Option<(Version, u64)>,
+}
+
 /// One version of a file: what reading it needs to know.
 #[derive(Clone, Debug, Default)]
 struct Version {
@@ -647,35 +664,8 @@ impl Vfs {
     /// closed. The parent directory must exist. Needs `write`, writes not suspended and no
     /// volume limit used up.
     pub async fn create(&self, path: &str, mode: WriteMode) -> Result<FileWriter, VfsError> {
-        let started = self.create_unaudited(path, mode).await;
+        let started = self.start_unaudited(path, UploadStart::New(mode)).await;
         self.upload_started(path, started).await
-    }
-
-    async fn create_unaudited(&self, path: &str, mode: WriteMode) -> Result<FileWriter, VfsError> {
-        self.require(Permission::Write)?;
-        self.require_upload()?;
-        let target = self.locate(path).await?;
-        if target.is_home() {
-            return Err(VfsError::IsADirectory);
-        }
-        self.require_parent_dir(&target).await?;
-        match self.entry(&target).await {
-            Ok(entry) if entry.is_dir() => return Err(VfsError::IsADirectory),
-            Ok(_) if mode == WriteMode::CreateNew => return Err(VfsError::AlreadyExists),
-            Ok(_) | Err(VfsError::NotFound) => {}
-            Err(other) => return Err(other),
-        }
-
-        self.stage(target, mode).await
-    }
-
-    /// Why a resume at `offset` of a file of `size` bytes is refused, naming the size only
-    /// to a user who may read the file.
-    fn beyond_end(&self, offset: u64, size: u64) -> VfsError {
-        match self.require(Permission::Read) {
-            Ok(()) => VfsError::BeyondEnd { offset, size },
-            Err(_) => VfsError::BeyondEndOfUnreadable { offset },
-        }
     }
 
     /// Starts an upload to `path` that keeps the start of the existing file, up to where
@@ -685,16 +675,39 @@ impl Vfs {
     /// closed. Needs `write` only, as a whole upload would: the kept bytes are never shown
     /// to the client.
     pub async fn resume(&self, path: &str, at: ResumeAt) -> Result<FileWriter, VfsError> {
-        let started = self.resume_unaudited(path, at).await;
+        let started = self.start_unaudited(path, UploadStart::Resume(at)).await;
         self.upload_started(path, started).await
     }
 
-    /// Records an upload that could not start; one that did is recorded when it ends.
-    async fn upload_started(
+    /// Whether an upload to `path` would start now, as [`Vfs::create`] or [`Vfs::resume`]
+    /// (as `start` says) would start it: runs exactly their checks (permission, write
+    /// gate, audit log, path, parent directory, existing file, resume offset, a free
+    /// upload place in an object store) without staging, copying or reserving anything.
+    /// For a protocol that must answer before the upload's data arrives (FTP's `150`).
+    ///
+    /// A refused upload is recorded here, as those record it; one that passes is recorded
+    /// by the [`Vfs::create`] or [`Vfs::resume`] that follows, which checks again and
+    /// decides: the write gate and the upload places may change in between.
+    pub async fn check_upload(&self, path: &str, start: UploadStart) -> Result<(), VfsError> {
+        let checked = self.check_unaudited(path, start).await;
+        self.upload_started(path, checked).await
+    }
+
+    async fn check_unaudited(&self, path: &str, start: UploadStart) -> Result<(), VfsError> {
+        self.plan_upload(path, start).await?;
+        match &self.storage {
+            Storage::Object(store) => upload_slot(store).map(drop),
+            Storage::Volume(_) => Ok(()),
+        }
+    }
+
+    /// Records an upload that could not start (or would not); one that did is recorded
+    /// when it ends.
+    async fn upload_started<T>(
         &self,
         path: &str,
-        started: Result<FileWriter, VfsError>,
-    ) -> Result<FileWriter, VfsError> {
+        started: Result<T, VfsError>,
+    ) -> Result<T, VfsError> {
         if let Err(error) = &started {
             let entry = AuditEntry::new(Operation::Upload).path(shown(path));
             self.log.note(outcome(entry, error)).await;
@@ -702,28 +715,17 @@ impl Vfs {
         started
     }
 
-    async fn resume_unaudited(&self, path: &str, at: ResumeAt) -> Result<FileWriter, VfsError> {
-        self.require(Permission::Write)?;
-        self.require_upload()?;
-        let target = self.locate(path).await?;
-        if target.is_home() {
-            return Err(VfsError::IsADirectory);
-        }
-        self.require_parent_dir(&target).await?;
-        let version = match self.version(&target).await {
-            Ok(version) => version,
-            Err(VfsError::NotFound) => Version::default(),
-            Err(other) => return Err(other),
+    async fn start_unaudited(
+        &self,
+        path: &str,
+        start: UploadStart,
+    ) -> Result<FileWriter, VfsError> {
+        let plan = self.plan_upload(path, start).await?;
+        let key = plan.target.key.clone();
+        let mut writer = self.stage(plan.target, plan.mode).await?;
+        let Some((version, keep)) = plan.keep else {
+            return Ok(writer);
         };
-        let size = version.size;
-        let keep = match at {
-            ResumeAt::End => size,
-            ResumeAt::Offset(offset) if offset <= size => offset,
-            ResumeAt::Offset(offset) => return Err(self.beyond_end(offset, size)),
-        };
-
-        let key = target.key.clone();
-        let mut writer = self.stage(target, WriteMode::Replace).await?;
         if keep > 0
             && let Err(error) = self.copy_prefix(&key, &version, keep, &mut writer).await
         {
@@ -734,6 +736,60 @@ impl Vfs {
         }
         writer.kept = keep;
         Ok(writer)
+    }
+
+    /// Every check an upload must pass before it is staged, and what staging it needs.
+    async fn plan_upload(&self, path: &str, start: UploadStart) -> Result<UploadPlan, VfsError> {
+        self.require(Permission::Write)?;
+        self.require_upload()?;
+        let target = self.locate(path).await?;
+        if target.is_home() {
+            return Err(VfsError::IsADirectory);
+        }
+        self.require_parent_dir(&target).await?;
+
+        match start {
+            UploadStart::New(mode) => {
+                match self.entry(&target).await {
+                    Ok(entry) if entry.is_dir() => return Err(VfsError::IsADirectory),
+                    Ok(_) if mode == WriteMode::CreateNew => return Err(VfsError::AlreadyExists),
+                    Ok(_) | Err(VfsError::NotFound) => {}
+                    Err(other) => return Err(other),
+                }
+                Ok(UploadPlan {
+                    target,
+                    mode,
+                    keep: None,
+                })
+            }
+            UploadStart::Resume(at) => {
+                let version = match self.version(&target).await {
+                    Ok(version) => version,
+                    Err(VfsError::NotFound) => Version::default(),
+                    Err(other) => return Err(other),
+                };
+                let size = version.size;
+                let keep = match at {
+                    ResumeAt::End => size,
+                    ResumeAt::Offset(offset) if offset <= size => offset,
+                    ResumeAt::Offset(offset) => return Err(self.beyond_end(offset, size)),
+                };
+                Ok(UploadPlan {
+                    target,
+                    mode: WriteMode::Replace,
+                    keep: Some((version, keep)),
+                })
+            }
+        }
+    }
+
+    /// Why a resume at `offset` of a file of `size` bytes is refused, naming the size only
+    /// to a user who may read the file.
+    fn beyond_end(&self, offset: u64, size: u64) -> VfsError {
+        match self.require(Permission::Read) {
+            Ok(()) => VfsError::BeyondEnd { offset, size },
+            Err(_) => VfsError::BeyondEndOfUnreadable { offset },
+        }
     }
 
     /// Copies the first `keep` bytes of `version` of the file at `key` into `writer`.
@@ -781,7 +837,7 @@ impl Vfs {
                 (writer, publish, None)
             }
             Storage::Object(store) => {
-                let slot = store.reserve_upload().ok_or(VfsError::TooManyUploads)?;
+                let slot = upload_slot(store)?;
                 let exclusive = mode == WriteMode::CreateNew;
                 let writer = store
                     .writer(&target.key, exclusive, &slot)
@@ -1137,6 +1193,11 @@ fn directory(target: &Target) -> Entry {
         size: 0,
         modified: None,
     }
+}
+
+/// A place for one more upload in `store`, or [`VfsError::TooManyUploads`].
+fn upload_slot(store: &ObjectStore) -> Result<UploadSlot, VfsError> {
+    store.reserve_upload().ok_or(VfsError::TooManyUploads)
 }
 
 /// Makes sure the home directory `home` exists in `store`: a marker is written only if
@@ -2117,6 +2178,140 @@ mod tests {
         assert_eq!(last["operation"], "upload");
         assert_eq!(last["bytes"], 1_500_004);
         assert_eq!(last["sha256"], format!("{:x}", Sha256::digest(&stored)));
+    }
+
+    /// Waits until the uploads dropped unclosed are cleared from the upload directory.
+    async fn settle(root: &Path) {
+        let uploads = root.join(storage::UPLOADS_DIR);
+        for _ in 0..500 {
+            let staged = std::fs::read_dir(&uploads).map_or(0, Iterator::count);
+            if staged == 0 {
+                return;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        panic!("dropped uploads were never cleared");
+    }
+
+    /// `start` as [`Vfs::create`] or [`Vfs::resume`] would be asked for it, its writer
+    /// dropped unclosed.
+    async fn start(vfs: &Vfs, path: &str, start: UploadStart) -> Result<(), VfsError> {
+        match start {
+            UploadStart::New(mode) => vfs.create(path, mode).await.map(drop),
+            UploadStart::Resume(at) => vfs.resume(path, at).await.map(drop),
+        }
+    }
+
+    #[tokio::test]
+    async fn an_upload_check_refuses_exactly_what_starting_the_upload_refuses_and_stages_nothing() {
+        use UploadStart::{New, Resume};
+        let dir = tempfile::tempdir().unwrap();
+        let storage = Storage::from(Volume::open_fs(dir.path()).unwrap());
+        let log = crate::gateway::audit::test_log(&storage).await;
+        let peer = std::net::Ipv4Addr::LOCALHOST.into();
+        let session = log.session(crate::gateway::audit::AuditProtocol::Ftps, peer);
+        let vfs = Vfs::open(storage.clone(), &user("/cucm", ALL), &session)
+            .await
+            .unwrap();
+        let write_only = Vfs::open(storage.clone(), &user("/cucm", &[Write]), &session)
+            .await
+            .unwrap();
+        let read_only = Vfs::open(storage, &user("/cucm", &[Read]), &session)
+            .await
+            .unwrap();
+        upload(&vfs, "data", b"0123").await;
+        vfs.mkdir("dir").await.unwrap();
+        let cases: Vec<(&Vfs, &str, UploadStart)> = vec![
+            (&vfs, "new", New(WriteMode::Replace)),
+            (&vfs, "data", New(WriteMode::Replace)),
+            (&vfs, "data", New(WriteMode::CreateNew)),
+            (&vfs, "dir", New(WriteMode::Replace)),
+            (&vfs, "/", Resume(ResumeAt::End)),
+            (&vfs, "missing/new", New(WriteMode::Replace)),
+            (&vfs, "data/new", New(WriteMode::Replace)),
+            (&vfs, "a\\b", New(WriteMode::Replace)),
+            (&vfs, "/.sluice-uploads/x", New(WriteMode::Replace)),
+            (&vfs, "data", Resume(ResumeAt::End)),
+            (&vfs, "data", Resume(ResumeAt::Offset(4))),
+            (&vfs, "data", Resume(ResumeAt::Offset(5))),
+            (&vfs, "dir", Resume(ResumeAt::End)),
+            (&vfs, "missing", Resume(ResumeAt::End)),
+            (&write_only, "data", Resume(ResumeAt::Offset(9))),
+            (&read_only, "new", New(WriteMode::Replace)),
+        ];
+        let stamp = |compliant: bool| -> crate::gateway::config::GatewayConfig {
+            serde_json::from_value(serde_json::json!({
+                "server": "ns/s", "region": "cn-shanghai", "users": [],
+                "residency": {
+                    "compliant": compliant, "enforced": true, "suspended": !compliant,
+                    "violation": "rule R",
+                },
+            }))
+            .unwrap()
+        };
+
+        for suspended in [false, true] {
+            log.apply(&stamp(!suspended));
+            settle(dir.path()).await;
+            let before = tree(dir.path());
+            let mut checked = Vec::new();
+            for (vfs, path, how) in &cases {
+                checked.push(format!("{:?}", vfs.check_upload(path, *how).await));
+            }
+            assert_eq!(tree(dir.path()), before, "a check staged something");
+            for ((vfs, path, how), checked) in cases.iter().zip(checked) {
+                let started = format!("{:?}", start(vfs, path, *how).await);
+                assert_eq!(
+                    checked, started,
+                    "{path:?} {how:?} (suspended: {suspended})"
+                );
+            }
+        }
+        let refused = |r: Result<(), VfsError>| format!("{r:?}");
+        assert_eq!(
+            refused(vfs.check_upload("new", New(WriteMode::Replace)).await),
+            r#"Err(WritesSuspended("writes are suspended: rule R"))"#
+        );
+        log.apply(&stamp(true));
+        assert_eq!(
+            refused(
+                write_only
+                    .check_upload("data", Resume(ResumeAt::Offset(9)))
+                    .await
+            ),
+            "Err(BeyondEndOfUnreadable { offset: 9 })"
+        );
+        assert!(
+            vfs.check_upload("data", Resume(ResumeAt::End))
+                .await
+                .is_ok()
+        );
+    }
+
+    #[tokio::test]
+    async fn an_upload_check_is_refused_while_every_upload_place_of_a_bucket_is_taken() {
+        let dir = tempfile::tempdir().unwrap();
+        // A bucket stand-in: the object store's rules over a local directory.
+        let store = ObjectStore::from_operator(storage::fs_operator(dir.path()).unwrap());
+        let storage = Storage::Object(store.clone());
+        let log = crate::gateway::audit::test_session(&storage).await;
+        let vfs = Vfs::open(storage, &user("/cucm", ALL), &log).await.unwrap();
+        let new = UploadStart::New(WriteMode::Replace);
+        vfs.check_upload("one", new).await.unwrap();
+
+        let taken: Vec<UploadSlot> = std::iter::from_fn(|| store.reserve_upload()).collect();
+        assert_eq!(taken.len(), MAX_UPLOADS);
+        let refused = vfs.check_upload("one", new).await.unwrap_err();
+        assert!(matches!(refused, VfsError::TooManyUploads) && refused.is_transient());
+        assert!(matches!(
+            vfs.create("one", WriteMode::Replace).await.map(drop),
+            Err(VfsError::TooManyUploads)
+        ));
+        // Checking takes no place: one freed is there for the upload.
+        drop(taken);
+        vfs.check_upload("one", new).await.unwrap();
+        let places: Vec<UploadSlot> = std::iter::from_fn(|| store.reserve_upload()).collect();
+        assert_eq!(places.len(), MAX_UPLOADS);
     }
 
     #[tokio::test]

@@ -42,7 +42,8 @@ use unftp_core::storage::{
 
 use crate::gateway::ErrorChain;
 use crate::gateway::ftps::engine::SessionContext;
-use crate::gateway::vfs::{Entry, Reply, ResumeAt, Vfs, VfsError, WriteMode};
+use crate::gateway::ftps::protocol::Reply as FtpReply;
+use crate::gateway::vfs::{Entry, Reply, ResumeAt, UploadStart, Vfs, VfsError, WriteMode};
 
 /// Bytes read from storage or the data connection at a time.
 const CHUNK: usize = 256 * 1024;
@@ -137,39 +138,28 @@ impl VfsBackend {
     /// The error libunftp turns into a reply, logging it and leaving its message for the
     /// front end.
     fn refuse(&self, operation: &'static str, path: &str, error: VfsError) -> Error {
-        let span = self.context.span();
-        if error.is_internal() {
-            tracing::warn!(
-                parent: span,
-                operation,
-                path,
-                error = %ErrorChain(&error),
-                "Storage operation failed"
-            );
-        } else {
-            tracing::debug!(parent: span, operation, path, %error, "Request refused");
-        }
+        log_refusal(&self.context, operation, path, &error);
         self.context.set_reply_text(error.to_string());
         let directory = matches!(operation, "cwd" | "list" | "rmd");
         Error::new(error_kind(&error, directory), error)
     }
 
-    /// Stores `input` at `path`, after the start of the existing file that `resume` keeps.
+    /// Stores `input` at `path`, after the start of the existing file that `start` keeps.
     async fn upload<R>(
         &self,
         vfs: &Vfs,
         path: &str,
-        resume: Option<ResumeAt>,
+        start: UploadStart,
         mut input: R,
     ) -> Result<u64>
     where
         R: AsyncRead + Unpin,
     {
-        let writer = match resume {
-            None => vfs.create(path, WriteMode::Replace).await,
+        let writer = match start {
+            UploadStart::New(mode) => vfs.create(path, mode).await,
             // Copying the kept start can take a while; it stops with the session (the
             // staged copy is removed when the unfinished writer is dropped).
-            Some(at) => tokio::select! {
+            UploadStart::Resume(at) => tokio::select! {
                 writer = vfs.resume(path, at) => writer,
                 () = self.context.ended() => {
                     let error =
@@ -271,6 +261,66 @@ impl VfsBackend {
             "Download completed"
         );
         Ok(bytes)
+    }
+}
+
+/// How `put` starts an upload: an `APPE` keeps the whole file, a `STOR` after `REST n`
+/// (`offset`) its first `n` bytes, a plain `STOR` nothing.
+pub fn upload_start(append: bool, offset: u64) -> UploadStart {
+    match (append, offset) {
+        (true, _) => UploadStart::Resume(ResumeAt::End),
+        (false, 0) => UploadStart::New(WriteMode::Replace),
+        (false, offset) => UploadStart::Resume(ResumeAt::Offset(offset)),
+    }
+}
+
+/// Decides, before the front end sends `150`, whether the upload of `path` that `start`
+/// describes would start now ([`Vfs::check_upload`]). A refusal is logged and recorded
+/// as `put`'s would be, and comes back as the reply `put`'s would get: the same code and
+/// the [`VfsError`]'s own message.
+pub async fn check_upload(
+    context: &SessionContext,
+    vfs: &Vfs,
+    path: &str,
+    start: UploadStart,
+) -> std::result::Result<(), FtpReply> {
+    vfs.check_upload(path, start).await.map_err(|error| {
+        log_refusal(context, "stor", path, &error);
+        FtpReply::new(reply_code(error_kind(&error, false)), error.to_string())
+    })
+}
+
+/// Logs a failed storage operation at warn, a refused request at debug.
+fn log_refusal(context: &SessionContext, operation: &'static str, path: &str, error: &VfsError) {
+    let span = context.span();
+    if error.is_internal() {
+        tracing::warn!(
+            parent: span,
+            operation,
+            path,
+            error = %ErrorChain(error),
+            "Storage operation failed"
+        );
+    } else {
+        tracing::debug!(parent: span, operation, path, %error, "Request refused");
+    }
+}
+
+/// The reply code libunftp sends for a storage error of `kind`.
+fn reply_code(kind: ErrorKind) -> u16 {
+    match kind {
+        ErrorKind::TransientFileNotAvailable => 450,
+        ErrorKind::PermanentFileNotAvailable
+        | ErrorKind::PermanentDirectoryNotAvailable
+        | ErrorKind::PermanentDirectoryNotEmpty
+        | ErrorKind::PermissionDenied => 550,
+        ErrorKind::ConnectionClosed => 426,
+        ErrorKind::LocalError => 451,
+        ErrorKind::PageTypeUnknown => 551,
+        ErrorKind::InsufficientStorageSpaceError => 452,
+        ErrorKind::ExceededStorageAllocationError => 552,
+        ErrorKind::FileNameNotAllowedError => 553,
+        ErrorKind::CommandNotImplemented => 502,
     }
 }
 
@@ -413,12 +463,8 @@ impl StorageBackend<FtpUser> for VfsBackend {
         R: AsyncRead + Send + Sync + Unpin + 'static,
     {
         let path = client_path(path.as_ref())?;
-        let resume = match (self.context.take_append(), start_pos) {
-            (true, _) => Some(ResumeAt::End),
-            (false, 0) => None,
-            (false, offset) => Some(ResumeAt::Offset(offset)),
-        };
-        self.upload(&user.vfs, path, resume, input).await
+        let start = upload_start(self.context.take_append(), start_pos);
+        self.upload(&user.vfs, path, start, input).await
     }
 
     async fn del<P>(&self, user: &FtpUser, path: P) -> Result<()>
@@ -606,6 +652,57 @@ mod tests {
             got: 1,
         };
         assert_eq!(kind(offset), ErrorKind::CommandNotImplemented);
+    }
+
+    #[test]
+    fn an_upload_starts_as_put_is_asked_and_refusals_get_libunftps_codes() {
+        use crate::gateway::vfs::{ResumeAt, UploadStart, WriteMode};
+        assert_eq!(upload_start(false, 0), UploadStart::New(WriteMode::Replace));
+        assert_eq!(
+            upload_start(false, 7),
+            UploadStart::Resume(ResumeAt::Offset(7))
+        );
+        assert_eq!(upload_start(true, 7), UploadStart::Resume(ResumeAt::End));
+        assert_eq!(reply_code(ErrorKind::PermissionDenied), 550);
+        assert_eq!(reply_code(ErrorKind::TransientFileNotAvailable), 450);
+        assert_eq!(reply_code(ErrorKind::FileNameNotAllowedError), 553);
+    }
+
+    #[tokio::test]
+    async fn an_upload_refused_before_its_data_gets_the_code_and_text_put_would_send() {
+        let dir = tempfile::tempdir().unwrap();
+        let storage =
+            crate::storage::Storage::from(crate::storage::Volume::open_fs(dir.path()).unwrap());
+        let log = crate::gateway::audit::test_session(&storage).await;
+        let user = |permissions: &[Permission]| crate::gateway::config::GatewayUser {
+            name: "cucm".into(),
+            password_hash: None,
+            public_keys: vec![],
+            home: "/cucm".into(),
+            permissions: permissions.to_vec(),
+        };
+        let (read_only, write_only) = (user(&[Permission::Read]), user(&[Permission::Write]));
+        let reader = Vfs::open(storage.clone(), &read_only, &log).await.unwrap();
+        let writer = Vfs::open(storage, &write_only, &log).await.unwrap();
+        std::fs::write(dir.path().join("cucm/short"), b"abc").unwrap();
+        let context = SessionContext::new(tracing::Span::none(), log);
+
+        let check = async |vfs: &Vfs, path: &str, offset: u64| {
+            let start = upload_start(false, offset);
+            check_upload(&context, vfs, path, start)
+                .await
+                .map_err(|reply| (reply.code, reply.text().to_owned()))
+        };
+        let denied = "permission denied: the Write permission is not granted";
+        assert_eq!(check(&reader, "/new", 0).await, Err((550, denied.into())));
+        let beyond = "cannot resume at byte 9: the file is shorter";
+        assert_eq!(check(&writer, "/short", 9).await, Err((550, beyond.into())));
+        let invalid = "invalid file name: file names cannot contain a backslash";
+        assert_eq!(check(&writer, "/a\\b", 0).await, Err((553, invalid.into())));
+        assert_eq!(check(&writer, "/short", 3).await, Ok(()));
+        // Nothing is left for the reply libunftp sends next.
+        assert_eq!(context.take_reply_text(), None);
+        assert!(!dir.path().join("cucm/new").exists());
     }
 
     #[tokio::test]

@@ -15,6 +15,16 @@
 //!   2428 section 4) for the rest of the session.
 //! - `REST n` + `STOR` and `APPE` resume an upload (see [`super::backend`]); `REST` before
 //!   anything but `STOR` and `RETR` is kept by libunftp for the next of them.
+//! - An upload (`STOR`, `APPE`, either after `REST`) is decided before its `150`: the
+//!   front end asks libunftp for its working directory (`PWD`), checks the upload the
+//!   back end would start with the session's own [`Vfs`](crate::gateway::vfs::Vfs)
+//!   ([`backend::check_upload`]), and a refused one gets its final reply at once (550 with
+//!   the reason for a refusal, 450 for a transient failure such as the audit log being
+//!   unavailable), its data connection closed unused and its `REST` offset dropped. One
+//!   that passes is sent on with that absolute path, so libunftp stores exactly what was
+//!   checked; the back end checks again when it starts the upload and has the last word.
+//!   What changes in between (writes suspended in that instant, the last upload place
+//!   taken) still fails the upload after its `150`, when the data connection is reset.
 //! - A passive request opens a data port of libunftp's and one of the front end's (see
 //!   [`super::data`]). A transfer command is held, after a 150 reply, until the client's
 //!   data connection is ready (secured and, if required, resumed); only then does libunftp
@@ -38,6 +48,7 @@
 use std::collections::VecDeque;
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::Path;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
@@ -53,13 +64,14 @@ use tracing::Span;
 
 use crate::gateway::auth::Logins;
 use crate::gateway::config::{FtpsSettings, SessionReuse};
+use crate::gateway::ftps::backend;
 use crate::gateway::ftps::data::{
     DataChannel, DataEvent, DataFailure, DataState, DataTls, Direction,
 };
 use crate::gateway::ftps::engine::{Engine, SessionContext};
 use crate::gateway::ftps::protocol::{
     Command, CommandError, LineReader, MAX_COMMAND_LINE, MAX_REPLY_LINE, Reply, ReplyParser,
-    epsv_reply, feat_reply, is_too_long, parse_command, pasv_port, pasv_reply,
+    epsv_reply, feat_reply, is_too_long, parse_command, pasv_port, pasv_reply, working_directory,
 };
 use crate::gateway::ftps::stream::ClientStream;
 use crate::gateway::ftps::tls::{self, SessionTls};
@@ -83,6 +95,8 @@ const MAX_QUEUED: usize = 16;
 
 /// Commands that carry data over a data connection (STOU is refused).
 const TRANSFERS: [&str; 6] = ["RETR", "STOR", "APPE", "LIST", "NLST", "MLSD"];
+/// Transfers after which libunftp keeps a `REST` offset, even when they succeed.
+const LISTINGS: [&str; 3] = ["LIST", "NLST", "MLSD"];
 /// Commands accepted before TLS when plaintext is not allowed.
 const BEFORE_TLS: [&str; 6] = ["AUTH", "FEAT", "SYST", "NOOP", "HELP", "QUIT"];
 
@@ -218,6 +232,10 @@ enum Pending {
     Login,
     /// `PASV` on behalf of `PASV` or (`extended`) `EPSV`.
     Passive { extended: bool },
+    /// `REST`: libunftp keeps `offset` (as it parses it) if it accepts it.
+    Restart { offset: Option<u64> },
+    /// `PWD` on behalf of the upload being checked.
+    UploadDirectory,
     /// A transfer command: its 1xx was sent already; the final reply waits for the relay.
     Transfer,
     /// `QUIT`: the session ends after the reply.
@@ -257,13 +275,17 @@ struct Session {
     in_flight: VecDeque<Pending>,
     protect_data: bool,
     logged_in: bool,
-    /// A `REST` with a non-zero offset was sent and not yet used up.
-    restart_pending: bool,
+    /// The `REST` offset libunftp holds for the next `STOR` or `RETR`.
+    restart_offset: u64,
     /// `EPSV ALL` was sent: only EPSV may set up data connections.
     epsv_only: bool,
     data: Option<DataChannel>,
+    /// An upload command waiting for its check, before its 150.
+    checking: Option<Command>,
     /// A transfer command waiting for its data connection to be ready.
     held: Option<Command>,
+    /// The transfer running is a listing.
+    listing: bool,
     /// A transfer's final reply waiting for the relay to finish, and until when.
     finished: Option<(Reply, Instant)>,
 }
@@ -295,10 +317,12 @@ impl Session {
             in_flight: VecDeque::from([Pending::Forward]),
             protect_data: false,
             logged_in: false,
-            restart_pending: false,
+            restart_offset: 0,
             epsv_only: false,
             data: None,
+            checking: None,
             held: None,
+            listing: false,
             finished: None,
         }
     }
@@ -541,8 +565,9 @@ impl Session {
             "PASV" => self.passive(false).await,
             "EPSV" => self.extended_passive(&command).await,
             "REST" => {
-                self.restart_pending = command.argument.trim().parse::<u64>().is_ok_and(|o| o > 0);
-                self.send_upstream(&command, Pending::Forward).await
+                let offset = command.argument.parse::<u64>().ok();
+                self.send_upstream(&command, Pending::Restart { offset })
+                    .await
             }
             _ if TRANSFERS.contains(&verb) => self.transfer(command).await,
             "PASS" => self.send_upstream(&command, Pending::Login).await,
@@ -752,13 +777,61 @@ impl Session {
         let Some(data) = self.data.as_ref() else {
             return self.reply(Reply::new(425, "Use PASV or EPSV first")).await;
         };
-        let state = data.state;
-        data.set_direction(match command.verb.as_str() {
-            "STOR" | "APPE" => Direction::Upload,
-            _ => Direction::Download,
+        let upload = matches!(command.verb.as_str(), "STOR" | "APPE");
+        data.set_direction(match upload {
+            true => Direction::Upload,
+            false => Direction::Download,
         });
 
-        match state {
+        // libunftp answers a missing name itself.
+        let usable = matches!(data.state, DataState::Connecting | DataState::Ready);
+        if upload && usable && !command.argument.is_empty() {
+            self.checking = Some(command);
+            let pwd = Command {
+                verb: "PWD".into(),
+                argument: String::new(),
+            };
+            return self.send_upstream(&pwd, Pending::UploadDirectory).await;
+        }
+        self.open_transfer(command).await
+    }
+
+    /// libunftp's working directory, for the upload being checked: the upload is refused
+    /// now, or goes on to its 150 under the absolute path that was checked.
+    async fn check_upload(&mut self, reply: Reply) -> io::Result<Flow> {
+        let Some(command) = self.checking.take() else {
+            // Aborted meanwhile.
+            return Ok(Flow::Continue);
+        };
+        let (Some(directory), Some(vfs)) = (working_directory(&reply), self.engine_context.vfs())
+        else {
+            tracing::debug!(
+                code = reply.code,
+                "Upload not checked before its data connection"
+            );
+            return self.open_transfer(command).await;
+        };
+        let path = upload_path(&directory, &command.argument);
+        let append = command.verb == "APPE";
+        let start = backend::upload_start(append, self.restart_offset);
+        let context = &self.engine_context;
+        if let Err(refusal) = backend::check_upload(context, &vfs, &path, start).await {
+            return self.refuse_transfer(refusal).await;
+        }
+        let checked = Command {
+            verb: command.verb,
+            argument: path,
+        };
+        self.open_transfer(checked).await
+    }
+
+    /// Sends the 150 of a transfer command and starts it, at once or once its data
+    /// connection is ready; or refuses it if its data connection failed meanwhile.
+    async fn open_transfer(&mut self, command: Command) -> io::Result<Flow> {
+        let Some(data) = self.data.as_ref() else {
+            return self.reply(Reply::new(425, "Use PASV or EPSV first")).await;
+        };
+        match data.state {
             DataState::Failed(failure) => self.refuse_transfer(failure.reply()).await,
             DataState::Relaying | DataState::Finished => {
                 self.reply(Reply::new(425, "Use PASV or EPSV first")).await
@@ -781,6 +854,7 @@ impl Session {
     /// Sends a transfer command on and starts relaying its data connection.
     async fn start_transfer(&mut self, command: Command) -> io::Result<Flow> {
         self.engine_context.set_append(command.verb == "APPE");
+        self.listing = LISTINGS.contains(&command.verb.as_str());
         let flow = self.send_upstream(&command, Pending::Transfer).await?;
         if let Some(data) = self.data.as_mut() {
             data.start_relay();
@@ -848,14 +922,16 @@ impl Session {
         if !reply.is_success() {
             // libunftp keeps a REST offset after a failed transfer; clients do not.
             self.reset_restart().await?;
+        } else if !self.listing {
+            // A file transfer used it up.
+            self.restart_offset = 0;
         }
-        self.restart_pending = false;
         self.forward(reply).await
     }
 
     /// `ABOR`, served at once even while something is outstanding.
     async fn abort(&mut self) -> io::Result<Flow> {
-        if self.held.take().is_some() {
+        if self.checking.take().is_some() || self.held.take().is_some() {
             self.refuse_transfer(Reply::new(426, "Transfer aborted"))
                 .await?;
             return self.reply(Reply::new(226, "Abort successful")).await;
@@ -891,7 +967,7 @@ impl Session {
     }
 
     async fn reset_restart(&mut self) -> io::Result<()> {
-        if !std::mem::take(&mut self.restart_pending) {
+        if std::mem::take(&mut self.restart_offset) == 0 {
             return Ok(());
         }
         let rest = Command {
@@ -919,6 +995,13 @@ impl Session {
                 self.forward(reply).await?
             }
             Pending::Passive { extended } => self.passive_opened(reply, extended).await?,
+            Pending::Restart { offset } => {
+                if let (350, Some(offset)) = (reply.code, offset) {
+                    self.restart_offset = offset;
+                }
+                self.forward(reply).await?
+            }
+            Pending::UploadDirectory => self.check_upload(reply).await?,
             Pending::Transfer => {
                 let relaying = self
                     .data
@@ -978,6 +1061,15 @@ impl Session {
             )),
         }
     }
+}
+
+/// The file an upload command names: its argument in libunftp's working directory,
+/// joined as libunftp joins them (an absolute argument stands alone).
+fn upload_path(directory: &str, argument: &str) -> String {
+    Path::new(directory)
+        .join(argument)
+        .to_string_lossy()
+        .into_owned()
 }
 
 fn protection_required() -> Reply {

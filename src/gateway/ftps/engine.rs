@@ -29,6 +29,7 @@ use crate::gateway::audit::{AuditLog, AuditProtocol, SessionLog};
 use crate::gateway::auth::{LiveLogins, Login, Logins};
 use crate::gateway::ftps::backend::{FtpUser, VfsBackend};
 use crate::gateway::ftps::login::PasswordLogin;
+use crate::gateway::vfs::Vfs;
 use crate::storage::Storage;
 
 /// Ports libunftp listens on, on 127.0.0.1, for the data connections the front end relays.
@@ -47,6 +48,7 @@ pub struct SessionContext {
     log: SessionLog,
     login: Mutex<Option<Arc<Login>>>,
     logged_in: watch::Sender<Option<Arc<Login>>>,
+    vfs: Mutex<Option<Vfs>>,
     reply_text: Mutex<Option<String>>,
     append: AtomicBool,
     ended: watch::Sender<bool>,
@@ -60,6 +62,7 @@ impl SessionContext {
             log,
             login: Mutex::new(None),
             logged_in: watch::Sender::new(None),
+            vfs: Mutex::new(None),
             append: AtomicBool::new(false),
             reply_text: Mutex::new(None),
             ended: watch::Sender::new(false),
@@ -101,6 +104,17 @@ impl SessionContext {
     /// Records the login the session now runs under, for [`SessionContext::watch_login`].
     pub(super) fn set_logged_in(&self, login: Arc<Login>) {
         self.logged_in.send_replace(Some(login));
+    }
+
+    /// Keeps the logged-in user's view of the storage, the one libunftp's calls use, for
+    /// the front end's own checks ([`SessionContext::vfs`]).
+    pub(super) fn set_vfs(&self, vfs: Vfs) {
+        *lock(&self.vfs) = Some(vfs);
+    }
+
+    /// The logged-in user's view of the storage, once there is one.
+    pub fn vfs(&self) -> Option<Vfs> {
+        lock(&self.vfs).clone()
     }
 
     /// Sees the session's login once it has one.

@@ -9,8 +9,10 @@
 //! - A failed attempt is logged at warn (user and reason) and answered only after
 //!   [`REJECTION_DELAY`]. The password is never logged or kept.
 //! - A successful one opens the user's [`Vfs`] (creating the home directory), records the
-//!   user on the session span and the login in the [`SessionContext`] (which the front end
-//!   watches for revocation), and logs "Logged in" at info.
+//!   user on the session span, and the login and the [`Vfs`] in the [`SessionContext`]
+//!   (the front end watches the login for revocation, and checks uploads with the same
+//!   [`Vfs`] libunftp's calls use before their data connection is used), and logs
+//!   "Logged in" at info.
 
 use std::fmt;
 use std::sync::Arc;
@@ -109,6 +111,7 @@ impl UserDetailProvider for PasswordLogin {
                 span.record("user", user.name.as_str());
                 tracing::info!(parent: span, method = "password", "Logged in");
                 self.context.log().login(&user.name, None).await;
+                self.context.set_vfs(vfs.clone());
                 self.context.set_logged_in(login.clone());
                 Ok(FtpUser::new(user.name.clone(), vfs))
             }

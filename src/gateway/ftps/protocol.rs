@@ -195,11 +195,13 @@ impl Reply {
         self.lines.first().map_or("", String::as_str)
     }
 
-    /// The reply as sent on the wire.
+    /// The reply as sent on the wire. A control character in a line (texts may carry
+    /// messages from elsewhere) is sent as a space, so no text can end a line early.
     pub fn encode(&self) -> Vec<u8> {
         let code = self.code;
         let mut out = String::new();
-        match self.lines.as_slice() {
+        let lines: Vec<String> = self.lines.iter().map(|line| one_line(line)).collect();
+        match lines.as_slice() {
             [] => out.push_str(&format!("{code}\r\n")),
             [single] => out.push_str(&format!("{code} {single}\r\n")),
             [first, middle @ .., last] => {
@@ -255,6 +257,10 @@ impl ReplyParser {
     }
 }
 
+fn one_line(text: &str) -> String {
+    text.replace(char::is_control, " ")
+}
+
 fn reply_code(line: &str) -> Option<u16> {
     let digits = line.get(..3)?;
     if !digits.bytes().all(|b| b.is_ascii_digit()) {
@@ -279,6 +285,16 @@ pub fn pasv_port(reply: &Reply) -> Option<u16> {
         [_, _, _, _, high, low] => Some(high << 8 | low),
         _ => None,
     }
+}
+
+/// The directory in a `257 "/dir"` reply to `PWD`. libunftp puts its working directory
+/// between the quotes as it is, without doubling quotes inside it.
+pub fn working_directory(reply: &Reply) -> Option<String> {
+    if reply.code != 257 || reply.lines.len() != 1 {
+        return None;
+    }
+    let quoted = reply.text().strip_prefix('"')?.strip_suffix('"')?;
+    quoted.starts_with('/').then(|| quoted.to_owned())
 }
 
 /// The reply to `PASV`.
@@ -430,6 +446,20 @@ mod tests {
         assert!(!without_epsv.contains("EPSV"), "{without_epsv}");
         let numbered = Reply::multiline(211, vec!["a".into(), "250 b".into(), "c".into()]);
         assert_eq!(numbered.encode(), b"211-a\r\n 250 b\r\n211 c\r\n");
+        let injected = Reply::new(550, "refused\r\n230 Logged in\tnow");
+        assert_eq!(injected.encode(), b"550 refused  230 Logged in now\r\n");
+    }
+
+    #[test]
+    fn the_working_directory_is_read_from_a_pwd_reply_as_libunftp_writes_it() {
+        let pwd = |text: &str| working_directory(&Reply::new(257, text));
+        assert_eq!(pwd("\"/\"").as_deref(), Some("/"));
+        assert_eq!(pwd("\"/a b/\"c\"\"").as_deref(), Some("/a b/\"c\""));
+        assert_eq!(pwd("\"/Документы\"").as_deref(), Some("/Документы"));
+        assert_eq!(pwd("\"relative\""), None);
+        assert_eq!(pwd("/"), None);
+        assert_eq!(pwd("\""), None);
+        assert_eq!(working_directory(&Reply::new(550, "\"/\"")), None);
     }
 
     #[test]
