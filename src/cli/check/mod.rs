@@ -372,9 +372,11 @@ spec:
                  the server: InvalidSpec)",
             ]
         );
-        // The operator stalls it before judging residency: no condition to expect.
+        // The operator stalls it before judging residency: no condition to expect, and
+        // not rolled out, so not counted as compliant.
         assert_eq!(report["servers"][0]["condition"], serde_json::Value::Null);
-        assert_eq!(report["servers"][0]["compliant"], true);
+        assert_eq!(report["servers"][0]["compliant"], false);
+        assert_eq!(report["servers"][0]["blocksRollout"], true);
         assert_eq!(report["summary"]["errors"], 2);
     }
 
