@@ -15,18 +15,14 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
 use k8s_openapi::api::coordination::v1::Lease;
-use k8s_openapi::api::core::v1::Service;
-use kube::api::{Patch, PatchParams};
 use kube::{Api, Client};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
-use serde_json::json;
-use sluice::api::TransferServer;
 use sluice::operator::lease::{Attempt, LEASE_NAME, LeaseLock, LeaseTiming};
 use tokio::process::{Child, Command};
 
 use support::cluster::{
-    TEST_MANAGER, apply_all, changed_keys, eventually, install_crds, mainland_policy,
+    apply_all, changed_keys, eventually, install_crds, mainland_policy, move_sftp_port,
     policy_governs, sftp_server, sftp_server_converged, written_state,
 };
 use support::controlplane::ControlPlane;
@@ -304,25 +300,7 @@ async fn the_new_leader_reconciles_everything_and_writes_nothing(
 }
 
 async fn the_new_leader_rolls_out_a_change(client: &Client) -> Result<()> {
-    let servers = Api::<TransferServer>::namespaced(client.clone(), NS);
-    let patch = json!({"spec": {"protocols": {"sftp": {"port": 2022}}}});
-    let params = PatchParams {
-        field_manager: Some(TEST_MANAGER.into()),
-        ..PatchParams::default()
-    };
-    servers
-        .patch("files", &params, &Patch::Merge(&patch))
-        .await?;
-    let services = Api::<Service>::namespaced(client.clone(), NS);
-    eventually("the Service on the new port", WAIT, || async {
-        let service = services.get("files").await?;
-        let ports = service.spec.and_then(|s| s.ports).unwrap_or_default();
-        let server = servers.get("files").await?;
-        let observed = server.status.and_then(|s| s.observed_generation);
-        let moved = ports.iter().any(|p| p.port == 2022);
-        Ok((moved && observed == server.metadata.generation).then_some(()))
-    })
-    .await
+    move_sftp_port(client, NS, "files", 2022, WAIT).await
 }
 
 async fn lease_holder_becomes(client: &Client, holder: &str, timeout: Duration) -> Result<()> {

@@ -10,14 +10,13 @@ use std::time::Duration;
 use anyhow::{Context, Result, ensure};
 use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::core::v1::{Secret, Service};
-use kube::api::{ListParams, Patch, PatchParams};
+use kube::api::ListParams;
 use kube::{Api, Client, ResourceExt};
-use serde_json::json;
 use sluice::api::{DataResidencyPolicy, TransferServer, TransferUser};
 use sluice::operator::OperatorArgs;
 
 use support::cluster::{
-    Operator, TEST_MANAGER, apply_all, changed_keys, eventually, install_crds, mainland_policy,
+    Operator, apply_all, changed_keys, eventually, install_crds, mainland_policy, move_sftp_port,
     policy_governs, sftp_server, sftp_server_converged, written_state,
 };
 use support::controlplane::ControlPlane;
@@ -119,26 +118,9 @@ async fn a_changed_server_is_rolled_out_and_nothing_else_is_written(
     client: &Client,
     before: &std::collections::BTreeMap<String, String>,
 ) -> Result<()> {
-    let servers = Api::<TransferServer>::namespaced(client.clone(), WATCHED);
-    let patch = json!({"spec": {"protocols": {"sftp": {"port": 2022}}}});
-    let params = PatchParams {
-        field_manager: Some(TEST_MANAGER.into()),
-        ..PatchParams::default()
-    };
-    servers
-        .patch("files", &params, &Patch::Merge(&patch))
-        .await?;
-    let services = Api::<Service>::namespaced(client.clone(), WATCHED);
-    eventually("the Service on the new port", WAIT, || async {
-        let service = services.get("files").await?;
-        let ports = service.spec.and_then(|s| s.ports).unwrap_or_default();
-        let server = servers.get("files").await?;
-        let observed = server.status.and_then(|s| s.observed_generation);
-        let moved = ports.iter().any(|p| p.port == 2022);
-        Ok((moved && observed == server.metadata.generation).then_some(()))
-    })
-    .await
-    .context("the change was not rolled out")?;
+    move_sftp_port(client, WATCHED, "files", 2022, WAIT)
+        .await
+        .context("the change was not rolled out")?;
     tokio::time::sleep(Duration::from_secs(3)).await;
     let after = written_state(client, WATCHED).await?;
     let changed = changed_keys(before, &after);

@@ -152,14 +152,7 @@ impl LeaseLock {
     pub async fn try_acquire_or_renew(&mut self) -> Result<Attempt, LeaseError> {
         let started = Instant::now();
         let now = MicroTime(Timestamp::now());
-        let current = self
-            .api
-            .get_opt(&self.name)
-            .await
-            .map_err(|source| LeaseError::Read {
-                name: self.name.clone(),
-                source,
-            })?;
+        let current = self.read().await?;
         let Some(current) = current else {
             return self.create(now, started).await;
         };
@@ -192,17 +185,21 @@ impl LeaseLock {
         self.replace(&wanted, started).await
     }
 
-    /// Gives the Lease up if this instance holds it, so a standby need not wait for it to
-    /// expire. A Lease held by someone else is left alone.
-    pub async fn release(&mut self) -> Result<(), LeaseError> {
-        let current = self
-            .api
+    /// The Lease as it is now, if it exists.
+    async fn read(&self) -> Result<Option<Lease>, LeaseError> {
+        self.api
             .get_opt(&self.name)
             .await
             .map_err(|source| LeaseError::Read {
                 name: self.name.clone(),
                 source,
-            })?;
+            })
+    }
+
+    /// Gives the Lease up if this instance holds it, so a standby need not wait for it to
+    /// expire. A Lease held by someone else is left alone.
+    pub async fn release(&mut self) -> Result<(), LeaseError> {
+        let current = self.read().await?;
         let Some(mut lease) = current else {
             return Ok(());
         };

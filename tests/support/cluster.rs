@@ -43,6 +43,36 @@ where
     }
 }
 
+/// Moves the TransferServer `name`'s SFTP port to `port` and waits until the operator has
+/// rolled that out: the Service listens on it and the status has seen the generation.
+pub async fn move_sftp_port(
+    client: &Client,
+    namespace: &str,
+    name: &str,
+    port: i32,
+    timeout: Duration,
+) -> Result<()> {
+    use k8s_openapi::api::core::v1::Service;
+    use sluice::api::TransferServer;
+    let servers = Api::<TransferServer>::namespaced(client.clone(), namespace);
+    let patch = serde_json::json!({"spec": {"protocols": {"sftp": {"port": port}}}});
+    let params = PatchParams {
+        field_manager: Some(TEST_MANAGER.into()),
+        ..PatchParams::default()
+    };
+    servers.patch(name, &params, &Patch::Merge(&patch)).await?;
+    let services = Api::<Service>::namespaced(client.clone(), namespace);
+    eventually(&format!("the Service on port {port}"), timeout, || async {
+        let service = services.get(name).await?;
+        let ports = service.spec.and_then(|s| s.ports).unwrap_or_default();
+        let server = servers.get(name).await?;
+        let observed = server.status.and_then(|s| s.observed_generation);
+        let moved = ports.iter().any(|p| p.port == port);
+        Ok((moved && observed == server.metadata.generation).then_some(()))
+    })
+    .await
+}
+
 /// Parses a multi-document YAML stream into objects.
 pub fn parse_yaml(yaml: &str) -> Result<Vec<DynamicObject>> {
     use serde::Deserialize;
