@@ -403,8 +403,12 @@ impl Ftp {
             refused.code >= 400,
             "{line}: expected a refusal before any data, got {refused:?}"
         );
+        // Closed with the refusal (EOF or a reset), long before the 60 s after which an
+        // unused data connection would be closed anyway.
         let mut rest = Vec::new();
-        let read = timeout(CLIENT_TIMEOUT, data.read_to_end(&mut rest)).await?;
+        let read = timeout(Duration::from_secs(5), data.read_to_end(&mut rest))
+            .await
+            .with_context(|| format!("{line}: the refused upload's data connection stayed open"))?;
         ensure!(
             read.is_err() || rest.is_empty(),
             "{line}: the data connection carried {} bytes",
@@ -1812,6 +1816,17 @@ async fn an_upload_that_cannot_start_is_refused_before_its_150_and_the_session_g
     ensure!(is_dir.code == 550, "{is_dir:?}");
     ensure!(ftp.store_with("STOR here.bin", b"here").await?.code == 226);
     ensure!(std::fs::read(gateway.data().join(USER).join("dir/here.bin"))? == b"here");
+    // The working directory is the one at the STOR, also when it changed after the EPSV.
+    ftp.expect("CWD /", 250).await?;
+    let port = ftp.epsv().await?;
+    let data = ftp.connect_data(port).await?;
+    ftp.expect("CWD /dir", 250).await?;
+    ftp.expect("STOR late.bin", 150).await?;
+    let mut data = ftp.secure_data(data).await?;
+    data.write_all(b"late").await?;
+    data.shutdown().await?;
+    ensure!(ftp.reply().await?.code == 226);
+    ensure!(std::fs::read(gateway.data().join(USER).join("dir/late.bin"))? == b"late");
     ftp.expect("QUIT", 221).await?;
 
     // curl sees the refusal as the answer to its STOR, never a 150.
@@ -1842,6 +1857,7 @@ async fn an_upload_that_cannot_start_is_refused_before_its_150_and_the_session_g
                 "cucm",
                 "cucm/dir",
                 "cucm/dir/here.bin",
+                "cucm/dir/late.bin",
                 "reader",
                 "reader/report.csv"
             ],

@@ -25,6 +25,11 @@
 //!   checked; the back end checks again when it starts the upload and has the last word.
 //!   What changes in between (writes suspended in that instant, the last upload place
 //!   taken) still fails the upload after its `150`, when the data connection is reset.
+//!   An upload thus goes to the working directory at the time of its `STOR`, as RFC 959
+//!   has it; libunftp on its own would use the one of the `PASV`/`EPSV` before it (it
+//!   copies the working directory when the data connection is accepted), and still does
+//!   for downloads and listings. The check runs in the control loop: a slow bucket delays
+//!   the session's next reply, up to the object store's request timeouts.
 //! - A passive request opens a data port of libunftp's and one of the front end's (see
 //!   [`super::data`]). A transfer command is held, after a 150 reply, until the client's
 //!   data connection is ready (secured and, if required, resumed); only then does libunftp
@@ -803,6 +808,11 @@ impl Session {
             // Aborted meanwhile.
             return Ok(Flow::Continue);
         };
+        if reply.code >= 400 {
+            // libunftp could not say (421: it is closing the session): its reply is the
+            // upload's answer.
+            return self.refuse_transfer(reply).await;
+        }
         let (Some(directory), Some(vfs)) = (working_directory(&reply), self.engine_context.vfs())
         else {
             tracing::debug!(
