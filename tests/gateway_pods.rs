@@ -21,7 +21,7 @@ use sluice::api::TransferServer;
 
 use support::cluster::{
     Operator, TEST_MANAGER, apply_all, changed_keys, eventually, install_crds, mainland_policy,
-    refused, sftp_server, sftp_server_converged, written_state,
+    refused, settled_state, sftp_server, sftp_server_converged, written_state,
 };
 use support::controlplane::ControlPlane;
 use support::http::{get, sample};
@@ -44,7 +44,7 @@ async fn gateway_pods_get_resources_health_probes_a_grace_period_and_a_disruptio
     the_statefulset_renders_the_spec(&client).await?;
     the_budget_allows_one_pod_down(&client).await?;
 
-    let before = written_state(&client, NS).await?;
+    let before = settled_state(&client, NS).await?;
     operator.stop().await?;
     let operator = Operator::start(client.clone());
     first_pass_done(&operator).await?;

@@ -23,7 +23,7 @@ use tokio::process::{Child, Command};
 
 use support::cluster::{
     apply_all, changed_keys, eventually, install_crds, mainland_policy, move_sftp_port,
-    policy_governs, sftp_server, sftp_server_converged, written_state,
+    policy_governs, settled_state, sftp_server, sftp_server_converged, written_state,
 };
 use support::controlplane::ControlPlane;
 use support::http::{get, sample};
@@ -53,7 +53,7 @@ async fn a_standby_operator_takes_over_from_a_killed_leader_and_writes_nothing_n
     converged(&client).await.with_context(|| leader.log())?;
 
     the_standby_is_ready_and_idle_while_the_leader_reports_its_work(&leader, &standby).await?;
-    let before = written_state(&client, NS).await?;
+    let before = settled_state(&client, NS).await?;
     leader.kill()?;
     let killed = Instant::now();
     lease_holder_becomes(&client, "operator-b", LEASE_DURATION + RETRY_PERIOD * 3)

@@ -17,7 +17,7 @@ use sluice::operator::OperatorArgs;
 
 use support::cluster::{
     Operator, apply_all, changed_keys, eventually, install_crds, mainland_policy, move_sftp_port,
-    policy_governs, sftp_server, sftp_server_converged, written_state,
+    policy_governs, settled_state, sftp_server, sftp_server_converged, written_state,
 };
 use support::controlplane::ControlPlane;
 use support::http::{get, sample};
@@ -44,7 +44,7 @@ async fn only_watched_namespaces_are_managed_and_an_api_server_restart_writes_no
     policy_governs(&client, 1).await?;
     a_server_in_an_unwatched_namespace_is_left_alone(&client).await?;
 
-    let before = written_state(&client, WATCHED).await?;
+    let before = settled_state(&client, WATCHED).await?;
     control_plane.restart_apiserver_expiring_watches().await?;
     eventually("a watch answered 410 Gone", WAIT, || async {
         let (_, exposition) = get(metrics, "/metrics").await?;

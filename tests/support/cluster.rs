@@ -294,7 +294,8 @@ pub async fn warning_event(
 
 /// What the operator writes in `namespace` and cluster-wide, as
 /// `Kind/namespace/name -> resourceVersion` (the StatefulSets' generations, since their
-/// status is the statefulset controller's), plus its Events with the instance that
+/// status is the statefulset controller's, and the operator's own managed fields of the
+/// PVCs), plus its Events with the instance that
 /// published them: equal before and after means the operator wrote nothing.
 pub async fn written_state(
     client: &Client,
@@ -320,11 +321,13 @@ pub async fn written_state(
     record(&mut state, Api::<DataResidencyPolicy>::all(client.clone())).await?;
     record(&mut state, Api::<Secret>::namespaced(client.clone(), ns)).await?;
     record(&mut state, Api::<Service>::namespaced(client.clone(), ns)).await?;
-    record(
-        &mut state,
-        Api::<PersistentVolumeClaim>::namespaced(client.clone(), ns),
-    )
-    .await?;
+    // The PVCs' own writes by the operator: the PV controller binds them (status and
+    // annotations) whenever it gets to it, also while the operator restarts.
+    let claims = Api::<PersistentVolumeClaim>::namespaced(client.clone(), ns);
+    for claim in claims.list(&kube::api::ListParams::default()).await? {
+        let key = format!("PersistentVolumeClaim.sluice/{ns}/{}", claim.name_any());
+        state.insert(key, operator_writes(&claim.metadata));
+    }
     record(
         &mut state,
         Api::<PodDisruptionBudget>::namespaced(client.clone(), ns),
@@ -364,6 +367,51 @@ where
         state.insert(key, object.resource_version().unwrap_or_default());
     }
     Ok(())
+}
+
+/// [`written_state`] once it has stayed the same for 3 s (within 60 s): the state to
+/// compare a later one with, after the operator's last reactions to what other
+/// controllers did (the StatefulSet controller's status, the PVC protection finalizer).
+pub async fn settled_state(
+    client: &Client,
+    namespace: &str,
+) -> Result<std::collections::BTreeMap<String, String>> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut last = written_state(client, namespace).await?;
+    loop {
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        let now = written_state(client, namespace).await?;
+        if now == last {
+            return Ok(now);
+        }
+        if Instant::now() > deadline {
+            bail!("still writing after 60 s: {:?}", changed_keys(&last, &now));
+        }
+        last = now;
+    }
+}
+
+/// The operator's entries in `metadata.managedFields` (manager `sluice`): what it last
+/// wrote of the object, and when, to the second.
+fn operator_writes(
+    metadata: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta,
+) -> String {
+    let entries: Vec<String> = metadata
+        .managed_fields
+        .iter()
+        .flatten()
+        .filter(|entry| entry.manager.as_deref() == Some(sluice::operator::FIELD_MANAGER))
+        .map(|entry| {
+            format!(
+                "{:?} {:?} {:?} {}",
+                entry.operation,
+                entry.subresource,
+                entry.time,
+                serde_json::to_string(&entry.fields_v1).unwrap_or_default()
+            )
+        })
+        .collect();
+    entries.join("; ")
 }
 
 /// The keys whose values differ between `before` and `after`, or are in only one.
