@@ -381,9 +381,13 @@ async fn the_rendered_objects_expose_every_ftps_port(client: &Client, passive: u
     expected.extend((passive..passive + 16).map(|p| (format!("pasv-{p}"), i32::from(p))));
     ensure!(ports == expected, "Service ports {ports:?}");
 
-    let statefulset = Api::<StatefulSet>::namespaced(client.clone(), NS)
-        .get(&format!("{SERVER}-gateway"))
-        .await?;
+    // The operator writes the Service before the StatefulSet.
+    let statefulsets = Api::<StatefulSet>::namespaced(client.clone(), NS);
+    let name = format!("{SERVER}-gateway");
+    let statefulset = eventually("the StatefulSet", WAIT, || async {
+        statefulsets.get_opt(&name).await.map_err(Into::into)
+    })
+    .await?;
     let pod = statefulset
         .spec
         .and_then(|s| s.template.spec)
