@@ -12,9 +12,10 @@
 //!   upload is therefore never visible under its final name, and the rename never crosses a
 //!   filesystem boundary because the temporary directory lives on the same volume.
 //! - [`UPLOADS_DIR`], [`PROBE_DIR`] (the operator's bucket probe) and [`AUDIT_DIR`] (the
-//!   audit log) are reserved on every backend: [`is_reserved`] tells the protocol side to hide them from listings and
-//!   to refuse paths into them. Temporary files a crashed gateway left behind
-//!   are removed when the volume is opened, once they are older than [`STALE_UPLOAD_AGE`].
+//!   audit log) are reserved on every backend: [`is_reserved`] tells the protocol side
+//!   to hide them from listings and to refuse paths into them. Temporary files a crashed
+//!   gateway left behind are removed when the volume is opened, once they are older
+//!   than [`STALE_UPLOAD_AGE`].
 //! - Symbolic links are never followed. The fs service would follow them (it uses
 //!   `metadata` and `open`), so [`Volume::refuse_symlinks`] checks every existing component
 //!   of a key with `symlink_metadata` before the key is used.
