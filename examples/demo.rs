@@ -60,6 +60,7 @@ use sluice::operator::lease::LEASE_NAME;
 use sluice::operator::{DEFAULT_GATEWAY_IMAGE, OperatorArgs};
 use support::cluster::{
     Operator, apply, eventually, install_crds, install_storage_classes, read_yaml_dir,
+    wait_for_gateway_users,
 };
 use support::controlplane::ControlPlane;
 use support::gateway::{TestPki, VALID_UNTIL};
@@ -192,6 +193,9 @@ impl LocalDemo {
         // The example server's StorageClass, as a region-pinned cluster would have it.
         install_storage_classes(&client, &[&needs.storage_class]).await?;
         let key = apply_examples(&client, examples, work).await?;
+        // The pod starts with every example user, so the commands printed next work at once.
+        let users: Vec<&str> = needs.users.iter().map(String::as_str).collect();
+        wait_for_gateway_users(&client, NAMESPACE, SERVER, &users).await?;
         let selector = format!("app.kubernetes.io/instance={SERVER}");
         let pod = kubelet.run_pod(NAMESPACE, &selector).await?;
         wait_ready(&client, LOCAL_WAIT, "").await?;
@@ -377,6 +381,8 @@ struct ExampleNeeds {
     storage_class: String,
     /// Its region: some node must carry it as its region label.
     region: String,
+    /// The TransferUsers attached to it.
+    users: Vec<String>,
 }
 
 impl ExampleNeeds {
@@ -398,6 +404,11 @@ impl ExampleNeeds {
                 "storageClassName",
             )?,
             region: text(&spec["region"], "region")?,
+            users: examples
+                .iter()
+                .filter(|o| o.types.as_ref().is_some_and(|t| t.kind == "TransferUser"))
+                .map(|o| o.name_any())
+                .collect(),
         })
     }
 
@@ -407,6 +418,7 @@ impl ExampleNeeds {
         let Self {
             storage_class,
             region,
+            ..
         } = self;
         let label = format!("{DEFAULT_REGION_LABEL}={region}");
         eprintln!(

@@ -21,6 +21,7 @@ use sluice::gateway::config::GatewayConfig;
 
 use support::cluster::{
     Operator, apply, condition, eventually, install_crds, install_storage_classes, read_yaml_dir,
+    wait_for_gateway_users,
 };
 use support::controlplane::ControlPlane;
 use support::ftp::{FtpClients, succeed};
@@ -59,6 +60,7 @@ async fn examples_roll_out_a_gateway_that_serves_sftp_and_converges_quietly() ->
     let mut operator = Operator::start(client.clone());
 
     let scenario = apply_examples(client.clone()).await?;
+    wait_for_gateway_users(&client, NAMESPACE, SERVER, &["cucm", "ops"]).await?;
     let mut pod = kubelet
         .run_pod(NAMESPACE, "app.kubernetes.io/instance=cucm-backup")
         .await

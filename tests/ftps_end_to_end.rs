@@ -20,11 +20,11 @@ use kube::api::{Patch, PatchParams, WatchEvent, WatchParams};
 use kube::{Api, Client};
 use serde_json::{Value, json};
 use sluice::api::TransferServer;
-use sluice::gateway::config::GatewayConfig;
 use sluice::gateway::ftps::certificate_info;
 
 use support::cluster::{
-    Operator, apply_all, condition, eventually, install_crds, install_storage_classes, refused,
+    Operator, apply_all, condition, eventually, gateway_config, install_crds,
+    install_storage_classes, refused, wait_for_gateway_users,
 };
 use support::controlplane::ControlPlane;
 use support::ftp::{FtpClients, pasv_port, succeed, succeed_with_stderr};
@@ -77,6 +77,7 @@ async fn an_ftps_server_serves_both_modes_with_a_renewable_certificate_and_per_p
     .await?;
     the_rendered_objects_expose_every_ftps_port(&client, passive).await?;
     a_missing_certificate_is_reported_with_a_warning(&client).await?;
+    wait_for_gateway_users(&client, NS, SERVER, &[USER]).await?;
     let mut pod = kubelet
         .run_pod(NS, &format!("app.kubernetes.io/instance={SERVER}"))
         .await
@@ -229,19 +230,6 @@ async fn warning_event(client: &Client, name: &str, reason: &str) -> Result<Stri
     support::cluster::warning_event(client, NS, name, reason, WAIT).await
 }
 
-async fn gateway_config(client: &Client, server: &str) -> Result<GatewayConfig> {
-    let secret = Api::<Secret>::namespaced(client.clone(), NS)
-        .get(&format!("{server}-gateway-config"))
-        .await?;
-    let raw = &secret
-        .data
-        .as_ref()
-        .and_then(|d| d.get("config.json"))
-        .context("no config.json")?
-        .0;
-    Ok(serde_json::from_slice(raw)?)
-}
-
 async fn malformed_ftps_specs_are_refused_or_stalled(client: &Client) -> Result<()> {
     let with = |pointer: &str, value: Value| {
         let mut object = server("bad", 1, "ClusterIP", 45_000, 4);
@@ -346,7 +334,7 @@ async fn plaintext_ftp_is_refused_until_the_policy_allows_it(client: &Client) ->
     )
     .await?;
     ensure!(
-        gateway_config(client, "plain")
+        gateway_config(client, NS, "plain")
             .await?
             .ftps
             .is_some_and(|f| f.allow_plaintext)
@@ -415,7 +403,7 @@ async fn the_rendered_objects_expose_every_ftps_port(client: &Client, passive: u
         "a missing certificate must not block the pod"
     );
 
-    let config = gateway_config(client, SERVER).await?;
+    let config = gateway_config(client, NS, SERVER).await?;
     let ftps = config.ftps.context("no ftps section")?;
     ensure!(ftps.explicit && ftps.implicit && !ftps.allow_plaintext);
     ensure!(ftps.passive_ports.first == passive && ftps.passive_ports.count == 16);
@@ -728,7 +716,7 @@ async fn passive_ports_are_split_between_load_balanced_pods(
     }
     assign_load_balancer(&services, BALANCED).await?;
     let config = eventually("per-pod passive addresses", WAIT, || async {
-        let config = gateway_config(client, BALANCED).await?;
+        let config = gateway_config(client, NS, BALANCED).await?;
         let ftps = config.ftps.clone().context("no ftps")?;
         let known = ftps.replicas.len() == 2
             && ftps

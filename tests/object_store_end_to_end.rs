@@ -20,7 +20,7 @@ use sluice::storage::object::Provider;
 
 use support::cluster::{
     Operator, apply, apply_all, condition, eventually, install_crds, install_storage_classes,
-    parse_yaml, refused, warning_event,
+    parse_yaml, refused, wait_for_gateway_users, warning_event,
 };
 use support::controlplane::ControlPlane;
 use support::kubelet::FakeKubelet;
@@ -522,15 +522,7 @@ async fn the_gateway_keeps_uploads_in_the_bucket(
     });
     apply_all(client, &[password, user]).await?;
     // The configuration carries the user before the pod starts, so it reads it at once.
-    eventually("the user in the configuration", WAIT, || async {
-        let config = Api::<Secret>::namespaced(client.clone(), NS)
-            .get("bucketed-gateway-config")
-            .await?;
-        let json = &config.data.context("config data")?["config.json"];
-        let config: GatewayConfig = serde_json::from_slice(&json.0)?;
-        Ok(config.users.iter().any(|u| u.name == "cucm").then_some(()))
-    })
-    .await?;
+    wait_for_gateway_users(client, NS, "bucketed", &["cucm"]).await?;
     let mut pod = kubelet
         .run_pod(NS, "app.kubernetes.io/instance=bucketed")
         .await

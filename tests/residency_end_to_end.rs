@@ -16,11 +16,10 @@ use kube::api::ListParams;
 use kube::{Api, Client, ResourceExt};
 use serde_json::{Value, json};
 use sluice::api::{DataResidencyPolicy, TransferServer};
-use sluice::gateway::config::GatewayConfig;
 
 use support::cluster::{
-    Operator, apply_all, condition, eventually, install_crds, install_storage_classes, refused,
-    wait_server_condition,
+    Operator, apply_all, condition, eventually, gateway_config, install_crds,
+    install_storage_classes, refused, wait_for_gateway_users, wait_server_condition,
 };
 use support::controlplane::ControlPlane;
 use support::kubelet::FakeKubelet;
@@ -66,6 +65,7 @@ async fn residency_is_enforced_before_and_after_roll_out_and_reported_as_evidenc
     )
     .await?;
 
+    wait_for_gateway_users(&client, NS, "files", &["alice"]).await?;
     let pod = kubelet
         .run_pod(NS, "app.kubernetes.io/instance=files")
         .await
@@ -113,7 +113,7 @@ async fn residency_is_enforced_before_and_after_roll_out_and_reported_as_evidenc
             && message.contains("no longer accepts writes"),
         "{message}"
     );
-    let stamp = gateway_config(&client, "files").await?.residency;
+    let stamp = gateway_config(&client, NS, "files").await?.residency;
     ensure!(
         !stamp.compliant && stamp.enforced,
         "the running gateway's stamp must stop writes: {stamp:?}"
@@ -161,7 +161,7 @@ async fn residency_is_enforced_before_and_after_roll_out_and_reported_as_evidenc
         status == "False" && reason == "AuditOnly",
         "{status} {reason}"
     );
-    let stamp = gateway_config(&client, "files").await?.residency;
+    let stamp = gateway_config(&client, NS, "files").await?.residency;
     ensure!(!stamp.compliant && !stamp.enforced, "{stamp:?}");
     ensure!(
         stamp.writes_refused(0).is_none(),
@@ -176,7 +176,7 @@ async fn residency_is_enforced_before_and_after_roll_out_and_reported_as_evidenc
     .await?;
     wait_condition(&client, "files", "ResidencyCompliant", "True").await?;
     wait_condition(&client, "files", "Ready", "True").await?;
-    let stamp = gateway_config(&client, "files").await?.residency;
+    let stamp = gateway_config(&client, NS, "files").await?.residency;
     ensure!(stamp.compliant && stamp.enforced, "{stamp:?}");
 
     a_volume_bound_outside_the_region_suspends_writes(&client).await?;
@@ -321,18 +321,6 @@ async fn wait_condition(
     wait_server_condition(client, NS, name, type_, status).await
 }
 
-async fn gateway_config(client: &Client, server: &str) -> Result<GatewayConfig> {
-    let secret = Api::<Secret>::namespaced(client.clone(), NS)
-        .get(&format!("{server}-gateway-config"))
-        .await?;
-    let json = secret
-        .data
-        .as_ref()
-        .and_then(|d| d.get("config.json"))
-        .context("no config.json")?;
-    Ok(serde_json::from_slice(&json.0)?)
-}
-
 async fn egress_is_limited_to_dns(client: &Client) -> Result<()> {
     let policy = Api::<NetworkPolicy>::namespaced(client.clone(), NS)
         .get("files-gateway")
@@ -456,7 +444,7 @@ async fn a_volume_bound_outside_the_region_suspends_writes(client: &Client) -> R
         ),
         "{message}"
     );
-    let stamp = gateway_config(client, "files").await?.residency;
+    let stamp = gateway_config(client, NS, "files").await?.residency;
     ensure!(stamp.writes_refused(0).is_some(), "{stamp:?}");
     Ok(())
 }

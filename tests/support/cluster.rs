@@ -525,6 +525,52 @@ pub async fn sftp_server_converged(client: &Client, namespace: &str) -> Result<(
     .await
 }
 
+/// The gateway configuration (`config.json` of Secret `SERVER-gateway-config`) the
+/// operator wrote for `server`.
+pub async fn gateway_config(
+    client: &Client,
+    namespace: &str,
+    server: &str,
+) -> Result<sluice::gateway::config::GatewayConfig> {
+    let secret = Api::<k8s_openapi::api::core::v1::Secret>::namespaced(client.clone(), namespace)
+        .get(&format!("{server}-gateway-config"))
+        .await?;
+    let json = secret
+        .data
+        .as_ref()
+        .and_then(|d| d.get("config.json"))
+        .context("the gateway configuration Secret has no config.json")?;
+    Ok(serde_json::from_slice(&json.0)?)
+}
+
+/// Waits until the gateway configuration of `server` names exactly `users` (in any
+/// order), and returns that configuration.
+///
+/// A pod mounts the configuration of the moment it starts, and a TransferUser applied in
+/// the same batch as its server can reach the configuration one reconcile after the
+/// StatefulSet exists; so a test that logs in right after its pod starts calls this
+/// first (the fake kubelet, unlike the real one, does not refresh Secret volumes by
+/// itself: see `RunningPod::sync_secrets`).
+pub async fn wait_for_gateway_users(
+    client: &Client,
+    namespace: &str,
+    server: &str,
+    users: &[&str],
+) -> Result<sluice::gateway::config::GatewayConfig> {
+    let what = format!("users {users:?} in the configuration of {namespace}/{server}");
+    eventually(&what, Duration::from_secs(60), || async {
+        let Ok(config) = gateway_config(client, namespace, server).await else {
+            return Ok(None);
+        };
+        let mut names: Vec<&str> = config.users.iter().map(|u| u.name.as_str()).collect();
+        let mut wanted = users.to_vec();
+        names.sort_unstable();
+        wanted.sort_unstable();
+        Ok((names == wanted).then_some(config))
+    })
+    .await
+}
+
 /// Waits until policy `mainland` reports governing `count` servers.
 pub async fn policy_governs(client: &Client, count: i32) -> Result<()> {
     let policies = Api::<sluice::api::DataResidencyPolicy>::all(client.clone());
