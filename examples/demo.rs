@@ -312,14 +312,17 @@ async fn run_on_cluster(args: &DemoArgs, work: &Path, stop: Stop) -> Result<()> 
     stopped
 }
 
+/// How long the current cluster may take to answer before the demo says it does not.
+const CLUSTER_ANSWER: Duration = Duration::from_secs(15);
+
 async fn existing_cluster() -> Option<Client> {
-    let config = tokio::time::timeout(Duration::from_secs(5), kube::Config::infer())
+    let config = tokio::time::timeout(CLUSTER_ANSWER, kube::Config::infer())
         .await
         .ok()?
         .ok()?;
     let url = config.cluster_url.clone();
     let client = Client::try_from(config).ok()?;
-    let version = tokio::time::timeout(Duration::from_secs(5), client.apiserver_version())
+    let version = tokio::time::timeout(CLUSTER_ANSWER, client.apiserver_version())
         .await
         .ok()?
         .ok()?;

@@ -20,7 +20,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
 use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
@@ -444,11 +444,9 @@ async fn the_installed_chart_lets_the_operator_roll_out_the_examples_with_exactl
         operator.ensure_running()
     }
     .await;
-    let outcome = outcome.and(permissions_used_are_exactly_those_granted(
-        &control_plane,
-        &objects,
-        &operator,
-    ));
+    let permissions =
+        permissions_used_are_exactly_those_granted(&control_plane, &objects, &operator);
+    let outcome = outcome.and(permissions.await);
     operator.stop().await;
     let conditions = server_conditions(&client).await;
     outcome.with_context(|| {
@@ -1031,7 +1029,25 @@ fn exemptions(operator: &OperatorProcess) -> BTreeMap<Permission, &'static str> 
     exempt
 }
 
-fn permissions_used_are_exactly_those_granted(
+/// Checks the audit log, again for up to 10 s while it fails: the API server logs a
+/// request once it has answered it, so the test can see a request's effect (a Service
+/// deleted) before its record.
+async fn permissions_used_are_exactly_those_granted(
+    control_plane: &ControlPlane,
+    objects: &[Value],
+    operator: &OperatorProcess,
+) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let checked = permissions_used_so_far_are_those_granted(control_plane, objects, operator);
+        if checked.is_ok() || Instant::now() > deadline {
+            return checked;
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+}
+
+fn permissions_used_so_far_are_those_granted(
     control_plane: &ControlPlane,
     objects: &[Value],
     operator: &OperatorProcess,

@@ -7,21 +7,19 @@
 
 mod support;
 
-use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail, ensure};
 use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::core::v1::{PersistentVolumeClaim, Secret, Service};
-use kube::api::ListParams;
 use kube::{Api, Client, ResourceExt};
-use sluice::api::{TransferServer, TransferUser};
+use sluice::api::TransferServer;
 use sluice::gateway::config::GatewayConfig;
 
 use support::cluster::{
-    Operator, apply, condition, eventually, install_crds, install_storage_classes, read_yaml_dir,
-    wait_for_gateway_users,
+    Operator, apply, changed_keys, condition, eventually, install_crds, install_storage_classes,
+    read_yaml_dir, settled_state, wait_for_gateway_users, written_state,
 };
 use support::controlplane::ControlPlane;
 use support::ftp::{FtpClients, succeed};
@@ -467,80 +465,18 @@ async fn policy_counts_the_compliant_server(client: &Client) -> Result<()> {
 
 /// Case C21: after convergence, an operator restart writes nothing.
 async fn restart_operator_writes_nothing(client: &Client, operator: Operator) -> Result<Operator> {
-    let before = resource_versions(client).await?;
+    let before = settled_state(client, NAMESPACE).await?;
     operator.stop().await?;
     let operator = Operator::start(client.clone());
     // The new operator lists everything and reconciles every object once at start-up;
-    // give that pass, and the policy and user controllers, time to run.
-    tokio::time::sleep(Duration::from_secs(15)).await;
-    let after = resource_versions(client).await?;
-    let changed: Vec<_> = before
-        .iter()
-        .filter(|(k, v)| after.get(*k) != Some(v))
-        .map(|(k, _)| k)
-        .collect();
+    // after that first pass, give any write it would make a few seconds to land.
+    operator
+        .first_pass_done(&["server", "user", "policy"])
+        .await?;
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let changed = changed_keys(&before, &written_state(client, NAMESPACE).await?);
     if !changed.is_empty() {
         bail!("an operator restart wrote to {changed:?}");
     }
     Ok(operator)
-}
-
-async fn resource_versions(client: &Client) -> Result<BTreeMap<String, String>> {
-    let mut versions = BTreeMap::new();
-    record(
-        &mut versions,
-        Api::<TransferServer>::namespaced(client.clone(), NAMESPACE),
-    )
-    .await?;
-    record(
-        &mut versions,
-        Api::<TransferUser>::namespaced(client.clone(), NAMESPACE),
-    )
-    .await?;
-    record(
-        &mut versions,
-        Api::<sluice::api::DataResidencyPolicy>::all(client.clone()),
-    )
-    .await?;
-    record(
-        &mut versions,
-        Api::<Secret>::namespaced(client.clone(), NAMESPACE),
-    )
-    .await?;
-    record(
-        &mut versions,
-        Api::<Service>::namespaced(client.clone(), NAMESPACE),
-    )
-    .await?;
-    record(
-        &mut versions,
-        Api::<PersistentVolumeClaim>::namespaced(client.clone(), NAMESPACE),
-    )
-    .await?;
-    // The StatefulSet's status is the statefulset controller's to write; its spec is ours.
-    let statefulsets = Api::<StatefulSet>::namespaced(client.clone(), NAMESPACE);
-    for o in statefulsets.list(&ListParams::default()).await? {
-        let generation = o
-            .metadata
-            .generation
-            .map(|g| g.to_string())
-            .unwrap_or_default();
-        versions.insert(
-            format!("StatefulSet.generation/{}", o.name_any()),
-            generation,
-        );
-    }
-    Ok(versions)
-}
-
-/// Records `Kind/name -> resourceVersion` of every object `api` lists.
-async fn record<K>(versions: &mut BTreeMap<String, String>, api: Api<K>) -> Result<()>
-where
-    K: kube::Resource<DynamicType = ()> + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
-{
-    for o in api.list(&ListParams::default()).await? {
-        let key = format!("{}/{}", K::kind(&()), o.name_any());
-        versions.insert(key, o.resource_version().unwrap_or_default());
-    }
-    Ok(())
 }

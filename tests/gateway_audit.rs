@@ -99,14 +99,14 @@ impl Fixture {
             .collect()
     }
 
-    /// The records once at least `count` match `wanted`, waiting up to 10 s: refusals
+    /// The records once at least `count` match `wanted`, waiting up to 30 s: refusals
     /// are written without the client waiting for them.
     async fn records_when(
         &self,
         count: usize,
         wanted: impl Fn(&AuditRecord) -> bool,
     ) -> Result<Vec<AuditRecord>> {
-        let deadline = Instant::now() + Duration::from_secs(10);
+        let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             let records = self.records().await?;
             if records.iter().filter(|r| wanted(r)).count() >= count {
@@ -524,7 +524,7 @@ fn allowance(expires: i64, max_bytes: Option<u64>) -> CrossBorderStamp {
 /// Waits until `text` has been logged `count` times (the configuration is polled every
 /// 200 ms in tests).
 async fn logged(logs: &CapturedLogs, text: &str, count: usize) -> Result<()> {
-    let deadline = Instant::now() + Duration::from_secs(10);
+    let deadline = Instant::now() + Duration::from_secs(30);
     while logs.text().matches(text).count() < count {
         ensure!(
             Instant::now() < deadline,

@@ -1985,14 +1985,31 @@ async fn an_lftp_upload_killed_midway_stores_nothing_and_put_continue_then_uploa
     let source = scratch.join("source.bin");
     let sha = random_file(&source, 4 * 1024 * 1024 + 9, 13)?;
 
-    // About 16 s at this rate; killed after 2.
+    // About 16 s at this rate; killed once the first bytes are stored (however long
+    // lftp takes to log in on a busy machine).
     let commands = format!(
         "set net:limit-rate 262144; put {} -o cut.bin",
         source.display()
     );
     let mut slow = lftp(&gateway, &explicit_url(&gateway, "")?, &commands);
     let mut child = slow.stdin(Stdio::null()).kill_on_drop(true).spawn()?;
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    let uploads = gateway.data().join(UPLOADS_DIR);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let receiving = std::fs::read_dir(&uploads)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .any(|entry| entry.metadata().is_ok_and(|m| m.len() > 0));
+        if receiving {
+            break;
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "the upload did not start within 30 s"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     ensure!(
         child.try_wait()?.is_none(),
         "lftp ended before it was killed"
@@ -2004,7 +2021,7 @@ async fn an_lftp_upload_killed_midway_stores_nothing_and_put_continue_then_uploa
     child.start_kill()?;
     child.wait().await?;
 
-    let deadline = Instant::now() + Duration::from_secs(10);
+    let deadline = Instant::now() + Duration::from_secs(30);
     while !logs.text().contains("Upload interrupted") {
         ensure!(Instant::now() < deadline, "the upload was not ended");
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -2020,9 +2037,8 @@ async fn an_lftp_upload_killed_midway_stores_nothing_and_put_continue_then_uploa
         sha256_file(&stored(&gateway, "cut.bin"))? == sha,
         "the upload after the killed one differs"
     );
-    let uploads = gateway.data().join(UPLOADS_DIR);
     ensure!(
-        std::fs::read_dir(uploads)?.count() == 0,
+        std::fs::read_dir(&uploads)?.count() == 0,
         "a temporary file was left"
     );
     gateway.stop().await?;

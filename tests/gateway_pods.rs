@@ -24,7 +24,6 @@ use support::cluster::{
     refused, settled_state, sftp_server, sftp_server_converged, written_state,
 };
 use support::controlplane::ControlPlane;
-use support::http::{get, sample};
 
 const NS: &str = "pods";
 const WAIT: Duration = Duration::from_secs(60);
@@ -47,7 +46,7 @@ async fn gateway_pods_get_resources_health_probes_a_grace_period_and_a_disruptio
     let before = settled_state(&client, NS).await?;
     operator.stop().await?;
     let operator = Operator::start(client.clone());
-    first_pass_done(&operator).await?;
+    operator.first_pass_done(&["server"]).await?;
     tokio::time::sleep(Duration::from_secs(5)).await;
     let changed = changed_keys(&before, &written_state(&client, NS).await?);
     ensure!(changed.is_empty(), "an operator restart wrote {changed:?}");
@@ -277,17 +276,6 @@ async fn the_budget_allows_one_pod_down(client: &Client) -> Result<()> {
     ensure!(labels.get("app.kubernetes.io/instance").map(String::as_str) == Some("files"));
     ensure!(spec.unhealthy_pod_eviction_policy.as_deref() == Some("AlwaysAllow"));
     Ok(())
-}
-
-async fn first_pass_done(operator: &Operator) -> Result<()> {
-    let metrics = operator.metrics_addr().await?;
-    eventually("the restarted operator's first pass", WAIT, || async {
-        let (_, exposition) = get(metrics, "/metrics").await?;
-        let labels = r#"controller="server",result="success""#;
-        let done = sample(&exposition, "sluice_reconciles_total", labels).unwrap_or(0.0);
-        Ok((done >= 1.0).then_some(()))
-    })
-    .await
 }
 
 async fn one_replica_has_no_budget(client: &Client) -> Result<()> {

@@ -61,6 +61,9 @@ print(json.dumps({"sha256": hashlib.sha256(data).hexdigest()}))
         first.as_deref() == Some("started"),
         "the upload said {first:?}"
     );
+    // Held mid-upload until the draining gateway has been checked, however slow the
+    // machine: the upload must still be running then.
+    let client = Paused::stop(upload.id())?;
 
     let pid = i32::try_from(gateway.id().context("the gateway has exited")?)?;
     kill(Pid::from_raw(pid), Signal::SIGTERM)?;
@@ -78,6 +81,7 @@ print(json.dumps({"sha256": hashlib.sha256(data).hexdigest()}))
         gateway.try_wait()?.is_none(),
         "the gateway exited with an upload running"
     );
+    client.resume()?;
 
     let last = tokio::time::timeout(Duration::from_secs(30), lines.next_line())
         .await??
@@ -134,6 +138,7 @@ async fn sigterm_lets_a_running_ftps_upload_finish_and_refuses_new_control_conne
         || async { Ok((largest_file(&data)? >= 256 * 1024).then_some(())) },
     )
     .await?;
+    let client = Paused::stop(upload.id())?;
 
     let pid = i32::try_from(gateway.id().context("the gateway has exited")?)?;
     kill(Pid::from_raw(pid), Signal::SIGTERM)?;
@@ -148,6 +153,7 @@ async fn sigterm_lets_a_running_ftps_upload_finish_and_refuses_new_control_conne
         gateway.try_wait()?.is_none(),
         "exited with an upload running"
     );
+    client.resume()?;
 
     let output = tokio::time::timeout(Duration::from_secs(30), upload.wait_with_output())
         .await
@@ -166,6 +172,29 @@ async fn sigterm_lets_a_running_ftps_upload_finish_and_refuses_new_control_conne
         .context("the gateway did not exit once its sessions ended")??;
     ensure!(exit.success(), "the gateway exited with {exit}");
     Ok(())
+}
+
+/// A client process stopped with SIGSTOP, so that its transfer stays open, half done,
+/// for as long as a check takes; resumed (SIGCONT) by [`Paused::resume`] or when dropped.
+struct Paused(Pid);
+
+impl Paused {
+    fn stop(pid: Option<u32>) -> Result<Self> {
+        let pid = Pid::from_raw(i32::try_from(pid.context("the client has exited")?)?);
+        kill(pid, Signal::SIGSTOP)?;
+        Ok(Self(pid))
+    }
+
+    fn resume(self) -> Result<()> {
+        kill(self.0, Signal::SIGCONT)?;
+        Ok(())
+    }
+}
+
+impl Drop for Paused {
+    fn drop(&mut self) {
+        let _ = kill(self.0, Signal::SIGCONT);
+    }
 }
 
 /// The size of the largest file below `dir`.

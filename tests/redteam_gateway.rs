@@ -138,8 +138,9 @@ print(json.dumps(r))
         "the login succeeded: {result}"
     );
 
+    // Failed logins are queued without waiting for the record to be written.
     let mut size = 0;
-    for _ in 0..50 {
+    for _ in 0..300 {
         size = audit_bytes(&gateway.data())?;
         if size > 0 {
             break;

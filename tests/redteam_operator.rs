@@ -5,20 +5,14 @@
 
 mod support;
 
-use std::collections::BTreeMap;
 use std::time::Duration;
 
 use anyhow::{Result, bail, ensure};
-use k8s_openapi::api::apps::v1::StatefulSet;
-use k8s_openapi::api::core::v1::{PersistentVolumeClaim, Secret, Service};
-use k8s_openapi::api::networking::v1::NetworkPolicy;
-use kube::api::ListParams;
-use kube::{Api, Client, ResourceExt};
 use serde_json::{Value, json};
-use sluice::api::{DataResidencyPolicy, TransferServer};
 
 use support::cluster::{
-    Operator, apply_all, install_crds, install_storage_classes, wait_server_condition,
+    Operator, apply_all, changed_keys, install_crds, install_storage_classes, settled_state,
+    wait_server_condition, written_state,
 };
 use support::controlplane::ControlPlane;
 use support::kubelet::FakeKubelet;
@@ -87,14 +81,15 @@ async fn an_operator_restart_writes_nothing_for_suspended_and_refused_servers() 
     // Let the controllers settle (events, the policy status, the 30 s rechecks).
     tokio::time::sleep(Duration::from_secs(40)).await;
 
-    let before = resource_versions(&client).await?;
-    for watched in [
-        "NetworkPolicy/suspended-gateway",
-        "Secret/suspended-gateway-config",
-        "StatefulSet.generation/suspended-gateway",
-        "TransferServer/refused",
-        "DataResidencyPolicy/mainland",
-    ] {
+    let before = settled_state(&client, NS).await?;
+    let watched = [
+        format!("NetworkPolicy/{NS}/suspended-gateway"),
+        format!("Secret/{NS}/suspended-gateway-config"),
+        format!("StatefulSet.generation/{NS}/suspended-gateway"),
+        format!("TransferServer/{NS}/refused"),
+        "DataResidencyPolicy//mainland".to_string(),
+    ];
+    for watched in &watched {
         ensure!(
             before.contains_key(watched),
             "{watched} is not watched: {before:?}"
@@ -104,69 +99,15 @@ async fn an_operator_restart_writes_nothing_for_suspended_and_refused_servers() 
     let operator = Operator::start(client.clone());
     // Start-up pass plus more than one 30 s recheck.
     tokio::time::sleep(Duration::from_secs(70)).await;
-    let after = resource_versions(&client).await?;
+    let after = written_state(&client, NS).await?;
     operator.stop().await?;
 
-    let changed: Vec<String> = before
-        .iter()
-        .filter(|(k, v)| after.get(*k) != Some(v))
-        .map(|(k, v)| format!("{k} {v} -> {:?}", after.get(k)))
+    let changed: Vec<String> = changed_keys(&before, &after)
+        .into_iter()
+        .map(|k| format!("{k} {:?} -> {:?}", before.get(&k), after.get(&k)))
         .collect();
-    let appeared: Vec<&String> = after.keys().filter(|k| !before.contains_key(*k)).collect();
-    if !changed.is_empty() || !appeared.is_empty() {
-        bail!("an operator restart wrote to {changed:?}, created {appeared:?}");
-    }
-    Ok(())
-}
-
-async fn resource_versions(client: &Client) -> Result<BTreeMap<String, String>> {
-    let mut versions = BTreeMap::new();
-    record(
-        &mut versions,
-        Api::<TransferServer>::namespaced(client.clone(), NS),
-    )
-    .await?;
-    record(
-        &mut versions,
-        Api::<DataResidencyPolicy>::all(client.clone()),
-    )
-    .await?;
-    record(&mut versions, Api::<Secret>::namespaced(client.clone(), NS)).await?;
-    record(
-        &mut versions,
-        Api::<Service>::namespaced(client.clone(), NS),
-    )
-    .await?;
-    record(
-        &mut versions,
-        Api::<PersistentVolumeClaim>::namespaced(client.clone(), NS),
-    )
-    .await?;
-    record(
-        &mut versions,
-        Api::<NetworkPolicy>::namespaced(client.clone(), NS),
-    )
-    .await?;
-    for o in Api::<StatefulSet>::namespaced(client.clone(), NS)
-        .list(&ListParams::default())
-        .await?
-    {
-        let generation = o.metadata.generation.map(|g| g.to_string());
-        versions.insert(
-            format!("StatefulSet.generation/{}", o.name_any()),
-            generation.unwrap_or_default(),
-        );
-    }
-    Ok(versions)
-}
-
-async fn record<K>(versions: &mut BTreeMap<String, String>, api: Api<K>) -> Result<()>
-where
-    K: kube::Resource<DynamicType = ()> + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
-{
-    for o in api.list(&ListParams::default()).await? {
-        let key = format!("{}/{}", K::kind(&()), o.name_any());
-        versions.insert(key, o.resource_version().unwrap_or_default());
+    if !changed.is_empty() {
+        bail!("an operator restart wrote (or created) {changed:?}");
     }
     Ok(())
 }

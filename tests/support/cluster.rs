@@ -249,6 +249,26 @@ impl Operator {
         .await
     }
 
+    /// Waits until each of `controllers` (`server`, `user`, `policy`) has finished a
+    /// reconcile successfully: after a start, the first pass over what they list.
+    pub async fn first_pass_done(&self, controllers: &[&str]) -> Result<()> {
+        let metrics = self.metrics_addr().await?;
+        eventually(
+            "the operator's first pass",
+            Duration::from_secs(60),
+            || async {
+                let (_, exposition) = super::http::get(metrics, "/metrics").await?;
+                let done = controllers.iter().all(|controller| {
+                    let labels = format!(r#"controller="{controller}",result="success""#);
+                    super::http::sample(&exposition, "sluice_reconciles_total", &labels)
+                        .is_some_and(|count| count >= 1.0)
+                });
+                Ok(done.then_some(()))
+            },
+        )
+        .await
+    }
+
     /// Stops the controllers and waits for them to finish.
     pub async fn stop(mut self) -> Result<()> {
         if let Some(stop) = self.stop.take() {
@@ -331,6 +351,11 @@ pub async fn written_state(
     record(
         &mut state,
         Api::<PodDisruptionBudget>::namespaced(client.clone(), ns),
+    )
+    .await?;
+    record(
+        &mut state,
+        Api::<k8s_openapi::api::networking::v1::NetworkPolicy>::namespaced(client.clone(), ns),
     )
     .await?;
     // The operator's Events only: the controller-manager's come and go on their own.
