@@ -26,6 +26,7 @@ use anyhow::{Context, Result, bail, ensure};
 use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
 use k8s_openapi::api::authentication::v1::{TokenRequest, TokenRequestSpec};
 use k8s_openapi::api::core::v1::{Event, PersistentVolumeClaim, Pod, Service, ServiceAccount};
+use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::{Api, Client, ResourceExt};
@@ -487,7 +488,7 @@ fn audit_policy() -> String {
 }
 
 /// Creates the namespace from `deploy/manifests/namespace.yaml` and applies the rendered
-/// chart, then waits for the CRDs.
+/// chart, then waits for the CRDs and for admission to judge TransferServers.
 async fn install(client: &Client, objects: &[Value]) -> Result<()> {
     apply(client, &serde_json::from_value(manifest_namespace()?)?).await?;
     for object in objects {
@@ -508,7 +509,39 @@ async fn install(client: &Client, objects: &[Value]) -> Result<()> {
         })
         .await?;
     }
+    if !of_kind(objects, "ValidatingAdmissionPolicy").is_empty() {
+        admission_resolves_the_policy_kind(client).await?;
+    }
     Ok(())
+}
+
+/// Waits until a TransferServer passes admission (a dry run, with no DataResidencyPolicy
+/// yet, which the bindings admit). The API server's admission plugins map kinds to
+/// resources from a discovery snapshot refreshed every 30 s: if the residency policies
+/// were loaded before the new CRDs reached discovery, they cannot resolve their parameter
+/// kind and, failing closed, deny every TransferServer until the next refresh; the same
+/// snapshot makes the owner-reference check refuse the operator's first writes.
+async fn admission_resolves_the_policy_kind(client: &Client) -> Result<()> {
+    let servers = Api::<TransferServer>::namespaced(client.clone(), NAMESPACE);
+    let probe = json!({
+        "apiVersion": "sluice.dev/v1alpha1",
+        "kind": "TransferServer",
+        "metadata": {"name": "admission-probe", "namespace": NAMESPACE},
+        "spec": {
+            "region": "cn-shanghai",
+            "protocols": {"sftp": {}},
+            "storage": {"volume": {"storageClassName": "ssd", "size": "1Gi"}},
+        },
+    });
+    let probe: TransferServer = serde_json::from_value(probe)?;
+    let dry_run = PostParams {
+        dry_run: true,
+        ..PostParams::default()
+    };
+    eventually("admission to resolve DataResidencyPolicy", WAIT, || async {
+        Ok(servers.create(&dry_run, &probe).await.ok().map(|_| ()))
+    })
+    .await
 }
 
 /// The rendered pod template is admitted as a Pod in the `restricted` namespace, and the
@@ -913,14 +946,16 @@ async fn leftovers_are_deleted(client: &Client) -> Result<()> {
         apply(client, &serde_json::from_value(object)?).await?;
     }
     let services = Api::<Service>::namespaced(client.clone(), EXAMPLES_NAMESPACE);
+    let budgets = Api::<PodDisruptionBudget>::namespaced(client.clone(), EXAMPLES_NAMESPACE);
     let pod_services = ["split-gateway-0", "split-gateway-1"];
-    eventually("per-pod Services", WAIT, || async {
+    // The budget is written last of the two-replica objects, so the whole set is there.
+    eventually("per-pod Services and the budget", WAIT, || async {
         for name in pod_services {
             if services.get_opt(name).await?.is_none() {
                 return Ok(None);
             }
         }
-        Ok(Some(()))
+        Ok(budgets.get_opt("split-gateway").await?.map(|_| ()))
     })
     .await?;
 
@@ -962,13 +997,17 @@ async fn leftovers_are_deleted(client: &Client) -> Result<()> {
         Ok(gone.then_some(()))
     })
     .await?;
-    eventually("per-pod Services deleted", WAIT, || async {
+    eventually("per-pod Services and the budget deleted", WAIT, || async {
         for name in pod_services {
             if services.get_opt(name).await?.is_some() {
                 return Ok(None);
             }
         }
-        Ok(Some(()))
+        Ok(budgets
+            .get_opt("split-gateway")
+            .await?
+            .is_none()
+            .then_some(()))
     })
     .await
 }
