@@ -23,7 +23,7 @@ use sluice::residency::admission::{AUDIT, ENFORCE, MAX_MESSAGE_CHARS, TRUNCATED}
 use sluice::residency::region::{self, CATALOGUES, Provider};
 use sluice::residency::{self, Subject};
 
-use support::cluster::{apply, apply_all, eventually, install_crds, read_yaml_dir};
+use support::cluster::{apply, apply_all, eventually, install_crds, read_yaml_dir, volume_server};
 use support::controlplane::ControlPlane;
 
 const WAIT: Duration = Duration::from_secs(60);
@@ -130,16 +130,7 @@ fn catalogue_cn() -> Value {
 }
 
 fn server(namespace: &str, name: &str, region: &str) -> Value {
-    json!({
-        "apiVersion": "sluice.dev/v1alpha1",
-        "kind": "TransferServer",
-        "metadata": {"name": name, "namespace": namespace},
-        "spec": {
-            "region": region,
-            "protocols": {"sftp": {}},
-            "storage": {"volume": {"storageClassName": "cn-ssd", "size": "1Gi"}},
-        },
-    })
+    volume_server(namespace, name, region, "cn-ssd")
 }
 
 fn in_bucket(

@@ -35,7 +35,9 @@ use sluice::api::{TransferServer, TransferUser};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::process::{Child, Command};
 
-use support::cluster::{apply, condition, eventually, parse_yaml, read_yaml_dir, refused};
+use support::cluster::{
+    apply, condition, eventually, parse_yaml, read_yaml_dir, refused, volume_server,
+};
 use support::controlplane::{ControlPlane, Options};
 use support::gateway::{TestPki, VALID_UNTIL};
 use support::helm::{Helm, chart_dir};
@@ -523,16 +525,7 @@ async fn install(client: &Client, objects: &[Value]) -> Result<()> {
 /// snapshot makes the owner-reference check refuse the operator's first writes.
 async fn admission_resolves_the_policy_kind(client: &Client) -> Result<()> {
     let servers = Api::<TransferServer>::namespaced(client.clone(), NAMESPACE);
-    let probe = json!({
-        "apiVersion": "sluice.dev/v1alpha1",
-        "kind": "TransferServer",
-        "metadata": {"name": "admission-probe", "namespace": NAMESPACE},
-        "spec": {
-            "region": "cn-shanghai",
-            "protocols": {"sftp": {}},
-            "storage": {"volume": {"storageClassName": "ssd", "size": "1Gi"}},
-        },
-    });
+    let probe = volume_server(NAMESPACE, "admission-probe", "cn-shanghai", "ssd");
     let probe: TransferServer = serde_json::from_value(probe)?;
     let dry_run = PostParams {
         dry_run: true,
@@ -766,16 +759,12 @@ async fn apply_examples_in_a_restricted_namespace(client: &Client) -> Result<()>
 /// The chart installs the residency admission policies: a Hong Kong server in the
 /// examples' mainland-China namespace is refused at apply, with the operator's message.
 async fn the_admission_policy_refuses_a_server_the_policy_forbids(client: &Client) -> Result<()> {
-    let server = json!({
-        "apiVersion": "sluice.dev/v1alpha1",
-        "kind": "TransferServer",
-        "metadata": {"name": "in-hong-kong", "namespace": EXAMPLES_NAMESPACE},
-        "spec": {
-            "region": "cn-hongkong",
-            "protocols": {"sftp": {}},
-            "storage": {"volume": {"storageClassName": "cn-shanghai-ssd", "size": "1Gi"}},
-        },
-    });
+    let server = volume_server(
+        EXAMPLES_NAMESPACE,
+        "in-hong-kong",
+        "cn-hongkong",
+        "cn-shanghai-ssd",
+    );
     // The API server learns about a new policy binding within a second or so.
     eventually("the admission policy refuses", WAIT, || {
         let server = server.clone();

@@ -2180,12 +2180,16 @@ mod tests {
         assert_eq!(last["sha256"], format!("{:x}", Sha256::digest(&stored)));
     }
 
-    /// Waits until the uploads dropped unclosed are cleared from the upload directory.
-    async fn settle(root: &Path) {
+    /// Waits until the uploads dropped unclosed are cleared: their abort tasks have ended
+    /// (no more than `tasks` are alive, as before they were spawned) and the upload
+    /// directory is empty. An empty directory alone is not enough: an abort task that has
+    /// not run yet can still make OpenDAL create the temporary file it then removes.
+    async fn settle(root: &Path, tasks: usize) {
         let uploads = root.join(storage::UPLOADS_DIR);
+        let runtime = tokio::runtime::Handle::current();
         for _ in 0..500 {
             let staged = std::fs::read_dir(&uploads).map_or(0, Iterator::count);
-            if staged == 0 {
+            if staged == 0 && runtime.metrics().num_alive_tasks() <= tasks {
                 return;
             }
             tokio::time::sleep(std::time::Duration::from_millis(10)).await;
@@ -2221,6 +2225,9 @@ mod tests {
             .unwrap();
         upload(&vfs, "data", b"0123").await;
         vfs.mkdir("dir").await.unwrap();
+        let tasks = tokio::runtime::Handle::current()
+            .metrics()
+            .num_alive_tasks();
         let cases: Vec<(&Vfs, &str, UploadStart)> = vec![
             (&vfs, "new", New(WriteMode::Replace)),
             (&vfs, "data", New(WriteMode::Replace)),
@@ -2252,7 +2259,7 @@ mod tests {
 
         for suspended in [false, true] {
             log.apply(&stamp(!suspended));
-            settle(dir.path()).await;
+            settle(dir.path(), tasks).await;
             let before = tree(dir.path());
             let mut checked = Vec::new();
             for (vfs, path, how) in &cases {

@@ -486,6 +486,25 @@ pub fn mainland_policy() -> Vec<serde_json::Value> {
     ]
 }
 
+/// An SFTP TransferServer `name` in `region` on a 1 GiB volume of `storage_class`.
+pub fn volume_server(
+    namespace: &str,
+    name: &str,
+    region: &str,
+    storage_class: &str,
+) -> serde_json::Value {
+    serde_json::json!({
+        "apiVersion": "sluice.dev/v1alpha1",
+        "kind": "TransferServer",
+        "metadata": {"name": name, "namespace": namespace},
+        "spec": {
+            "region": region,
+            "protocols": {"sftp": {}},
+            "storage": {"volume": {"storageClassName": storage_class, "size": "1Gi"}},
+        },
+    })
+}
+
 /// Namespace `namespace` under [`mainland_policy`], an SFTP server `files` there with
 /// `replicas` pods on an `ssd` volume, and its user `alice` with a password Secret.
 pub fn sftp_server(namespace: &str, replicas: i32) -> Vec<serde_json::Value> {
