@@ -186,7 +186,9 @@ impl Paused {
     }
 
     fn resume(self) -> Result<()> {
-        kill(self.0, Signal::SIGCONT)?;
+        let pid = self.0;
+        std::mem::forget(self);
+        kill(pid, Signal::SIGCONT)?;
         Ok(())
     }
 }

@@ -10,17 +10,16 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
 use k8s_openapi::api::apps::v1::StatefulSet;
-use k8s_openapi::api::core::v1::{Event, PersistentVolumeClaim, Secret};
+use k8s_openapi::api::core::v1::{Event, PersistentVolumeClaim};
 use kube::api::ListParams;
 use kube::{Api, Client, ResourceExt};
 use serde_json::{Value, json};
 use sluice::api::TransferServer;
-use sluice::gateway::config::GatewayConfig;
 use sluice::storage::object::Provider;
 
 use support::cluster::{
-    Operator, apply, apply_all, condition, eventually, install_crds, install_storage_classes,
-    parse_yaml, refused, wait_for_gateway_users, warning_event,
+    Operator, apply, apply_all, condition, eventually, gateway_config, install_crds,
+    install_storage_classes, parse_yaml, refused, wait_for_gateway_users, warning_event,
 };
 use support::controlplane::ControlPlane;
 use support::kubelet::FakeKubelet;
@@ -248,11 +247,7 @@ async fn a_bucket_is_rendered_and_probed(
         claims.get_opt("bucketed-data").await?.is_none(),
         "a claim was created"
     );
-    let config = Api::<Secret>::namespaced(client.clone(), NS)
-        .get("bucketed-gateway-config")
-        .await?;
-    let json = &config.data.context("config data")?["config.json"];
-    let config: GatewayConfig = serde_json::from_slice(&json.0)?;
+    let config = gateway_config(client, NS, "bucketed").await?;
     let store = config
         .object_store
         .context("objectStore in the configuration")?;

@@ -15,11 +15,10 @@ use kube::api::{ApiResource, DeleteParams, DynamicObject, ListParams};
 use kube::{Api, Client, ResourceExt};
 use serde_json::{Value, json};
 use sluice::api::{TransferServer, TransferUser};
-use sluice::gateway::config::GatewayConfig;
 
 use support::cluster::{
-    Operator, apply, apply_all, condition, eventually, install_crds, install_storage_classes,
-    parse_yaml, read_yaml_dir, refused, wait_server_condition,
+    Operator, apply, apply_all, condition, eventually, gateway_config, install_crds,
+    install_storage_classes, parse_yaml, read_yaml_dir, refused, wait_server_condition,
 };
 use support::controlplane::ControlPlane;
 
@@ -325,15 +324,8 @@ async fn moving_to_an_allowed_region_rolls_it_out(client: &Client) -> Result<()>
     Ok(())
 }
 
-fn gateway_users(secret: &Secret) -> Result<Vec<String>> {
-    let raw = &secret
-        .data
-        .as_ref()
-        .context("no data")?
-        .get("config.json")
-        .context("no config")?
-        .0;
-    let config: GatewayConfig = serde_json::from_slice(raw)?;
+async fn gateway_users(client: &Client) -> Result<Vec<String>> {
+    let config = gateway_config(client, NS, "hk-gw").await?;
     Ok(config.users.into_iter().map(|u| u.name).collect())
 }
 
@@ -428,14 +420,10 @@ async fn broken_users_are_reported_and_do_not_disturb_good_ones(client: &Client)
         );
     }
 
-    let secrets = Api::<Secret>::namespaced(client.clone(), NS);
     eventually(
         "the good user, only, in the gateway config",
         WAIT,
-        || async {
-            let secret = secrets.get("hk-gw-gateway-config").await?;
-            Ok((gateway_users(&secret)? == ["good"]).then_some(()))
-        },
+        || async { Ok((gateway_users(client).await? == ["good"]).then_some(())) },
     )
     .await?;
 
@@ -446,8 +434,7 @@ async fn broken_users_are_reported_and_do_not_disturb_good_ones(client: &Client)
     )
     .await?;
     eventually("the fixed user in the gateway config", WAIT, || async {
-        let secret = secrets.get("hk-gw-gateway-config").await?;
-        Ok((gateway_users(&secret)? == ["good", "nosecret"]).then_some(()))
+        Ok((gateway_users(client).await? == ["good", "nosecret"]).then_some(()))
     })
     .await?;
     Ok(())

@@ -315,8 +315,8 @@ pub async fn warning_event(
 /// What the operator writes in `namespace` and cluster-wide, as
 /// `Kind/namespace/name -> resourceVersion` (the StatefulSets' generations, since their
 /// status is the statefulset controller's, and the operator's own managed fields of the
-/// PVCs), plus its Events with the instance that
-/// published them: equal before and after means the operator wrote nothing.
+/// PVCs), plus its Events with the instance that published them: equal before and after
+/// means the operator wrote nothing.
 pub async fn written_state(
     client: &Client,
     namespace: &str,
@@ -602,14 +602,14 @@ pub async fn wait_for_gateway_users(
     users: &[&str],
 ) -> Result<sluice::gateway::config::GatewayConfig> {
     let what = format!("users {users:?} in the configuration of {namespace}/{server}");
+    let mut wanted = users.to_vec();
+    wanted.sort_unstable();
     eventually(&what, Duration::from_secs(60), || async {
         let Ok(config) = gateway_config(client, namespace, server).await else {
             return Ok(None);
         };
         let mut names: Vec<&str> = config.users.iter().map(|u| u.name.as_str()).collect();
-        let mut wanted = users.to_vec();
         names.sort_unstable();
-        wanted.sort_unstable();
         Ok((names == wanted).then_some(config))
     })
     .await
