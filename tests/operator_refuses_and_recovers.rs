@@ -18,7 +18,8 @@ use sluice::api::{TransferServer, TransferUser};
 
 use support::cluster::{
     Operator, apply, apply_all, condition, eventually, gateway_config, install_crds,
-    install_storage_classes, parse_yaml, read_yaml_dir, refused, wait_server_condition,
+    install_storage_classes, parse_yaml, read_yaml_dir, refused, volume_server,
+    wait_server_condition,
 };
 use support::controlplane::ControlPlane;
 
@@ -74,16 +75,7 @@ async fn operator_refuses_bad_input_clearly_and_recovers_when_it_is_fixed() -> R
 }
 
 fn server(name: &str, region: &str) -> Value {
-    json!({
-        "apiVersion": "sluice.dev/v1alpha1",
-        "kind": "TransferServer",
-        "metadata": {"name": name, "namespace": NS},
-        "spec": {
-            "region": region,
-            "protocols": {"sftp": {}},
-            "storage": {"volume": {"storageClassName": "ssd", "size": "1Gi"}},
-        },
-    })
+    volume_server(NS, name, region, "ssd")
 }
 
 fn password_secret(name: &str, password: &str) -> Value {

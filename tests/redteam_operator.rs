@@ -12,7 +12,7 @@ use serde_json::{Value, json};
 
 use support::cluster::{
     Operator, apply_all, changed_keys, install_crds, install_storage_classes, settled_state,
-    wait_server_condition, written_state,
+    volume_server, wait_server_condition, written_state,
 };
 use support::controlplane::ControlPlane;
 use support::kubelet::FakeKubelet;
@@ -33,16 +33,7 @@ fn policy(spec: Value) -> Value {
 }
 
 fn server(name: &str, region: &str) -> Value {
-    json!({
-        "apiVersion": "sluice.dev/v1alpha1",
-        "kind": "TransferServer",
-        "metadata": {"name": name, "namespace": NS},
-        "spec": {
-            "region": region,
-            "protocols": {"sftp": {}},
-            "storage": {"volume": {"storageClassName": "regional", "size": "1Gi"}},
-        },
-    })
+    volume_server(NS, name, region, "regional")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

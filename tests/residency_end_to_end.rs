@@ -19,7 +19,7 @@ use sluice::api::{DataResidencyPolicy, TransferServer};
 
 use support::cluster::{
     Operator, apply_all, condition, eventually, gateway_config, install_crds,
-    install_storage_classes, refused, wait_for_gateway_users, wait_server_condition,
+    install_storage_classes, refused, volume_server, wait_for_gateway_users, wait_server_condition,
 };
 use support::controlplane::ControlPlane;
 use support::kubelet::FakeKubelet;
@@ -300,16 +300,7 @@ fn mainland_policy(enforcement: &str, regions: Value) -> Value {
 }
 
 fn server(name: &str, region: &str) -> Value {
-    json!({
-        "apiVersion": "sluice.dev/v1alpha1",
-        "kind": "TransferServer",
-        "metadata": {"name": name, "namespace": NS},
-        "spec": {
-            "region": region,
-            "protocols": {"sftp": {}},
-            "storage": {"volume": {"storageClassName": "regional", "size": "1Gi"}},
-        },
-    })
+    volume_server(NS, name, region, "regional")
 }
 
 async fn wait_condition(
